@@ -1,0 +1,41 @@
+//! # lora-core
+//!
+//! LoRA / LoCon adapters for SDXL-family models and their kohya-format files.
+//!
+//! * [`LoraAdapter`]: one adapter over a frozen Linear or Conv2d (forward with
+//!   kohya's dropouts, merge/unmerge into the base weight).
+//! * [`LoraSet`]: adapters addressed by [`ModuleKey`] (component + module path),
+//!   saved with [`LoraSet::save`] in kohya's format with `ss_*`/`modelspec.*`
+//!   metadata ([`TrainingMetadata`]) and the `sshs_*` hashes, atomically.
+//! * [`load_lora`]: reads kohya, AI Toolkit and diffusers/PEFT files and
+//!   normalises them to one [`LoraSet`]; unknown keys are reported by name.
+//! * [`LoraSummary`]: what `lorakit lora inspect` prints.
+//!
+//! ```no_run
+//! use lora_core::{Component, Geometry, LoraAdapter, LoraSet, ModuleKey, TrainingMetadata};
+//! use tch::{Device, Kind};
+//!
+//! let mut set = LoraSet::new();
+//! let key = ModuleKey::new(Component::Unet, "input_blocks.4.1.transformer_blocks.0.attn1.to_q");
+//! set.insert(key, LoraAdapter::new(640, 640, 16, Some(16.0), Geometry::Linear, Kind::Float, Device::Cpu)?);
+//! let meta = TrainingMetadata { output_name: "my_lora".into(), network_dim: 16, network_alpha: 16.0, ..Default::default() };
+//! set.save("my_lora.safetensors", Kind::Half, &meta.to_map())?;
+//! # Ok::<(), lora_core::LoraError>(())
+//! ```
+
+pub mod adapter;
+pub mod error;
+pub mod formats;
+pub mod inspect;
+pub mod io;
+pub mod metadata;
+pub mod naming;
+pub mod set;
+
+pub use adapter::{Dropouts, Geometry, LoraAdapter};
+pub use error::{LoraError, Result};
+pub use formats::{load_lora, LoadedLora, LoraFormat, UnknownKeys};
+pub use inspect::LoraSummary;
+pub use metadata::{Prediction, TrainingMetadata};
+pub use naming::{Component, ModuleKey};
+pub use set::{LoraSet, SavedLora};

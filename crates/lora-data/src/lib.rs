@@ -1,0 +1,1 @@
+//! Datasets for LoRA training (work in progress: see the project issues).

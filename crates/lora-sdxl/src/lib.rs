@@ -1,0 +1,1 @@
+//! SDXL over libtorch (work in progress).
