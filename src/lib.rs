@@ -15,3 +15,6 @@ pub use lora_core as core;
 pub use lora_data as data;
 pub use lora_sdxl as sdxl;
 pub use tch;
+
+/// libtorch element types, re-exported for convenience.
+pub use tch::Kind;

@@ -1,1 +1,115 @@
-fn main() {}
+//! `lorakit`: the command-line front end of the lorakit libraries.
+
+mod demo;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use lora_core::{load_lora, LoraSummary, UnknownKeys};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lorakit",
+    about = "Train, inspect and apply SDXL LoRAs (kohya-compatible files)"
+)]
+struct Cli {
+    /// More log output (repeat for even more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work with LoRA files.
+    Lora {
+        #[command(subcommand)]
+        command: LoraCommand,
+    },
+    /// Run the built-in demo (no downloads needed) and print where its output is.
+    Demo {
+        /// Output folder.
+        #[arg(long, default_value = "output/demo")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LoraCommand {
+    /// Show what a LoRA file holds: format, modules, ranks, dtype, metadata.
+    /// Reads kohya, AI Toolkit and diffusers/PEFT files.
+    Inspect {
+        /// The LoRA .safetensors file.
+        file: PathBuf,
+    },
+}
+
+fn version_string() -> String {
+    let cuda = if tch::Cuda::is_available() {
+        format!("available, {} device(s)", tch::Cuda::device_count())
+    } else {
+        "not available".to_string()
+    };
+    format!(
+        "{} (libtorch {}, CUDA {cuda})",
+        env!("CARGO_PKG_VERSION"),
+        env!("LORAKIT_LIBTORCH_VERSION")
+    )
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = if quiet {
+        "error"
+    } else {
+        match verbose {
+            0 => "warn,lorakit=info,lora_core=info,lora_sdxl=info,lora_data=info",
+            1 => "info",
+            _ => "debug",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LORAKIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn run(cli: Cli) -> AnyResult {
+    match cli.command {
+        Command::Lora {
+            command: LoraCommand::Inspect { file },
+        } => {
+            let loaded = load_lora(&file, UnknownKeys::Report)?;
+            print!("{}", LoraSummary::new(&loaded));
+            Ok(())
+        }
+        Command::Demo { out } => demo::run(&out),
+    }
+}
+
+fn main() -> ExitCode {
+    let version: &'static str = Box::leak(version_string().into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.verbose, cli.quiet);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // lorakit's errors already carry their cause in one line.
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -160,7 +160,13 @@ impl LoraAdapter {
         Ok(Self::assemble(down, up, alpha, geometry, rank))
     }
 
-    fn assemble(down: Tensor, up: Tensor, alpha: Option<f64>, geometry: Geometry, rank: i64) -> Self {
+    fn assemble(
+        down: Tensor,
+        up: Tensor,
+        alpha: Option<f64>,
+        geometry: Geometry,
+        rank: i64,
+    ) -> Self {
         let alpha = match alpha {
             Some(a) if a != 0.0 && a.is_finite() => a,
             _ => rank as f64,
@@ -177,7 +183,12 @@ impl LoraAdapter {
     }
 
     /// Sets the base conv's stride, padding and dilation (conv adapters only).
-    pub fn set_conv_params(&mut self, stride: [i64; 2], padding: [i64; 2], dilation: [i64; 2]) -> Result<()> {
+    pub fn set_conv_params(
+        &mut self,
+        stride: [i64; 2],
+        padding: [i64; 2],
+        dilation: [i64; 2],
+    ) -> Result<()> {
         match &mut self.geometry {
             Geometry::Conv2d {
                 stride: s,
@@ -317,7 +328,9 @@ impl LoraAdapter {
         if train && d.rank_dropout > 0.0 {
             let r = self.rank();
             let b = h.size()[0];
-            let mask = Tensor::rand([b, r], (h.kind(), h.device())).gt(d.rank_dropout).to_kind(h.kind());
+            let mask = Tensor::rand([b, r], (h.kind(), h.device()))
+                .gt(d.rank_dropout)
+                .to_kind(h.kind());
             let mask = match self.geometry {
                 Geometry::Linear => {
                     let mut shape = vec![b];
@@ -327,15 +340,21 @@ impl LoraAdapter {
                 }
                 Geometry::Conv2d { .. } => mask.view([b, r, 1, 1]),
             };
-            h = h * mask;
+            h *= mask;
             scale /= 1.0 - d.rank_dropout;
         }
         let out = match self.geometry {
             Geometry::Linear => h.linear::<&Tensor>(&self.up, None),
-            Geometry::Conv2d { .. } => h.conv2d::<&Tensor>(&self.up, None, [1, 1], [0, 0], [1, 1], 1),
+            Geometry::Conv2d { .. } => {
+                h.conv2d::<&Tensor>(&self.up, None, [1, 1], [0, 0], [1, 1], 1)
+            }
         };
         let out = out * scale;
-        Some(if out.kind() == in_kind { out } else { out.to_kind(in_kind) })
+        Some(if out.kind() == in_kind {
+            out
+        } else {
+            out.to_kind(in_kind)
+        })
     }
 
     /// `base_out + delta(x)`: the adapted layer's output given the base layer's output.
@@ -354,9 +373,12 @@ impl LoraAdapter {
         let w = up.matmul(&down) * self.scale();
         match self.geometry {
             Geometry::Linear => w,
-            Geometry::Conv2d { kernel, .. } => {
-                w.view([self.out_features(), self.in_features(), kernel[0], kernel[1]])
-            }
+            Geometry::Conv2d { kernel, .. } => w.view([
+                self.out_features(),
+                self.in_features(),
+                kernel[0],
+                kernel[1],
+            ]),
         }
     }
 
@@ -364,7 +386,12 @@ impl LoraAdapter {
         let expect: Vec<i64> = match self.geometry {
             Geometry::Linear => vec![self.out_features(), self.in_features()],
             Geometry::Conv2d { kernel, .. } => {
-                vec![self.out_features(), self.in_features(), kernel[0], kernel[1]]
+                vec![
+                    self.out_features(),
+                    self.in_features(),
+                    kernel[0],
+                    kernel[1],
+                ]
             }
         };
         if base.size() != expect {
@@ -400,7 +427,16 @@ mod tests {
     #[test]
     fn zero_up_leaves_base_unchanged() {
         tch::manual_seed(1);
-        let a = LoraAdapter::new(8, 6, 4, Some(2.0), Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
+        let a = LoraAdapter::new(
+            8,
+            6,
+            4,
+            Some(2.0),
+            Geometry::Linear,
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap();
         let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
         let base = Tensor::randn([3, 5, 6], (Kind::Float, Device::Cpu));
         let y = a.forward(&x, &base, true);
@@ -426,16 +462,27 @@ mod tests {
     fn rank_mismatch_is_an_error() {
         let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
         let u = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
-        let e = LoraAdapter::from_weights(d, u, None).unwrap_err().to_string();
+        let e = LoraAdapter::from_weights(d, u, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank mismatch"), "{e}");
     }
 
     #[test]
     fn module_dropout_skips_some_calls_deterministically() {
         tch::manual_seed(0);
-        let mut a = LoraAdapter::new(4, 4, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
-        a.set_weights(a.down().copy(), Tensor::ones([4, 2], (Kind::Float, Device::Cpu))).unwrap();
-        a.set_dropouts(Dropouts { module_dropout: 0.5, ..Default::default() }).unwrap();
+        let mut a =
+            LoraAdapter::new(4, 4, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
+        a.set_weights(
+            a.down().copy(),
+            Tensor::ones([4, 2], (Kind::Float, Device::Cpu)),
+        )
+        .unwrap();
+        a.set_dropouts(Dropouts {
+            module_dropout: 0.5,
+            ..Default::default()
+        })
+        .unwrap();
         a.seed_module_dropout(7);
         let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
         let pattern: Vec<bool> = (0..64).map(|_| a.delta(&x, true).is_none()).collect();
@@ -451,11 +498,20 @@ mod tests {
     #[test]
     fn rank_dropout_keeps_expectation() {
         tch::manual_seed(3);
-        let mut a = LoraAdapter::new(16, 8, 64, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
-        a.set_weights(a.down().copy(), Tensor::randn([8, 64], (Kind::Float, Device::Cpu))).unwrap();
+        let mut a =
+            LoraAdapter::new(16, 8, 64, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
+        a.set_weights(
+            a.down().copy(),
+            Tensor::randn([8, 64], (Kind::Float, Device::Cpu)),
+        )
+        .unwrap();
         let x = Tensor::randn([1, 16], (Kind::Float, Device::Cpu));
         let exact = a.delta(&x, false).unwrap();
-        a.set_dropouts(Dropouts { rank_dropout: 0.25, ..Default::default() }).unwrap();
+        a.set_dropouts(Dropouts {
+            rank_dropout: 0.25,
+            ..Default::default()
+        })
+        .unwrap();
         let n = 400;
         let mut acc = exact.zeros_like();
         for _ in 0..n {
@@ -464,6 +520,11 @@ mod tests {
         let mean = acc / n as f64;
         let rel = max_abs(&mean, &exact) / exact.abs().max().double_value(&[]);
         assert!(rel < 0.2, "relative error {rel}");
-        assert!(Dropouts { dropout: 1.0, ..Default::default() }.validate().is_err());
+        assert!(Dropouts {
+            dropout: 1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -132,7 +132,8 @@ fn parse_key(name: &str) -> Option<Parsed> {
     } else {
         return None;
     };
-    let legacy = rest.contains("_lora.") || rest.contains(".lora.") || rest.contains(".lora_linear_layer.");
+    let legacy =
+        rest.contains("_lora.") || rest.contains(".lora.") || rest.contains(".lora_linear_layer.");
     if legacy {
         return parse_legacy(component, rest);
     }
@@ -186,19 +187,34 @@ fn parse_legacy(component: Component, rest: &str) -> Option<Parsed> {
 
 /// Key prefixes of model weights (not LoRA tensors), strongest evidence first.
 const MODEL_MARKERS: &[(&str, &str)] = &[
-        ("model.diffusion_model.", "a full Stable Diffusion checkpoint (UNet weights `model.diffusion_model.*`)"),
-        ("conditioner.embedders.", "a full SDXL checkpoint (text encoders `conditioner.embedders.*`)"),
-        ("first_stage_model.", "a checkpoint or VAE (`first_stage_model.*`)"),
-        ("cond_stage_model.", "an SD1/SD2 checkpoint (`cond_stage_model.*`)"),
-        ("encoder.down.", "a VAE"),
-        ("decoder.up.", "a VAE"),
-        ("down_blocks.", "a diffusers model weight file (UNet or VAE), not a LoRA"),
-        ("text_model.", "a text-encoder weight file"),
+    (
+        "model.diffusion_model.",
+        "a full Stable Diffusion checkpoint (UNet weights `model.diffusion_model.*`)",
+    ),
+    (
+        "conditioner.embedders.",
+        "a full SDXL checkpoint (text encoders `conditioner.embedders.*`)",
+    ),
+    (
+        "first_stage_model.",
+        "a checkpoint or VAE (`first_stage_model.*`)",
+    ),
+    (
+        "cond_stage_model.",
+        "an SD1/SD2 checkpoint (`cond_stage_model.*`)",
+    ),
+    ("encoder.down.", "a VAE"),
+    ("decoder.up.", "a VAE"),
+    (
+        "down_blocks.",
+        "a diffusers model weight file (UNet or VAE), not a LoRA",
+    ),
+    ("text_model.", "a text-encoder weight file"),
 ];
 
 /// What a non-LoRA file looks like: the strongest marker found among `keys`
 /// and the key that shows it.
-fn looks_like_model<'a>(keys: &'a [String]) -> Option<(&'static str, &'a str)> {
+fn looks_like_model(keys: &[String]) -> Option<(&'static str, &str)> {
     MODEL_MARKERS.iter().find_map(|(prefix, what)| {
         keys.iter()
             .find(|k| k.starts_with(prefix))
@@ -284,7 +300,10 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
         let (what, key) = looks_like_model(&unknown_keys)
             .map(|(w, k)| (w.to_string(), k.to_string()))
             .unwrap_or_else(|| {
-                ("no LoRA tensors (lora_down/lora_up or lora_A/lora_B) at all".to_string(), first)
+                (
+                    "no LoRA tensors (lora_down/lora_up or lora_A/lora_B) at all".to_string(),
+                    first,
+                )
             });
         return Err(LoraError::NotALora { path, what, key });
     }
@@ -312,15 +331,28 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
         };
         let (down, up) = match (g.down, g.up) {
             (Some(d), Some(u)) => (d, u),
-            (Some(_), None) => return Err(bad("has lora_down but no lora_up (the file is incomplete)".into())),
-            (None, Some(_)) => return Err(bad("has lora_up but no lora_down (the file is incomplete)".into())),
-            (None, None) => return Err(bad("has an alpha but no lora_down/lora_up weights".into())),
+            (Some(_), None) => {
+                return Err(bad(
+                    "has lora_down but no lora_up (the file is incomplete)".into()
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "has lora_up but no lora_down (the file is incomplete)".into()
+                ))
+            }
+            (None, None) => {
+                return Err(bad("has an alpha but no lora_down/lora_up weights".into()))
+            }
         };
         let alpha = match &g.alpha {
             None => None,
             Some((name, a)) => {
                 if a.numel() != 1 {
-                    return Err(bad(format!("`{name}` must hold one number, it has shape {:?}", a.size())));
+                    return Err(bad(format!(
+                        "`{name}` must hold one number, it has shape {:?}",
+                        a.size()
+                    )));
                 }
                 Some(a.to_kind(Kind::Double).reshape([1]).double_value(&[0]))
             }
@@ -334,17 +366,25 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
                     warnings.push(msg);
                 }
             } else {
-                return Err(bad(format!("`{name}` is not a floating-point tensor ({:?})", t.kind())));
+                return Err(bad(format!(
+                    "`{name}` is not a floating-point tensor ({:?})",
+                    t.kind()
+                )));
             }
         }
         if let Some(a) = alpha {
             if !a.is_finite() {
-                let msg = format!("{}: module `{}` has a non-finite alpha; treating it as alpha = rank", path.display(), g.module);
+                let msg = format!(
+                    "{}: module `{}` has a non-finite alpha; treating it as alpha = rank",
+                    path.display(),
+                    g.module
+                );
                 tracing::warn!("{msg}");
                 warnings.push(msg);
             }
         }
-        let adapter = LoraAdapter::from_weights(down.1, up.1, alpha).map_err(|e| bad(e.to_string()))?;
+        let adapter =
+            LoraAdapter::from_weights(down.1, up.1, alpha).map_err(|e| bad(e.to_string()))?;
         set.insert(key, adapter);
     }
     let format = match formats.len() {

@@ -68,17 +68,26 @@ impl LoraSummary {
                 g if g.is_spatial_conv() => c.conv_kxk += 1,
                 _ => c.conv1x1 += 1,
             }
-            *rank_alpha.entry((a.rank(), py_float(a.alpha()))).or_default() += 1;
+            *rank_alpha
+                .entry((a.rank(), py_float(a.alpha())))
+                .or_default() += 1;
         }
         let md = &l.metadata;
         let mut metadata = Vec::new();
         let mut add = |label: &str, keys: &[&str]| {
-            if let Some(v) = keys.iter().find_map(|k| md.get(*k)).filter(|v| !v.is_empty() && *v != "None") {
+            if let Some(v) = keys
+                .iter()
+                .find_map(|k| md.get(*k))
+                .filter(|v| !v.is_empty() && *v != "None")
+            {
                 metadata.push((label.to_string(), v.clone()));
             }
         };
         add("name", &["ss_output_name", "modelspec.title"]);
-        add("base model", &["ss_base_model_version", "modelspec.architecture"]);
+        add(
+            "base model",
+            &["ss_base_model_version", "modelspec.architecture"],
+        );
         add("trained on", &["ss_sd_model_name"]);
         add("steps", &["ss_steps"]);
         add("epoch", &["ss_epoch"]);
@@ -90,7 +99,10 @@ impl LoraSummary {
         add("learning rate", &["ss_learning_rate"]);
         add("prediction", &["modelspec.prediction_type"]);
         add("seed", &["ss_seed"]);
-        add("saved by", &["modelspec.implementation_version", "software"]);
+        add(
+            "saved by",
+            &["modelspec.implementation_version", "software"],
+        );
         add("sshs_model_hash", &["sshs_model_hash"]);
         if let Some(pos) = metadata.iter().position(|(l, _)| l == "network dim/alpha") {
             if let Some(a) = md.get("ss_network_alpha") {
@@ -100,7 +112,9 @@ impl LoraSummary {
         }
         let mut tags: BTreeMap<String, u64> = BTreeMap::new();
         if let Some(tf) = md.get("ss_tag_frequency") {
-            if let Ok(serde_json::Value::Object(dirs)) = serde_json::from_str::<serde_json::Value>(tf) {
+            if let Ok(serde_json::Value::Object(dirs)) =
+                serde_json::from_str::<serde_json::Value>(tf)
+            {
                 for (_, v) in dirs {
                     if let serde_json::Value::Object(t) = v {
                         for (tag, n) in t {
@@ -148,8 +162,18 @@ impl fmt::Display for LoraSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "file:       {}", self.path)?;
         writeln!(f, "format:     {}", self.format)?;
-        let dt: Vec<String> = self.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
-        writeln!(f, "size:       {} ({} tensors: {})", human_bytes(self.file_size), self.dtypes.values().sum::<usize>(), dt.join(", "))?;
+        let dt: Vec<String> = self
+            .dtypes
+            .iter()
+            .map(|(d, n)| format!("{d} ×{n}"))
+            .collect();
+        writeln!(
+            f,
+            "size:       {} ({} tensors: {})",
+            human_bytes(self.file_size),
+            self.dtypes.values().sum::<usize>(),
+            dt.join(", ")
+        )?;
         writeln!(f, "parameters: {}", self.parameters)?;
         writeln!(f, "modules:")?;
         for (c, n) in &self.components {
@@ -176,12 +200,20 @@ impl fmt::Display for LoraSummary {
             writeln!(f, "metadata:   none")?;
         }
         if !self.top_tags.is_empty() {
-            let t: Vec<String> = self.top_tags.iter().map(|(t, n)| format!("{t} ({n})")).collect();
+            let t: Vec<String> = self
+                .top_tags
+                .iter()
+                .map(|(t, n)| format!("{t} ({n})"))
+                .collect();
             writeln!(f, "top tags:   {}", t.join(", "))?;
         }
         writeln!(f, "data sha256: {}", self.data_sha256)?;
         if !self.unknown_keys.is_empty() {
-            writeln!(f, "UNKNOWN KEYS ({}), ignored by lorakit:", self.unknown_keys.len())?;
+            writeln!(
+                f,
+                "UNKNOWN KEYS ({}), ignored by lorakit:",
+                self.unknown_keys.len()
+            )?;
             for k in self.unknown_keys.iter().take(20) {
                 writeln!(f, "  {k}")?;
             }

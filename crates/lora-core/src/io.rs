@@ -143,7 +143,8 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<TensorFile> {
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         tensors.push((name, t));
     }
-    let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("checked by read_metadata")) as usize;
+    let header_len =
+        8 + u64::from_le_bytes(bytes[..8].try_into().expect("checked by read_metadata")) as usize;
     let data_sha256 = hex(&Sha256::digest(&bytes[header_len..]));
     Ok(TensorFile {
         path: path.to_path_buf(),
@@ -157,8 +158,11 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<TensorFile> {
 /// Host bytes of a tensor (contiguous, little-endian, its own dtype).
 pub fn tensor_bytes(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
     let kind = t.kind();
-    let dtype = dtype_of(kind)
-        .ok_or_else(|| LoraError::Invalid(format!("cannot store tensors of kind {kind:?} in safetensors")))?;
+    let dtype = dtype_of(kind).ok_or_else(|| {
+        LoraError::Invalid(format!(
+            "cannot store tensors of kind {kind:?} in safetensors"
+        ))
+    })?;
     let t = t.to_device(Device::Cpu).contiguous();
     let numel = t.numel();
     let mut buf = vec![0u8; numel * kind.elt_size_in_bytes()];
@@ -169,7 +173,10 @@ pub fn tensor_bytes(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
 
 /// Serialises tensors + metadata to safetensors bytes (kohya/safetensors
 /// order: dtype descending, then name; header padded to 8 bytes).
-pub fn serialize(tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| tensor_bytes(t).map(|(d, s, b)| (n.clone(), d, s, b)))
@@ -193,9 +200,15 @@ pub fn serialize_raw(
     let meta: Option<HashMap<String, String>> = if metadata.is_empty() {
         None
     } else {
-        Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        Some(
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     };
-    safetensors::serialize(views, meta).map_err(|e| LoraError::Invalid(format!("serialising safetensors: {e}")))
+    safetensors::serialize(views, meta)
+        .map_err(|e| LoraError::Invalid(format!("serialising safetensors: {e}")))
 }
 
 /// Writes bytes to `path` atomically: temp file in the same folder, fsync,
@@ -269,7 +282,10 @@ mod tests {
         let p = dir.path().join("cut.safetensors");
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
         let e = read_tensors(&p).unwrap_err().to_string();
-        assert!(e.contains("cut.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("cut.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
 
         std::fs::write(&p, b"abc").unwrap();
         let e = read_tensors(&p).unwrap_err().to_string();
@@ -303,7 +319,10 @@ mod tests {
         let b = Tensor::from_slice(&[2f32]);
         let bytes = serialize(&[("b".into(), b), ("a".into(), a)], &BTreeMap::new()).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(&bytes[8 + n..], &[1f32.to_le_bytes(), 2f32.to_le_bytes()].concat());
+        assert_eq!(
+            &bytes[8 + n..],
+            &[1f32.to_le_bytes(), 2f32.to_le_bytes()].concat()
+        );
         assert_eq!((8 + n) % 8, 0);
         assert_eq!(&bytes[8..10], b"{\"");
     }

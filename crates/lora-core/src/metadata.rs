@@ -78,7 +78,11 @@ pub fn py_float(x: f64) -> String {
         return if x > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let sci = format!("{x:e}"); // shortest round-trip, e.g. "7e-5", "1.5e0"
     let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
@@ -164,7 +168,10 @@ impl TrainingMetadata {
             args.insert("module_dropout".into(), json!(py_float(p)));
         }
         args.insert("dropout".into(), json!(self.network_dropout));
-        put("ss_network_args", serde_json::Value::Object(args).to_string());
+        put(
+            "ss_network_args",
+            serde_json::Value::Object(args).to_string(),
+        );
         put("ss_v2", py_bool(false));
         put("ss_base_model_version", "sdxl_base_v1-0".into());
         put("ss_output_name", self.output_name.clone());
@@ -194,7 +201,10 @@ impl TrainingMetadata {
         if let Some(n) = &self.sd_model_name {
             put("ss_sd_model_name", n.clone());
         }
-        put("ss_session_id", (self.seed as u32 ^ 0x5bd1_e995).to_string());
+        put(
+            "ss_session_id",
+            (self.seed as u32 ^ 0x5bd1_e995).to_string(),
+        );
         // modelspec (SAI model spec 1.0.1)
         put("modelspec.sai_model_spec", "1.0.1".into());
         put(
@@ -207,7 +217,9 @@ impl TrainingMetadata {
         );
         put(
             "modelspec.title",
-            self.title.clone().unwrap_or_else(|| self.output_name.clone()),
+            self.title
+                .clone()
+                .unwrap_or_else(|| self.output_name.clone()),
         );
         put(
             "modelspec.date",
@@ -280,7 +292,10 @@ mod tests {
         assert_eq!(m["ss_base_model_version"], "sdxl_base_v1-0");
         assert_eq!(m["ss_learning_rate"], "7e-05");
         assert_eq!(m["ss_resolution"], "(768, 768)");
-        assert_eq!(m["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
+        assert_eq!(
+            m["modelspec.architecture"],
+            "stable-diffusion-xl-v1-base/lora"
+        );
         assert_eq!(m["modelspec.resolution"], "768x768");
         assert_eq!(m["modelspec.trigger_phrase"], "myakumyaku-san");
         let args: serde_json::Value = serde_json::from_str(&m["ss_network_args"]).unwrap();

@@ -367,13 +367,22 @@ mod tests {
             ),
             (Component::Unet, "output_blocks.2.2.conv"),
             (Component::Unet, "input_blocks.3.0.op"),
-            (Component::Unet, "middle_block.1.transformer_blocks.9.attn2.to_out.0"),
-            (Component::Unet, "output_blocks.0.1.transformer_blocks.3.ff.net.0.proj"),
+            (
+                Component::Unet,
+                "middle_block.1.transformer_blocks.9.attn2.to_out.0",
+            ),
+            (
+                Component::Unet,
+                "output_blocks.0.1.transformer_blocks.3.ff.net.0.proj",
+            ),
             (Component::Unet, "input_blocks.1.0.in_layers.2"),
             (Component::Unet, "input_blocks.1.0.emb_layers.1"),
             (Component::Unet, "input_blocks.4.0.skip_connection"),
             (Component::Unet, "input_blocks.4.1.proj_in"),
-            (Component::Te1, "text_model.encoder.layers.0.self_attn.q_proj"),
+            (
+                Component::Te1,
+                "text_model.encoder.layers.0.self_attn.q_proj",
+            ),
             (Component::Te2, "text_model.encoder.layers.31.mlp.fc2"),
         ] {
             let key = ModuleKey::new(c, p);
@@ -383,8 +392,11 @@ mod tests {
             assert!(!diffusers);
         }
         assert_eq!(
-            ModuleKey::new(Component::Unet, "input_blocks.4.1.transformer_blocks.0.attn1.to_q")
-                .kohya_name(),
+            ModuleKey::new(
+                Component::Unet,
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+            )
+            .kohya_name(),
             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
         );
         assert_eq!(
@@ -396,19 +408,46 @@ mod tests {
     #[test]
     fn diffusers_layout_maps_to_ldm() {
         let cases = [
-            ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
-            ("down_blocks.2.attentions.1.proj_out", "input_blocks.8.1.proj_out"),
-            ("down_blocks.0.resnets.1.conv1", "input_blocks.2.0.in_layers.2"),
-            ("down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection"),
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "down_blocks.2.attentions.1.proj_out",
+                "input_blocks.8.1.proj_out",
+            ),
+            (
+                "down_blocks.0.resnets.1.conv1",
+                "input_blocks.2.0.in_layers.2",
+            ),
+            (
+                "down_blocks.1.resnets.0.conv_shortcut",
+                "input_blocks.4.0.skip_connection",
+            ),
             ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
             ("down_blocks.1.downsamplers.0.conv", "input_blocks.6.0.op"),
-            ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
-            ("mid_block.attentions.0.transformer_blocks.9.ff.net.2", "middle_block.1.transformer_blocks.9.ff.net.2"),
-            ("up_blocks.0.resnets.2.conv2", "output_blocks.2.0.out_layers.3"),
-            ("up_blocks.1.attentions.2.proj_in", "output_blocks.5.1.proj_in"),
+            (
+                "mid_block.resnets.1.time_emb_proj",
+                "middle_block.2.emb_layers.1",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.9.ff.net.2",
+                "middle_block.1.transformer_blocks.9.ff.net.2",
+            ),
+            (
+                "up_blocks.0.resnets.2.conv2",
+                "output_blocks.2.0.out_layers.3",
+            ),
+            (
+                "up_blocks.1.attentions.2.proj_in",
+                "output_blocks.5.1.proj_in",
+            ),
             ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
             ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
-            ("up_blocks.2.resnets.0.conv_shortcut", "output_blocks.6.0.skip_connection"),
+            (
+                "up_blocks.2.resnets.0.conv_shortcut",
+                "output_blocks.6.0.skip_connection",
+            ),
             ("time_embedding.linear_1", "time_embed.0"),
             ("add_embedding.linear_2", "label_emb.0.2"),
             ("conv_in", "input_blocks.0.0"),
@@ -443,13 +482,19 @@ mod tests {
             Some("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0")
         );
         assert_eq!(
-            attn_processor_to_module("text_model.encoder.layers.0.self_attn.to_k_lora", Component::Te1)
-                .as_deref(),
+            attn_processor_to_module(
+                "text_model.encoder.layers.0.self_attn.to_k_lora",
+                Component::Te1
+            )
+            .as_deref(),
             Some("text_model.encoder.layers.0.self_attn.k_proj")
         );
         assert_eq!(
-            attn_processor_to_module("text_model.encoder.layers.0.mlp.fc1.lora_linear_layer", Component::Te2)
-                .as_deref(),
+            attn_processor_to_module(
+                "text_model.encoder.layers.0.mlp.fc1.lora_linear_layer",
+                Component::Te2
+            )
+            .as_deref(),
             Some("text_model.encoder.layers.0.mlp.fc1")
         );
     }

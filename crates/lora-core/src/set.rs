@@ -64,7 +64,10 @@ impl LoraSet {
     }
     /// Number of modules of one component.
     pub fn count(&self, component: Component) -> usize {
-        self.modules.keys().filter(|k| k.component == component).count()
+        self.modules
+            .keys()
+            .filter(|k| k.component == component)
+            .count()
     }
     /// All trainable tensors (`down`, `up` of every module), in module order.
     pub fn parameters(&self) -> Vec<&Tensor> {
@@ -88,7 +91,10 @@ impl LoraSet {
         for (key, a) in &self.modules {
             let name = key.kohya_name();
             let cast = |t: &Tensor| t.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
-            out.push((format!("{name}.alpha"), Tensor::scalar_tensor(a.alpha(), (kind, Device::Cpu))));
+            out.push((
+                format!("{name}.alpha"),
+                Tensor::scalar_tensor(a.alpha(), (kind, Device::Cpu)),
+            ));
             out.push((format!("{name}.lora_down.weight"), cast(a.down())));
             out.push((format!("{name}.lora_up.weight"), cast(a.up())));
         }
@@ -98,7 +104,12 @@ impl LoraSet {
     /// Saves in kohya format with `metadata`, adding `sshs_model_hash` and
     /// `sshs_legacy_hash` computed as kohya does (over the file serialised
     /// with only the `ss_*` keys). Atomic: temp file, fsync, rename.
-    pub fn save(&self, path: impl AsRef<Path>, kind: Kind, metadata: &BTreeMap<String, String>) -> Result<SavedLora> {
+    pub fn save(
+        &self,
+        path: impl AsRef<Path>,
+        kind: Kind,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<SavedLora> {
         let path = path.as_ref();
         if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
             return Err(LoraError::Invalid(format!(

@@ -21,12 +21,26 @@ fn merge_equals_forward_linear() {
     tch::manual_seed(11);
     let w = Tensor::randn([24, 16], CPU);
     let b = Tensor::randn([24], CPU);
-    let mut a = trained(LoraAdapter::new(16, 24, 4, Some(2.0), Geometry::Linear, Kind::Float, Device::Cpu).unwrap());
+    let mut a = trained(
+        LoraAdapter::new(
+            16,
+            24,
+            4,
+            Some(2.0),
+            Geometry::Linear,
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap(),
+    );
     a.set_multiplier(0.8);
     let x = Tensor::randn([2, 7, 16], CPU);
     let base = x.linear(&w, Some(&b));
     let adapted = a.forward(&x, &base, false);
-    assert!(max_abs(&adapted, &base) > 1e-3, "adapter must change the output");
+    assert!(
+        max_abs(&adapted, &base) > 1e-3,
+        "adapter must change the output"
+    );
     let merged = a.merged_weight(&w, 0.8).unwrap();
     let y = x.linear(&merged, Some(&b));
     assert!(max_abs(&y, &adapted) < 1e-5, "{}", max_abs(&y, &adapted));
@@ -59,7 +73,8 @@ fn conv_case(kernel: i64, stride: i64, padding: i64) {
     assert_eq!(a.down().size(), vec![3, cin, kernel, kernel]);
     assert_eq!(a.up().size(), vec![cout, 3, 1, 1]);
     let x = Tensor::randn([2, cin, 9, 9], CPU);
-    let conv = |w: &Tensor| x.conv2d::<&Tensor>(w, None, [stride, stride], [padding, padding], [1, 1], 1);
+    let conv =
+        |w: &Tensor| x.conv2d::<&Tensor>(w, None, [stride, stride], [padding, padding], [1, 1], 1);
     let base = conv(&w);
     let adapted = a.forward(&x, &base, false);
     assert!(max_abs(&adapted, &base) > 1e-3);
@@ -87,7 +102,9 @@ fn merge_equals_forward_conv3x3_strided() {
 fn merge_in_half_precision_computes_in_fp32() {
     tch::manual_seed(13);
     let w = Tensor::randn([8, 8], CPU).to_kind(Kind::Half);
-    let a = trained(LoraAdapter::new(8, 8, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap());
+    let a = trained(
+        LoraAdapter::new(8, 8, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap(),
+    );
     let merged = a.merged_weight(&w, 1.0).unwrap();
     assert_eq!(merged.kind(), Kind::Half);
     let want = (w.to_kind(Kind::Float) + a.delta_weight()).to_kind(Kind::Half);

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn expected() -> serde_json::Value {
@@ -42,7 +44,8 @@ fn foreign_formats_normalise_to_the_kohya_set() {
         ("peft.safetensors", LoraFormat::Peft),
         ("diffusers_legacy.safetensors", LoraFormat::DiffusersLegacy),
     ] {
-        let other = load_lora(fixture(file), UnknownKeys::Reject).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let other =
+            load_lora(fixture(file), UnknownKeys::Reject).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(other.format, format, "{file}");
         assert!(other.unknown_keys.is_empty());
         let keys: Vec<&ModuleKey> = other.set.iter().map(|(k, _)| k).collect();
@@ -58,7 +61,9 @@ fn foreign_formats_normalise_to_the_kohya_set() {
 }
 
 fn formula(n: i64) -> Tensor {
-    let v: Vec<f32> = (0..n).map(|i| (((i * 7919) % 2001) - 1000) as f32 / 1024.0).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i * 7919) % 2001) - 1000) as f32 / 1024.0)
+        .collect();
     Tensor::from_slice(&v)
 }
 
@@ -69,12 +74,25 @@ fn kohya_hashes_match_reference() {
     let up_factor = h["up_factor"].as_f64().unwrap();
     let mut set = LoraSet::new();
     for m in h["modules"].as_array().unwrap() {
-        let ds: Vec<i64> = m["down"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-        let us: Vec<i64> = m["up"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let ds: Vec<i64> = m["down"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        let us: Vec<i64> = m["up"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         let down = formula(ds.iter().product()).view(ds.as_slice());
         let up = formula(us.iter().product()).view(us.as_slice()) * up_factor;
         let (key, _) = ModuleKey::from_kohya_name(m["name"].as_str().unwrap()).unwrap();
-        set.insert(key, LoraAdapter::from_weights(down, up, m["alpha"].as_f64()).unwrap());
+        set.insert(
+            key,
+            LoraAdapter::from_weights(down, up, m["alpha"].as_f64()).unwrap(),
+        );
     }
     let meta: BTreeMap<String, String> = h["metadata"]
         .as_object()
@@ -99,7 +117,10 @@ fn save_load_round_trip_in_each_dtype() {
     let reference = load_lora(fixture("kohya.safetensors"), UnknownKeys::Reject).unwrap();
     let mut meta = BTreeMap::new();
     meta.insert("ss_output_name".to_string(), "round trip".to_string());
-    meta.insert("modelspec.trigger_phrase".to_string(), "myakumyaku-san".to_string());
+    meta.insert(
+        "modelspec.trigger_phrase".to_string(),
+        "myakumyaku-san".to_string(),
+    );
     let dir = tempfile::tempdir().unwrap();
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
         let path = dir.path().join(format!("rt_{kind:?}.safetensors"));
@@ -114,7 +135,10 @@ fn save_load_round_trip_in_each_dtype() {
         for (k, a) in reference.set.iter() {
             let b = back.set.get(k).unwrap();
             assert_eq!(b.down().kind(), kind);
-            assert_eq!(b.alpha(), Tensor::from(a.alpha()).to_kind(kind).double_value(&[]));
+            assert_eq!(
+                b.alpha(),
+                Tensor::from(a.alpha()).to_kind(kind).double_value(&[])
+            );
             let want_down = a.down().to_kind(kind);
             let want_up = a.up().to_kind(kind);
             // bit-exact: equal after casting the reference to the saved dtype.
@@ -125,7 +149,10 @@ fn save_load_round_trip_in_each_dtype() {
 }
 
 fn write(path: &std::path::Path, tensors: Vec<(&str, Tensor)>) {
-    let t: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let t: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
     let bytes = lora_core::io::serialize(&t, &BTreeMap::new()).unwrap();
     std::fs::write(path, bytes).unwrap();
 }
@@ -140,9 +167,15 @@ fn bad_files_name_the_file_and_key() {
     let p = dir.path().join("bad.safetensors");
     let name = "lora_unet_input_blocks_4_1_proj_in";
 
-    write(&p, vec![(&format!("{name}.lora_down.weight"), f32s(&[4, 8]))]);
+    write(
+        &p,
+        vec![(&format!("{name}.lora_down.weight"), f32s(&[4, 8]))],
+    );
     let e = load_lora(&p, UnknownKeys::Reject).unwrap_err().to_string();
-    assert!(e.contains("bad.safetensors") && e.contains(name) && e.contains("no lora_up"), "{e}");
+    assert!(
+        e.contains("bad.safetensors") && e.contains(name) && e.contains("no lora_up"),
+        "{e}"
+    );
 
     write(
         &p,
@@ -157,14 +190,25 @@ fn bad_files_name_the_file_and_key() {
     write(
         &p,
         vec![
-            ("model.diffusion_model.input_blocks.0.0.weight", f32s(&[4, 4, 3, 3])),
-            ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", f32s(&[4])),
+            (
+                "model.diffusion_model.input_blocks.0.0.weight",
+                f32s(&[4, 4, 3, 3]),
+            ),
+            (
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                f32s(&[4]),
+            ),
         ],
     );
     let err = load_lora(&p, UnknownKeys::Reject).unwrap_err();
     assert!(matches!(err, LoraError::NotALora { .. }));
     let e = err.to_string();
-    assert!(e.contains("not a LoRA") && e.contains("checkpoint") && e.contains("model.diffusion_model."), "{e}");
+    assert!(
+        e.contains("not a LoRA")
+            && e.contains("checkpoint")
+            && e.contains("model.diffusion_model."),
+        "{e}"
+    );
 
     write(
         &p,
@@ -176,7 +220,10 @@ fn bad_files_name_the_file_and_key() {
         ],
     );
     let e = load_lora(&p, UnknownKeys::Reject).unwrap_err().to_string();
-    assert!(e.contains("2 key(s)") && e.contains("lora_mid") && e.contains("bogus"), "{e}");
+    assert!(
+        e.contains("2 key(s)") && e.contains("lora_mid") && e.contains("bogus"),
+        "{e}"
+    );
     let lenient = load_lora(&p, UnknownKeys::Report).unwrap();
     assert_eq!(lenient.unknown_keys.len(), 2);
     assert_eq!(lenient.set.len(), 1);
@@ -185,21 +232,36 @@ fn bad_files_name_the_file_and_key() {
     let _ = nan.get(0).get(0).fill_(f64::NAN);
     write(
         &p,
-        vec![(&format!("{name}.lora_down.weight"), f32s(&[4, 8])), (&format!("{name}.lora_up.weight"), nan)],
+        vec![
+            (&format!("{name}.lora_down.weight"), f32s(&[4, 8])),
+            (&format!("{name}.lora_up.weight"), nan),
+        ],
     );
     let l = load_lora(&p, UnknownKeys::Reject).unwrap();
     assert_eq!(l.warnings.len(), 1);
-    assert!(l.warnings[0].contains("NaN") && l.warnings[0].contains("lora_up"), "{:?}", l.warnings);
+    assert!(
+        l.warnings[0].contains("NaN") && l.warnings[0].contains("lora_up"),
+        "{:?}",
+        l.warnings
+    );
 
     let good = std::fs::read(fixture("kohya.safetensors")).unwrap();
     std::fs::write(&p, &good[..good.len() / 2]).unwrap();
     let e = load_lora(&p, UnknownKeys::Reject).unwrap_err().to_string();
-    assert!(e.contains("bad.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("bad.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 
-    let e = load_lora(dir.path().join("missing.safetensors"), UnknownKeys::Reject).unwrap_err().to_string();
+    let e = load_lora(dir.path().join("missing.safetensors"), UnknownKeys::Reject)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.safetensors"), "{e}");
 
     write(&p, vec![("some.random.tensor", f32s(&[2]))]);
     let e = load_lora(&p, UnknownKeys::Reject).unwrap_err().to_string();
-    assert!(e.contains("no LoRA tensors") && e.contains("some.random.tensor"), "{e}");
+    assert!(
+        e.contains("no LoRA tensors") && e.contains("some.random.tensor"),
+        "{e}"
+    );
 }

@@ -1,1 +1,16 @@
-//! SDXL over libtorch (work in progress).
+//! # lora-sdxl
+//!
+//! SDXL-family models over libtorch (via `tch`) with LoRA slots.
+//!
+//! Present today: the model configuration ([`SdxlConfig::base`],
+//! [`SdxlConfig::tiny`]), the enumeration of every module kohya's LoRA/LoCon
+//! adapts ([`targets::lora_targets`]) and the single-file key layout
+//! ([`keys`]). The UNet, text encoders, VAE, loader, samplers and trainer are
+//! tracked in the project's issues.
+
+pub mod config;
+pub mod keys;
+pub mod targets;
+
+pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+pub use targets::{lora_targets, Target, TargetScope};

@@ -101,7 +101,12 @@ impl Builder {
     }
     fn resnet(&mut self, u: &UnetConfig, p: &str, i: i64, o: i64) {
         self.conv(format!("{p}.in_layers.2"), i, o, 3, 1);
-        self.linear(Component::Unet, format!("{p}.emb_layers.1"), u.time_embed_dim(), o);
+        self.linear(
+            Component::Unet,
+            format!("{p}.emb_layers.1"),
+            u.time_embed_dim(),
+            o,
+        );
         self.conv(format!("{p}.out_layers.3"), o, o, 3, 1);
         if i != o {
             self.conv(format!("{p}.skip_connection"), i, o, 1, 1);
@@ -140,7 +145,12 @@ pub fn unet_targets(u: &UnetConfig, linear: bool, conv: bool) -> Vec<Target> {
             b.resnet(u, &format!("input_blocks.{idx}.0"), ch, out);
             ch = out;
             if u.transformer_depth[l] > 0 {
-                b.transformer(u, &format!("input_blocks.{idx}.1"), ch, u.transformer_depth[l]);
+                b.transformer(
+                    u,
+                    &format!("input_blocks.{idx}.1"),
+                    ch,
+                    u.transformer_depth[l],
+                );
             }
             skips.push(ch);
         }
@@ -162,7 +172,12 @@ pub fn unet_targets(u: &UnetConfig, linear: bool, conv: bool) -> Vec<Target> {
             ch = out;
             let has_attn = u.transformer_depth[l] > 0;
             if has_attn {
-                b.transformer(u, &format!("output_blocks.{idx}.1"), ch, u.transformer_depth[l]);
+                b.transformer(
+                    u,
+                    &format!("output_blocks.{idx}.1"),
+                    ch,
+                    u.transformer_depth[l],
+                );
             }
             if j == nrb && l > 0 {
                 let pos = if has_attn { 2 } else { 1 };
@@ -173,7 +188,9 @@ pub fn unet_targets(u: &UnetConfig, linear: bool, conv: bool) -> Vec<Target> {
     }
     let is_transformer = |t: &Target| {
         // transformer modules live under `<block>.1` of an attention block or `middle_block.1`
-        t.key.path.contains(".transformer_blocks.") || t.key.path.ends_with(".proj_in") || t.key.path.ends_with(".proj_out")
+        t.key.path.contains(".transformer_blocks.")
+            || t.key.path.ends_with(".proj_in")
+            || t.key.path.ends_with(".proj_out")
     };
     b.out
         .into_iter()
@@ -237,8 +254,15 @@ mod tests {
         let names = |c: &SdxlConfig| -> Vec<String> {
             lora_targets(c, TargetScope::ALL)
                 .into_iter()
-                .filter(|t| t.key.component == Component::Unet && !t.key.path.contains("transformer_blocks.1"))
-                .map(|t| t.key.path.split(".transformer_blocks").next().unwrap().to_string())
+                .filter(|t| t.key.component == Component::Unet)
+                .map(|t| {
+                    t.key
+                        .path
+                        .split(".transformer_blocks")
+                        .next()
+                        .unwrap()
+                        .to_string()
+                })
                 .collect()
         };
         let mut a = names(&cfg);

@@ -39,7 +39,9 @@ pub fn libtorch_version(lib_dir: &Path) -> Option<String> {
     if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("__version__") {
-                let v = rest.trim_start_matches([' ', '=', ':', 's', 't', 'r']).trim();
+                let v = rest
+                    .trim_start_matches([' ', '=', ':', 's', 't', 'r'])
+                    .trim();
                 let v = v.trim_matches(|c| c == '\'' || c == '"');
                 if !v.is_empty() {
                     return Some(v.to_string());
