@@ -1,1 +1,24 @@
-//! Datasets for LoRA training (work in progress: see the project issues).
+//! # lora-data
+//!
+//! Datasets for SDXL LoRA training, without libtorch:
+//!
+//! * [`scan`](scan::scan): a folder of images with same-name captions (kohya
+//!   `N_name` repeat folders, any pixel mode, EXIF orientation, bomb limits);
+//! * [`check_dataset`]: every problem by file, plus a summary (`lorakit dataset check`);
+//! * [`caption`]: tag edits for `lorakit caption`, tag statistics, per-step
+//!   caption processing (trigger, keep_tokens, shuffle, dropouts);
+//! * [`buckets`]: kohya's aspect buckets, never-upscale assignment and SDXL's
+//!   size/crop conditioning from the actual crop.
+
+pub mod buckets;
+pub mod caption;
+pub mod check;
+pub mod error;
+pub mod image_io;
+pub mod scan;
+
+pub use buckets::{Bucket, BucketSpec, CropMode, Placement, SizeConditioning};
+pub use caption::{CaptionEdit, CaptionProcessing, TagStats};
+pub use check::{check_dataset, CheckOptions, CheckReport};
+pub use error::{DataError, Result};
+pub use scan::{scan, ImageEntry, Problem, Scan, ScanOptions, Severity};
