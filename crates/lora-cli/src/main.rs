@@ -1,5 +1,6 @@
 //! `lorakit`: the command-line front end of the lorakit libraries.
 
+mod data;
 mod demo;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -29,6 +30,17 @@ enum Command {
     Lora {
         #[command(subcommand)]
         command: LoraCommand,
+    },
+    /// Check a dataset folder: every problem by file, then a summary.
+    /// Exit status: 0 usable, 1 some files unusable, 2 nothing trainable.
+    Dataset {
+        #[command(subcommand)]
+        command: data::DatasetCommand,
+    },
+    /// Edit or count the captions of a dataset folder in bulk.
+    Caption {
+        #[command(subcommand)]
+        command: data::CaptionCommand,
     },
     /// Run the built-in demo (no downloads needed) and print where its output is.
     Demo {
@@ -83,16 +95,18 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-fn run(cli: Cli) -> AnyResult {
+fn run(cli: Cli) -> AnyResult<ExitCode> {
     match cli.command {
         Command::Lora {
             command: LoraCommand::Inspect { file },
         } => {
             let loaded = load_lora(&file, UnknownKeys::Report)?;
             print!("{}", LoraSummary::new(&loaded));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { out } => demo::run(&out),
+        Command::Dataset { command } => data::dataset(command),
+        Command::Caption { command } => data::caption(command),
+        Command::Demo { out } => demo::run(&out).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -105,7 +119,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose, cli.quiet);
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // lorakit's errors already carry their cause in one line.
             eprintln!("error: {e}");

@@ -160,3 +160,119 @@ fn demo_writes_a_loadable_lora() {
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
+
+fn small_dataset(dir: &Path) {
+    for (i, (w, h)) in [(640u32, 640u32), (800, 600), (600, 800)]
+        .iter()
+        .enumerate()
+    {
+        image::RgbImage::from_pixel(*w, *h, image::Rgb([i as u8 * 50, 100, 150]))
+            .save(dir.join(format!("img{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(dir.join("img0.txt"), "trig, 1girl, blue skin").unwrap();
+    std::fs::write(dir.join("img1.txt"), "1girl, blue skin, smile").unwrap();
+    std::fs::write(dir.join("img2.txt"), "trig, blue skin, night").unwrap();
+}
+
+#[test]
+fn dataset_check_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let o = lorakit(&["dataset", "check", d, "--resolution", "512"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("images:      3 usable of 3 image files"),
+        "{out}"
+    );
+    assert!(out.contains("buckets@512:"), "{out}");
+
+    let o = lorakit(&[
+        "dataset",
+        "check",
+        d,
+        "--trigger",
+        "trig",
+        "--resolution",
+        "512,768",
+    ]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        out.contains("warning img1.txt: trigger word `trig` missing"),
+        "{out}"
+    );
+
+    std::fs::write(dir.path().join("broken.png"), b"nope").unwrap();
+    let o = lorakit(&["dataset", "check", d]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("error   broken.png: not a PNG"), "{out}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let o = lorakit(&["dataset", "check", empty.path().to_str().unwrap()]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(out.contains("NOT trainable"), "{out}");
+
+    let o = lorakit(&[
+        "dataset",
+        "check",
+        dir.path().join("img0.png").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("img0.png: not a folder"), "{err}");
+
+    let o = lorakit(&["dataset", "check", d, "--resolution", "500"]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("multiples of 64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn caption_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    small_dataset(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let o = lorakit(&["caption", "add-trigger", d, "trig", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("img1.txt\n- 1girl, blue skin, smile\n+ trig, 1girl, blue skin, smile"),
+        "{out}"
+    );
+    assert!(
+        out.contains("would change 1 caption file(s) (dry run"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("img1.txt")).unwrap(),
+        "1girl, blue skin, smile"
+    );
+
+    let o = lorakit(&["caption", "stats", d, "--trigger", "trig"]);
+    let (out, _) = text(&o);
+    assert!(o.status.success());
+    assert!(
+        out.contains("in more than half of the captions: blue skin, 1girl"),
+        "{out}"
+    );
+
+    let o = lorakit(&["caption", "remove-tags", d, "Blue Skin"]);
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("img2.txt")).unwrap(),
+        "trig, night"
+    );
+    let o = lorakit(&["caption", "replace-tag", d, "night", "evening"]);
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("img2.txt")).unwrap(),
+        "trig, evening"
+    );
+}

@@ -354,3 +354,109 @@ mod tests {
         assert!(a.windows(2).all(|w| w[0] == w[1]));
     }
 }
+
+/// One caption file changed (or to be changed) by a bulk edit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionChange {
+    /// The caption file.
+    pub path: std::path::PathBuf,
+    /// Caption before (empty for a new file).
+    pub before: String,
+    /// Caption after.
+    pub after: String,
+    /// The file did not exist and is created.
+    pub created: bool,
+}
+
+/// Rewrites the first non-empty line of a caption file's text, keeping the
+/// other lines and the line-ending style; drops a BOM.
+fn replace_first_line(bytes: &[u8], new_caption: &str) -> String {
+    let text = decode_caption(bytes);
+    let raw =
+        String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)).into_owned();
+    let eol = if raw.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut lines: Vec<String> = raw.lines().map(str::to_string).collect();
+    match lines
+        .iter()
+        .position(|l| l.trim() == text.text && !l.trim().is_empty())
+    {
+        Some(i) => lines[i] = new_caption.to_string(),
+        None => lines = vec![new_caption.to_string()],
+    }
+    let mut out = lines.join(eol);
+    if raw.ends_with('\n') || lines.len() > 1 {
+        out.push_str(eol);
+    }
+    out
+}
+
+/// Applies `edit` to the caption of every image the scan finds (creating a
+/// caption file for an image without one when adding a trigger). With
+/// `dry_run` nothing is written. Unchanged files are never touched; changed
+/// files are rewritten atomically.
+pub fn edit_captions(
+    root: &Path,
+    opts: &crate::scan::ScanOptions,
+    edit: &CaptionEdit,
+    dry_run: bool,
+) -> crate::error::Result<Vec<CaptionChange>> {
+    let scan = crate::scan::scan(
+        root,
+        &crate::scan::ScanOptions {
+            verify: false,
+            ..opts.clone()
+        },
+    )?;
+    let ext = opts.caption_ext.trim_start_matches('.');
+    let mut changes = Vec::new();
+    for img in &scan.images {
+        let (path, created) = match &img.caption_path {
+            Some(p) => (p.clone(), false),
+            None if matches!(edit, CaptionEdit::AddTrigger(_)) => {
+                let stem = img.path.file_stem().unwrap_or_default().to_string_lossy();
+                (img.path.with_file_name(format!("{stem}.{ext}")), true)
+            }
+            None => continue,
+        };
+        let after = edit.apply(&img.caption);
+        if after == img.caption && !created {
+            continue;
+        }
+        if !dry_run {
+            let old = if created {
+                Vec::new()
+            } else {
+                std::fs::read(&path).map_err(|e| crate::error::DataError::io(&path, e))?
+            };
+            let text = replace_first_line(&old, &after);
+            lora_core::io::write_atomic(&path, text.as_bytes())
+                .map_err(|e| crate::error::DataError::Invalid(e.to_string()))?;
+        }
+        changes.push(CaptionChange {
+            path,
+            before: img.caption.clone(),
+            after,
+            created,
+        });
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn first_line_rewrite_keeps_the_rest() {
+        assert_eq!(
+            replace_first_line(b"a, b\r\nnote\r\n", "t, a, b"),
+            "t, a, b\r\nnote\r\n"
+        );
+        assert_eq!(
+            replace_first_line(b"\xEF\xBB\xBFa, b", "t, a, b"),
+            "t, a, b"
+        );
+        assert_eq!(replace_first_line(b"", "t"), "t");
+        assert_eq!(replace_first_line(b"\n\na\n", "x"), "\n\nx\n");
+    }
+}

@@ -8,17 +8,23 @@
 //! * [`caption`]: tag edits for `lorakit caption`, tag statistics, per-step
 //!   caption processing (trigger, keep_tokens, shuffle, dropouts);
 //! * [`buckets`]: kohya's aspect buckets, never-upscale assignment and SDXL's
-//!   size/crop conditioning from the actual crop.
+//!   size/crop conditioning from the actual crop;
+//! * [`loader`]: seeded epoch plans and a parallel prefetching batch loader;
+//! * [`cache`]: content-keyed latent / text-embedding caches.
 
 pub mod buckets;
+pub mod cache;
 pub mod caption;
 pub mod check;
 pub mod error;
 pub mod image_io;
+pub mod loader;
 pub mod scan;
 
 pub use buckets::{Bucket, BucketSpec, CropMode, Placement, SizeConditioning};
+pub use cache::{LatentKey, TensorCache, TextKey};
 pub use caption::{CaptionEdit, CaptionProcessing, TagStats};
 pub use check::{check_dataset, CheckOptions, CheckReport};
 pub use error::{DataError, Result};
+pub use loader::{plan_epoch, LoadedBatch, Loader, PlanConfig, PlannedBatch};
 pub use scan::{scan, ImageEntry, Problem, Scan, ScanOptions, Severity};

@@ -1,0 +1,214 @@
+//! `lorakit dataset …` and `lorakit caption …`.
+
+use crate::AnyResult;
+use clap::{Args, Subcommand};
+use lora_data::caption::{edit_captions, TagStats};
+use lora_data::{check_dataset, CaptionEdit, CheckOptions, ScanOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Options shared by the dataset commands.
+#[derive(Args, Debug, Clone)]
+pub struct FolderArgs {
+    /// The dataset folder (images with same-name caption files).
+    pub dir: PathBuf,
+    /// Caption file extension.
+    #[arg(long, default_value = "txt")]
+    pub caption_ext: String,
+    /// Also scan every sub-folder (kohya `N_name` repeat folders are always scanned).
+    #[arg(long)]
+    pub recursive: bool,
+}
+
+impl FolderArgs {
+    fn scan_options(&self) -> ScanOptions {
+        ScanOptions {
+            caption_ext: self.caption_ext.clone(),
+            recursive: self.recursive,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Report unreadable/corrupt or empty images, missing/orphan/empty captions,
+    /// images that would be upscaled, extreme aspect ratios, duplicates and a
+    /// missing trigger word; then counts, resolutions, buckets and top tags.
+    Check {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// Trigger word every caption should contain.
+        #[arg(long)]
+        trigger: Option<String>,
+        /// Training resolutions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "512,768")]
+        resolution: Vec<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaptionCommand {
+    /// Prepend WORD to every caption that lacks it (creates missing caption files).
+    AddTrigger {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// The trigger word.
+        word: String,
+        /// Show the changes without writing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove tags (exact match after trimming, case-insensitive).
+    RemoveTags {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// Tags to remove.
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Show the changes without writing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Replace one tag by another.
+    ReplaceTag {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// Tag to replace.
+        old: String,
+        /// Replacement.
+        new: String,
+        /// Show the changes without writing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Tag frequencies; tags in most captions are flagged as candidates to
+    /// remove for a character LoRA (so the trigger word learns them).
+    Stats {
+        #[command(flatten)]
+        folder: FolderArgs,
+        /// The trigger word (never flagged).
+        #[arg(long)]
+        trigger: Option<String>,
+        /// How many tags to list.
+        #[arg(long, default_value_t = 40)]
+        top: usize,
+    },
+}
+
+pub fn dataset(cmd: DatasetCommand) -> AnyResult<ExitCode> {
+    match cmd {
+        DatasetCommand::Check {
+            folder,
+            trigger,
+            resolution,
+        } => {
+            if let Some(r) = resolution.iter().find(|r| **r == 0 || **r % 64 != 0) {
+                return Err(format!("--resolution {r}: resolutions must be positive multiples of 64 (e.g. 512,768,1024)").into());
+            }
+            let report = check_dataset(
+                &folder.dir,
+                &CheckOptions {
+                    scan: folder.scan_options(),
+                    trigger,
+                    resolutions: resolution,
+                },
+            )?;
+            print!("{report}");
+            Ok(ExitCode::from(report.exit_code() as u8))
+        }
+    }
+}
+
+pub fn caption(cmd: CaptionCommand) -> AnyResult<ExitCode> {
+    let (folder, edit, dry_run) = match cmd {
+        CaptionCommand::Stats {
+            folder,
+            trigger,
+            top,
+        } => {
+            let scan = lora_data::scan(
+                &folder.dir,
+                &ScanOptions {
+                    verify: false,
+                    ..folder.scan_options()
+                },
+            )?;
+            let mut stats = TagStats::default();
+            for img in &scan.images {
+                stats.add(&img.caption);
+            }
+            println!(
+                "{} captions, {} distinct tags",
+                stats.captions,
+                stats.counts.len()
+            );
+            for (tag, n) in stats.sorted().into_iter().take(top) {
+                println!(
+                    "{n:>6}  {:>5.1}%  {tag}",
+                    100.0 * n as f64 / stats.captions.max(1) as f64
+                );
+            }
+            let cand = stats.removal_candidates(0.5, trigger.as_deref());
+            if !cand.is_empty() {
+                let names: Vec<String> = cand.iter().map(|(t, _)| t.clone()).collect();
+                println!("\nin more than half of the captions: {}", names.join(", "));
+                println!(
+                    "for a character LoRA, consider: lorakit caption remove-tags {} {}",
+                    folder.dir.display(),
+                    names
+                        .iter()
+                        .map(|t| format!("\"{t}\""))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        CaptionCommand::AddTrigger {
+            folder,
+            word,
+            dry_run,
+        } => {
+            if word.trim().is_empty() || word.contains(',') {
+                return Err("the trigger word must be non-empty and contain no comma".into());
+            }
+            (folder, CaptionEdit::AddTrigger(word), dry_run)
+        }
+        CaptionCommand::RemoveTags {
+            folder,
+            tags,
+            dry_run,
+        } => (folder, CaptionEdit::RemoveTags(tags), dry_run),
+        CaptionCommand::ReplaceTag {
+            folder,
+            old,
+            new,
+            dry_run,
+        } => (folder, CaptionEdit::ReplaceTag(old, new), dry_run),
+    };
+    let changes = edit_captions(&folder.dir, &folder.scan_options(), &edit, dry_run)?;
+    for c in &changes {
+        let rel = c
+            .path
+            .strip_prefix(&folder.dir)
+            .unwrap_or(&c.path)
+            .display();
+        println!("{}{rel}", if c.created { "new " } else { "" });
+        if !c.created {
+            println!("- {}", c.before);
+        }
+        println!("+ {}", c.after);
+    }
+    let verb = if dry_run { "would change" } else { "changed" };
+    println!(
+        "{verb} {} caption file(s){}",
+        changes.len(),
+        if dry_run {
+            " (dry run: nothing written)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

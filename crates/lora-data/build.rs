@@ -1,0 +1,3 @@
+fn main() {
+    lorakit_build::link_libtorch();
+}
