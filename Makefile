@@ -29,6 +29,7 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 bench: setup
+	.venv/bin/python -m pip install -q pillow numpy 2>/dev/null || echo "(no .venv Pillow: the data bench prints lorakit figures only)"
 	$(CARGO) bench
 
 # Regenerate test fixtures (needs the Python packages named in each script).
