@@ -186,3 +186,66 @@ impl SdxlConfig {
         }
     }
 }
+
+impl UnetConfig {
+    /// Infers the configuration from the keys and shapes of a checkpoint
+    /// (`prefix` = `model.diffusion_model.`). Assumes SDXL's layout: 2 resnets
+    /// per down level, GroupNorm 32, 64-channel heads.
+    pub fn infer(ck: &crate::weights::Checkpoint, prefix: &str) -> Option<Self> {
+        let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
+        let conv_in = shape("input_blocks.0.0.weight")?;
+        let mc = conv_in[0];
+        let nrb = 2;
+        let mut channel_mult = Vec::new();
+        let mut transformer_depth = Vec::new();
+        for l in 0.. {
+            let idx = 1 + l * (nrb + 1);
+            let Some(w) = shape(&format!("input_blocks.{idx}.0.out_layers.3.weight")) else {
+                break;
+            };
+            channel_mult.push(w[0] / mc);
+            transformer_depth.push(count_blocks(
+                ck,
+                &format!("{prefix}input_blocks.{idx}.1.transformer_blocks."),
+            ));
+        }
+        if channel_mult.is_empty() {
+            return None;
+        }
+        let depth_mid = count_blocks(ck, &format!("{prefix}middle_block.1.transformer_blocks."));
+        let context_dim = ck
+            .infos()
+            .iter()
+            .find(|(k, _)| k.starts_with(prefix) && k.ends_with("attn2.to_k.weight"))
+            .map(|(_, i)| i.shape[1])
+            .unwrap_or(2048);
+        Some(Self {
+            in_channels: conv_in[1],
+            out_channels: shape("out.2.weight")?[0],
+            model_channels: mc,
+            channel_mult,
+            num_res_blocks: nrb,
+            transformer_depth,
+            transformer_depth_middle: depth_mid,
+            head_dim: 64,
+            context_dim,
+            adm_in_channels: shape("label_emb.0.0.weight")?[1],
+            norm_groups: 32,
+        })
+    }
+}
+
+fn count_blocks(ck: &crate::weights::Checkpoint, prefix: &str) -> i64 {
+    ck.infos()
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0)
+}

@@ -8,9 +8,18 @@
 //! ([`keys`]). The UNet, text encoders, VAE, loader, samplers and trainer are
 //! tracked in the project's issues.
 
+pub mod attention;
 pub mod config;
+pub mod error;
 pub mod keys;
+pub mod nn;
+pub mod resnet;
 pub mod targets;
+pub mod unet;
+pub mod weights;
 
 pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+pub use error::{Result, SdxlError};
 pub use targets::{lora_targets, Target, TargetScope};
+pub use unet::Unet;
+pub use weights::{Checkpoint, VarBuilder};

@@ -1,0 +1,52 @@
+//! Typed errors of lora-sdxl; each names the file and key it is about.
+
+use std::path::PathBuf;
+
+/// Errors returned by lora-sdxl.
+#[derive(Debug, thiserror::Error)]
+pub enum SdxlError {
+    /// OS-level I/O failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The checkpoint cannot be used as it is.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// Keys the model needs are absent.
+    #[error("{path}: {count} key(s) missing, e.g. {}", .first.join(", "))]
+    MissingKeys {
+        /// The checkpoint.
+        path: PathBuf,
+        /// How many.
+        count: usize,
+        /// The first few.
+        first: Vec<String>,
+    },
+    /// A LoRA problem.
+    #[error(transparent)]
+    Lora(#[from] lora_core::LoraError),
+    /// libtorch failure.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result alias for lora-sdxl.
+pub type Result<T, E = SdxlError> = std::result::Result<T, E>;
+
+impl SdxlError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        SdxlError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

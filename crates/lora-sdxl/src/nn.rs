@@ -1,0 +1,201 @@
+//! Basic layers built from a [`VarBuilder`], with LoRA slots on the Linear and
+//! Conv2d layers kohya adapts.
+
+use crate::weights::VarBuilder;
+use lora_core::{LoraAdapter, ModuleKey};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use tch::{Kind, Tensor};
+
+/// A place that can hold a LoRA adapter for one layer.
+pub type Slot = Rc<RefCell<Option<LoraAdapter>>>;
+
+/// Every LoRA slot of a model, by module key.
+#[derive(Debug, Default, Clone)]
+pub struct Slots {
+    map: Rc<RefCell<BTreeMap<ModuleKey, Slot>>>,
+}
+
+impl Slots {
+    /// Registers a slot.
+    pub fn register(&self, key: ModuleKey) -> Slot {
+        let slot: Slot = Rc::new(RefCell::new(None));
+        self.map.borrow_mut().insert(key, slot.clone());
+        slot
+    }
+    /// The slot of a module.
+    pub fn get(&self, key: &ModuleKey) -> Option<Slot> {
+        self.map.borrow().get(key).cloned()
+    }
+    /// Module keys with a slot.
+    pub fn keys(&self) -> Vec<ModuleKey> {
+        self.map.borrow().keys().cloned().collect()
+    }
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
+fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor) -> Tensor {
+    match slot.as_ref().map(|s| s.borrow()) {
+        Some(s) => match s.as_ref() {
+            Some(a) => a.forward(x, &base, false),
+            None => base,
+        },
+        None => base,
+    }
+}
+
+/// `y = x Wᵀ + b`, optionally adapted.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+    slot: Option<Slot>,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` when `bias`) under `vb`.
+    pub fn new(vb: &VarBuilder, in_f: i64, out_f: i64, bias: bool) -> Self {
+        Self {
+            weight: vb.get("weight", &[out_f, in_f]),
+            bias: bias.then(|| vb.get("bias", &[out_f])),
+            slot: None,
+        }
+    }
+    /// Gives the layer a LoRA slot registered under `key`.
+    pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
+        self.slot = Some(slots.register(key));
+        self
+    }
+    /// Forward.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let base = x.linear(&self.weight, self.bias.as_ref());
+        apply_slot(&self.slot, x, base)
+    }
+}
+
+/// 2-D convolution, optionally adapted.
+#[derive(Debug)]
+pub struct Conv2d {
+    /// `[out, in, k, k]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Tensor,
+    /// Stride.
+    pub stride: i64,
+    /// Padding.
+    pub padding: i64,
+    slot: Option<Slot>,
+}
+
+impl Conv2d {
+    /// Loads a conv with bias.
+    pub fn new(vb: &VarBuilder, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> Self {
+        Self {
+            weight: vb.get("weight", &[cout, cin, k, k]),
+            bias: vb.get("bias", &[cout]),
+            stride,
+            padding,
+            slot: None,
+        }
+    }
+    /// Gives the layer a LoRA slot registered under `key`.
+    pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
+        self.slot = Some(slots.register(key));
+        self
+    }
+    /// Forward.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let s = [self.stride, self.stride];
+        let p = [self.padding, self.padding];
+        let base = x.conv2d(&self.weight, Some(&self.bias), s, p, [1, 1], 1);
+        apply_slot(&self.slot, x, base)
+    }
+}
+
+/// GroupNorm computed in fp32 (weights kept in fp32).
+#[derive(Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads a GroupNorm over `channels`.
+    pub fn new(vb: &VarBuilder, groups: i64, channels: i64, eps: f64) -> Self {
+        Self {
+            weight: vb.get_kind("weight", &[channels], Kind::Float),
+            bias: vb.get_kind("bias", &[channels], Kind::Float),
+            groups,
+            eps,
+        }
+    }
+    /// Forward (returns the input dtype).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        x.to_kind(Kind::Float)
+            .group_norm(
+                self.groups,
+                Some(&self.weight),
+                Some(&self.bias),
+                self.eps,
+                true,
+            )
+            .to_kind(k)
+    }
+}
+
+/// LayerNorm over the last dimension, computed in fp32.
+#[derive(Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads a LayerNorm over `dim`.
+    pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: vb.get_kind("weight", &[dim], Kind::Float),
+            bias: vb.get_kind("bias", &[dim], Kind::Float),
+            dim,
+            eps,
+        }
+    }
+    /// Forward (returns the input dtype).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        x.to_kind(Kind::Float)
+            .layer_norm(
+                [self.dim],
+                Some(&self.weight),
+                Some(&self.bias),
+                self.eps,
+                true,
+            )
+            .to_kind(k)
+    }
+}
+
+/// Sinusoidal embedding of scalars (timesteps, SDXL size ids): `[cos, sin]`,
+/// frequencies `exp(−ln(10000)·i/half)`, computed in fp32.
+pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let freqs =
+        (Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
+    let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0);
+    Tensor::cat(&[args.cos(), args.sin()], -1)
+}
