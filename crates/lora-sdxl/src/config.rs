@@ -249,3 +249,44 @@ fn count_blocks(ck: &crate::weights::Checkpoint, prefix: &str) -> i64 {
         .map(|m| m + 1)
         .unwrap_or(0)
 }
+
+impl ClipConfig {
+    /// Infers a text encoder's configuration from a checkpoint. `prefix` is
+    /// `conditioner.embedders.0.transformer.` (HF layout) or
+    /// `conditioner.embedders.1.model.` (OpenCLIP layout). Heads are 64 wide.
+    pub fn infer(
+        ck: &crate::weights::Checkpoint,
+        prefix: &str,
+        layout: crate::clip::ClipLayout,
+    ) -> Option<Self> {
+        use crate::clip::ClipLayout;
+        let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
+        let (tok, pos, layer_prefix, fc1, proj) = match layout {
+            ClipLayout::HuggingFace => (
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight",
+                "text_model.encoder.layers.",
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+                shape("text_projection.weight").map(|s| s[0]),
+            ),
+            ClipLayout::OpenClip => (
+                "token_embedding.weight",
+                "positional_embedding",
+                "transformer.resblocks.",
+                "transformer.resblocks.0.mlp.c_fc.weight",
+                shape("text_projection").map(|s| s[1]),
+            ),
+        };
+        let t = shape(tok)?;
+        let hidden = t[1];
+        Some(Self {
+            vocab_size: t[0],
+            hidden,
+            intermediate: shape(fc1)?[0],
+            layers: count_blocks(ck, &format!("{prefix}{layer_prefix}")),
+            heads: (hidden / 64).max(1),
+            max_positions: shape(pos)?[0],
+            projection_dim: proj,
+        })
+    }
+}

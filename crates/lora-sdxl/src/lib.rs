@@ -9,6 +9,7 @@
 //! tracked in the project's issues.
 
 pub mod attention;
+pub mod clip;
 pub mod config;
 pub mod error;
 pub mod keys;
@@ -18,6 +19,7 @@ pub mod targets;
 pub mod unet;
 pub mod weights;
 
+pub use clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use error::{Result, SdxlError};
 pub use targets::{lora_targets, Target, TargetScope};

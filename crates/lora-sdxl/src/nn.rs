@@ -71,6 +71,14 @@ impl Linear {
             slot: None,
         }
     }
+    /// A layer from tensors already loaded (e.g. a slice of a fused weight).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            slot: None,
+        }
+    }
     /// Gives the layer a LoRA slot registered under `key`.
     pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
         self.slot = Some(slots.register(key));

@@ -1,9 +1,12 @@
 //! Numerical parity with diffusers on tiny SDXL-architecture checkpoints
 //! written by scripts/fixtures/tiny_sdxl.py: max |Δ| ≤ 1e-4 × std(reference), fp32 CPU.
 
+use lora_core::Component;
 use lora_sdxl::nn::Slots;
 use lora_sdxl::unet::vector_conditioning;
-use lora_sdxl::{Checkpoint, Unet, UnetConfig, VarBuilder};
+use lora_sdxl::{
+    Activation, Checkpoint, ClipConfig, ClipLayout, ClipTextModel, Unet, UnetConfig, VarBuilder,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -63,5 +66,52 @@ fn unet_matches_diffusers() {
             unused.is_empty(),
             "{name}: UNet keys never loaded: {unused:?}"
         );
+    }
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    for name in ["tiny_a", "tiny_b"] {
+        let ck = Rc::new(Checkpoint::open(fixture(&format!("{name}.safetensors"))).unwrap());
+        let vb = VarBuilder::new(ck.clone(), Kind::Float, Device::Cpu);
+        let slots = Slots::default();
+        let p1 = "conditioner.embedders.0.transformer.";
+        let p2 = "conditioner.embedders.1.model.";
+        let c1 = ClipConfig::infer(&ck, p1, ClipLayout::HuggingFace).unwrap();
+        let c2 = ClipConfig::infer(&ck, p2, ClipLayout::OpenClip).unwrap();
+        assert_eq!(c1.projection_dim, None);
+        assert!(c2.projection_dim.is_some());
+        let te1 = ClipTextModel::new(
+            &vb.pp("conditioner.embedders.0.transformer"),
+            &c1,
+            ClipLayout::HuggingFace,
+            Activation::QuickGelu,
+            Component::Te1,
+            &slots,
+        );
+        let te2 = ClipTextModel::new(
+            &vb.pp("conditioner.embedders.1.model"),
+            &c2,
+            ClipLayout::OpenClip,
+            Activation::Gelu,
+            Component::Te2,
+            &slots,
+        );
+        vb.finish("text encoders").unwrap();
+        assert_eq!(slots.len() as i64, 6 * (c1.layers + c2.layers));
+        let t = io(name);
+        let o1 = tch::no_grad(|| te1.forward(&t["input_ids_1"]));
+        let o2 = tch::no_grad(|| te2.forward(&t["input_ids_2"]));
+        assert_close(
+            &format!("{name} te1_hidden"),
+            &o1.penultimate,
+            &t["te1_hidden"],
+        );
+        assert_close(
+            &format!("{name} te2_hidden"),
+            &o2.penultimate,
+            &t["te2_hidden"],
+        );
+        assert_close(&format!("{name} te2_pooled"), &o2.pooled, &t["te2_pooled"]);
     }
 }
