@@ -290,3 +290,25 @@ impl ClipConfig {
         })
     }
 }
+
+impl VaeConfig {
+    /// Infers the VAE configuration from a checkpoint (`prefix` = `first_stage_model.`).
+    pub fn infer(ck: &crate::weights::Checkpoint, prefix: &str) -> Option<Self> {
+        let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
+        let base = shape("encoder.conv_in.weight")?[0];
+        let mut channel_mult = Vec::new();
+        while let Some(s) = shape(&format!(
+            "encoder.down.{}.block.0.conv2.weight",
+            channel_mult.len()
+        )) {
+            channel_mult.push(s[0] / base);
+        }
+        Some(Self {
+            base_channels: base,
+            num_res_blocks: count_blocks(ck, &format!("{prefix}encoder.down.0.block.")),
+            channel_mult,
+            latent_channels: shape("decoder.conv_in.weight")?[1],
+            scaling_factor: 0.13025,
+        })
+    }
+}

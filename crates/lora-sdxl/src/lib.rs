@@ -17,6 +17,7 @@ pub mod nn;
 pub mod resnet;
 pub mod targets;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
@@ -24,4 +25,5 @@ pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use error::{Result, SdxlError};
 pub use targets::{lora_targets, Target, TargetScope};
 pub use unet::Unet;
+pub use vae::Vae;
 pub use weights::{Checkpoint, VarBuilder};

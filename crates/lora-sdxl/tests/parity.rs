@@ -5,7 +5,8 @@ use lora_core::Component;
 use lora_sdxl::nn::Slots;
 use lora_sdxl::unet::vector_conditioning;
 use lora_sdxl::{
-    Activation, Checkpoint, ClipConfig, ClipLayout, ClipTextModel, Unet, UnetConfig, VarBuilder,
+    Activation, Checkpoint, ClipConfig, ClipLayout, ClipTextModel, Unet, UnetConfig, Vae,
+    VaeConfig, VarBuilder,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -113,5 +114,30 @@ fn text_encoders_match_transformers() {
             &t["te2_hidden"],
         );
         assert_close(&format!("{name} te2_pooled"), &o2.pooled, &t["te2_pooled"]);
+    }
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    for name in ["tiny_a", "tiny_b"] {
+        let ck = Rc::new(Checkpoint::open(fixture(&format!("{name}.safetensors"))).unwrap());
+        let cfg = VaeConfig::infer(&ck, "first_stage_model.").unwrap();
+        let vb = VarBuilder::new(ck.clone(), Kind::Float, Device::Cpu);
+        let vae = Vae::new(&vb.pp("first_stage_model"), &cfg);
+        vb.finish("VAE").unwrap();
+        let t = io(name);
+        let (mean, _) = tch::no_grad(|| vae.encode_moments(&t["image"]));
+        assert_close(&format!("{name} vae_mean"), &mean, &t["vae_mean"]);
+        let dec = tch::no_grad(|| vae.decode(&t["latents"]));
+        assert_close(&format!("{name} vae_decoded"), &dec, &t["vae_decoded"]);
+        let unused: Vec<String> = ck
+            .unused_keys()
+            .into_iter()
+            .filter(|k| k.starts_with("first_stage_model."))
+            .collect();
+        assert!(
+            unused.is_empty(),
+            "{name}: VAE keys never loaded: {unused:?}"
+        );
     }
 }
