@@ -192,13 +192,13 @@ impl ClipTextModel {
                 None,
                 false,
             );
-            x = x + layer.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
+            x += layer.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
             let y = layer.fc1.forward(&layer.ln2.forward(&x));
             let y = match self.activation {
                 Activation::QuickGelu => &y * (&y * 1.702).sigmoid(),
                 Activation::Gelu => y.gelu("none"),
             };
-            x = x + layer.fc2.forward(&y);
+            x += layer.fc2.forward(&y);
         }
         if n == 0 {
             penultimate = x.shallow_clone();
