@@ -162,6 +162,9 @@ impl ClipTextModel {
     }
 
     /// Encodes token ids `[B, L]` (L ≤ max positions).
+    // `x = x + …` on purpose: `penultimate` shares x's storage, so an
+    // in-place `+=` would overwrite it (and breaks autograd).
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, ids: &Tensor) -> ClipOutput {
         let (b, l) = ids.size2().expect("ids are [B, L]");
         let h = self.config.hidden;
@@ -192,13 +195,13 @@ impl ClipTextModel {
                 None,
                 false,
             );
-            x += layer.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
+            x = x + layer.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
             let y = layer.fc1.forward(&layer.ln2.forward(&x));
             let y = match self.activation {
                 Activation::QuickGelu => &y * (&y * 1.702).sigmoid(),
                 Activation::Gelu => y.gelu("none"),
             };
-            x += layer.fc2.forward(&y);
+            x = x + layer.fc2.forward(&y);
         }
         if n == 0 {
             penultimate = x.shallow_clone();
