@@ -18,7 +18,7 @@ pub struct Attention {
 }
 
 fn unet_key(vb: &VarBuilder, s: &str) -> ModuleKey {
-    ModuleKey::new(Component::Unet, format!("{}.{s}", vb.path()))
+    ModuleKey::new(Component::Unet, format!("{}.{s}", vb.module_path()))
 }
 
 impl Attention {

@@ -27,7 +27,7 @@ impl ResBlock {
         emb_dim: i64,
         groups: i64,
     ) -> Self {
-        let key = |s: &str| ModuleKey::new(Component::Unet, format!("{}.{s}", vb.path()));
+        let key = |s: &str| ModuleKey::new(Component::Unet, format!("{}.{s}", vb.module_path()));
         Self {
             norm1: GroupNorm::new(&vb.pp("in_layers.0"), groups, cin, 1e-5),
             conv1: Conv2d::new(&vb.pp("in_layers.2"), cin, cout, 3, 1, 1)

@@ -65,6 +65,7 @@ impl Unet {
     /// Builds the UNet from `vb` scoped at `model.diffusion_model`; LoRA
     /// slots of every kohya target are registered in `slots`.
     pub fn new(vb: &VarBuilder, cfg: &UnetConfig, slots: &Slots) -> Self {
+        let vb = &vb.rooted();
         let mc = cfg.model_channels;
         let ted = cfg.time_embed_dim();
         let g = cfg.norm_groups;
@@ -81,7 +82,8 @@ impl Unet {
                 g,
             ))
         };
-        let conv_key = |p: &VarBuilder| ModuleKey::new(Component::Unet, p.path().to_string());
+        let conv_key =
+            |p: &VarBuilder| ModuleKey::new(Component::Unet, p.module_path().to_string());
         let ib = vb.pp("input_blocks");
         let mut input_blocks = Vec::new();
         let mut skips = vec![mc];

@@ -141,6 +141,17 @@ impl Checkpoint {
         self.used.borrow_mut().insert(key.to_string());
         let bytes = &self.mmap[self.data_start + info.start..self.data_start + info.end];
         let t = Tensor::f_from_data_size(bytes, &info.shape, info.kind)?;
+        // The bytes are copied: let the kernel drop the mapped pages so peak
+        // memory stays near one copy of the model, not two.
+        // SAFETY: read-only private mapping; DONTNEED only discards pages,
+        // which are re-read from the file if touched again.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + info.start,
+                info.end - info.start,
+            )
+        };
         let t = if info.kind == kind {
             t
         } else {
@@ -161,6 +172,8 @@ impl Checkpoint {
 pub struct VarBuilder {
     ckpt: Rc<Checkpoint>,
     prefix: String,
+    /// Length of the prefix at the component root (see [`Self::rooted`]).
+    root: usize,
     kind: Kind,
     device: Device,
     problems: Rc<RefCell<Vec<String>>>,
@@ -172,6 +185,7 @@ impl VarBuilder {
         Self {
             ckpt,
             prefix: String::new(),
+            root: 0,
             kind,
             device,
             problems: Rc::new(RefCell::new(Vec::new())),
@@ -187,9 +201,18 @@ impl VarBuilder {
     pub fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
-    /// The dotted path of this scope (without the trailing dot).
-    pub fn path(&self) -> &str {
-        self.prefix.strip_suffix('.').unwrap_or(&self.prefix)
+    /// Marks this scope as a component's root: [`Self::module_path`] is
+    /// relative to it (`model.diffusion_model.` is not part of module paths).
+    pub fn rooted(&self) -> Self {
+        let mut v = self.clone();
+        v.root = v.prefix.len();
+        v
+    }
+    /// The module path of this scope relative to the component root, without
+    /// the trailing dot: what LoRA slots are named by.
+    pub fn module_path(&self) -> &str {
+        let p = &self.prefix[self.root..];
+        p.strip_suffix('.').unwrap_or(p)
     }
     /// Dtype weights are loaded in.
     pub fn kind(&self) -> Kind {

@@ -1,0 +1,257 @@
+//! Loading a whole SDXL-family checkpoint: architecture detection from keys
+//! and shapes alone, clear errors for other model families and incomplete
+//! files, and the four components with their LoRA slots.
+
+use crate::clip::{Activation, ClipLayout, ClipTextModel};
+use crate::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+use crate::error::{Result, SdxlError};
+use crate::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::nn::Slots;
+use crate::unet::Unet;
+use crate::vae::Vae;
+use crate::weights::{Checkpoint, VarBuilder};
+use lora_core::{Component, Prediction};
+use std::path::Path;
+use std::rc::Rc;
+use tch::{Device, Kind};
+
+/// What a checkpoint file holds, judged from its keys and shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detected {
+    /// The inferred configuration.
+    pub config: SdxlConfig,
+    /// ε or v prediction (from the `v_pred` marker key).
+    pub prediction: Prediction,
+    /// The `ztsnr` marker key is present (zero terminal SNR schedule).
+    pub zero_terminal_snr: bool,
+    /// Keys that are not part of the four components (`position_ids`, EMA, …).
+    pub extra_keys: Vec<String>,
+    /// Parameter count per component.
+    pub parameters: Vec<(Component, u64)>,
+    /// VAE parameter count.
+    pub vae_parameters: u64,
+    /// Tensor count per stored dtype.
+    pub dtypes: Vec<(String, usize)>,
+}
+
+fn has_prefix(ck: &Checkpoint, p: &str) -> bool {
+    ck.infos().keys().any(|k| k.starts_with(p))
+}
+
+fn err(ck: &Checkpoint, reason: String) -> SdxlError {
+    SdxlError::Checkpoint {
+        path: ck.path().to_path_buf(),
+        reason,
+    }
+}
+
+/// Parameters under `prefix` in `(key, shape)` pairs (the buffers
+/// `position_ids` and `logit_scale` are not parameters).
+pub fn count_parameters_in<'a>(
+    keys: impl IntoIterator<Item = (&'a str, &'a [i64])>,
+    prefix: &str,
+) -> u64 {
+    keys.into_iter()
+        .filter(|(k, _)| {
+            k.starts_with(prefix) && !k.ends_with("position_ids") && !k.ends_with("logit_scale")
+        })
+        .map(|(_, s)| s.iter().product::<i64>().max(1) as u64)
+        .sum()
+}
+
+/// Parameters under `prefix` in a checkpoint.
+pub fn count_parameters(ck: &Checkpoint, prefix: &str) -> u64 {
+    count_parameters_in(
+        ck.infos()
+            .iter()
+            .map(|(k, i)| (k.as_str(), i.shape.as_slice())),
+        prefix,
+    )
+}
+
+/// Recognises the model family and, for SDXL-family files, the configuration.
+pub fn detect(ck: &Checkpoint) -> Result<Detected> {
+    let sdxl = "lorakit trains SDXL-family models (SDXL 1.0, Illustrious, Pony, NoobAI…)";
+    let any = |p: &str| has_prefix(ck, p);
+    if ck.infos().is_empty() {
+        return Err(err(ck, "the file holds no tensors".into()));
+    }
+    if any("lora_unet_")
+        || any("lora_te")
+        || ck
+            .infos()
+            .keys()
+            .any(|k| k.ends_with(".lora_down.weight") || k.ends_with(".lora_A.weight"))
+    {
+        return Err(err(ck, "this is a LoRA file, not a base model checkpoint: pass it with --lora / [network], and the SDXL checkpoint as the model".into()));
+    }
+    if any(&format!("{UNET_PREFIX}joint_blocks.")) || any("joint_blocks.") {
+        return Err(err(
+            ck,
+            format!("this looks like a Stable Diffusion 3 checkpoint (joint_blocks); {sdxl}"),
+        ));
+    }
+    if any(&format!("{UNET_PREFIX}double_blocks.")) || any("double_blocks.") {
+        return Err(err(
+            ck,
+            format!("this looks like a Flux checkpoint (double_blocks); {sdxl}"),
+        ));
+    }
+    if any("cond_stage_model.transformer.") {
+        return Err(err(ck, format!("this looks like a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder, cond_stage_model); {sdxl}")));
+    }
+    if any("cond_stage_model.model.") {
+        return Err(err(ck, format!("this looks like a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder, cond_stage_model); {sdxl}")));
+    }
+    if any("conditioner.embedders.0.model.") && !any(TE1_PREFIX) {
+        return Err(err(ck, format!("this looks like the SDXL refiner (only an OpenCLIP-bigG text encoder); {sdxl}, base models rather than the refiner")));
+    }
+    if !any(UNET_PREFIX) {
+        if any("down_blocks.") || any("encoder.down_blocks.") {
+            return Err(err(ck, "this is a diffusers component file (diffusers key names), not a single-file checkpoint: pass the whole diffusers folder or a single-file .safetensors".into()));
+        }
+        return Err(err(
+            ck,
+            format!(
+                "no UNet weights (`{UNET_PREFIX}…`): not a Stable Diffusion checkpoint; {sdxl}"
+            ),
+        ));
+    }
+    let unet = UnetConfig::infer(ck, UNET_PREFIX).ok_or_else(|| {
+        err(
+            ck,
+            "the UNet weights do not have SDXL's layout (input_blocks.0.0, label_emb…)".into(),
+        )
+    })?;
+    if !any(&format!("{UNET_PREFIX}label_emb.")) {
+        return Err(err(
+            ck,
+            format!(
+                "the UNet has no label_emb (size conditioning): not an SDXL-family model; {sdxl}"
+            ),
+        ));
+    }
+    let mut missing = Vec::new();
+    if !any(TE1_PREFIX) {
+        missing.push("text encoder 1 (CLIP-L, conditioner.embedders.0.transformer.*)");
+    }
+    if !any(TE2_PREFIX) {
+        missing.push("text encoder 2 (OpenCLIP-bigG, conditioner.embedders.1.model.*)");
+    }
+    if !any(VAE_PREFIX) {
+        missing.push("VAE (first_stage_model.*)");
+    }
+    if !missing.is_empty() {
+        return Err(err(ck, format!(
+            "the file has an SDXL UNet but is missing: {}. Use a full single-file checkpoint (UNet-only files cannot be trained on)",
+            missing.join("; ")
+        )));
+    }
+    let te1 = ClipConfig::infer(ck, TE1_PREFIX, ClipLayout::HuggingFace).ok_or_else(|| {
+        err(
+            ck,
+            "text encoder 1 (CLIP-L) has an unexpected layout".into(),
+        )
+    })?;
+    let te2 = ClipConfig::infer(ck, TE2_PREFIX, ClipLayout::OpenClip).ok_or_else(|| {
+        err(
+            ck,
+            "text encoder 2 (OpenCLIP-bigG) has an unexpected layout".into(),
+        )
+    })?;
+    let vae = VaeConfig::infer(ck, VAE_PREFIX)
+        .ok_or_else(|| err(ck, "the VAE has an unexpected layout".into()))?;
+    let extra_keys = ck
+        .infos()
+        .keys()
+        .filter(|k| {
+            ![UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, VAE_PREFIX]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .cloned()
+        .collect();
+    let mut dtypes: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in ck.infos().values() {
+        *dtypes.entry(format!("{:?}", i.kind)).or_default() += 1;
+    }
+    Ok(Detected {
+        config: SdxlConfig {
+            unet,
+            te1,
+            te2,
+            vae,
+        },
+        prediction: if ck.contains("v_pred") {
+            Prediction::V
+        } else {
+            Prediction::Epsilon
+        },
+        zero_terminal_snr: ck.contains("ztsnr"),
+        extra_keys,
+        parameters: vec![
+            (Component::Unet, count_parameters(ck, UNET_PREFIX)),
+            (Component::Te1, count_parameters(ck, TE1_PREFIX)),
+            (Component::Te2, count_parameters(ck, TE2_PREFIX)),
+        ],
+        vae_parameters: count_parameters(ck, VAE_PREFIX),
+        dtypes: dtypes.into_iter().collect(),
+    })
+}
+
+/// An SDXL-family model: UNet, both text encoders, VAE, and every LoRA slot.
+#[derive(Debug)]
+pub struct SdxlModel {
+    /// Detection result (config, prediction type…).
+    pub detected: Detected,
+    /// UNet.
+    pub unet: Unet,
+    /// Text encoder 1 (CLIP-L).
+    pub te1: ClipTextModel,
+    /// Text encoder 2 (OpenCLIP-bigG).
+    pub te2: ClipTextModel,
+    /// VAE.
+    pub vae: Vae,
+    /// LoRA slots of every module kohya adapts.
+    pub slots: Slots,
+}
+
+impl SdxlModel {
+    /// Loads a single-file checkpoint with every weight converted to `kind`
+    /// on `device` (norms stay fp32).
+    pub fn load(path: impl AsRef<Path>, kind: Kind, device: Device) -> Result<Self> {
+        let ck = Rc::new(Checkpoint::open(path)?);
+        let detected = detect(&ck)?;
+        let cfg = &detected.config;
+        let vb = VarBuilder::new(ck.clone(), kind, device);
+        let slots = Slots::default();
+        let unet = Unet::new(&vb.pp(UNET_PREFIX.trim_end_matches('.')), &cfg.unet, &slots);
+        let te1 = ClipTextModel::new(
+            &vb.pp(TE1_PREFIX.trim_end_matches('.')),
+            &cfg.te1,
+            ClipLayout::HuggingFace,
+            Activation::QuickGelu,
+            Component::Te1,
+            &slots,
+        );
+        let te2 = ClipTextModel::new(
+            &vb.pp(TE2_PREFIX.trim_end_matches('.')),
+            &cfg.te2,
+            ClipLayout::OpenClip,
+            Activation::Gelu,
+            Component::Te2,
+            &slots,
+        );
+        let vae = Vae::new(&vb.pp(VAE_PREFIX.trim_end_matches('.')), &cfg.vae);
+        vb.finish("the checkpoint does not match the SDXL structure inferred from it")?;
+        tracing::info!(path = %ck.path().display(), slots = slots.len(), "loaded SDXL model");
+        Ok(Self {
+            detected,
+            unet,
+            te1,
+            te2,
+            vae,
+            slots,
+        })
+    }
+}

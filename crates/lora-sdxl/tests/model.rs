@@ -1,0 +1,212 @@
+//! Whole-checkpoint loading: detection, parameter counts, and clear errors.
+
+use lora_sdxl::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use lora_sdxl::model::count_parameters_in;
+use lora_sdxl::{detect, lora_targets, Checkpoint, SdxlConfig, SdxlModel, TargetScope};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn sdxl_base_parameter_counts() {
+    let text = std::fs::read_to_string(fixture("sdxl_base_keys.tsv")).unwrap();
+    let rows: Vec<(String, Vec<i64>)> = text
+        .lines()
+        .map(|l| {
+            let (k, s) = l.split_once('\t').unwrap();
+            (
+                k.to_string(),
+                if s.is_empty() {
+                    vec![]
+                } else {
+                    s.split(',').map(|d| d.parse().unwrap()).collect()
+                },
+            )
+        })
+        .collect();
+    let count =
+        |p: &str| count_parameters_in(rows.iter().map(|(k, s)| (k.as_str(), s.as_slice())), p);
+    assert_eq!(count(UNET_PREFIX), 2_567_463_684);
+    assert_eq!(count(TE1_PREFIX), 123_060_480);
+    assert_eq!(count(TE2_PREFIX), 694_659_840);
+    assert_eq!(count(VAE_PREFIX), 83_653_863);
+}
+
+#[test]
+fn tiny_checkpoints_load_with_no_config() {
+    for name in ["tiny_a", "tiny_b"] {
+        let m = SdxlModel::load(
+            fixture(&format!("{name}.safetensors")),
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap();
+        let cfg = &m.detected.config;
+        assert_eq!(cfg.unet.levels(), 3);
+        assert_eq!(m.detected.extra_keys, Vec::<String>::new());
+        // every kohya target of the inferred config has a slot, and nothing else
+        let mut want: Vec<_> = lora_targets(cfg, TargetScope::ALL)
+            .into_iter()
+            .map(|t| t.key)
+            .collect();
+        want.sort();
+        let got = m.slots.keys();
+        let diff: Vec<_> = got
+            .iter()
+            .filter(|k| !want.contains(k))
+            .chain(want.iter().filter(|k| !got.contains(k)))
+            .take(5)
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "{name}: slots differ from the kohya targets: {diff:?}"
+        );
+    }
+    let a = detect(&Checkpoint::open(fixture("tiny_a.safetensors")).unwrap()).unwrap();
+    let b = detect(&Checkpoint::open(fixture("tiny_b.safetensors")).unwrap()).unwrap();
+    assert_eq!(a.config.unet.transformer_depth, vec![0, 1, 1]);
+    assert_eq!(b.config.unet.transformer_depth, vec![0, 2, 1]);
+    assert_ne!(a.config.te2, b.config.te2);
+    assert_eq!(a.config.unet.adm_in_channels, 32 + 6 * 256);
+    assert_eq!(SdxlConfig::base().unet.adm_in_channels, 2816);
+}
+
+fn write(path: &Path, keys: &[(&str, &[usize], &str)]) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (k, shape, dtype) in keys {
+        let n = shape.iter().product::<usize>() * if *dtype == "F8_E4M3" { 1 } else { 2 };
+        header.insert(
+            k.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    bytes.extend(vec![0u8; off]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn load_err(path: &Path) -> String {
+    SdxlModel::load(path, Kind::Float, Device::Cpu)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn other_families_and_broken_files_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.safetensors");
+    let f16 = "F16";
+    let cases: Vec<(Vec<(&str, &[usize], &str)>, &str)> = vec![
+        (
+            vec![
+                (
+                    "model.diffusion_model.input_blocks.0.0.weight",
+                    &[4, 4, 3, 3],
+                    f16,
+                ),
+                (
+                    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                    &[4],
+                    f16,
+                ),
+            ],
+            "Stable Diffusion 1.x",
+        ),
+        (
+            vec![
+                (
+                    "model.diffusion_model.input_blocks.0.0.weight",
+                    &[4, 4, 3, 3],
+                    f16,
+                ),
+                ("cond_stage_model.model.ln_final.weight", &[4], f16),
+            ],
+            "Stable Diffusion 2.x",
+        ),
+        (
+            vec![(
+                "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+                &[4, 4],
+                f16,
+            )],
+            "Stable Diffusion 3",
+        ),
+        (
+            vec![("double_blocks.0.img_attn.qkv.weight", &[4, 4], f16)],
+            "Flux",
+        ),
+        (
+            vec![
+                (
+                    "model.diffusion_model.input_blocks.0.0.weight",
+                    &[4, 4, 3, 3],
+                    f16,
+                ),
+                ("conditioner.embedders.0.model.ln_final.weight", &[4], f16),
+            ],
+            "refiner",
+        ),
+        (
+            vec![(
+                "lora_unet_input_blocks_4_1_proj_in.lora_down.weight",
+                &[4, 4],
+                f16,
+            )],
+            "LoRA file",
+        ),
+        (
+            vec![("down_blocks.0.resnets.0.conv1.weight", &[4, 4, 3, 3], f16)],
+            "diffusers component",
+        ),
+        (
+            vec![(
+                "model.diffusion_model.input_blocks.0.0.weight",
+                &[4, 4, 3, 3],
+                "F8_E4M3",
+            )],
+            "fp8",
+        ),
+    ];
+    for (keys, want) in cases {
+        write(&p, &keys);
+        let e = load_err(&p);
+        assert!(
+            e.contains("model.safetensors") && e.contains(want),
+            "want `{want}`: {e}"
+        );
+    }
+    // A UNet-only file names the missing components.
+    let full = lora_core::io::read_tensors(fixture("tiny_a.safetensors")).unwrap();
+    let unet_only: Vec<(String, tch::Tensor)> = full
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(UNET_PREFIX))
+        .collect();
+    let bytes = lora_core::io::serialize(&unet_only, &Default::default()).unwrap();
+    std::fs::write(&p, &bytes).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains("missing") && e.contains("text encoder 1") && e.contains("VAE"),
+        "{e}"
+    );
+    // Truncated and garbage files.
+    let good = std::fs::read(fixture("tiny_a.safetensors")).unwrap();
+    std::fs::write(&p, &good[..good.len() / 3]).unwrap();
+    let e = load_err(&p);
+    assert!(e.contains("truncated"), "{e}");
+    std::fs::write(&p, b"PK\x03\x04 a zip, maybe a .ckpt").unwrap();
+    let e = load_err(&p);
+    assert!(e.contains("not a readable safetensors file"), "{e}");
+}
