@@ -108,7 +108,8 @@ fn other_families_and_broken_files_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("model.safetensors");
     let f16 = "F16";
-    let cases: Vec<(Vec<(&str, &[usize], &str)>, &str)> = vec![
+    type Keys<'a> = Vec<(&'a str, &'a [usize], &'a str)>;
+    let cases: Vec<(Keys, &str)> = vec![
         (
             vec![
                 (
