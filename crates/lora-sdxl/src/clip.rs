@@ -156,6 +156,11 @@ impl ClipTextModel {
         }
     }
 
+    /// Device the weights live on.
+    pub fn config_device(&self) -> tch::Device {
+        self.token_embedding.device()
+    }
+
     /// The EOS token id (the last vocabulary entry: 49407 for CLIP's vocabulary).
     pub fn eos_id(&self) -> i64 {
         self.config.vocab_size - 1

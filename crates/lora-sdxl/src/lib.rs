@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod conditioning;
 pub mod config;
 pub mod error;
 pub mod keys;
@@ -17,15 +18,18 @@ pub mod model;
 pub mod nn;
 pub mod resnet;
 pub mod targets;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
 pub use clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
+pub use conditioning::{encode_prompt, TextConditioning};
 pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use error::{Result, SdxlError};
 pub use model::{detect, Detected, SdxlModel};
 pub use targets::{lora_targets, Target, TargetScope};
+pub use tokenizer::ClipTokenizer;
 pub use unet::Unet;
 pub use vae::Vae;
 pub use weights::{Checkpoint, VarBuilder};

@@ -211,3 +211,24 @@ fn other_families_and_broken_files_are_explained() {
     let e = load_err(&p);
     assert!(e.contains("not a readable safetensors file"), "{e}");
 }
+
+#[test]
+fn prompt_encoding_rules() {
+    let m = SdxlModel::load(fixture("tiny_a.safetensors"), Kind::Float, Device::Cpu).unwrap();
+    let tok = lora_sdxl::ClipTokenizer::new();
+    let z = lora_sdxl::encode_prompt(&tok, &m.te1, &m.te2, "  ", true).unwrap();
+    let h = m.detected.config.te1.hidden + m.detected.config.te2.hidden;
+    assert_eq!(z.context.size(), vec![1, 77, h]);
+    assert_eq!(z.context.abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert_eq!(
+        z.pooled.size(),
+        vec![1, m.detected.config.te2.projection_dim.unwrap()]
+    );
+    // the fixture's reduced vocabulary cannot take real prompts: a clear error, not a crash
+    let e = lora_sdxl::encode_prompt(&tok, &m.te1, &m.te2, "a photo of a cat", true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reduced vocabulary"), "{e}");
+    let ids = lora_sdxl::conditioning::token_ids(&tok, &"word ".repeat(100), 0, Device::Cpu);
+    assert_eq!(ids.size(), vec![2, 77]);
+}
