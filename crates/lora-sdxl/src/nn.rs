@@ -2,30 +2,56 @@
 //! Conv2d layers kohya adapts.
 
 use crate::weights::VarBuilder;
-use lora_core::{LoraAdapter, ModuleKey};
+use lora_core::{Geometry, LoraAdapter, ModuleKey};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use tch::{Kind, Tensor};
 
-/// A place that can hold a LoRA adapter for one layer.
-pub type Slot = Rc<RefCell<Option<LoraAdapter>>>;
+/// The adapters attached to one layer (several LoRAs may be applied at once,
+/// each at its own strength; training uses one).
+pub type Slot = Rc<RefCell<Vec<LoraAdapter>>>;
+
+/// What a slot adapts: the base layer's geometry and sizes.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    /// The adapters.
+    pub slot: Slot,
+    /// Linear or conv (with the base conv's stride/padding).
+    pub geometry: Geometry,
+    /// Input features/channels of the base layer.
+    pub in_features: i64,
+    /// Output features/channels of the base layer.
+    pub out_features: i64,
+}
 
 /// Every LoRA slot of a model, by module key.
 #[derive(Debug, Default, Clone)]
 pub struct Slots {
-    map: Rc<RefCell<BTreeMap<ModuleKey, Slot>>>,
+    map: Rc<RefCell<BTreeMap<ModuleKey, SlotInfo>>>,
 }
 
 impl Slots {
     /// Registers a slot.
-    pub fn register(&self, key: ModuleKey) -> Slot {
-        let slot: Slot = Rc::new(RefCell::new(None));
-        self.map.borrow_mut().insert(key, slot.clone());
+    pub fn register(
+        &self,
+        key: ModuleKey,
+        geometry: Geometry,
+        in_features: i64,
+        out_features: i64,
+    ) -> Slot {
+        let slot: Slot = Rc::new(RefCell::new(Vec::new()));
+        let info = SlotInfo {
+            slot: slot.clone(),
+            geometry,
+            in_features,
+            out_features,
+        };
+        self.map.borrow_mut().insert(key, info);
         slot
     }
     /// The slot of a module.
-    pub fn get(&self, key: &ModuleKey) -> Option<Slot> {
+    pub fn get(&self, key: &ModuleKey) -> Option<SlotInfo> {
         self.map.borrow().get(key).cloned()
     }
     /// Module keys with a slot.
@@ -40,16 +66,24 @@ impl Slots {
     pub fn is_empty(&self) -> bool {
         self.map.borrow().is_empty()
     }
+    /// Removes every attached adapter.
+    pub fn clear(&self) {
+        for info in self.map.borrow().values() {
+            info.slot.borrow_mut().clear();
+        }
+    }
 }
 
 fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor) -> Tensor {
-    match slot.as_ref().map(|s| s.borrow()) {
-        Some(s) => match s.as_ref() {
-            Some(a) => a.forward(x, &base, false),
-            None => base,
-        },
-        None => base,
+    let Some(slot) = slot else { return base };
+    let adapters = slot.borrow();
+    let mut out = base;
+    for a in adapters.iter() {
+        if let Some(d) = a.delta(x, false) {
+            out = out + d.to_kind(x.kind());
+        }
     }
+    out
 }
 
 /// `y = x Wᵀ + b`, optionally adapted.
@@ -81,7 +115,8 @@ impl Linear {
     }
     /// Gives the layer a LoRA slot registered under `key`.
     pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
-        self.slot = Some(slots.register(key));
+        let s = self.weight.size();
+        self.slot = Some(slots.register(key, Geometry::Linear, s[1], s[0]));
         self
     }
     /// Forward.
@@ -118,7 +153,14 @@ impl Conv2d {
     }
     /// Gives the layer a LoRA slot registered under `key`.
     pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
-        self.slot = Some(slots.register(key));
+        let s = self.weight.size();
+        let geometry = Geometry::Conv2d {
+            kernel: [s[2], s[3]],
+            stride: [self.stride, self.stride],
+            padding: [self.padding, self.padding],
+            dilation: [1, 1],
+        };
+        self.slot = Some(slots.register(key, geometry, s[1], s[0]));
         self
     }
     /// Forward.

@@ -158,6 +158,11 @@ impl Unet {
         }
     }
 
+    /// Device of the weights.
+    pub fn device(&self) -> tch::Device {
+        self.conv_in.weight.device()
+    }
+
     /// ε (or v) prediction for latents `x` `[B, 4, h, w]` at timesteps `t`
     /// `[B]`, with `context` `[B, 77·k, 2048]` and `y` `[B, 2816]`.
     pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor, y: &Tensor) -> Tensor {
