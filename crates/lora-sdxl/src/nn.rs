@@ -74,6 +74,8 @@ impl Slots {
     }
 }
 
+// Out-of-place adds keep autograd graphs simple when training through slots.
+#[allow(clippy::assign_op_pattern)]
 fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor) -> Tensor {
     let Some(slot) = slot else { return base };
     let adapters = slot.borrow();
