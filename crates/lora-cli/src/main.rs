@@ -2,6 +2,7 @@
 
 mod data;
 mod demo;
+mod model;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lora_core::{load_lora, LoraSummary, UnknownKeys};
@@ -30,6 +31,11 @@ enum Command {
     Lora {
         #[command(subcommand)]
         command: LoraCommand,
+    },
+    /// Work with base model checkpoints.
+    Model {
+        #[command(subcommand)]
+        command: model::ModelCommand,
     },
     /// Check a dataset folder: every problem by file, then a summary.
     /// Exit status: 0 usable, 1 some files unusable, 2 nothing trainable.
@@ -104,6 +110,7 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
             print!("{}", LoraSummary::new(&loaded));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model { command } => model::run(command),
         Command::Dataset { command } => data::dataset(command),
         Command::Caption { command } => data::caption(command),
         Command::Demo { out } => demo::run(&out).map(|()| ExitCode::SUCCESS),

@@ -364,3 +364,62 @@ pub fn attach(
         modules: counts.into_iter().collect(),
     })
 }
+
+impl SdxlModel {
+    /// The parity harness behind `examples/sdxl_forward.rs`: from whichever
+    /// of `input_ids_1`, `input_ids_2`, `latents`, `timesteps`, `time_ids`,
+    /// `image` are given, computes `te1_hidden`, `te2_hidden`, `te2_pooled`,
+    /// `unet_eps` (needs ids, latents, timesteps, time_ids), `vae_mean`
+    /// (needs image) and `vae_decoded` (needs latents). fp32 outputs.
+    pub fn reference_outputs(
+        &self,
+        inputs: &std::collections::HashMap<String, tch::Tensor>,
+    ) -> Result<Vec<(String, tch::Tensor)>> {
+        use tch::Tensor;
+        let dev = self.unet_device();
+        let get = |k: &str| inputs.get(k).map(|t| t.to_device(dev));
+        let mut out = Vec::new();
+        tch::no_grad(|| {
+            let o1 = get("input_ids_1").map(|ids| self.te1.forward(&ids.to_kind(Kind::Int64)));
+            let o2 = get("input_ids_2").map(|ids| self.te2.forward(&ids.to_kind(Kind::Int64)));
+            if let (Some(o1), Some(o2), Some(lat), Some(t), Some(ids)) =
+                (&o1, &o2, get("latents"), get("timesteps"), get("time_ids"))
+            {
+                let ctx = Tensor::cat(
+                    &[
+                        o1.penultimate.to_kind(Kind::Float),
+                        o2.penultimate.to_kind(Kind::Float),
+                    ],
+                    -1,
+                );
+                let y = crate::unet::vector_conditioning(&o2.pooled, &ids);
+                out.push((
+                    "unet_eps".to_string(),
+                    self.unet.forward(&lat, &t, &ctx, &y),
+                ));
+            }
+            if let Some(o1) = o1 {
+                out.push(("te1_hidden".to_string(), o1.penultimate));
+            }
+            if let Some(o2) = o2 {
+                out.push(("te2_hidden".to_string(), o2.penultimate));
+                out.push(("te2_pooled".to_string(), o2.pooled));
+            }
+            if let Some(img) = get("image") {
+                out.push(("vae_mean".to_string(), self.vae.encode_moments(&img).0));
+            }
+            if let Some(lat) = get("latents") {
+                out.push(("vae_decoded".to_string(), self.vae.decode(&lat)));
+            }
+        });
+        Ok(out
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    k,
+                    t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous(),
+                )
+            })
+            .collect())
+    }
+}

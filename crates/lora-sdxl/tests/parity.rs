@@ -141,3 +141,26 @@ fn vae_matches_diffusers() {
         );
     }
 }
+
+#[test]
+fn reference_outputs_harness_matches_fixture() {
+    let m = lora_sdxl::SdxlModel::load(fixture("tiny_b.safetensors"), Kind::Float, Device::Cpu)
+        .unwrap();
+    let t = io("tiny_b");
+    let inputs: HashMap<String, Tensor> = [
+        "input_ids_1",
+        "input_ids_2",
+        "latents",
+        "timesteps",
+        "time_ids",
+        "image",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), t[*k].shallow_clone()))
+    .collect();
+    let out = m.reference_outputs(&inputs).unwrap();
+    assert_eq!(out.len(), 6);
+    for (k, v) in &out {
+        assert_close(&format!("harness {k}"), v, &t[k.as_str()]);
+    }
+}
