@@ -276,3 +276,20 @@ fn caption_commands() {
         "trig, evening"
     );
 }
+
+#[test]
+fn model_inspect() {
+    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lora-sdxl/tests/fixtures/tiny_b.safetensors");
+    let o = lorakit(&["model", "inspect", ckpt.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("model:       SDXL family"), "{out}");
+    assert!(out.contains("transformer depth [0, 2, 1]"), "{out}");
+    assert!(out.contains("read:        all 905 tensors"), "{out}");
+    let lora = fixture("kohya.safetensors");
+    let o = lorakit(&["model", "inspect", lora.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("this is a LoRA file"), "{err}");
+}

@@ -1,0 +1,226 @@
+//! SDXL model benchmarks (`cargo bench --bench sdxl_model`):
+//!
+//! 1. single-file load of a **full-size** SDXL checkpoint (random fp16 values,
+//!    every key and shape of SDXL base 1.0, written by this bench's setup into
+//!    target/bench-data): time and peak RSS for reading every tensor
+//!    (`model inspect`) and for building the whole model (`SdxlModel::load`), each
+//!    in a fresh child process, next to the file size;
+//! 2. UNet forward time on CPU for the tiny_b fixture config next to the same
+//!    forward in diffusers (benches/unet_forward.py, from `.venv`), ratio printed.
+
+use lorakit::sdxl::{detect, Checkpoint, SdxlModel};
+use lorakit::tch::{Device, Kind, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Writes a full-size SDXL base checkpoint (fp16, pattern data) from the manifest, streaming.
+fn write_full_size(path: &Path) {
+    if path.exists() {
+        return;
+    }
+    eprintln!(
+        "writing a full-size random SDXL checkpoint to {} (once, ~6.9 GB)…",
+        path.display()
+    );
+    let manifest =
+        std::fs::read_to_string(root().join("crates/lora-sdxl/tests/fixtures/sdxl_base_keys.tsv"))
+            .unwrap();
+    let mut rows: Vec<(String, Vec<usize>, &str)> = manifest
+        .lines()
+        .map(|l| {
+            let (k, s) = l.split_once('\t').unwrap();
+            let shape: Vec<usize> = if s.is_empty() {
+                vec![]
+            } else {
+                s.split(',').map(|d| d.parse().unwrap()).collect()
+            };
+            let dtype = if k.ends_with("position_ids") {
+                "I64"
+            } else {
+                "F16"
+            };
+            (k.to_string(), shape, dtype)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (k, shape, dtype) in &rows {
+        let n = shape.iter().product::<usize>().max(1) * if *dtype == "I64" { 8 } else { 2 };
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::io::BufWriter::with_capacity(1 << 24, std::fs::File::create(&tmp).unwrap());
+    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&h).unwrap();
+    // fp16 values in about [-0.03, 0.03]; position_ids 0..76
+    let block: Vec<u8> = (0..(1 << 20))
+        .flat_map(|i: u32| half::f16::from_f32(((i % 61) as f32 - 30.0) * 1e-3).to_le_bytes())
+        .collect();
+    for (k, shape, dtype) in &rows {
+        let n = shape.iter().product::<usize>().max(1);
+        if *dtype == "I64" {
+            for i in 0..n as i64 {
+                f.write_all(&(i % 77).to_le_bytes()).unwrap();
+            }
+        } else {
+            let mut left = n * 2;
+            while left > 0 {
+                let m = left.min(block.len());
+                f.write_all(&block[..m]).unwrap();
+                left -= m;
+            }
+        }
+        let _ = k;
+    }
+    f.flush().unwrap();
+    drop(f);
+    std::fs::rename(tmp, path).unwrap();
+}
+
+fn child(mode: &str, path: &str) {
+    let base = rss_mb();
+    let t = Instant::now();
+    match mode {
+        "read-all" => {
+            let ck = Checkpoint::open(path).unwrap();
+            detect(&ck).unwrap();
+            for (k, info) in ck.infos() {
+                let _t = ck.load(k, info.kind, Device::Cpu).unwrap();
+            }
+        }
+        "model-load" => {
+            let m = SdxlModel::load(path, Kind::Half, Device::Cpu).unwrap();
+            std::hint::black_box(&m);
+        }
+        _ => unreachable!(),
+    }
+    println!(
+        "{:.3} {:.0} {:.0}",
+        t.elapsed().as_secs_f64(),
+        base,
+        peak_rss_mb()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        child(&args[i + 1], &args[i + 2]);
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        println!("sdxl_model: run with `cargo bench --bench sdxl_model`");
+        return;
+    }
+    tch::set_num_threads(2);
+    // 1. full-size load
+    let dir = root().join("target/bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sdxl_full_size_random_fp16.safetensors");
+    write_full_size(&file);
+    let size_mb = std::fs::metadata(&file).unwrap().len() as f64 / 1048576.0;
+    println!("full-size SDXL single file: {size_mb:.0} MiB (fp16)");
+    let exe = std::env::current_exe().unwrap();
+    for mode in ["read-all", "model-load"] {
+        // drop the page cache effect of the previous run as far as we can: report a warm-cache figure
+        let out = Command::new(&exe)
+            .args(["--child", mode, file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<f64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() == 3 {
+            println!(
+                "  {mode:<11} {:6.1} s   peak RSS {:6.0} MiB (process baseline {:.0} MiB) → {:.2}× file size above baseline",
+                v[0],
+                v[2],
+                v[1],
+                (v[2] - v[1]) / size_mb
+            );
+        } else {
+            println!("  {mode}: failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    // 2. tiny UNet forward vs diffusers
+    let fx = root().join("crates/lora-sdxl/tests/fixtures");
+    let m = SdxlModel::load(fx.join("tiny_b.safetensors"), Kind::Float, Device::Cpu).unwrap();
+    let io: std::collections::HashMap<String, Tensor> =
+        lorakit::core::io::read_tensors(fx.join("tiny_b_io.safetensors"))
+            .unwrap()
+            .tensors
+            .into_iter()
+            .collect();
+    let ctx = Tensor::cat(&[&io["te1_hidden"], &io["te2_hidden"]], -1);
+    let y = lorakit::sdxl::unet::vector_conditioning(&io["te2_pooled"], &io["time_ids"]);
+    let iters = 50;
+    let ms = tch::no_grad(|| {
+        for _ in 0..3 {
+            std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
+        }
+        let t = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
+        }
+        t.elapsed().as_secs_f64() * 1000.0 / iters as f64
+    });
+    println!("tiny UNet forward (tiny_b, batch 2, 8×8 latents, fp32 CPU, 2 threads):");
+    println!("  lorakit    {ms:8.3} ms");
+    let py = root().join(".venv/bin/python");
+    let out = Command::new(&py)
+        .arg(root().join("benches/unet_forward.py"))
+        .arg(fx.join("tiny_b.json"))
+        .arg(fx.join("tiny_b.safetensors"))
+        .arg(fx.join("tiny_b_io.safetensors"))
+        .arg(iters.to_string())
+        .arg("2")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let d: f64 = String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(f64::NAN);
+            println!(
+                "  diffusers  {d:8.3} ms   → lorakit takes {:.2}× diffusers' time",
+                ms / d
+            );
+        }
+        _ => println!("  diffusers: not measured (needs .venv with diffusers: `make fixtures`)"),
+    }
+}
