@@ -61,3 +61,91 @@ pub fn weight_location(key: &ModuleKey) -> Option<WeightLocation> {
         }
     }
 }
+
+/// Where a text encoder 2 in Hugging Face layout (from a diffusers folder) is
+/// presented (single files use OpenCLIP names under [`TE2_PREFIX`]).
+pub const TE2_HF_PREFIX: &str = "conditioner.embedders.1.transformer.";
+
+/// diffusers folder components and their weight file base names.
+pub const DIFFUSERS_COMPONENTS: [(&str, &str); 4] = [
+    ("unet", "diffusion_pytorch_model"),
+    ("text_encoder", "model"),
+    ("text_encoder_2", "model"),
+    ("vae", "diffusion_pytorch_model"),
+];
+
+/// The single-file key of a diffusers component's key. `vae_levels` is the
+/// number of VAE levels (diffusers counts decoder blocks from the top).
+pub fn diffusers_to_single_file(component: &str, key: &str, vae_levels: usize) -> Option<String> {
+    match component {
+        "unet" => {
+            let (module, param) = key.rsplit_once('.')?;
+            let ldm = lora_core::naming::diffusers_unet_to_ldm(module)?;
+            Some(format!("{UNET_PREFIX}{ldm}.{param}"))
+        }
+        "text_encoder" => Some(format!("{TE1_PREFIX}{key}")),
+        "text_encoder_2" => Some(format!("{TE2_HF_PREFIX}{key}")),
+        "vae" => vae_diffusers_to_ldm(key, vae_levels).map(|k| format!("{VAE_PREFIX}{k}")),
+        _ => None,
+    }
+}
+
+fn vae_resnet_param(rest: &[&str]) -> String {
+    let mut v: Vec<&str> = rest.to_vec();
+    if v.first() == Some(&"conv_shortcut") {
+        v[0] = "nin_shortcut";
+    }
+    v.join(".")
+}
+
+/// diffusers `AutoencoderKL` key → LDM `first_stage_model` key (without prefix).
+pub fn vae_diffusers_to_ldm(key: &str, levels: usize) -> Option<String> {
+    let p: Vec<&str> = key.split('.').collect();
+    match p.as_slice() {
+        ["quant_conv" | "post_quant_conv", ..] => Some(key.to_string()),
+        [side @ ("encoder" | "decoder"), rest @ ..] => {
+            let body = match rest {
+                ["conv_in" | "conv_out", ..] => rest.join("."),
+                ["conv_norm_out", tail @ ..] => format!("norm_out.{}", tail.join(".")),
+                ["mid_block", "resnets", j, tail @ ..] => {
+                    format!(
+                        "mid.block_{}.{}",
+                        j.parse::<usize>().ok()? + 1,
+                        vae_resnet_param(tail)
+                    )
+                }
+                ["mid_block", "attentions", "0", name, tail @ ..] => {
+                    let (ldm, tail) = match *name {
+                        "group_norm" => ("norm", tail),
+                        "to_q" | "query" => ("q", tail),
+                        "to_k" | "key" => ("k", tail),
+                        "to_v" | "value" => ("v", tail),
+                        "to_out" => ("proj_out", tail.get(1..)?),
+                        "proj_attn" => ("proj_out", tail),
+                        _ => return None,
+                    };
+                    format!("mid.attn_1.{ldm}.{}", tail.join("."))
+                }
+                [blocks @ ("down_blocks" | "up_blocks"), i, kind, j, tail @ ..] => {
+                    let i: usize = i.parse().ok()?;
+                    let (group, level) = if *blocks == "down_blocks" {
+                        ("down", i)
+                    } else {
+                        ("up", levels.checked_sub(1 + i)?)
+                    };
+                    match *kind {
+                        "resnets" => {
+                            format!("{group}.{level}.block.{j}.{}", vae_resnet_param(tail))
+                        }
+                        "downsamplers" => format!("{group}.{level}.downsample.{}", tail.join(".")),
+                        "upsamplers" => format!("{group}.{level}.upsample.{}", tail.join(".")),
+                        _ => return None,
+                    }
+                }
+                _ => return None,
+            };
+            Some(format!("{side}.{body}"))
+        }
+        _ => None,
+    }
+}

@@ -5,7 +5,7 @@
 use crate::clip::{Activation, ClipLayout, ClipTextModel};
 use crate::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 use crate::error::{Result, SdxlError};
-use crate::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::keys::{TE1_PREFIX, TE2_HF_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::nn::Slots;
 use crate::unet::Unet;
 use crate::vae::Vae;
@@ -32,6 +32,18 @@ pub struct Detected {
     pub vae_parameters: u64,
     /// Tensor count per stored dtype.
     pub dtypes: Vec<(String, usize)>,
+    /// How text encoder 2 is stored (OpenCLIP in single files, HF in diffusers folders).
+    pub te2_layout: ClipLayout,
+}
+
+impl Detected {
+    /// Key prefix of text encoder 2 for its layout.
+    pub fn te2_prefix(&self) -> &'static str {
+        match self.te2_layout {
+            ClipLayout::OpenClip => TE2_PREFIX,
+            ClipLayout::HuggingFace => TE2_HF_PREFIX,
+        }
+    }
 }
 
 fn has_prefix(ck: &Checkpoint, p: &str) -> bool {
@@ -135,7 +147,16 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
     if !any(TE1_PREFIX) {
         missing.push("text encoder 1 (CLIP-L, conditioner.embedders.0.transformer.*)");
     }
-    if !any(TE2_PREFIX) {
+    let te2_layout = if any(TE2_PREFIX) {
+        ClipLayout::OpenClip
+    } else {
+        ClipLayout::HuggingFace
+    };
+    let te2_prefix = match te2_layout {
+        ClipLayout::OpenClip => TE2_PREFIX,
+        ClipLayout::HuggingFace => TE2_HF_PREFIX,
+    };
+    if !any(te2_prefix) {
         missing.push("text encoder 2 (OpenCLIP-bigG, conditioner.embedders.1.model.*)");
     }
     if !any(VAE_PREFIX) {
@@ -153,7 +174,7 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
             "text encoder 1 (CLIP-L) has an unexpected layout".into(),
         )
     })?;
-    let te2 = ClipConfig::infer(ck, TE2_PREFIX, ClipLayout::OpenClip).ok_or_else(|| {
+    let te2 = ClipConfig::infer(ck, te2_prefix, te2_layout).ok_or_else(|| {
         err(
             ck,
             "text encoder 2 (OpenCLIP-bigG) has an unexpected layout".into(),
@@ -165,7 +186,7 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
         .infos()
         .keys()
         .filter(|k| {
-            ![UNET_PREFIX, TE1_PREFIX, TE2_PREFIX, VAE_PREFIX]
+            ![UNET_PREFIX, TE1_PREFIX, te2_prefix, VAE_PREFIX]
                 .iter()
                 .any(|p| k.starts_with(p))
         })
@@ -192,10 +213,11 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
         parameters: vec![
             (Component::Unet, count_parameters(ck, UNET_PREFIX)),
             (Component::Te1, count_parameters(ck, TE1_PREFIX)),
-            (Component::Te2, count_parameters(ck, TE2_PREFIX)),
+            (Component::Te2, count_parameters(ck, te2_prefix)),
         ],
         vae_parameters: count_parameters(ck, VAE_PREFIX),
         dtypes: dtypes.into_iter().collect(),
+        te2_layout,
     })
 }
 
@@ -217,7 +239,7 @@ pub struct SdxlModel {
 }
 
 impl SdxlModel {
-    /// Loads a single-file checkpoint with every weight converted to `kind`
+    /// Loads a single-file checkpoint (or a diffusers folder) with every weight converted to `kind`
     /// on `device` (norms stay fp32).
     pub fn load(path: impl AsRef<Path>, kind: Kind, device: Device) -> Result<Self> {
         let ck = Rc::new(Checkpoint::open(path)?);
@@ -235,9 +257,9 @@ impl SdxlModel {
             &slots,
         );
         let te2 = ClipTextModel::new(
-            &vb.pp(TE2_PREFIX.trim_end_matches('.')),
+            &vb.pp(detected.te2_prefix().trim_end_matches('.')),
             &cfg.te2,
-            ClipLayout::OpenClip,
+            detected.te2_layout,
             Activation::Gelu,
             Component::Te2,
             &slots,

@@ -13,22 +13,31 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
-/// Where a key lives in the mapped file.
+/// Where a key lives.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
     /// Stored dtype.
     pub kind: Kind,
     /// Shape.
     pub shape: Vec<i64>,
+    /// The key as written in its file (differs from the map key for diffusers folders).
+    pub source_key: String,
+    file: usize,
     start: usize,
     end: usize,
 }
 
-/// A memory-mapped safetensors checkpoint.
-pub struct Checkpoint {
-    path: PathBuf,
+struct Mapped {
     mmap: Mmap,
     data_start: usize,
+}
+
+/// A memory-mapped checkpoint: one single-file `.safetensors`, or a diffusers
+/// folder (`unet/`, `text_encoder/`, `text_encoder_2/`, `vae/`, sharded or
+/// not) whose keys are presented under their single-file names.
+pub struct Checkpoint {
+    path: PathBuf,
+    files: Vec<Mapped>,
     infos: BTreeMap<String, TensorInfo>,
     used: RefCell<BTreeSet<String>>,
 }
@@ -42,55 +51,115 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+type RawInfo = (String, Kind, Vec<i64>, usize, usize);
+
+fn map_file(path: &Path) -> Result<(Mapped, Vec<RawInfo>)> {
+    let file = std::fs::File::open(path).map_err(|e| SdxlError::io(path, e))?;
+    // SAFETY: the file is opened read-only; lorakit never writes to a
+    // checkpoint it has mapped. A concurrent writer would be a user error
+    // that at worst yields wrong weights, which the shape checks catch.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| SdxlError::io(path, e))?;
+    let bad = |reason: String| SdxlError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        bad(format!(
+            "not a readable safetensors file ({e}); is it truncated or a .ckpt/.bin pickle?"
+        ))
+    })?;
+    let data_start = 8 + header_len;
+    let mut raw = Vec::new();
+    for (name, info) in meta.tensors() {
+        let kind = match info.dtype {
+            safetensors::Dtype::F32 => Kind::Float,
+            safetensors::Dtype::F16 => Kind::Half,
+            safetensors::Dtype::BF16 => Kind::BFloat16,
+            safetensors::Dtype::F64 => Kind::Double,
+            safetensors::Dtype::I64 => Kind::Int64,
+            safetensors::Dtype::I32 => Kind::Int,
+            safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2 => {
+                return Err(bad(format!(
+                    "tensor `{name}` is stored in {:?} (fp8); lorakit loads fp32/fp16/bf16 checkpoints: convert it to fp16 first",
+                    info.dtype
+                )))
+            }
+            other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        };
+        let (start, end) = info.data_offsets;
+        if data_start + end > mmap.len() {
+            return Err(bad(format!(
+                "the file is truncated: tensor `{name}` ends at byte {} but the file has {} bytes",
+                data_start + end,
+                mmap.len()
+            )));
+        }
+        raw.push((
+            name.clone(),
+            kind,
+            info.shape.iter().map(|&d| d as i64).collect(),
+            start,
+            end,
+        ));
+    }
+    Ok((Mapped { mmap, data_start }, raw))
+}
+
+/// The weight files of one diffusers component: an index json's shards, or
+/// `<base>.safetensors`, or the `fp16` variant.
+fn diffusers_weight_files(cdir: &Path, base: &str) -> Result<Vec<PathBuf>> {
+    for index in [
+        format!("{base}.safetensors.index.json"),
+        format!("{base}.safetensors.index.fp16.json"),
+    ] {
+        let p = cdir.join(&index);
+        if p.is_file() {
+            let text = std::fs::read_to_string(&p).map_err(|e| SdxlError::io(&p, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| SdxlError::Checkpoint {
+                    path: p.clone(),
+                    reason: format!("bad index json: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| SdxlError::Checkpoint {
+                    path: p.clone(),
+                    reason: "index json has no weight_map".into(),
+                })?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            return Ok(shards.into_iter().map(|f| cdir.join(f)).collect());
+        }
+    }
+    for name in [
+        format!("{base}.safetensors"),
+        format!("{base}.fp16.safetensors"),
+    ] {
+        let p = cdir.join(name);
+        if p.is_file() {
+            return Ok(vec![p]);
+        }
+    }
+    Ok(Vec::new())
+}
+
 impl Checkpoint {
-    /// Maps a `.safetensors` file and reads its header.
+    /// Maps a single-file `.safetensors` checkpoint, or a diffusers folder.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|e| SdxlError::io(&path, e))?;
-        // SAFETY: the file is opened read-only; lorakit never writes to a
-        // checkpoint it has mapped. A concurrent writer would be a user error
-        // that at worst yields wrong weights, which the shape checks catch.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| SdxlError::io(&path, e))?;
-        let bad = |reason: String| SdxlError::Checkpoint {
-            path: path.clone(),
-            reason,
-        };
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            bad(format!(
-                "not a readable safetensors file ({e}); is it truncated or a .ckpt/.bin pickle?"
-            ))
-        })?;
-        let data_start = 8 + header_len;
+        if path.is_dir() {
+            return Self::open_diffusers(&path);
+        }
+        let (mapped, raw) = map_file(&path)?;
         let mut infos = BTreeMap::new();
-        for (name, info) in meta.tensors() {
-            let kind = match info.dtype {
-                safetensors::Dtype::F32 => Kind::Float,
-                safetensors::Dtype::F16 => Kind::Half,
-                safetensors::Dtype::BF16 => Kind::BFloat16,
-                safetensors::Dtype::F64 => Kind::Double,
-                safetensors::Dtype::I64 => Kind::Int64,
-                safetensors::Dtype::I32 => Kind::Int,
-                safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2 => {
-                    return Err(bad(format!(
-                        "tensor `{name}` is stored in {:?} (fp8); lorakit loads fp32/fp16/bf16 checkpoints: convert it to fp16 first",
-                        info.dtype
-                    )))
-                }
-                other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
-            };
-            let (start, end) = info.data_offsets;
-            if data_start + end > mmap.len() {
-                return Err(bad(format!(
-                    "the file is truncated: tensor `{name}` ends at byte {} but the file has {} bytes",
-                    data_start + end,
-                    mmap.len()
-                )));
-            }
+        for (name, kind, shape, start, end) in raw {
             infos.insert(
                 name.clone(),
                 TensorInfo {
                     kind,
-                    shape: info.shape.iter().map(|&d| d as i64).collect(),
+                    shape,
+                    source_key: name,
+                    file: 0,
                     start,
                     end,
                 },
@@ -98,8 +167,78 @@ impl Checkpoint {
         }
         Ok(Self {
             path,
-            mmap,
-            data_start,
+            files: vec![mapped],
+            infos,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    /// Maps a diffusers folder; keys are renamed to the single-file layout
+    /// (see [`crate::keys::diffusers_to_single_file`]).
+    pub fn open_diffusers(dir: &Path) -> Result<Self> {
+        let bad = |reason: String| SdxlError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let mut files = Vec::new();
+        let mut infos = BTreeMap::new();
+        let mut missing = Vec::new();
+        for (component, base) in crate::keys::DIFFUSERS_COMPONENTS {
+            let cdir = dir.join(component);
+            let weight_files = diffusers_weight_files(&cdir, base)?;
+            if weight_files.is_empty() {
+                missing.push(format!("{component}/{base}.safetensors"));
+                continue;
+            }
+            let mut raw_all = Vec::new();
+            for wf in weight_files {
+                let (mapped, raw) = map_file(&wf)?;
+                let idx = files.len();
+                files.push(mapped);
+                raw_all.extend(raw.into_iter().map(|r| (idx, r)));
+            }
+            let vae_levels = raw_all
+                .iter()
+                .filter_map(|(_, (k, ..))| {
+                    k.strip_prefix("encoder.down_blocks.")?
+                        .split('.')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .max()
+                .map(|m| m + 1)
+                .unwrap_or(0);
+            for (idx, (name, kind, shape, start, end)) in raw_all {
+                let Some(key) = crate::keys::diffusers_to_single_file(component, &name, vae_levels)
+                else {
+                    return Err(bad(format!("{component}: key `{name}` has no single-file equivalent (not an SDXL {component}?)")));
+                };
+                infos.insert(
+                    key,
+                    TensorInfo {
+                        kind,
+                        shape,
+                        source_key: format!("{component}/{name}"),
+                        file: idx,
+                        start,
+                        end,
+                    },
+                );
+            }
+        }
+        if files.is_empty() {
+            return Err(bad("not a diffusers model folder (no unet/, text_encoder/, text_encoder_2/ or vae/ weights in .safetensors)".into()));
+        }
+        if !missing.is_empty() {
+            return Err(bad(format!(
+                "diffusers folder is missing: {} (.bin weights are not read; convert them to .safetensors)",
+                missing.join(", ")
+            )));
+        }
+        Ok(Self {
+            path: dir.to_path_buf(),
+            files,
             infos,
             used: RefCell::new(BTreeSet::new()),
         })
@@ -139,16 +278,17 @@ impl Checkpoint {
             first: vec![key.to_string()],
         })?;
         self.used.borrow_mut().insert(key.to_string());
-        let bytes = &self.mmap[self.data_start + info.start..self.data_start + info.end];
+        let f = &self.files[info.file];
+        let bytes = &f.mmap[f.data_start + info.start..f.data_start + info.end];
         let t = Tensor::f_from_data_size(bytes, &info.shape, info.kind)?;
         // The bytes are copied: let the kernel drop the mapped pages so peak
         // memory stays near one copy of the model, not two.
         // SAFETY: read-only private mapping; DONTNEED only discards pages,
         // which are re-read from the file if touched again.
         let _ = unsafe {
-            self.mmap.unchecked_advise_range(
+            f.mmap.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
-                self.data_start + info.start,
+                f.data_start + info.start,
                 info.end - info.start,
             )
         };

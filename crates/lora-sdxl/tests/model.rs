@@ -232,3 +232,60 @@ fn prompt_encoding_rules() {
     let ids = lora_sdxl::conditioning::token_ids(&tok, &"word ".repeat(100), 0, Device::Cpu);
     assert_eq!(ids.size(), vec![2, 77]);
 }
+
+#[test]
+fn diffusers_folder_loads_to_the_same_model() {
+    let io = lora_core::io::read_tensors(fixture("tiny_a_io.safetensors")).unwrap();
+    let inputs: std::collections::HashMap<String, tch::Tensor> = io.tensors.into_iter().collect();
+    let folder = SdxlModel::load(fixture("tiny_a_diffusers"), Kind::Float, Device::Cpu).unwrap();
+    assert_eq!(
+        folder.detected.te2_layout,
+        lora_sdxl::ClipLayout::HuggingFace
+    );
+    let single = SdxlModel::load(fixture("tiny_a.safetensors"), Kind::Float, Device::Cpu).unwrap();
+    assert_eq!(folder.detected.config, single.detected.config);
+    assert_eq!(folder.slots.keys(), single.slots.keys());
+    let a = folder.reference_outputs(&inputs).unwrap();
+    let b = single.reference_outputs(&inputs).unwrap();
+    assert_eq!(a.len(), 6);
+    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        let d = (ta - tb).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{ka}: {d}");
+    }
+    // a folder with a component missing names it
+    let dir = tempfile::tempdir().unwrap();
+    for c in ["unet", "text_encoder", "vae"] {
+        let src = fixture("tiny_a_diffusers").join(c);
+        let dst = dir.path().join(c);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    let e = SdxlModel::load(dir.path(), Kind::Float, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing: text_encoder_2/model.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn half_precision_weights_run_with_fp32_norms() {
+    let io = lora_core::io::read_tensors(fixture("tiny_a_io.safetensors")).unwrap();
+    let t: std::collections::HashMap<String, tch::Tensor> = io.tensors.into_iter().collect();
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let m = SdxlModel::load(fixture("tiny_a.safetensors"), kind, Device::Cpu).unwrap();
+        let out = m.reference_outputs(&t).unwrap();
+        let eps = &out.iter().find(|(k, _)| k == "unet_eps").unwrap().1;
+        assert_eq!(eps.kind(), Kind::Float);
+        let want = &t["unet_eps"];
+        let rel = (eps - want).abs().max().double_value(&[]) / want.std(true).double_value(&[]);
+        // bf16 keeps 8 mantissa bits: a few percent of the output's spread at most
+        assert!(rel < 0.1, "{kind:?}: max |Δ| / std = {rel}");
+        assert!(bool::try_from(eps.isfinite().all()).unwrap());
+    }
+}
