@@ -191,11 +191,13 @@ fn main() {
     let iters = 50;
     let ms = tch::no_grad(|| {
         for _ in 0..3 {
-            std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
+            let _ =
+                std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
         }
         let t = Instant::now();
         for _ in 0..iters {
-            std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
+            let _ =
+                std::hint::black_box(m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y));
         }
         t.elapsed().as_secs_f64() * 1000.0 / iters as f64
     });
