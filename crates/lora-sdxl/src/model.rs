@@ -266,6 +266,33 @@ impl SdxlModel {
         );
         let vae = Vae::new(&vb.pp(VAE_PREFIX.trim_end_matches('.')), &cfg.vae);
         vb.finish("the checkpoint does not match the SDXL structure inferred from it")?;
+        let te2_prefix = detected.te2_prefix();
+        let unexpected: Vec<String> = ck
+            .unused_keys()
+            .into_iter()
+            .filter(|k| {
+                [UNET_PREFIX, TE1_PREFIX, te2_prefix, VAE_PREFIX]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            })
+            .filter(|k| !k.ends_with("position_ids") && !k.ends_with("logit_scale"))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(SdxlError::Checkpoint {
+                path: ck.path().to_path_buf(),
+                reason: format!(
+                    "{} unexpected key(s) for the SDXL structure inferred from the file: {}{}",
+                    unexpected.len(),
+                    unexpected
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if unexpected.len() > 5 { ", …" } else { "" }
+                ),
+            });
+        }
         tracing::info!(path = %ck.path().display(), slots = slots.len(), "loaded SDXL model");
         Ok(Self {
             detected,
@@ -444,4 +471,33 @@ impl SdxlModel {
             })
             .collect())
     }
+}
+
+/// Every single-file key and shape a configuration implies (without the
+/// buffers `position_ids` / `logit_scale`), found by building the model on a
+/// dry-run [`VarBuilder`]: no weight memory is allocated.
+pub fn expected_keys(cfg: &SdxlConfig) -> Vec<(String, Vec<i64>)> {
+    let vb = VarBuilder::dry(Kind::Float);
+    let slots = Slots::default();
+    let _unet = Unet::new(&vb.pp(UNET_PREFIX.trim_end_matches('.')), &cfg.unet, &slots);
+    let _te1 = ClipTextModel::new(
+        &vb.pp(TE1_PREFIX.trim_end_matches('.')),
+        &cfg.te1,
+        ClipLayout::HuggingFace,
+        Activation::QuickGelu,
+        Component::Te1,
+        &slots,
+    );
+    let _te2 = ClipTextModel::new(
+        &vb.pp(TE2_PREFIX.trim_end_matches('.')),
+        &cfg.te2,
+        ClipLayout::OpenClip,
+        Activation::Gelu,
+        Component::Te2,
+        &slots,
+    );
+    let _vae = Vae::new(&vb.pp(VAE_PREFIX.trim_end_matches('.')), &cfg.vae);
+    let mut keys = vb.recorded();
+    keys.sort();
+    keys
 }

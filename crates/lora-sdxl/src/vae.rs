@@ -47,7 +47,10 @@ struct Proj {
 impl Proj {
     fn new(vb: &VarBuilder, c: i64) -> Self {
         let key = vb.key("weight");
-        let conv = vb.checkpoint().shape(&key).is_some_and(|s| s.len() == 4);
+        // single files store 1x1 convs, diffusers folders linears; a dry run lists the single-file form
+        let conv = vb
+            .checkpoint()
+            .is_none_or(|c| c.shape(&key).is_some_and(|s| s.len() == 4));
         let weight = if conv {
             vb.get("weight", &[c, c, 1, 1]).view([c, c])
         } else {

@@ -310,7 +310,9 @@ impl Checkpoint {
 /// collected, so one load reports every problem at once.
 #[derive(Clone)]
 pub struct VarBuilder {
-    ckpt: Rc<Checkpoint>,
+    /// `None` in dry-run mode ([`Self::dry`]).
+    ckpt: Option<Rc<Checkpoint>>,
+    recorded: Rc<RefCell<Vec<(String, Vec<i64>)>>>,
     prefix: String,
     /// Length of the prefix at the component root (see [`Self::rooted`]).
     root: usize,
@@ -323,13 +325,37 @@ impl VarBuilder {
     /// A builder at the checkpoint's root.
     pub fn new(ckpt: Rc<Checkpoint>, kind: Kind, device: Device) -> Self {
         Self {
-            ckpt,
+            ckpt: Some(ckpt),
+            recorded: Rc::new(RefCell::new(Vec::new())),
             prefix: String::new(),
             root: 0,
             kind,
             device,
             problems: Rc::new(RefCell::new(Vec::new())),
         }
+    }
+    /// A builder without a checkpoint: every weight is a zero-strided view of
+    /// one scalar (no memory), and every requested key and shape is recorded
+    /// ([`Self::recorded`]). Building a model with it lists the keys and
+    /// shapes a config implies.
+    pub fn dry(kind: Kind) -> Self {
+        Self {
+            ckpt: None,
+            recorded: Rc::new(RefCell::new(Vec::new())),
+            prefix: String::new(),
+            root: 0,
+            kind,
+            device: Device::Cpu,
+            problems: Rc::new(RefCell::new(Vec::new())),
+        }
+    }
+    /// True for a dry-run builder.
+    pub fn is_dry(&self) -> bool {
+        self.ckpt.is_none()
+    }
+    /// Every (key, shape) requested so far, in order.
+    pub fn recorded(&self) -> Vec<(String, Vec<i64>)> {
+        self.recorded.borrow().clone()
     }
     /// Descends into `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
@@ -362,13 +388,15 @@ impl VarBuilder {
     pub fn device(&self) -> Device {
         self.device
     }
-    /// The checkpoint.
-    pub fn checkpoint(&self) -> &Checkpoint {
-        &self.ckpt
+    /// The checkpoint (`None` in dry-run mode).
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.ckpt.as_deref()
     }
     /// True when `name` exists here.
     pub fn contains(&self, name: &str) -> bool {
-        self.ckpt.contains(&self.key(name))
+        self.ckpt
+            .as_ref()
+            .is_some_and(|c| c.contains(&self.key(name)))
     }
     /// Loads `name`, which must have `shape`. On a problem, records it and
     /// returns zeros of the right shape so construction can continue and report
@@ -379,18 +407,32 @@ impl VarBuilder {
     /// Like [`Self::get`] with an explicit dtype (e.g. fp32 for norms).
     pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Tensor {
         let key = self.key(name);
-        match self.ckpt.shape(&key) {
+        self.recorded
+            .borrow_mut()
+            .push((key.clone(), shape.to_vec()));
+        let placeholder = || {
+            // a zero-strided view: no allocation whatever the shape
+            if shape.is_empty() {
+                Tensor::zeros([], (kind, self.device))
+            } else {
+                Tensor::zeros([1], (kind, self.device)).expand(shape, false)
+            }
+        };
+        let Some(ckpt) = &self.ckpt else {
+            return placeholder();
+        };
+        match ckpt.shape(&key) {
             None => self.problems.borrow_mut().push(format!("missing `{key}`")),
             Some(s) if s != shape => self
                 .problems
                 .borrow_mut()
                 .push(format!("`{key}` has shape {s:?}, expected {shape:?}")),
-            Some(_) => match self.ckpt.load(&key, kind, self.device) {
+            Some(_) => match ckpt.load(&key, kind, self.device) {
                 Ok(t) => return t,
                 Err(e) => self.problems.borrow_mut().push(e.to_string()),
             },
         }
-        Tensor::zeros(shape, (kind, self.device))
+        placeholder()
     }
     /// Errors with every recorded problem (first few by name, and the count).
     pub fn finish(&self, what: &str) -> Result<()> {
@@ -399,7 +441,11 @@ impl VarBuilder {
             return Ok(());
         }
         Err(SdxlError::Checkpoint {
-            path: self.ckpt.path().to_path_buf(),
+            path: self
+                .ckpt
+                .as_ref()
+                .map(|c| c.path().to_path_buf())
+                .unwrap_or_default(),
             reason: format!(
                 "{what}: {} problem(s): {}{}",
                 p.len(),

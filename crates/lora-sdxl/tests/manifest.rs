@@ -71,3 +71,22 @@ fn targets_exist_in_the_base_checkpoint_with_matching_shapes() {
         192
     );
 }
+
+#[test]
+fn base_config_implies_exactly_the_manifest() {
+    let mut want: Vec<(String, Vec<i64>)> = manifest()
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("position_ids") && !k.ends_with("logit_scale"))
+        .collect();
+    want.sort();
+    let got = lora_sdxl::model::expected_keys(&SdxlConfig::base());
+    assert_eq!(got.len(), want.len(), "key count");
+    let diff: Vec<_> = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a != b)
+        .take(5)
+        .collect();
+    assert!(diff.is_empty(), "first differences (got, want): {diff:?}");
+    assert_eq!(got.len(), 2513);
+}

@@ -289,3 +289,36 @@ fn half_precision_weights_run_with_fp32_norms() {
         assert!(bool::try_from(eps.isfinite().all()).unwrap());
     }
 }
+
+#[test]
+fn unexpected_keys_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("extra.safetensors");
+    let mut t = lora_core::io::read_tensors(fixture("tiny_a.safetensors"))
+        .unwrap()
+        .tensors;
+    t.push((
+        "model.diffusion_model.middle_block.1.mystery.weight".into(),
+        tch::Tensor::zeros([2], (Kind::Half, Device::Cpu)),
+    ));
+    t.push((
+        "model_ema.decay".into(),
+        tch::Tensor::zeros([], (Kind::Float, Device::Cpu)),
+    ));
+    std::fs::write(
+        &p,
+        lora_core::io::serialize(&t, &Default::default()).unwrap(),
+    )
+    .unwrap();
+    let e = SdxlModel::load(&p, Kind::Float, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 unexpected key(s)") && e.contains("middle_block.1.mystery.weight"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("model_ema"),
+        "extras outside the components are tolerated: {e}"
+    );
+}
