@@ -305,6 +305,9 @@ impl Checkpoint {
     }
 }
 
+/// (key, shape) pairs recorded by a [`VarBuilder`].
+pub type KeyShapes = Vec<(String, Vec<i64>)>;
+
 /// A path-scoped view of a checkpoint: `vb.pp("input_blocks").pp("0")` reads
 /// `<prefix>input_blocks.0.<name>`. Shape mismatches and missing keys are
 /// collected, so one load reports every problem at once.
@@ -312,7 +315,7 @@ impl Checkpoint {
 pub struct VarBuilder {
     /// `None` in dry-run mode ([`Self::dry`]).
     ckpt: Option<Rc<Checkpoint>>,
-    recorded: Rc<RefCell<Vec<(String, Vec<i64>)>>>,
+    recorded: Rc<RefCell<KeyShapes>>,
     prefix: String,
     /// Length of the prefix at the component root (see [`Self::rooted`]).
     root: usize,
@@ -354,7 +357,7 @@ impl VarBuilder {
         self.ckpt.is_none()
     }
     /// Every (key, shape) requested so far, in order.
-    pub fn recorded(&self) -> Vec<(String, Vec<i64>)> {
+    pub fn recorded(&self) -> KeyShapes {
         self.recorded.borrow().clone()
     }
     /// Descends into `name`.
