@@ -407,7 +407,7 @@ pub fn attach(
         ))));
     }
     for (slot, a) in ready {
-        slot.borrow_mut().push(a);
+        slot.push(a);
     }
     Ok(Attached {
         modules: counts.into_iter().collect(),

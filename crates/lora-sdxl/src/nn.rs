@@ -3,14 +3,34 @@
 
 use crate::weights::VarBuilder;
 use lora_core::{Geometry, LoraAdapter, ModuleKey};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use tch::{Kind, Tensor};
 
 /// The adapters attached to one layer (several LoRAs may be applied at once,
-/// each at its own strength; training uses one).
-pub type Slot = Rc<RefCell<Vec<LoraAdapter>>>;
+/// each at its own strength; training uses one), and the model-wide
+/// training switch that enables their dropouts.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    adapters: Rc<RefCell<Vec<LoraAdapter>>>,
+    training: Rc<Cell<bool>>,
+}
+
+impl Slot {
+    /// Attaches an adapter.
+    pub fn push(&self, a: LoraAdapter) {
+        self.adapters.borrow_mut().push(a);
+    }
+    /// Detaches every adapter.
+    pub fn clear(&self) {
+        self.adapters.borrow_mut().clear();
+    }
+    /// The attached adapters.
+    pub fn adapters(&self) -> std::cell::Ref<'_, Vec<LoraAdapter>> {
+        self.adapters.borrow()
+    }
+}
 
 /// What a slot adapts: the base layer's geometry and sizes.
 #[derive(Debug, Clone)]
@@ -29,6 +49,7 @@ pub struct SlotInfo {
 #[derive(Debug, Default, Clone)]
 pub struct Slots {
     map: Rc<RefCell<BTreeMap<ModuleKey, SlotInfo>>>,
+    training: Rc<Cell<bool>>,
 }
 
 impl Slots {
@@ -40,7 +61,10 @@ impl Slots {
         in_features: i64,
         out_features: i64,
     ) -> Slot {
-        let slot: Slot = Rc::new(RefCell::new(Vec::new()));
+        let slot = Slot {
+            adapters: Rc::new(RefCell::new(Vec::new())),
+            training: self.training.clone(),
+        };
         let info = SlotInfo {
             slot: slot.clone(),
             geometry,
@@ -69,8 +93,16 @@ impl Slots {
     /// Removes every attached adapter.
     pub fn clear(&self) {
         for info in self.map.borrow().values() {
-            info.slot.borrow_mut().clear();
+            info.slot.clear();
         }
+    }
+    /// Training mode: adapters apply their dropouts (kohya semantics).
+    pub fn set_training(&self, on: bool) {
+        self.training.set(on);
+    }
+    /// Whether training mode is on.
+    pub fn training(&self) -> bool {
+        self.training.get()
     }
 }
 
@@ -78,10 +110,11 @@ impl Slots {
 #[allow(clippy::assign_op_pattern)]
 fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor) -> Tensor {
     let Some(slot) = slot else { return base };
-    let adapters = slot.borrow();
+    let adapters = slot.adapters.borrow();
+    let train = slot.training.get();
     let mut out = base;
     for a in adapters.iter() {
-        if let Some(d) = a.delta(x, false) {
+        if let Some(d) = a.delta(x, train) {
             out = out + d.to_kind(x.kind());
         }
     }

@@ -158,6 +158,11 @@ impl Unet {
         }
     }
 
+    /// The output conv's weight (for checks that the base stays frozen).
+    pub fn conv_out_weight(&self) -> &Tensor {
+        &self.conv_out.weight
+    }
+
     /// Device of the weights.
     pub fn device(&self) -> tch::Device {
         self.conv_in.weight.device()

@@ -1,0 +1,93 @@
+//! Training through the LoRA slots: gradients reach only the adapters.
+
+use lora_core::{Dropouts, Geometry, LoraAdapter, LoraSet};
+use lora_sdxl::{lora_targets, SdxlModel, TargetScope};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn gradients_flow_only_into_adapters() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a.safetensors");
+    let m = SdxlModel::load(&path, Kind::Float, Device::Cpu).unwrap();
+    tch::manual_seed(0);
+    let mut set = LoraSet::new();
+    let mut leaves = Vec::new();
+    for t in lora_targets(&m.detected.config, TargetScope::ALL) {
+        let rank = if matches!(t.geometry, Geometry::Conv2d { .. }) && t.uses_conv_rank() {
+            2
+        } else {
+            4
+        };
+        let mut a = LoraAdapter::new(
+            t.in_features,
+            t.out_features,
+            rank,
+            None,
+            t.geometry,
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap();
+        let down = a.down().set_requires_grad(true);
+        let up = (Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01)
+            .set_requires_grad(true);
+        leaves.push((t.key.clone(), down.shallow_clone(), up.shallow_clone()));
+        a.set_weights(down, up).unwrap();
+        a.set_dropouts(Dropouts {
+            rank_dropout: 0.1,
+            ..Default::default()
+        })
+        .unwrap();
+        set.insert(t.key, a);
+    }
+    let n = set.len();
+    m.attach_lora(set, 1.0).unwrap();
+    m.slots.set_training(true);
+    let io: std::collections::HashMap<String, Tensor> = lora_core::io::read_tensors(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a_io.safetensors"),
+    )
+    .unwrap()
+    .tensors
+    .into_iter()
+    .collect();
+    let o1 = m.te1.forward(&io["input_ids_1"]);
+    let o2 = m.te2.forward(&io["input_ids_2"]);
+    let ctx = Tensor::cat(&[&o1.penultimate, &o2.penultimate], -1);
+    let y = lora_sdxl::unet::vector_conditioning(&o2.pooled, &io["time_ids"]);
+    let eps = m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y);
+    let loss = (eps - &io["latents"])
+        .pow_tensor_scalar(2)
+        .mean(Kind::Float);
+    loss.backward();
+    let mut with_grad = 0;
+    // SDXL reads CLIP-L's penultimate layer, so adapters on its last layer get
+    // no gradient (as in kohya, which trains them anyway).
+    let last_te1 = format!(
+        "text_model.encoder.layers.{}.",
+        m.detected.config.te1.layers - 1
+    );
+    let live: Vec<_> = leaves
+        .iter()
+        .filter(|(k, _, _)| {
+            !(k.component == lora_core::Component::Te1 && k.path.starts_with(&last_te1))
+        })
+        .collect();
+    assert_eq!(live.len(), leaves.len() - 6);
+    for (key, down, up) in live.iter().map(|(k, d, u)| (k, d, u)) {
+        let g = up.grad();
+        assert!(g.defined(), "{key}: no gradient on lora_up");
+        if g.abs().sum(Kind::Float).double_value(&[]) > 0.0 {
+            with_grad += 1;
+        }
+        assert!(down.grad().defined(), "{key}: no gradient on lora_down");
+    }
+    assert_eq!(leaves.len(), n);
+    assert!(
+        with_grad as f64 > 0.9 * live.len() as f64,
+        "{with_grad} of {} adapters got a non-zero gradient",
+        live.len()
+    );
+    // the base model is frozen: its weights never require grad
+    assert!(!m.unet.conv_out_weight().requires_grad());
+    m.slots.set_training(false);
+}
