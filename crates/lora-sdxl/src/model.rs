@@ -39,10 +39,7 @@ pub struct Detected {
 impl Detected {
     /// Key prefix of text encoder 2 for its layout.
     pub fn te2_prefix(&self) -> &'static str {
-        match self.te2_layout {
-            ClipLayout::OpenClip => TE2_PREFIX,
-            ClipLayout::HuggingFace => TE2_HF_PREFIX,
-        }
+        te2_prefix_for(self.te2_layout)
     }
 }
 
@@ -152,10 +149,7 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
     } else {
         ClipLayout::HuggingFace
     };
-    let te2_prefix = match te2_layout {
-        ClipLayout::OpenClip => TE2_PREFIX,
-        ClipLayout::HuggingFace => TE2_HF_PREFIX,
-    };
+    let te2_prefix = te2_prefix_for(te2_layout);
     if !any(te2_prefix) {
         missing.push("text encoder 2 (OpenCLIP-bigG, conditioner.embedders.1.model.*)");
     }
@@ -247,24 +241,7 @@ impl SdxlModel {
         let cfg = &detected.config;
         let vb = VarBuilder::new(ck.clone(), kind, device);
         let slots = Slots::default();
-        let unet = Unet::new(&vb.pp(UNET_PREFIX.trim_end_matches('.')), &cfg.unet, &slots);
-        let te1 = ClipTextModel::new(
-            &vb.pp(TE1_PREFIX.trim_end_matches('.')),
-            &cfg.te1,
-            ClipLayout::HuggingFace,
-            Activation::QuickGelu,
-            Component::Te1,
-            &slots,
-        );
-        let te2 = ClipTextModel::new(
-            &vb.pp(detected.te2_prefix().trim_end_matches('.')),
-            &cfg.te2,
-            detected.te2_layout,
-            Activation::Gelu,
-            Component::Te2,
-            &slots,
-        );
-        let vae = Vae::new(&vb.pp(VAE_PREFIX.trim_end_matches('.')), &cfg.vae);
+        let (unet, te1, te2, vae) = build(&vb, cfg, detected.te2_layout, &slots);
         vb.finish("the checkpoint does not match the SDXL structure inferred from it")?;
         let te2_prefix = detected.te2_prefix();
         let unexpected: Vec<String> = ck
@@ -478,26 +455,46 @@ impl SdxlModel {
 /// dry-run [`VarBuilder`]: no weight memory is allocated.
 pub fn expected_keys(cfg: &SdxlConfig) -> Vec<(String, Vec<i64>)> {
     let vb = VarBuilder::dry(Kind::Float);
-    let slots = Slots::default();
-    let _unet = Unet::new(&vb.pp(UNET_PREFIX.trim_end_matches('.')), &cfg.unet, &slots);
-    let _te1 = ClipTextModel::new(
-        &vb.pp(TE1_PREFIX.trim_end_matches('.')),
+    let _model = build(&vb, cfg, ClipLayout::OpenClip, &Slots::default());
+    let mut keys = vb.recorded();
+    keys.sort();
+    keys
+}
+
+/// Builds the four components from `vb` (at the checkpoint root).
+fn build(
+    vb: &VarBuilder,
+    cfg: &SdxlConfig,
+    te2_layout: ClipLayout,
+    slots: &Slots,
+) -> (Unet, ClipTextModel, ClipTextModel, Vae) {
+    let at = |prefix: &str| vb.pp(prefix.trim_end_matches('.'));
+    let te2_prefix = te2_prefix_for(te2_layout);
+    let unet = Unet::new(&at(UNET_PREFIX), &cfg.unet, slots);
+    let te1 = ClipTextModel::new(
+        &at(TE1_PREFIX),
         &cfg.te1,
         ClipLayout::HuggingFace,
         Activation::QuickGelu,
         Component::Te1,
-        &slots,
+        slots,
     );
-    let _te2 = ClipTextModel::new(
-        &vb.pp(TE2_PREFIX.trim_end_matches('.')),
+    let te2 = ClipTextModel::new(
+        &at(te2_prefix),
         &cfg.te2,
-        ClipLayout::OpenClip,
+        te2_layout,
         Activation::Gelu,
         Component::Te2,
-        &slots,
+        slots,
     );
-    let _vae = Vae::new(&vb.pp(VAE_PREFIX.trim_end_matches('.')), &cfg.vae);
-    let mut keys = vb.recorded();
-    keys.sort();
-    keys
+    let vae = Vae::new(&at(VAE_PREFIX), &cfg.vae);
+    (unet, te1, te2, vae)
+}
+
+/// Key prefix of text encoder 2 in a layout (OpenCLIP in single files, HF in diffusers folders).
+fn te2_prefix_for(layout: ClipLayout) -> &'static str {
+    match layout {
+        ClipLayout::OpenClip => TE2_PREFIX,
+        ClipLayout::HuggingFace => TE2_HF_PREFIX,
+    }
 }
