@@ -32,6 +32,24 @@ enum Command {
         #[command(subcommand)]
         command: LoraCommand,
     },
+    /// Write a commented job file with defaults for a first character LoRA.
+    Init {
+        /// Where to write it.
+        #[arg(long, default_value = "job.toml")]
+        out: PathBuf,
+        /// The SDXL checkpoint (.safetensors) or diffusers folder.
+        #[arg(long)]
+        model: Option<String>,
+        /// The dataset folder.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// The trigger word (also the run name).
+        #[arg(long)]
+        trigger: Option<String>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Work with base model checkpoints.
     Model {
         #[command(subcommand)]
@@ -108,6 +126,25 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
         } => {
             let loaded = load_lora(&file, UnknownKeys::Report)?;
             print!("{}", LoraSummary::new(&loaded));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init {
+            out,
+            model,
+            dataset,
+            trigger,
+            force,
+        } => {
+            if out.exists() && !force {
+                return Err(format!("{} exists; pass --force to replace it", out.display()).into());
+            }
+            let text = lora_sdxl::JobConfig::template(
+                model.as_deref(),
+                dataset.as_deref(),
+                trigger.as_deref(),
+            );
+            lora_core::io::write_atomic(&out, text.as_bytes())?;
+            println!("wrote {}: edit model.name_or_path and datasets.folder_path, then run `lorakit train {}`", out.display(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Model { command } => model::run(command),

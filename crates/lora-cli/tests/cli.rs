@@ -293,3 +293,33 @@ fn model_inspect() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("this is a LoRA file"), "{err}");
 }
+
+#[test]
+fn init_writes_a_valid_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("job.toml");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lora-sdxl/tests/fixtures/tiny_a.safetensors");
+    let args = [
+        "init",
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--trigger",
+        "myakumyaku-san",
+    ];
+    let o = lorakit(&args);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let cfg = lora_sdxl::JobConfig::load(&out).unwrap();
+    cfg.validate(&out).unwrap();
+    assert_eq!(cfg.job.trigger_word.as_deref(), Some("myakumyaku-san"));
+    assert_eq!(cfg.train.lr, 7e-5);
+    // no overwrite without --force
+    let o = lorakit(&args);
+    assert!(!o.status.success() && text(&o).1.contains("--force"));
+}
