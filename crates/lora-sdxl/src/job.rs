@@ -992,7 +992,8 @@ mod tests {
             c.validate(&job).err().map(|e| e.to_string())
         };
         assert_eq!(check(&|_| {}), None);
-        let cases: Vec<(Box<dyn Fn(&mut JobConfig)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut JobConfig)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|c| c.train.lr = -1e-4), "train.lr"),
             (
                 Box::new(|c| c.model.name_or_path = "/nope.safetensors".into()),
