@@ -1,0 +1,180 @@
+//! Training noise schedule, targets and loss weights (kohya-format.md §8),
+//! and learning-rate schedules.
+//!
+//! SDXL trains on the DDPM scaled-linear schedule (β from 0.00085 to 0.012,
+//! 1000 steps), optionally rescaled to zero terminal SNR. Per-step quantities
+//! are gathered on the device from small tables, so a training step needs no
+//! host round trip.
+
+use tch::{Device, Kind, Tensor};
+
+/// Timesteps of the training schedule.
+pub const NUM_TIMESTEPS: usize = 1000;
+
+/// ᾱ_t of the schedule (host copy) and its device tables.
+#[derive(Debug)]
+pub struct NoiseSchedule {
+    alphas_cumprod: Vec<f64>,
+    /// SNR of the *original* schedule (kohya computes min-SNR weights before any ztsnr rescale).
+    snr: Vec<f64>,
+}
+
+impl NoiseSchedule {
+    /// SDXL's DDPM schedule; `zero_terminal_snr` rescales it (Lin et al. 2023).
+    pub fn sdxl(zero_terminal_snr: bool) -> Self {
+        let (b0, b1) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+        let n = NUM_TIMESTEPS;
+        let mut ac = Vec::with_capacity(n);
+        let mut prod = 1.0;
+        for i in 0..n {
+            let b = b0 + (b1 - b0) * i as f64 / (n - 1) as f64;
+            prod *= 1.0 - b * b;
+            ac.push(prod);
+        }
+        let snr = ac.iter().map(|a| a / (1.0 - a)).collect();
+        if zero_terminal_snr {
+            let s: Vec<f64> = ac.iter().map(|a| a.sqrt()).collect();
+            let (first, last) = (s[0], s[n - 1]);
+            ac = s
+                .iter()
+                .map(|x| ((x - last) * first / (first - last)).powi(2))
+                .collect();
+        }
+        Self {
+            alphas_cumprod: ac,
+            snr,
+        }
+    }
+    /// ᾱ_t.
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+    /// The device tables used in a training step.
+    pub fn tables(&self, device: Device) -> ScheduleTables {
+        let t = |v: Vec<f64>| {
+            Tensor::from_slice(&v)
+                .to_kind(Kind::Float)
+                .to_device(device)
+        };
+        ScheduleTables {
+            sqrt_alpha: t(self.alphas_cumprod.iter().map(|a| a.sqrt()).collect()),
+            sqrt_one_minus: t(self
+                .alphas_cumprod
+                .iter()
+                .map(|a| (1.0 - a).sqrt())
+                .collect()),
+            snr: t(self.snr.clone()),
+        }
+    }
+}
+
+/// Per-timestep tables on the training device.
+#[derive(Debug)]
+pub struct ScheduleTables {
+    /// √ᾱ_t.
+    pub sqrt_alpha: Tensor,
+    /// √(1 − ᾱ_t).
+    pub sqrt_one_minus: Tensor,
+    /// ᾱ_t / (1 − ᾱ_t) of the original schedule.
+    pub snr: Tensor,
+}
+
+fn per_sample(table: &Tensor, t: &Tensor, like: &Tensor) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.extend(std::iter::repeat_n(1, like.dim().saturating_sub(1)));
+    table
+        .index_select(0, t)
+        .view(shape.as_slice())
+        .to_kind(like.kind())
+}
+
+impl ScheduleTables {
+    /// `x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε` for integer timesteps `t` `[B]`.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Tensor {
+        per_sample(&self.sqrt_alpha, t, x0) * x0 + per_sample(&self.sqrt_one_minus, t, x0) * noise
+    }
+    /// v-prediction target `√ᾱ_t·ε − √(1−ᾱ_t)·x₀`.
+    pub fn v_target(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Tensor {
+        per_sample(&self.sqrt_alpha, t, x0) * noise - per_sample(&self.sqrt_one_minus, t, x0) * x0
+    }
+    /// Min-SNR-γ weights `[B]`: `min(snr, γ)/snr` (ε) or `min(snr, γ)/(snr+1)` (v).
+    pub fn min_snr_weights(&self, t: &Tensor, gamma: f64, v_prediction: bool) -> Tensor {
+        let snr = self.snr.index_select(0, t);
+        let clipped = snr.clamp_max(gamma);
+        if v_prediction {
+            clipped / (snr + 1.0)
+        } else {
+            clipped / snr
+        }
+    }
+}
+
+/// Per-sample loss `[B]` (mean over C, H, W) in fp32: `l2` or kohya's SNR-scheduled
+/// Huber `2c(√(d²+c²) − c)` with `c = (1−0.1)/(1+σ_t)² + 0.1`.
+pub fn per_sample_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    huber: Option<(&ScheduleTables, &Tensor)>,
+) -> Tensor {
+    let d = pred.to_kind(Kind::Float) - target.to_kind(Kind::Float);
+    let elem = match huber {
+        None => d.square(),
+        Some((tables, t)) => {
+            let sigma =
+                per_sample(&tables.sqrt_one_minus, t, &d) / per_sample(&tables.sqrt_alpha, t, &d);
+            let c: Tensor = (1.0 - 0.1) / (sigma + 1.0).square() + 0.1;
+            ((d.square() + c.square()).sqrt() - &c) * (c * 2.0)
+        }
+    };
+    let dims: Vec<i64> = (1..elem.dim() as i64).collect();
+    elem.mean_dim(dims.as_slice(), false, Kind::Float)
+}
+
+/// Learning-rate schedules (diffusers `get_scheduler` semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LrSchedule {
+    /// Constant.
+    Constant,
+    /// Linear warm-up, then constant.
+    ConstantWithWarmup,
+    /// Warm-up, then linear decay to 0.
+    Linear,
+    /// Warm-up, then half a cosine to 0.
+    Cosine,
+    /// Warm-up, then cosine with hard restarts (one cycle).
+    CosineWithRestarts,
+}
+
+impl LrSchedule {
+    /// From the job file name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "constant" => Self::Constant,
+            "constant_with_warmup" => Self::ConstantWithWarmup,
+            "linear" => Self::Linear,
+            "cosine" => Self::Cosine,
+            "cosine_with_restarts" => Self::CosineWithRestarts,
+            _ => return None,
+        })
+    }
+    /// The learning rate at optimizer step `step` (0-based) of `total`.
+    pub fn lr(self, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
+        let (s, w, n) = (step as f64, warmup as f64, total as f64);
+        if self != Self::Constant && step < warmup {
+            return base * s / w.max(1.0);
+        }
+        let progress = ((s - w) / (n - w).max(1.0)).clamp(0.0, 1.0);
+        base * match self {
+            Self::Constant | Self::ConstantWithWarmup => 1.0,
+            Self::Linear => ((n - s) / (n - w).max(1.0)).max(0.0),
+            Self::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            Self::CosineWithRestarts => {
+                if progress >= 1.0 {
+                    0.0
+                } else {
+                    0.5 * (1.0 + (std::f64::consts::PI * (progress % 1.0)).cos())
+                }
+            }
+        }
+    }
+}
