@@ -21,13 +21,15 @@ pub struct UnetConfig {
     pub transformer_depth: Vec<i64>,
     /// Transformer blocks in the middle block (10).
     pub transformer_depth_middle: i64,
-    /// Attention head width (64 in SDXL).
+    /// Attention head width: 64 in SDXL; lorakit uses `channels / 64` heads
+    /// (one head below 64 channels), which is what makes widths alone enough
+    /// to load a checkpoint.
     pub head_dim: i64,
     /// Cross-attention context width (2048 = 768 + 1280).
     pub context_dim: i64,
     /// Width of the `y` vector fed to `label_emb` (2816 = 1280 pooled + 6×256).
     pub adm_in_channels: i64,
-    /// GroupNorm groups (32).
+    /// GroupNorm groups (32 in SDXL; widths must be multiples of it).
     pub norm_groups: i64,
 }
 
@@ -139,15 +141,17 @@ impl SdxlConfig {
     }
 
     /// A tiny model with SDXL's exact structure and key names (3 levels,
-    /// attention on levels 1–2, both text encoders, 4-level VAE) but small
-    /// widths and depths, for tests and the demo.
+    /// attention on levels 1–2, both text encoders with CLIP's full vocabulary,
+    /// 4-level VAE) but small widths and depths, for tests and the demo. It
+    /// follows SDXL's fixed rules (64-channel heads, GroupNorm 32), so a file
+    /// written for it loads with no config.
     pub fn tiny() -> Self {
         let te1 = ClipConfig {
             vocab_size: 49408,
             hidden: 32,
             intermediate: 64,
             layers: 3,
-            heads: 2,
+            heads: 1,
             max_positions: 77,
             projection_dim: None,
         };
@@ -156,7 +160,7 @@ impl SdxlConfig {
             hidden: 32,
             intermediate: 64,
             layers: 3,
-            heads: 2,
+            heads: 1,
             max_positions: 77,
             projection_dim: Some(32),
         };
@@ -169,16 +173,16 @@ impl SdxlConfig {
                 num_res_blocks: 2,
                 transformer_depth: vec![0, 1, 2],
                 transformer_depth_middle: 2,
-                head_dim: 16,
+                head_dim: 64,
                 context_dim: te1.hidden + te2.hidden,
                 adm_in_channels: te2.projection_dim.unwrap_or(te2.hidden) + 6 * 256,
-                norm_groups: 8,
+                norm_groups: 32,
             },
             te1,
             te2,
             vae: VaeConfig {
-                base_channels: 16,
-                channel_mult: vec![1, 2, 4, 4],
+                base_channels: 32,
+                channel_mult: vec![1, 1, 1, 1],
                 num_res_blocks: 1,
                 latent_channels: 4,
                 scaling_factor: 0.13025,

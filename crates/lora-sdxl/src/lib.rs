@@ -20,6 +20,7 @@ pub mod nn;
 pub mod optim;
 pub mod resnet;
 pub mod schedule;
+pub mod synthetic;
 pub mod targets;
 pub mod tokenizer;
 pub mod unet;

@@ -322,3 +322,53 @@ fn unexpected_keys_are_listed() {
         "extras outside the components are tolerated: {e}"
     );
 }
+
+#[test]
+fn random_tiny_checkpoint_with_full_vocabulary_encodes_real_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny_full_vocab.safetensors");
+    let cfg = SdxlConfig::tiny();
+    lora_sdxl::synthetic::write_random_checkpoint(&p, &cfg, 3, Kind::Half).unwrap();
+    let m = SdxlModel::load(&p, Kind::Float, Device::Cpu).unwrap();
+    assert_eq!(m.detected.config.unet, cfg.unet);
+    assert_eq!(m.detected.config.te1.vocab_size, 49408);
+    let tok = lora_sdxl::ClipTokenizer::new();
+    let short =
+        lora_sdxl::encode_prompt(&tok, &m.te1, &m.te2, "myakumyaku-san, 1girl, smile", true)
+            .unwrap();
+    let h = cfg.te1.hidden + cfg.te2.hidden;
+    assert_eq!(short.context.size(), vec![1, 77, h]);
+    assert_eq!(
+        short.pooled.size(),
+        vec![1, cfg.te2.projection_dim.unwrap()]
+    );
+    assert!(short.context.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    // > 75 tokens: two chunks, pooled from chunk 0 (equal to the short prompt's when chunk 0 is the same)
+    let long_prompt = format!("{}, {}", "myakumyaku-san, 1girl, smile", "tag, ".repeat(40));
+    let long = lora_sdxl::encode_prompt(&tok, &m.te1, &m.te2, &long_prompt, true).unwrap();
+    assert_eq!(long.context.size(), vec![1, 154, h]);
+    let tok_ids = tok.encode(&long_prompt);
+    assert!(tok_ids.len() > 75);
+    // the pooled vector comes from the first chunk only
+    let first75 = tok_ids[..75].to_vec();
+    let ids = {
+        let mut c = vec![lora_sdxl::tokenizer::BOS];
+        c.extend(&first75);
+        c.push(lora_sdxl::tokenizer::EOS);
+        c.resize(77, 0);
+        tch::Tensor::from_slice(&c).view([1, 77])
+    };
+    let pooled0 = m.te2.forward(&ids).pooled;
+    assert!((pooled0 - &long.pooled).abs().max().double_value(&[]) < 1e-5);
+    // the UNet runs on that conditioning
+    let y = lora_sdxl::conditioning::y_vector(
+        &short.pooled,
+        &lora_sdxl::conditioning::time_ids((512, 512), (0, 0), (512, 512), Device::Cpu),
+    );
+    assert_eq!(y.size(), vec![1, cfg.unet.adm_in_channels]);
+    let x = tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let eps = m
+        .unet
+        .forward(&x, &tch::Tensor::from_slice(&[500f32]), &short.context, &y);
+    assert_eq!(eps.size(), vec![1, 4, 8, 8]);
+}
