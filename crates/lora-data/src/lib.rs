@@ -20,6 +20,7 @@ pub mod error;
 pub mod image_io;
 pub mod loader;
 pub mod scan;
+pub mod synthetic;
 
 pub use buckets::{Bucket, BucketSpec, CropMode, Placement, SizeConditioning};
 pub use cache::{LatentKey, TensorCache, TextKey};

@@ -50,6 +50,18 @@ pub fn encode_prompt(
             pooled: Tensor::zeros([1, p], (Kind::Float, device)),
         });
     }
+    encode_batch(tok, te1, te2, &[prompt.to_string()])
+}
+
+/// Encodes several prompts at once: `[B, 77·n, h1 + h2]` context, where `n`
+/// is the largest chunk count in the batch (shorter prompts get empty
+/// `[BOS, EOS, pad…]` chunks), and `[B, p]` pooled vectors from chunk 0.
+pub fn encode_batch(
+    tok: &ClipTokenizer,
+    te1: &ClipTextModel,
+    te2: &ClipTextModel,
+    prompts: &[String],
+) -> Result<TextConditioning> {
     for te in [te1, te2] {
         if te.config.vocab_size <= EOS {
             return Err(SdxlError::Checkpoint {
@@ -61,11 +73,31 @@ pub fn encode_prompt(
             });
         }
     }
-    let ids1 = token_ids(tok, prompt, EOS, device);
-    let ids2 = token_ids(tok, prompt, 0, device);
-    let n = ids1.size()[0];
+    let device = te1.config_device();
+    let (h1, h2) = (te1.config.hidden, te2.config.hidden);
+    let b = prompts.len() as i64;
+    let c1: Vec<_> = prompts.iter().map(|p| tok.chunks(p, EOS)).collect();
+    let n = c1.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let ids = |pad: i64, chunks: Vec<Vec<[i64; 77]>>| {
+        let mut flat: Vec<i64> = Vec::with_capacity(prompts.len() * n * 77);
+        for mut c in chunks {
+            while c.len() < n {
+                let mut e = [pad; 77];
+                e[0] = crate::tokenizer::BOS;
+                e[1] = EOS;
+                c.push(e);
+            }
+            flat.extend(c.iter().flatten());
+        }
+        Tensor::from_slice(&flat)
+            .view([b * n as i64, 77])
+            .to_device(device)
+    };
+    let ids1 = ids(EOS, c1);
+    let ids2 = ids(0, prompts.iter().map(|p| tok.chunks(p, 0)).collect());
     let o1 = te1.forward(&ids1);
     let o2 = te2.forward(&ids2);
+    let n = n as i64;
     let context = Tensor::cat(
         &[
             o1.penultimate.to_kind(Kind::Float),
@@ -73,8 +105,9 @@ pub fn encode_prompt(
         ],
         -1,
     )
-    .reshape([1, n * 77, h1 + h2]);
-    let pooled = o2.pooled.narrow(0, 0, 1).to_kind(Kind::Float);
+    .reshape([b, n * 77, h1 + h2]);
+    let p = o2.pooled.size()[1];
+    let pooled = o2.pooled.to_kind(Kind::Float).view([b, n, p]).select(1, 0);
     Ok(TextConditioning { context, pooled })
 }
 

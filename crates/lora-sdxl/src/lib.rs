@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod synthetic;
 pub mod targets;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;
