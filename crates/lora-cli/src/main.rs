@@ -3,6 +3,7 @@
 mod data;
 mod demo;
 mod model;
+mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lora_core::{load_lora, LoraSummary, UnknownKeys};
@@ -31,6 +32,15 @@ enum Command {
     Lora {
         #[command(subcommand)]
         command: LoraCommand,
+    },
+    /// Train a LoRA from a job file (see `lorakit init`).
+    Train {
+        /// The job file.
+        job: PathBuf,
+        /// Continue from the run's saved state (also extends a finished run
+        /// when train.steps was raised).
+        #[arg(long)]
+        resume: bool,
     },
     /// Write a commented job file with defaults for a first character LoRA.
     Init {
@@ -128,6 +138,7 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
             print!("{}", LoraSummary::new(&loaded));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train { job, resume } => train::run(&job, resume, cli.quiet),
         Command::Init {
             out,
             model,

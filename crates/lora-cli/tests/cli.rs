@@ -135,30 +135,124 @@ fn bad_input_is_one_clear_error_and_no_panic() {
 }
 
 #[test]
-fn demo_writes_a_loadable_lora() {
+fn demo_trains_and_saves() {
     let dir = tempfile::tempdir().unwrap();
     let o = lorakit(&["demo", "--out", dir.path().to_str().unwrap()]);
     let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let file = dir.path().join("demo_lora.safetensors");
-    assert!(file.exists(), "{out}");
+    assert!(o.status.success(), "{out}{err}");
+    let run = dir.path().join("demo");
+    for f in [
+        "demo.safetensors",
+        "demo_000000010.safetensors",
+        "demo_000000030.safetensors",
+        "loss.csv",
+        "state.safetensors",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing: {out}");
+    }
     assert!(
-        out.contains("unet    788") && out.contains("te2     192"),
-        "{out}"
+        dir.path().join("job.toml").exists() && dir.path().join("dataset/char_000.png").exists()
     );
-    let o = lorakit(&["lora", "inspect", file.to_str().unwrap()]);
+    assert!(out.contains("validation loss by step: 0: "), "{out}");
+    // the validation loss falls clearly
+    let pct: f64 = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("falls by ")?
+                .split('%')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(pct > 5.0, "validation loss fell only {pct}%: {out}");
+    let o = lorakit(&[
+        "lora",
+        "inspect",
+        run.join("demo.safetensors").to_str().unwrap(),
+    ]);
     let (out, _) = text(&o);
-    assert!(o.status.success());
     assert!(
-        out.contains("F16 ×3156") && out.contains("trigger            myakumyaku-san"),
+        o.status.success() && out.contains("trigger            myakumyaku-san"),
         "{out}"
     );
-    // nothing but the final file (no temp files) is left behind
-    let names: Vec<_> = std::fs::read_dir(dir.path())
+}
+
+#[test]
+fn train_stops_cleanly_on_sigint_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.safetensors");
+    lora_sdxl::synthetic::write_random_checkpoint(
+        &model,
+        &lora_sdxl::SdxlConfig::tiny(),
+        1,
+        tch::Kind::Half,
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    lora_data::synthetic::write_character_dataset(&data, 4, 256, 256, "trig", 1).unwrap();
+    let job = dir.path().join("job.toml");
+    let mut text_job = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"));
+    text_job = text_job
+        .replace("steps = 3000", "steps = 400")
+        .replace("save_every = 100", "save_every = 1000")
+        .replace("resolution = [512, 768]", "resolution = [256]")
+        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
+        .replace("# device = \"cuda\"", "device = \"cpu\"");
+    std::fs::write(&job, text_job).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .args(["train", job.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until training is under way (the step-0 validation line), then Ctrl-C
+    let csv = dir.path().join("output/trig/loss.csv");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&csv)
+        .map(|s| s.lines().count() >= 2)
+        .unwrap_or(false)
+    {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("--resume") && err.contains("stopping after this step"),
+        "{out}{err}"
+    );
+    let run = dir.path().join("output/trig");
+    assert!(run.join("state.safetensors").exists());
+    let step_files: Vec<_> = std::fs::read_dir(&run)
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("trig_"))
         .collect();
-    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(step_files.len(), 1, "one checkpoint at the stop step");
+    // resume a little further: raise nothing, just check it says where it resumes
+    let text_job = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("steps = 400", "steps = 1");
+    std::fs::write(&job, text_job).unwrap();
+    let o = lorakit(&["train", job.to_str().unwrap(), "--resume"]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("raise train.steps"),
+        "{err}"
+    );
 }
 
 fn small_dataset(dir: &Path) {

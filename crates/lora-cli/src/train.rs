@@ -1,0 +1,53 @@
+//! `lorakit train`: runs a job file; Ctrl-C finishes the step, saves a
+//! checkpoint and the resumable state, and exits 0; a second Ctrl-C aborts
+//! at once (files are written atomically, so nothing is corrupted).
+
+use crate::AnyResult;
+use lora_sdxl::train::{train, TrainOptions};
+use lora_sdxl::JobConfig;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub fn run(job_path: &Path, resume: bool, quiet: bool) -> AnyResult<ExitCode> {
+    let job = JobConfig::load(job_path)?;
+    job.validate(job_path)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let presses = Arc::new(AtomicUsize::new(0));
+    {
+        let (stop, presses) = (stop.clone(), presses.clone());
+        let _ = ctrlc::set_handler(move || {
+            if presses.fetch_add(1, Ordering::SeqCst) == 0 {
+                eprintln!("\nstopping after this step (saving a checkpoint and the state); press Ctrl-C again to abort now");
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!("\naborted; the last saved checkpoint and state are intact");
+                std::process::exit(130);
+            }
+        });
+    }
+    let report = train(
+        &job,
+        job_path,
+        &TrainOptions {
+            resume,
+            quiet,
+            stop,
+            stop_at_step: None,
+        },
+    )?;
+    if !report.interrupted {
+        println!(
+            "done: {} steps; LoRA files in {} (newest: {})",
+            report.step,
+            report.run_dir.display(),
+            report
+                .last_lora
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
