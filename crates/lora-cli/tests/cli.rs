@@ -201,7 +201,7 @@ fn train_stops_cleanly_on_sigint_and_resumes() {
         .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
         .replace("# device = \"cuda\"", "device = \"cpu\"");
     std::fs::write(&job, text_job).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
         .args(["train", job.to_str().unwrap()])
         .env_remove("LD_LIBRARY_PATH")
         .stdout(std::process::Stdio::piped())
