@@ -752,6 +752,9 @@ impl JobConfig {
                 return err(&f("shuffle_tokens"), "cache_text_embeddings needs static captions: turn off caption/tag dropout and shuffling".into());
             }
         }
+        if t.cache_text_embeddings {
+            return err("train.cache_text_embeddings", "not implemented yet in lorakit: set it to false (the text encoders then run every step)".into());
+        }
         if t.cache_text_embeddings && t.train_text_encoder {
             return err(
                 "train.cache_text_embeddings",
@@ -1029,6 +1032,10 @@ mod tests {
                 "sample.prompts",
             ),
             (Box::new(|c| c.save.dtype = "int8".into()), "save.dtype"),
+            (
+                Box::new(|c| c.train.cache_text_embeddings = true),
+                "train.cache_text_embeddings",
+            ),
         ];
         for (edit, field) in cases {
             let e = check(&*edit).unwrap_or_else(|| panic!("{field}: expected an error"));

@@ -472,6 +472,29 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         .unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465);
     let val_every = job.validation.every.unwrap_or(job.save.save_every);
 
+    // latent cache under the run's output (never in the dataset), keyed by image
+    // content, bucket, crop, flip and the VAE's identity (model file name, size, mtime)
+    let vae_id = {
+        let p = &job.model.name_or_path;
+        let m = std::fs::metadata(p).ok();
+        let mtime = m
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!(
+            "{}:{}:{mtime}",
+            p.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            m.as_ref().map(|m| m.len()).unwrap_or(0)
+        )
+    };
+    let cache = job
+        .train
+        .cache_latents
+        .then(|| lora_data::TensorCache::new(run_dir.join("cache").join("latents")));
     let ctx = Ctx {
         job,
         model: &model,
@@ -479,6 +502,8 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         tables: &tables,
         data: &data,
         v_pred,
+        cache,
+        vae_id,
     };
     let mut report = TrainReport {
         step,
@@ -616,17 +641,59 @@ struct Ctx<'a> {
     tables: &'a ScheduleTables,
     data: &'a Data,
     v_pred: bool,
+    cache: Option<lora_data::TensorCache>,
+    vae_id: String,
 }
 
 impl Ctx<'_> {
-    /// Pixels → scaled latents (VAE sample with a seeded draw).
-    fn latents(&self, pixels: &Tensor, seed: u64) -> Tensor {
-        tch::no_grad(|| {
-            let (mean, logvar) = self.model.vae.encode_moments(pixels);
+    /// Scaled latents of a planned batch: VAE moments (from the content-keyed
+    /// cache when `cache_latents`, else encoded now), then a seeded sample.
+    fn latents(&self, planned: &PlannedBatch, seed: u64) -> Result<Tensor> {
+        let keys: Option<Vec<String>> = self.cache.as_ref().map(|_| {
+            planned
+                .items
+                .iter()
+                .map(|it| {
+                    lora_data::LatentKey {
+                        image_hash: self.data.images[it.image].content_hash.clone(),
+                        bucket: it.placement.bucket,
+                        crop: it.placement.crop,
+                        flip: it.flip,
+                        vae_id: self.vae_id.clone(),
+                    }
+                    .canonical()
+                })
+                .collect()
+        });
+        let device = self.model.unet_device();
+        let cached: Option<Vec<Tensor>> = match (&self.cache, &keys) {
+            (Some(c), Some(keys)) => keys
+                .iter()
+                .map(|k| c.get(k).and_then(|mut m| m.remove("moments")))
+                .collect(),
+            _ => None,
+        };
+        let moments = match cached {
+            Some(m) => Tensor::stack(&m, 0).to_device(device),
+            None => {
+                let pixels = self.pixels(planned)?;
+                let (mean, logvar) = tch::no_grad(|| self.model.vae.encode_moments(&pixels));
+                let m = Tensor::cat(&[mean.to_kind(Kind::Float), logvar.to_kind(Kind::Float)], 1);
+                if let (Some(c), Some(keys)) = (&self.cache, &keys) {
+                    for (i, k) in keys.iter().enumerate() {
+                        c.put(k, &[("moments", &m.get(i as i64).to_device(Device::Cpu))])
+                            .map_err(|e| terr(e.to_string()))?;
+                    }
+                }
+                m
+            }
+        };
+        Ok(tch::no_grad(|| {
+            let parts = moments.chunk(2, 1);
             tch::manual_seed(seed as i64);
-            let z = &mean + (logvar * 0.5).exp() * mean.randn_like();
-            z.to_kind(Kind::Float) * self.model.vae.config.scaling_factor
-        })
+            let z = &parts[0] + (&parts[1] * 0.5).exp() * parts[0].randn_like();
+            z * self.model.vae.config.scaling_factor
+        }))
     }
 
     fn conditioning(
@@ -693,7 +760,7 @@ impl Ctx<'_> {
                 self.data.captions[s.dataset].process(&self.data.images[s.image].caption, &mut rng)
             })
             .collect();
-        let x0 = self.latents(&self.pixels(planned)?, rng.gen());
+        let x0 = self.latents(planned, rng.gen())?;
         let b = x0.size()[0];
         let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
         tch::manual_seed(step_seed);
@@ -743,7 +810,7 @@ impl Ctx<'_> {
                 )
             };
             let loss = tch::no_grad(|| -> Result<f64> {
-                let x0 = self.latents(&self.pixels(planned)?, seed ^ (i as u64 * 7919));
+                let x0 = self.latents(planned, seed ^ (i as u64 * 7919))?;
                 let device = x0.device();
                 let mut l = 0.0;
                 // stratified timesteps, fixed noise

@@ -88,6 +88,7 @@ fn trains_saves_rotates_and_learns() {
     assert_eq!(
         files,
         vec![
+            "cache",
             "job.toml",
             "loss.csv",
             "run.safetensors",
@@ -95,6 +96,12 @@ fn trains_saves_rotates_and_learns() {
             "state.safetensors"
         ]
     );
+    // one cached latent per (image, bucket, crop, flip): 6 square images at 256, centre crop, no flip
+    let cached: usize = std::fs::read_dir(dir.join("cache/latents"))
+        .unwrap()
+        .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+        .sum();
+    assert_eq!(cached, 6);
     // the final file is a kohya LoRA with metadata
     let l =
         lora_core::load_lora(dir.join("run.safetensors"), lora_core::UnknownKeys::Reject).unwrap();
