@@ -711,6 +711,9 @@ impl JobConfig {
             );
         }
         one_of("train.dtype", &t.dtype, &["bf16", "fp16", "fp32"])?;
+        if t.cache_text_embeddings {
+            return err("train.cache_text_embeddings", "not implemented yet in lorakit: set it to false (the text encoders then run every step)".into());
+        }
         if self.datasets.is_empty() {
             return err(
                 "datasets",
@@ -751,9 +754,6 @@ impl JobConfig {
             {
                 return err(&f("shuffle_tokens"), "cache_text_embeddings needs static captions: turn off caption/tag dropout and shuffling".into());
             }
-        }
-        if t.cache_text_embeddings {
-            return err("train.cache_text_embeddings", "not implemented yet in lorakit: set it to false (the text encoders then run every step)".into());
         }
         if t.cache_text_embeddings && t.train_text_encoder {
             return err(
