@@ -537,6 +537,17 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
     let mut loss_n = 0u64;
     let mut micro = 0u64;
     model.slots.set_training(true);
+    // a progress bar on a terminal; plain lines otherwise (logs, CI, pipes)
+    let bar = (!opts.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout())).then(|| {
+        let b = indicatif::ProgressBar::new(t.steps).with_position(step);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
     'outer: loop {
         let batches = data.epoch(epoch, job.job.seed);
         while batch_in_epoch < batches.len() {
@@ -563,6 +574,9 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
             opt_te.zero_grad();
             step += 1;
             report.step = step;
+            if let Some(b) = &bar {
+                b.set_position(step);
+            }
             let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
             let log_now =
                 step % 10 == 0 || step == t.steps || step % job.save.save_every == 0 || stopping;
@@ -581,7 +595,14 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
                 };
                 let secs = t0.elapsed().as_secs_f64();
                 append_csv(&csv_path, step, Some(mean), Some(lr), val, secs)?;
-                say(format!(
+                if let Some(b) = &bar {
+                    b.set_message(format!("loss {mean:.4}"));
+                }
+                let line = |s: String| match &bar {
+                    Some(b) => b.println(s),
+                    None => say(s),
+                };
+                line(format!(
                     "step {step}/{}: loss {mean:.5}, lr {lr:.2e}{}, {:.2} s/step",
                     t.steps,
                     val.map(|v| format!(", validation loss {v:.5}"))
@@ -628,6 +649,9 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         }
         epoch += 1;
         batch_in_epoch = 0;
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
     model.slots.set_training(false);
     model.detach_loras();
