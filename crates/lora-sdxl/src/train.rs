@@ -247,6 +247,9 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
             job_path.display()
         )));
     }
+    if job.train.gradient_checkpointing {
+        tracing::warn!("train.gradient_checkpointing is not implemented yet: activations are kept (more memory)");
+    }
     let t0 = Instant::now();
     let say = |s: String| {
         if !opts.quiet {
