@@ -72,19 +72,14 @@ fn map_file(path: &Path) -> Result<(Mapped, Vec<RawInfo>)> {
     let mut raw = Vec::new();
     for (name, info) in meta.tensors() {
         let kind = match info.dtype {
-            safetensors::Dtype::F32 => Kind::Float,
-            safetensors::Dtype::F16 => Kind::Half,
-            safetensors::Dtype::BF16 => Kind::BFloat16,
-            safetensors::Dtype::F64 => Kind::Double,
-            safetensors::Dtype::I64 => Kind::Int64,
-            safetensors::Dtype::I32 => Kind::Int,
             safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2 => {
                 return Err(bad(format!(
                     "tensor `{name}` is stored in {:?} (fp8); lorakit loads fp32/fp16/bf16 checkpoints: convert it to fp16 first",
                     info.dtype
                 )))
             }
-            other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            other => lora_core::io::kind_of(other)
+                .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {other:?}")))?,
         };
         let (start, end) = info.data_offsets;
         if data_start + end > mmap.len() {
