@@ -506,6 +506,7 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         data: &data,
         v_pred,
         cache,
+        memory: Default::default(),
         vae_id,
     };
     let mut report = TrainReport {
@@ -669,6 +670,8 @@ struct Ctx<'a> {
     data: &'a Data,
     v_pred: bool,
     cache: Option<lora_data::TensorCache>,
+    /// Latent moments already read or computed this run (by cache key).
+    memory: std::cell::RefCell<std::collections::HashMap<String, Tensor>>,
     vae_id: String,
 }
 
@@ -696,7 +699,20 @@ impl Ctx<'_> {
         let cached: Option<Vec<Tensor>> = match (&self.cache, &keys) {
             (Some(c), Some(keys)) => keys
                 .iter()
-                .map(|k| c.get(k).and_then(|mut m| m.remove("moments")))
+                .map(|k| {
+                    // memory first: after the first epoch no step re-reads the disk
+                    if let Some(t) = self.memory.borrow().get(k) {
+                        return Some(t.shallow_clone());
+                    }
+                    let t = c
+                        .get(k)
+                        .and_then(|mut m| m.remove("moments"))?
+                        .to_device(device);
+                    self.memory
+                        .borrow_mut()
+                        .insert(k.clone(), t.shallow_clone());
+                    Some(t)
+                })
                 .collect(),
             _ => None,
         };
@@ -710,6 +726,7 @@ impl Ctx<'_> {
                     for (i, k) in keys.iter().enumerate() {
                         c.put(k, &[("moments", &m.get(i as i64).to_device(Device::Cpu))])
                             .map_err(|e| terr(e.to_string()))?;
+                        self.memory.borrow_mut().insert(k.clone(), m.get(i as i64));
                     }
                 }
                 m
@@ -823,7 +840,10 @@ impl Ctx<'_> {
 
     /// Mean loss over the fixed validation set with fixed noise and timesteps.
     fn validation_loss(&self, items: &[(PlannedBatch, Vec<Sample>)], seed: u64) -> Result<f64> {
-        let mut total = 0.0;
+        const TIMESTEPS: [i64; 5] = [100, 300, 500, 700, 900];
+        let device = self.model.unet_device();
+        // summed on the device; one host read per validation
+        let mut total = Tensor::zeros([], (Kind::Float, device));
         for (i, (planned, samples)) in items.iter().enumerate() {
             let caption = {
                 let s = &samples[0];
@@ -836,12 +856,11 @@ impl Ctx<'_> {
                     &mut derived_rng(seed, &[4, i as u64]),
                 )
             };
-            let loss = tch::no_grad(|| -> Result<f64> {
+            tch::no_grad(|| -> Result<()> {
                 let x0 = self.latents(planned, seed ^ (i as u64 * 7919))?;
-                let device = x0.device();
-                let mut l = 0.0;
+                let (context, y) = self.conditioning(planned, samples, vec![caption])?;
                 // stratified timesteps, fixed noise
-                for (k, tv) in [100i64, 300, 500, 700, 900].iter().enumerate() {
+                for (k, tv) in TIMESTEPS.iter().enumerate() {
                     tch::manual_seed((seed as i64 & 0xffff_ffff) + (i as i64) * 16 + k as i64);
                     let noise = x0.randn_like();
                     let ts = Tensor::from_slice(&[*tv]).to_device(device);
@@ -851,21 +870,17 @@ impl Ctx<'_> {
                     } else {
                         noise
                     };
-                    let (context, y) =
-                        self.conditioning(planned, samples, vec![caption.clone()])?;
                     let pred =
                         self.model
                             .unet
                             .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
-                    l += per_sample_loss(&pred, &target, None)
-                        .mean(Kind::Float)
-                        .double_value(&[]);
+                    total += per_sample_loss(&pred, &target, None).mean(Kind::Float);
                 }
-                Ok(l / 5.0)
+                Ok(())
             })?;
-            total += loss;
         }
-        Ok(total / items.len().max(1) as f64)
+        let n = (items.len().max(1) * TIMESTEPS.len()) as f64;
+        Ok(total.double_value(&[]) / n)
     }
 }
 
