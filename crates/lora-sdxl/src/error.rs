@@ -31,6 +31,14 @@ pub enum SdxlError {
         /// The first few.
         first: Vec<String>,
     },
+    /// A sampling or job parameter is out of range.
+    #[error("{name}: {reason}")]
+    Param {
+        /// The parameter (`width`, `steps`, …).
+        name: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// A LoRA problem.
     #[error(transparent)]
     Lora(#[from] lora_core::LoraError),

@@ -2,11 +2,15 @@
 //!
 //! SDXL-family models over libtorch (via `tch`) with LoRA slots.
 //!
-//! Present today: the model configuration ([`SdxlConfig::base`],
-//! [`SdxlConfig::tiny`]), the enumeration of every module kohya's LoRA/LoCon
-//! adapts ([`targets::lora_targets`]) and the single-file key layout
-//! ([`keys`]). The UNet, text encoders, VAE, loader, samplers and trainer are
-//! tracked in the project's issues.
+//! * [`SdxlModel::load`]: single-file checkpoints (and diffusers folders) of
+//!   SDXL 1.0 and its fine-tunes, recognised from keys and shapes
+//!   ([`SdxlConfig::base`], [`SdxlConfig::tiny`] for tests);
+//! * LoRA slots on every module kohya's LoRA/LoCon adapts
+//!   ([`targets::lora_targets`]), LoRAs attached at strengths
+//!   ([`SdxlModel::attach_lora`]);
+//! * text-to-image with ComfyUI-compatible seeds ([`pipeline::txt2img`],
+//!   samplers in [`sampling`]);
+//! * LoRA training from a job file ([`train::train`], [`JobConfig`]).
 
 pub mod attention;
 pub mod clip;
@@ -18,7 +22,9 @@ pub mod keys;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod pipeline;
 pub mod resnet;
+pub mod sampling;
 pub mod schedule;
 pub mod synthetic;
 pub mod targets;
@@ -34,6 +40,8 @@ pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use error::{Result, SdxlError};
 pub use job::{JobConfig, JobError};
 pub use model::{detect, Detected, SdxlModel};
+pub use pipeline::{txt2img, GenerateParams};
+pub use sampling::{Sampler, SamplerSpec, SigmaSchedule};
 pub use targets::{lora_targets, Target, TargetScope};
 pub use tokenizer::ClipTokenizer;
 pub use unet::Unet;

@@ -487,7 +487,13 @@ fn build(
         Component::Te2,
         slots,
     );
-    let vae = Vae::new(&at(VAE_PREFIX), &cfg.vae);
+    // The VAE never runs in plain fp16 (SDXL's VAE overflows to NaN there):
+    // an fp16 model keeps its VAE in fp32.
+    let vae_vb = match vb.kind() {
+        Kind::Half => at(VAE_PREFIX).with_kind(Kind::Float),
+        _ => at(VAE_PREFIX),
+    };
+    let vae = Vae::new(&vae_vb, &cfg.vae);
     (unet, te1, te2, vae)
 }
 

@@ -378,6 +378,12 @@ impl VarBuilder {
         let p = &self.prefix[self.root..];
         p.strip_suffix('.').unwrap_or(p)
     }
+    /// The same scope loading weights in `kind` (same problem list and records).
+    pub fn with_kind(&self, kind: Kind) -> Self {
+        let mut v = self.clone();
+        v.kind = kind;
+        v
+    }
     /// Dtype weights are loaded in.
     pub fn kind(&self) -> Kind {
         self.kind
