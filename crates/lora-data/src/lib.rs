@@ -19,6 +19,7 @@ pub mod check;
 pub mod error;
 pub mod image_io;
 pub mod loader;
+pub mod render;
 pub mod scan;
 pub mod synthetic;
 
