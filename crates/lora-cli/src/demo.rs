@@ -4,8 +4,9 @@
 //! "character" with a blue hat in varied poses and backgrounds, tag captions
 //! with the trigger `myakumyaku-san`), a tiny SDXL-architecture base model in
 //! the real single-file layout (random weights), and the job file it uses;
-//! trains a LoRA on CPU, saving checkpoints and a fixed-seed validation loss;
-//! and prints where everything is. The base model is random, so the LoRA
+//! trains a LoRA on CPU, saving checkpoints, a fixed-seed validation loss,
+//! the loss chart and a step-comparison grid of samples; and prints where
+//! everything is. The base model is random, so the LoRA
 //! learns this dataset's noise-prediction task, not a picture-making skill.
 
 use crate::AnyResult;
@@ -53,6 +54,21 @@ pub fn run(out: &Path) -> AnyResult {
     job.train.dtype = "fp32".into();
     job.datasets[0].resolution = vec![256];
     job.validation.images = Some(4);
+    // Samples at step 0 and every save: prompts outside the training set
+    // (other backgrounds and poses), fixed seed, as users check checkpoints.
+    job.sample.disable = false;
+    job.sample.sample_every = 10;
+    job.sample.prompts = vec![
+        "[trigger], solo, full body, beach".into(),
+        "[trigger], solo, looking at viewer, city at night".into(),
+    ];
+    job.sample.negative_prompt = "blurry".into();
+    job.sample.sampler = "dpmpp_2m_karras".into();
+    job.sample.sample_steps = 10;
+    job.sample.guidance_scale = 5.0;
+    job.sample.width = 256;
+    job.sample.height = 256;
+    job.sample.strength = 1.0;
     lora_core::io::write_atomic(&job_path, toml::to_string(&job)?.as_bytes())?;
     println!(
         "[3/4] training with {} (40 steps, batch 2 × accumulation 2, CPU)",
@@ -78,7 +94,7 @@ pub fn run(out: &Path) -> AnyResult {
         LoraSummary::new(&load_lora(&final_lora, UnknownKeys::Reject)?)
     );
     println!(
-        "\ndone in {:.0} s. Everything is in {}:\n  dataset/            the synthetic images and captions\n  tiny_sdxl.safetensors  the base model\n  job.toml            the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/               checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, state.safetensors",
+        "\ndone in {:.0} s. Everything is in {}:\n  dataset/            the synthetic images and captions\n  tiny_sdxl.safetensors  the base model\n  job.toml            the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/               checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, loss.png, state.safetensors\n  demo/samples/grid.png  the step-comparison grid (prompts × steps; the base model is random, so images are noise)",
         t0.elapsed().as_secs_f64(),
         out.display(),
         job_path.display()

@@ -3,6 +3,7 @@
 mod data;
 mod demo;
 mod model;
+mod sample;
 mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -42,6 +43,12 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Generate images with a model and LoRAs at strengths; PNGs carry their
+    /// parameters (A1111 `parameters` text chunk).
+    Sample(sample::SampleArgs),
+    /// Compare LoRA checkpoints: one labelled grid of prompts × checkpoints
+    /// (by step) or strengths, every other parameter fixed.
+    Grid(sample::GridArgs),
     /// Write a commented job file with defaults for a first character LoRA.
     Init {
         /// Where to write it.
@@ -159,6 +166,8 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model { command } => model::run(command),
+        Command::Sample(a) => sample::sample(a, cli.quiet),
+        Command::Grid(a) => sample::grid(a, cli.quiet),
         Command::Dataset { command } => data::dataset(command),
         Command::Caption { command } => data::caption(command),
         Command::Demo { out } => demo::run(&out).map(|()| ExitCode::SUCCESS),

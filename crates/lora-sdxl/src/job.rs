@@ -292,6 +292,31 @@ impl Default for SampleSection {
     }
 }
 
+impl SampleSection {
+    /// Generation parameters for one prompt (`[trigger]` becomes the trigger word).
+    pub fn generate_params(
+        &self,
+        prompt: &str,
+        trigger: Option<&str>,
+    ) -> crate::pipeline::GenerateParams {
+        let fill = |p: &str| match trigger {
+            Some(t) => p.replace("[trigger]", t),
+            None => p.to_string(),
+        };
+        crate::pipeline::GenerateParams {
+            prompt: fill(prompt),
+            negative: fill(&self.negative_prompt),
+            steps: self.sample_steps as usize,
+            cfg: self.guidance_scale,
+            sampler: self.sampler.parse().unwrap_or_default(),
+            seed: self.seed,
+            width: self.width,
+            height: self.height,
+            batch_size: 1,
+        }
+    }
+}
+
 /// `[validation]`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -763,21 +788,23 @@ impl JobConfig {
             );
         }
         let s = &self.sample;
-        one_of(
-            "sample.sampler",
-            &s.sampler,
-            &[
-                "euler",
-                "euler_ancestral",
-                "dpmpp_2m",
-                "dpmpp_2m_karras",
-                "ddim",
-            ],
-        )?;
-        if s.width % 8 != 0 || s.height % 8 != 0 || s.width == 0 || s.height == 0 {
+        if let Err(e) = s.sampler.parse::<crate::sampling::SamplerSpec>() {
+            return err("sample.sampler", e);
+        }
+        if let Err(crate::SdxlError::Param { name, reason }) =
+            s.generate_params("", None).validate()
+        {
+            let field = match name {
+                "steps" => "sample_steps",
+                "cfg" => "guidance_scale",
+                other => other,
+            };
+            return err(&format!("sample.{field}"), reason);
+        }
+        if !(s.strength.is_finite() && (-4.0..=4.0).contains(&s.strength)) {
             return err(
-                "sample.width",
-                format!("{}×{} must be positive multiples of 8", s.width, s.height),
+                "sample.strength",
+                format!("{} must be between -4 and 4 (usually 0.6 to 1.0)", s.strength),
             );
         }
         if !s.disable && s.prompts.is_empty() {

@@ -14,6 +14,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod compare;
 pub mod conditioning;
 pub mod config;
 pub mod error;

@@ -15,6 +15,32 @@ use std::path::Path;
 use std::rc::Rc;
 use tch::{Device, Kind};
 
+/// The device named by `cpu`, `cuda`, `cuda:N` (`None`: CUDA when
+/// available, else CPU). CUDA requested but unavailable is an error.
+pub fn resolve_device(spec: Option<&str>) -> std::result::Result<Device, String> {
+    let device = match spec.map(str::trim) {
+        None | Some("") => return Ok(Device::cuda_if_available()),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => return Err(format!("`{d}` is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"")),
+        },
+    };
+    if let Device::Cuda(n) = device {
+        if !tch::Cuda::is_available() {
+            return Err("CUDA is not available in this libtorch/driver; use \"cpu\"".into());
+        }
+        if n >= tch::Cuda::device_count() as usize {
+            return Err(format!(
+                "cuda:{n} does not exist ({} CUDA device(s))",
+                tch::Cuda::device_count()
+            ));
+        }
+    }
+    Ok(device)
+}
+
 /// What a checkpoint file holds, judged from its keys and shapes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detected {

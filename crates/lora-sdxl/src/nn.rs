@@ -96,6 +96,15 @@ impl Slots {
             info.slot.clear();
         }
     }
+    /// Sets the strength of every attached adapter (e.g. to sample a LoRA
+    /// under training at the strength users will load it with).
+    pub fn set_multiplier(&self, m: f64) {
+        for info in self.map.borrow().values() {
+            for a in info.slot.adapters.borrow_mut().iter_mut() {
+                a.set_multiplier(m);
+            }
+        }
+    }
     /// Training mode: adapters apply their dropouts (kohya semantics).
     pub fn set_training(&self, on: bool) {
         self.training.set(on);

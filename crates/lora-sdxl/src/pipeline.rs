@@ -57,10 +57,7 @@ impl Default for GenerateParams {
             negative: String::new(),
             steps: 25,
             cfg: 7.0,
-            sampler: SamplerSpec {
-                sampler: Sampler::Euler,
-                schedule: crate::sampling::SigmaSchedule::Normal,
-            },
+            sampler: SamplerSpec::default(),
             seed: 0,
             width: 1024,
             height: 1024,

@@ -51,6 +51,15 @@ pub struct SamplerSpec {
     pub schedule: SigmaSchedule,
 }
 
+impl Default for SamplerSpec {
+    fn default() -> Self {
+        Self {
+            sampler: Sampler::Euler,
+            schedule: SigmaSchedule::Normal,
+        }
+    }
+}
+
 /// The sampler names [`SamplerSpec`] accepts.
 pub const SAMPLER_NAMES: &[&str] = &[
     "euler",

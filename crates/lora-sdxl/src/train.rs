@@ -257,24 +257,18 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         }
     };
     let data = scan_data(job, opts.quiet)?;
-    let device = match job.job.device.as_deref() {
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(d) => Device::Cuda(d.trim_start_matches("cuda:").parse().unwrap_or(0)),
-        None => Device::cuda_if_available(),
-    };
-    if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() {
-        return Err(terr(format!(
-            "{}: job.device: CUDA is not available in this libtorch/driver; use \"cpu\"",
-            job_path.display()
-        )));
-    }
-    let model = SdxlModel::load(&job.model.name_or_path, kind_of(&job.train.dtype), device)?;
+    let device = crate::model::resolve_device(job.job.device.as_deref())
+        .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
+    let mut model = SdxlModel::load(&job.model.name_or_path, kind_of(&job.train.dtype), device)?;
     let prediction = match job.model.prediction.as_deref() {
         Some("v_prediction") => Prediction::V,
         Some(_) => Prediction::Epsilon,
         None => model.detected.prediction,
     };
+    // The job's settings win over the checkpoint's markers (samples use them too).
+    model.detected.prediction = prediction;
+    model.detected.zero_terminal_snr |= job.model.zero_terminal_snr;
+    let model = model;
     let v_pred = prediction == Prediction::V;
     let schedule =
         NoiseSchedule::sdxl(job.model.zero_terminal_snr || model.detected.zero_terminal_snr);
@@ -535,6 +529,10 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         say(format!("step 0: validation loss {v:.5}"));
     }
 
+    if !opts.resume && !job.sample.disable {
+        training_samples(job, &model, &tok, &run_dir, 0, opts.quiet)?;
+    }
+
     // ---- the loop
     let accum = t.gradient_accumulation as u64;
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
@@ -638,6 +636,24 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
                     batch_in_epoch,
                 )?;
                 report.last_lora = Some(p);
+                write_loss_chart(
+                    &csv_path,
+                    &run_dir.join("loss.png"),
+                    &format!("{}: loss by step", job.job.name),
+                )?;
+            }
+            let sample_now = !job.sample.disable
+                && (step % job.sample.sample_every == 0 || step == t.steps);
+            if sample_now {
+                model.slots.set_training(false);
+                let r = training_samples(job, &model, &tok, &run_dir, step, true);
+                model.slots.set_training(true);
+                let dir = r?;
+                if let Some(b) = &bar {
+                    b.println(format!("step {step}: samples in {}", dir.display()));
+                } else {
+                    say(format!("step {step}: samples in {}", dir.display()));
+                }
             }
             if stopping && step < t.steps {
                 report.interrupted = true;
@@ -660,6 +676,66 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
     model.slots.set_training(false);
     model.detach_loras();
     Ok(report)
+}
+
+/// Renders the job's sample prompts with the LoRA under training (at
+/// `sample.strength`) into `<run>/samples/<step>_p<row>.png` and refreshes
+/// `<run>/samples/grid.png` (prompts × steps).
+fn training_samples(
+    job: &JobConfig,
+    model: &SdxlModel,
+    tok: &ClipTokenizer,
+    run_dir: &Path,
+    step: u64,
+    quiet: bool,
+) -> Result<PathBuf> {
+    use crate::compare::{parameters_text, software, training_sample_name, training_samples_grid};
+    let s = &job.sample;
+    let dir = run_dir.join("samples");
+    std::fs::create_dir_all(&dir).map_err(|e| SdxlError::io(&dir, e))?;
+    let trigger = job.job.trigger_word.as_deref();
+    let prompts: Vec<String> = s
+        .prompts
+        .iter()
+        .map(|p| s.generate_params(p, trigger).prompt)
+        .collect();
+    let model_name = job
+        .model
+        .name_or_path
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lora = crate::compare::LoraUse {
+        path: PathBuf::from(format!("{}_{step:09}.safetensors", job.job.name)),
+        strength: s.strength,
+    };
+    model.slots.set_multiplier(s.strength);
+    let result = (|| -> Result<()> {
+        for (r, prompt) in s.prompts.iter().enumerate() {
+            let p = s.generate_params(prompt, trigger);
+            let img = crate::pipeline::txt2img(model, tok, &p, &mut |_| {})?.remove(0);
+            let text = parameters_text(&p, &model_name, std::slice::from_ref(&lora), &[]);
+            lora_data::render::save_png(
+                dir.join(training_sample_name(step, r)),
+                &img,
+                &[("parameters", &text), ("software", &software())],
+            )
+            .map_err(|e| terr(e.to_string()))?;
+        }
+        Ok(())
+    })();
+    model.slots.set_multiplier(1.0);
+    result?;
+    let (sampler, schedule) = s.generate_params("", None).sampler.a1111_names();
+    let title = format!(
+        "{} | seed {} | {} steps | {sampler} {schedule} | CFG {} | strength {} | {}x{}",
+        job.job.name, s.seed, s.sample_steps, s.guidance_scale, s.strength, s.width, s.height
+    );
+    training_samples_grid(&dir, &prompts, &title)?;
+    if !quiet {
+        println!("step {step}: samples in {}", dir.display());
+    }
+    Ok(dir)
 }
 
 struct Ctx<'a> {
@@ -901,6 +977,42 @@ fn append_csv(
         .map_err(|e| SdxlError::io(path, e))?;
     file.write_all(line.as_bytes())
         .map_err(|e| SdxlError::io(path, e))
+}
+
+/// Draws `loss.png` from `loss.csv`: the training loss (mean per log line)
+/// and the fixed-seed validation loss by step.
+pub fn write_loss_chart(csv: &Path, png: &Path, title: &str) -> Result<()> {
+    use lora_data::render::{line_chart, save_png, Series};
+    let text = std::fs::read_to_string(csv).map_err(|e| SdxlError::io(csv, e))?;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split(',').collect();
+        let num = |i: usize| cols.get(i).and_then(|v| v.parse::<f64>().ok());
+        let Some(step) = num(0) else { continue };
+        if let Some(l) = num(1) {
+            train.push((step, l));
+        }
+        if let Some(v) = num(3) {
+            val.push((step, v));
+        }
+    }
+    let series = [
+        Series {
+            label: "training loss".into(),
+            color: image::Rgb([70, 130, 200]),
+            points: train,
+            dots: false,
+        },
+        Series {
+            label: "validation loss (fixed seed)".into(),
+            color: image::Rgb([220, 80, 30]),
+            points: val,
+            dots: true,
+        },
+    ];
+    let img = line_chart(title, "step", &series, 900, 500);
+    save_png(png, &img, &[("software", &crate::compare::software())])
+        .map_err(|e| terr(e.to_string()))
 }
 
 fn lora_set(leaves: &[Leaf]) -> Result<LoraSet> {
