@@ -95,7 +95,10 @@ pub struct GridArgs {
 
 impl Common {
     fn params(&self, prompt: &str, batch: usize) -> AnyResult<GenerateParams> {
-        let sampler: SamplerSpec = self.sampler.parse().map_err(|e| format!("--sampler: {e}"))?;
+        let sampler: SamplerSpec = self
+            .sampler
+            .parse()
+            .map_err(|e| format!("--sampler: {e}"))?;
         let p = GenerateParams {
             prompt: prompt.to_string(),
             negative: self.negative.clone(),
@@ -211,7 +214,11 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
         let path = a
             .out
             .join(format!("{:05}-{}.png", first + i as u32, params.seed));
-        lora_data::render::save_png(&path, img, &[("parameters", &text), ("software", &software())])?;
+        lora_data::render::save_png(
+            &path,
+            img,
+            &[("parameters", &text), ("software", &software())],
+        )?;
         if !quiet {
             println!("wrote {}", path.display());
         }
@@ -222,7 +229,8 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
 fn read_prompts(a: &GridArgs) -> AnyResult<Vec<String>> {
     let mut prompts = Vec::new();
     if let Some(f) = &a.prompts {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("--prompts {}: {e}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("--prompts {}: {e}", f.display()))?;
         prompts.extend(
             text.lines()
                 .map(str::trim)

@@ -134,8 +134,17 @@ fn bad_input_is_one_clear_error_and_no_panic() {
     assert!(!o.status.success());
 }
 
+fn png_parameters(path: &Path) -> String {
+    lora_data::render::png_text(path)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "parameters")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
 #[test]
-fn demo_trains_and_saves() {
+fn demo_trains_saves_samples_and_compares() {
     let dir = tempfile::tempdir().unwrap();
     let o = lorakit(&["demo", "--out", dir.path().to_str().unwrap()]);
     let (out, err) = text(&o);
@@ -146,10 +155,25 @@ fn demo_trains_and_saves() {
         "demo_000000010.safetensors",
         "demo_000000030.safetensors",
         "loss.csv",
+        "loss.png",
         "state.safetensors",
+        "samples/000000000_p00.png",
+        "samples/000000040_p01.png",
     ] {
         assert!(run.join(f).exists(), "{f} missing: {out}");
     }
+    // The in-training grid: 2 prompts × 5 sample rounds (steps 0..=40 by 10).
+    let grid = image::open(run.join("samples/grid.png")).unwrap();
+    assert!(
+        grid.width() > 5 * 256 && grid.height() > 2 * 256,
+        "{:?}",
+        (grid.width(), grid.height())
+    );
+    let p = png_parameters(&run.join("samples/000000020_p01.png"));
+    assert!(
+        p.starts_with("myakumyaku-san, solo, looking at viewer, city at night <lora:demo_000000020:1>\nNegative prompt: blurry\nSteps: 10, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 42, Size: 256x256"),
+        "{p}"
+    );
     assert!(
         dir.path().join("job.toml").exists() && dir.path().join("dataset/char_000.png").exists()
     );
@@ -176,6 +200,117 @@ fn demo_trains_and_saves() {
     assert!(
         o.status.success() && out.contains("trigger            myakumyaku-san"),
         "{out}"
+    );
+
+    // `lorakit sample` with the final LoRA: PNG with A1111 parameters.
+    let model = dir.path().join("tiny_sdxl.safetensors");
+    let samples = dir.path().join("s");
+    let lora_arg = format!("{}:0.8", run.join("demo.safetensors").display());
+    let common = [
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+    ];
+    let mut args = vec![
+        "sample",
+        "--prompt",
+        "myakumyaku-san, beach",
+        "--lora",
+        &lora_arg,
+        "--batch",
+        "2",
+        "--out",
+        samples.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let o = lorakit(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("00001-7.png"), "{out}");
+    let p = png_parameters(&samples.join("00000-7.png"));
+    assert!(p.starts_with("myakumyaku-san, beach <lora:demo:0.8>\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 7, Size: 64x64, Model: tiny_sdxl, Lora hashes: \"demo: "), "{p}");
+    assert!(
+        p.ends_with(&format!("Version: lorakit {}", env!("CARGO_PKG_VERSION"))),
+        "{p}"
+    );
+
+    // `lorakit grid`: checkpoints (given out of order) × strengths, plus the base column.
+    let grid_dir = dir.path().join("g");
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# test prompts\nmyakumyaku-san, beach\n\nmyakumyaku-san, snow\n",
+    )
+    .unwrap();
+    let c30 = run.join("demo_000000030.safetensors");
+    let c10 = run.join("demo_000000010.safetensors");
+    let mut args = vec![
+        "grid",
+        "--loras",
+        c30.to_str().unwrap(),
+        c10.to_str().unwrap(),
+        "--strengths",
+        "0.5,1",
+        "--with-base",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        grid_dir.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let o = lorakit(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        out.contains("2 prompt(s) × 5 column(s) = 10 images"),
+        "{out}"
+    );
+    let names: Vec<String> = (0..5)
+        .map(|c| {
+            let label = [
+                "no_LoRA",
+                "step_10___0.5",
+                "step_10___1",
+                "step_30___0.5",
+                "step_30___1",
+            ][c];
+            format!("c{c:02}_{label}_p01.png")
+        })
+        .collect();
+    for n in &names {
+        assert!(grid_dir.join(n).exists(), "{n} missing");
+    }
+    assert!(png_parameters(&grid_dir.join(&names[3])).contains("<lora:demo_000000030:0.5>"));
+    assert!(!png_parameters(&grid_dir.join(&names[0])).contains("<lora:"));
+    let g = image::open(grid_dir.join("grid.png")).unwrap();
+    assert!(g.width() > 5 * 64 && g.height() > 2 * 64);
+    // Bad input: one clear error.
+    let o = lorakit(&[
+        "grid",
+        "--model",
+        model.to_str().unwrap(),
+        "--loras",
+        c10.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--width",
+        "100",
+        "--prompt",
+        "x",
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("--width: 100 must be a multiple of 8"),
+        "{err}"
     );
 }
 

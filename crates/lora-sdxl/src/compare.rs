@@ -259,11 +259,15 @@ pub fn render_grid(
                 .remove(0);
                 let path = out_dir.join(format!("c{c:02}_{}_p{r:02}.png", slug(&col.label)));
                 let text = parameters_text(&p, model_name, &col.loras, &hashes);
-                save_png(&path, &img, &[("parameters", &text), ("software", &software())])
-                    .map_err(|e| SdxlError::Param {
-                        name: "out",
-                        reason: e.to_string(),
-                    })?;
+                save_png(
+                    &path,
+                    &img,
+                    &[("parameters", &text), ("software", &software())],
+                )
+                .map_err(|e| SdxlError::Param {
+                    name: "out",
+                    reason: e.to_string(),
+                })?;
                 cells[r][c] = Some(img);
                 paths[r][c] = path;
             }
@@ -302,7 +306,11 @@ pub fn training_sample_name(step: u64, row: usize) -> String {
 /// Rebuilds `<dir>/grid.png` from the in-training samples in `dir`
 /// (`<step>_p<row>.png`): rows are `prompts`, columns every step found, in
 /// order. Returns the grid path, or `None` when there are no samples yet.
-pub fn training_samples_grid(dir: &Path, prompts: &[String], title: &str) -> Result<Option<PathBuf>> {
+pub fn training_samples_grid(
+    dir: &Path,
+    prompts: &[String],
+    title: &str,
+) -> Result<Option<PathBuf>> {
     let mut found: std::collections::BTreeMap<u64, Vec<Option<PathBuf>>> = Default::default();
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -320,7 +328,9 @@ pub fn training_samples_grid(dir: &Path, prompts: &[String], title: &str) -> Res
             continue;
         };
         if row < prompts.len() {
-            found.entry(step).or_insert_with(|| vec![None; prompts.len()])[row] = Some(e.path());
+            found
+                .entry(step)
+                .or_insert_with(|| vec![None; prompts.len()])[row] = Some(e.path());
         }
     }
     if found.is_empty() {
@@ -330,7 +340,11 @@ pub fn training_samples_grid(dir: &Path, prompts: &[String], title: &str) -> Res
     for files in found.values() {
         for (r, f) in files.iter().enumerate() {
             // An unreadable sample (e.g. removed meanwhile) shows as a grey cell.
-            cells[r].push(f.as_ref().and_then(|p| image::open(p).ok()).map(|i| i.to_rgb8()));
+            cells[r].push(
+                f.as_ref()
+                    .and_then(|p| image::open(p).ok())
+                    .map(|i| i.to_rgb8()),
+            );
         }
     }
     let grid = Grid {
@@ -377,7 +391,12 @@ mod tests {
             path: "out/demo/demo_000000100.safetensors".into(),
             strength: 0.8,
         };
-        let t = parameters_text(&p, "sdxl_base", &[l], &[("demo_000000100".into(), "0123456789abcdef".into())]);
+        let t = parameters_text(
+            &p,
+            "sdxl_base",
+            &[l],
+            &[("demo_000000100".into(), "0123456789abcdef".into())],
+        );
         assert_eq!(
             t,
             format!("myakumyaku-san, 1girl <lora:demo_000000100:0.8>\nNegative prompt: blurry\nSteps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 1024x768, Model: sdxl_base, Lora hashes: \"demo_000000100: 0123456789ab\", Version: lorakit {}", env!("CARGO_PKG_VERSION"))
@@ -386,10 +405,14 @@ mod tests {
 
     #[test]
     fn columns_ordered_by_step() {
-        let files: Vec<PathBuf> = ["r/x_000000300.safetensors", "r/x_000000020.safetensors", "r/x_000000100.safetensors"]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
+        let files: Vec<PathBuf> = [
+            "r/x_000000300.safetensors",
+            "r/x_000000020.safetensors",
+            "r/x_000000100.safetensors",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
         let cols = checkpoint_columns(&files, &[0.8]);
         let labels: Vec<_> = cols.iter().map(|c| c.label.as_str()).collect();
         assert_eq!(labels, ["step 20", "step 100", "step 300"]);

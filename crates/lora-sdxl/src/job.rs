@@ -737,8 +737,11 @@ impl JobConfig {
             );
         }
         one_of("train.dtype", &t.dtype, &["bf16", "fp16", "fp32"])?;
-        if t.cache_text_embeddings {
-            return err("train.cache_text_embeddings", "not implemented yet in lorakit: set it to false (the text encoders then run every step)".into());
+        if t.cache_text_embeddings && t.train_text_encoder {
+            return err(
+                "train.cache_text_embeddings",
+                "cannot cache text embeddings while training the text encoders".into(),
+            );
         }
         if self.datasets.is_empty() {
             return err(
@@ -775,17 +778,16 @@ impl JobConfig {
             }
             rate(&f("caption_dropout_rate"), d.caption_dropout_rate)?;
             rate(&f("tag_dropout_rate"), d.tag_dropout_rate)?;
-            if t.cache_text_embeddings
-                && (d.caption_dropout_rate > 0.0 || d.shuffle_tokens || d.tag_dropout_rate > 0.0)
-            {
-                return err(&f("shuffle_tokens"), "cache_text_embeddings needs static captions: turn off caption/tag dropout and shuffling".into());
+            if t.cache_text_embeddings {
+                let dynamic = [
+                    ("caption_dropout_rate", d.caption_dropout_rate > 0.0),
+                    ("tag_dropout_rate", d.tag_dropout_rate > 0.0),
+                    ("shuffle_tokens", d.shuffle_tokens),
+                ];
+                if let Some((field, _)) = dynamic.iter().find(|(_, on)| *on) {
+                    return err(&f(field), "train.cache_text_embeddings needs static captions: set caption_dropout_rate and tag_dropout_rate to 0 and shuffle_tokens to false, or turn the cache off".into());
+                }
             }
-        }
-        if t.cache_text_embeddings && t.train_text_encoder {
-            return err(
-                "train.cache_text_embeddings",
-                "cannot cache text embeddings while training the text encoders".into(),
-            );
         }
         let s = &self.sample;
         if let Err(e) = s.sampler.parse::<crate::sampling::SamplerSpec>() {
@@ -804,7 +806,10 @@ impl JobConfig {
         if !(s.strength.is_finite() && (-4.0..=4.0).contains(&s.strength)) {
             return err(
                 "sample.strength",
-                format!("{} must be between -4 and 4 (usually 0.6 to 1.0)", s.strength),
+                format!(
+                    "{} must be between -4 and 4 (usually 0.6 to 1.0)",
+                    s.strength
+                ),
             );
         }
         if !s.disable && s.prompts.is_empty() {
@@ -1061,8 +1066,18 @@ mod tests {
             ),
             (Box::new(|c| c.save.dtype = "int8".into()), "save.dtype"),
             (
-                Box::new(|c| c.train.cache_text_embeddings = true),
+                Box::new(|c| {
+                    c.train.cache_text_embeddings = true;
+                    c.train.train_text_encoder = true;
+                }),
                 "train.cache_text_embeddings",
+            ),
+            (
+                Box::new(|c| {
+                    c.train.cache_text_embeddings = true;
+                    c.datasets[0].caption_dropout_rate = 0.1;
+                }),
+                "datasets[0].caption_dropout_rate",
             ),
         ];
         for (edit, field) in cases {

@@ -24,7 +24,11 @@ pub fn resolve_device(spec: Option<&str>) -> std::result::Result<Device, String>
         Some("cuda") => Device::Cuda(0),
         Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => Device::Cuda(n),
-            _ => return Err(format!("`{d}` is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"")),
+            _ => {
+                return Err(format!(
+                    "`{d}` is not a device: use \"cpu\", \"cuda\" or \"cuda:N\""
+                ))
+            }
         },
     };
     if let Device::Cuda(n) = device {

@@ -55,18 +55,26 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
+                // torch's single-tensor AdamW: in-place updates, few kernels.
                 let mut p = p.shallow_clone();
                 if self.weight_decay != 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = m
-                    .g_mul_scalar_(self.beta1)
-                    .g_add_(&(&g * (1.0 - self.beta1)));
+                let _ = m.lerp_(&g, 1.0 - self.beta1);
                 let _ = v
                     .g_mul_scalar_(self.beta2)
-                    .g_add_(&(g.square() * (1.0 - self.beta2)));
-                let denom = (v.sqrt() / bc2.sqrt()) + self.eps;
-                let _ = p.g_sub_(&(&*m / &denom * (lr / bc1)));
+                    .addcmul_(&g, &(&g * (1.0 - self.beta2)));
+                // p -= lr/bc1 · m / (√v/√bc2 + eps), as one addcdiv with the
+                // step size folded into the denominator.
+                if lr == 0.0 {
+                    continue;
+                }
+                let mut denom = v.sqrt();
+                let _ = denom
+                    .g_div_scalar_(bc2.sqrt())
+                    .g_add_scalar_(self.eps)
+                    .g_mul_scalar_(-bc1 / lr);
+                let _ = p.addcdiv_(m, &denom);
             }
         });
     }
@@ -103,14 +111,11 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
     let Some(first) = grads.first() else {
         return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
     };
-    let sq: Vec<Tensor> = grads
+    let norms: Vec<Tensor> = grads
         .iter()
-        .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+        .map(|g| g.to_kind(Kind::Float).norm())
         .collect();
-    let total = Tensor::stack(&sq, 0)
-        .sum(Kind::Float)
-        .sqrt()
-        .to_device(first.device());
+    let total = Tensor::stack(&norms, 0).norm().to_device(first.device());
     let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
     tch::no_grad(|| {
         for g in &grads {

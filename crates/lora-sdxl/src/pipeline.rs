@@ -136,7 +136,7 @@ pub fn condition(
     })
 }
 
-fn gcd(a: i64, b: i64) -> i64 {
+pub(crate) fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 {
         a
     } else {
@@ -147,7 +147,7 @@ fn gcd(a: i64, b: i64) -> i64 {
 /// Repeats a context along its tokens to `len` (a multiple of its length):
 /// attention over k copies of the same tokens equals attention over one, so
 /// prompts of different chunk counts can share a batch (ComfyUI does this).
-fn repeat_tokens(ctx: &Tensor, len: i64) -> Tensor {
+pub(crate) fn repeat_tokens(ctx: &Tensor, len: i64) -> Tensor {
     let l = ctx.size()[1];
     if l == len {
         ctx.shallow_clone()

@@ -501,6 +501,7 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         v_pred,
         cache,
         memory: Default::default(),
+        text_memory: Default::default(),
         vae_id,
     };
     let mut report = TrainReport {
@@ -642,8 +643,8 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
                     &format!("{}: loss by step", job.job.name),
                 )?;
             }
-            let sample_now = !job.sample.disable
-                && (step % job.sample.sample_every == 0 || step == t.steps);
+            let sample_now =
+                !job.sample.disable && (step % job.sample.sample_every == 0 || step == t.steps);
             if sample_now {
                 model.slots.set_training(false);
                 let r = training_samples(job, &model, &tok, &run_dir, step, true);
@@ -748,6 +749,8 @@ struct Ctx<'a> {
     cache: Option<lora_data::TensorCache>,
     /// Latent moments already read or computed this run (by cache key).
     memory: std::cell::RefCell<std::collections::HashMap<String, Tensor>>,
+    /// `cache_text_embeddings`: (context, pooled) per caption, computed once.
+    text_memory: std::cell::RefCell<std::collections::HashMap<String, (Tensor, Tensor)>>,
     vae_id: String,
 }
 
@@ -825,7 +828,13 @@ impl Ctx<'_> {
         let device = self.model.unet_device();
         let train_te = self.job.train.train_text_encoder;
         let enc = || encode_batch(self.tok, &self.model.te1, &self.model.te2, &captions);
-        let cond = if train_te { enc()? } else { tch::no_grad(enc)? };
+        let cond = if self.job.train.cache_text_embeddings && !train_te {
+            self.cached_text(&captions)?
+        } else if train_te {
+            enc()?
+        } else {
+            tch::no_grad(enc)?
+        };
         let ids: Vec<Tensor> = planned
             .items
             .iter()
@@ -839,6 +848,41 @@ impl Ctx<'_> {
             .collect();
         let y = crate::unet::vector_conditioning(&cond.pooled, &Tensor::cat(&ids, 0));
         Ok((cond.context, y))
+    }
+
+    /// Text conditioning from the in-memory cache (`cache_text_embeddings`):
+    /// each caption is encoded alone once; a batch of captions with different
+    /// chunk counts repeats contexts to a common length (attention over
+    /// repeated tokens is unchanged).
+    fn cached_text(&self, captions: &[String]) -> Result<crate::conditioning::TextConditioning> {
+        let mut memory = self.text_memory.borrow_mut();
+        for c in captions {
+            if !memory.contains_key(c) {
+                let e = tch::no_grad(|| {
+                    encode_batch(
+                        self.tok,
+                        &self.model.te1,
+                        &self.model.te2,
+                        std::slice::from_ref(c),
+                    )
+                })?;
+                memory.insert(c.clone(), (e.context, e.pooled));
+            }
+        }
+        let parts: Vec<&(Tensor, Tensor)> = captions.iter().map(|c| &memory[c]).collect();
+        let len = parts.iter().fold(1, |l, (ctx, _)| {
+            let n = ctx.size()[1];
+            l / crate::pipeline::gcd(l, n) * n
+        });
+        let ctx: Vec<Tensor> = parts
+            .iter()
+            .map(|(c, _)| crate::pipeline::repeat_tokens(c, len))
+            .collect();
+        let pooled: Vec<Tensor> = parts.iter().map(|(_, p)| p.shallow_clone()).collect();
+        Ok(crate::conditioning::TextConditioning {
+            context: Tensor::cat(&ctx, 0),
+            pooled: Tensor::cat(&pooled, 0),
+        })
     }
 
     /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor.

@@ -1,0 +1,203 @@
+//! End-to-end speed next to the Python tools users compare against
+//! (`cargo bench --bench pipeline_speed`), on the tiny SDXL-architecture
+//! model (`SdxlConfig::tiny()`, random weights, real single-file layout),
+//! fp32 on CPU, the same thread count on both sides:
+//!
+//! 1. **training**: seconds per optimizer step of `lora_sdxl::train::train`
+//!    (the real trainer: data plan, captions, tokenizer, cached latents, LoRA +
+//!    LoCon rank 8/4 on kohya's UNet targets, AdamW, clipping) measured from
+//!    its `loss.csv` between steps 10 and 30 (after the latent cache is
+//!    filled, no validation or saves in between), next to
+//!    `benches/train_step_diffusers.py` (diffusers UNet + peft on the same
+//!    modules and ranks, same batch and resolution);
+//! 2. **sampling**: seconds per 256×256 image (20 Euler steps, CFG 7, VAE
+//!    decode to 8-bit RGB; prompts encoded once beforehand) next to
+//!    `benches/sample_diffusers.py` (StableDiffusionXLPipeline with
+//!    precomputed embeddings).
+//!
+//! The Python side needs `.venv` with diffusers and peft; without it only the
+//! lorakit figures are printed.
+
+use lorakit::sdxl::pipeline::{
+    condition, decode_images, initial_noise, sample_latents, GenerateParams,
+};
+use lorakit::sdxl::train::{train, TrainOptions};
+use lorakit::sdxl::{ClipTokenizer, JobConfig, SdxlConfig, SdxlModel};
+use lorakit::tch::{Device, Kind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const THREADS: usize = 2;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a Python reference script; returns its JSON line's `key`.
+fn python(script: &str, args: &[String], key: &str) -> Option<f64> {
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("benches").join(script))
+        .args(args)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last()?).ok()?;
+    v.get(key)?.as_f64()
+}
+
+fn ratio_line(ours: f64, theirs: Option<f64>, what: &str) {
+    match theirs {
+        Some(d) => println!(
+            "  diffusers  {d:8.3} {what}   → lorakit takes {:.2}× diffusers' time",
+            ours / d
+        ),
+        None => println!(
+            "  diffusers: not measured (needs .venv with diffusers + peft: `make fixtures`)"
+        ),
+    }
+}
+
+fn training(dir: &Path, model: &Path) -> f64 {
+    let data = dir.join("dataset");
+    lorakit::data::synthetic::write_character_dataset(&data, 12, 256, 256, "myakumyaku-san", 7)
+        .unwrap();
+    let job_path = dir.join("job.toml");
+    let mut job = JobConfig::parse(
+        &job_path,
+        &JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san")),
+    )
+    .unwrap();
+    job.job.name = "bench".into();
+    job.job.output_dir = dir.join("out");
+    job.job.device = Some("cpu".into());
+    job.network.linear = 8;
+    job.network.linear_alpha = 8.0;
+    job.network.conv = 4;
+    job.network.conv_alpha = 4.0;
+    job.save.save_every = 1000;
+    job.validation.every = Some(1000);
+    job.validation.images = Some(1);
+    job.train.steps = 40;
+    job.train.batch_size = 2;
+    job.train.gradient_accumulation = 1;
+    job.train.lr = 1e-4;
+    job.train.dtype = "fp32".into();
+    job.datasets[0].resolution = vec![256];
+    let _ = std::fs::remove_dir_all(dir.join("out"));
+    let opts = TrainOptions {
+        quiet: true,
+        ..TrainOptions::default()
+    };
+    train(&job, &job_path, &opts).unwrap();
+    let csv = std::fs::read_to_string(dir.join("out/bench/loss.csv")).unwrap();
+    let at = |step: &str| -> f64 {
+        csv.lines()
+            .find(|l| l.split(',').next() == Some(step))
+            .and_then(|l| l.rsplit(',').next()?.parse().ok())
+            .unwrap()
+    };
+    (at("30") - at("10")) / 20.0
+}
+
+fn sampling(model_path: &Path, images: usize) -> f64 {
+    let model = SdxlModel::load(model_path, Kind::Float, Device::Cpu).unwrap();
+    let tok = ClipTokenizer::new();
+    let p = GenerateParams {
+        prompt: "myakumyaku-san, solo, beach".into(),
+        negative: "blurry".into(),
+        steps: 20,
+        cfg: 7.0,
+        width: 256,
+        height: 256,
+        ..GenerateParams::default()
+    };
+    let pos = condition(&model, &tok, &p.prompt, p.width, p.height).unwrap();
+    let neg = condition(&model, &tok, &p.negative, p.width, p.height).unwrap();
+    let one = |seed: u64| {
+        let noise = initial_noise(seed, p.width, p.height, 1);
+        let lat = sample_latents(&model, &pos, &neg, &p, &noise, &mut |_| {}).unwrap();
+        std::hint::black_box(decode_images(&model, &lat).unwrap());
+    };
+    one(0);
+    let t = Instant::now();
+    for i in 0..images {
+        one(i as u64 + 1);
+    }
+    t.elapsed().as_secs_f64() / images as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |what: &str| args.is_empty() || args.iter().any(|a| a == what);
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("pipeline_speed: run with `cargo bench --bench pipeline_speed`");
+        return;
+    }
+    tch::set_num_threads(THREADS as i32);
+    let dir = root().join("target/bench-data/pipeline_speed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("tiny_sdxl.safetensors");
+    lorakit::sdxl::synthetic::write_random_checkpoint(&model, &SdxlConfig::tiny(), 11, Kind::Float)
+        .unwrap();
+    let m = model.to_str().unwrap().to_string();
+
+    if run("training") {
+        let s = training(&dir, &model);
+        println!(
+        "training step (tiny SDXL, batch 2, 256², LoRA 8 + LoCon 4, fp32 CPU, {THREADS} threads):"
+    );
+        println!("  lorakit    {s:8.3} s/step");
+        let d = python(
+            "train_step_diffusers.py",
+            &[
+                m.clone(),
+                "20".into(),
+                THREADS.to_string(),
+                "--batch".into(),
+                "2".into(),
+                "--res".into(),
+                "256".into(),
+                "--rank".into(),
+                "8".into(),
+                "--conv-rank".into(),
+                "4".into(),
+            ],
+            "seconds_per_step",
+        );
+        ratio_line(s, d, "s/step");
+    }
+    if !run("sampling") {
+        return;
+    }
+
+    let images = 3;
+    let s = sampling(&model, images);
+    println!("sampling (tiny SDXL, 256², 20 Euler steps, CFG 7, + VAE decode, fp32 CPU, {THREADS} threads):");
+    println!("  lorakit    {s:8.3} s/image");
+    let d = python(
+        "sample_diffusers.py",
+        &[
+            m,
+            images.to_string(),
+            THREADS.to_string(),
+            "--steps".into(),
+            "20".into(),
+            "--width".into(),
+            "256".into(),
+            "--height".into(),
+            "256".into(),
+            "--cfg".into(),
+            "7".into(),
+        ],
+        "seconds_per_image",
+    );
+    ratio_line(s, d, "s/image");
+}
