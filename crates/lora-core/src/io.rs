@@ -36,6 +36,10 @@ pub fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F64 => Kind::Double,
         Dtype::I64 => Kind::Int64,
         Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
         _ => return None,
     })
 }

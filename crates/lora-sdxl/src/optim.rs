@@ -1,14 +1,158 @@
-//! AdamW over raw tensors (decoupled weight decay, as `torch.optim.AdamW`) and
-//! gradient-norm clipping, both without host synchronisation.
+//! AdamW over raw tensors (decoupled weight decay, as `torch.optim.AdamW`),
+//! its 8-bit variant (bitsandbytes' `AdamW8bit`: blockwise dynamic
+//! quantisation of both moments), and gradient-norm clipping, all without
+//! host synchronisation.
 
 use tch::{Kind, Tensor};
 
-/// AdamW state for a list of parameters.
+/// bitsandbytes' block size for 8-bit optimizer states.
+pub const BLOCK_SIZE: i64 = 256;
+/// Parameters smaller than this keep fp32 states (bitsandbytes' `min_8bit_size`).
+pub const MIN_8BIT_SIZE: i64 = 4096;
+
+/// bitsandbytes' dynamic quantisation map (`create_dynamic_map`, 7 exponent
+/// bits, 8 bits): 256 sorted values in [-1, 1] (signed) or [0, 1] (unsigned),
+/// dense near zero.
+pub fn dynamic_map(signed: bool) -> Tensor {
+    let (total_bits, max_exp) = (8i32, 7i32);
+    let non_sign = total_bits - 1;
+    let additional = 2i64.pow((non_sign - max_exp) as u32) - 1;
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    // bitsandbytes multiplies a float32 tensor by a Python float: the product
+    // is computed in f32.
+    let means = |items: i64| -> Vec<f32> {
+        let b = Tensor::linspace(0.1, 1.0, items, (Kind::Float, tch::Device::Cpu));
+        let m = (b.narrow(0, 0, items - 1) + b.narrow(0, 1, items - 1)) / 2.0;
+        Vec::<f32>::try_from(&m).expect("float tensor")
+    };
+    let mut last_scale = 1.0f32;
+    for i in 0..max_exp {
+        let items = if signed {
+            2i64.pow((i + non_sign - max_exp) as u32) + 1
+        } else {
+            2i64.pow((i + non_sign - max_exp + 1) as u32) + 1
+        };
+        let scale = 10f64.powf(f64::from(-(max_exp - 1) + i)) as f32;
+        last_scale = scale;
+        for m in means(items) {
+            data.push(scale * m);
+            if signed {
+                data.push(-scale * m);
+            }
+        }
+    }
+    if additional > 0 {
+        for m in means(additional + 1) {
+            data.push(last_scale * m);
+            if signed {
+                data.push(-last_scale * m);
+            }
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    // Unsigned maps have fewer items: pad with zeros as bitsandbytes does.
+    while data.len() < 256 {
+        data.push(0.0);
+    }
+    data.sort_by(f32::total_cmp);
+    Tensor::from_slice(&data)
+}
+
+/// A tensor stored as 8-bit codes of a quantisation map with one absmax per
+/// block of [`BLOCK_SIZE`] elements (of the flattened tensor).
+#[derive(Debug)]
+pub struct Quantized {
+    /// Codes, `uint8`, the tensor's shape.
+    pub codes: Tensor,
+    /// Absmax per block, fp32.
+    pub absmax: Tensor,
+}
+
+fn blocks(n: i64) -> i64 {
+    (n + BLOCK_SIZE - 1) / BLOCK_SIZE
+}
+
+/// Per-element absmax of each element's block (`[n]`).
+fn expand_blocks(per_block: &Tensor, n: i64) -> Tensor {
+    per_block
+        .repeat_interleave_self_int(BLOCK_SIZE, 0, None)
+        .narrow(0, 0, n)
+}
+
+impl Quantized {
+    /// Zeros of `shape` on `device`.
+    pub fn zeros(shape: &[i64], device: tch::Device) -> Self {
+        let n: i64 = shape.iter().product();
+        Self {
+            codes: Tensor::zeros(shape, (Kind::Uint8, device)),
+            absmax: Tensor::zeros([blocks(n)], (Kind::Float, device)),
+        }
+    }
+    /// Blockwise quantisation (bitsandbytes: scale by 1/absmax, clamp to
+    /// [-1, 1], nearest code via the midpoints between codes).
+    pub fn quantize(x: &Tensor, code: &Tensor, bounds: &Tensor) -> Self {
+        let flat = x.to_kind(Kind::Float).reshape([-1]);
+        let n = flat.size()[0];
+        let nb = blocks(n);
+        let padded = flat.constant_pad_nd([0, nb * BLOCK_SIZE - n]);
+        let absmax = padded
+            .view([nb, BLOCK_SIZE])
+            .abs()
+            .amax([1].as_slice(), false);
+        let inv = absmax.clamp_min(1e-38).reciprocal();
+        let scaled = (flat * expand_blocks(&inv, n)).clamp(-1.0, 1.0);
+        let _ = code;
+        let codes = scaled
+            .bucketize(bounds, true, false)
+            .to_kind(Kind::Uint8)
+            .view(x.size().as_slice());
+        Self { codes, absmax }
+    }
+    /// Back to fp32.
+    pub fn dequantize(&self, code: &Tensor) -> Tensor {
+        let n = self.codes.numel() as i64;
+        let values = code.index_select(0, &self.codes.reshape([-1]).to_kind(Kind::Int64));
+        (values * expand_blocks(&self.absmax, n)).view(self.codes.size().as_slice())
+    }
+}
+
+/// One parameter's moments: fp32, or 8-bit blockwise.
+#[derive(Debug)]
+enum Moments {
+    F32 { m: Tensor, v: Tensor },
+    Q8 { m: Quantized, v: Quantized },
+}
+
+/// The two quantisation maps and their midpoints, on the device.
+#[derive(Debug)]
+struct Maps {
+    signed: Tensor,
+    signed_bounds: Tensor,
+    unsigned: Tensor,
+    unsigned_bounds: Tensor,
+}
+
+impl Maps {
+    fn new(device: tch::Device) -> Self {
+        let b = |c: &Tensor| (c.narrow(0, 0, 255) + c.narrow(0, 1, 255)) / 2.0;
+        let (s, u) = (dynamic_map(true), dynamic_map(false));
+        Self {
+            signed_bounds: b(&s).to_device(device),
+            unsigned_bounds: b(&u).to_device(device),
+            signed: s.to_device(device),
+            unsigned: u.to_device(device),
+        }
+    }
+}
+
+/// AdamW state for a list of parameters (fp32 moments, or 8-bit moments for
+/// parameters of at least [`MIN_8BIT_SIZE`] elements with [`AdamW::new_8bit`]).
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<Tensor>,
-    exp_avg: Vec<Tensor>,
-    exp_avg_sq: Vec<Tensor>,
+    moments: Vec<Moments>,
+    maps: Option<Maps>,
     step: u64,
     /// β₁.
     pub beta1: f64,
@@ -21,13 +165,51 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Optimizer over `params` (leaf tensors with `requires_grad`).
+    /// Optimizer over `params` (leaf tensors with `requires_grad`), fp32 moments.
     pub fn new(params: Vec<Tensor>, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Self {
-        let zeros = |v: &Vec<Tensor>| v.iter().map(|p| p.zeros_like()).collect();
+        Self::build(params, beta1, beta2, eps, weight_decay, false)
+    }
+    /// The 8-bit variant (bitsandbytes `AdamW8bit`): moments of parameters
+    /// with ≥ 4096 elements are kept as blockwise 8-bit codes (¼ of the
+    /// memory), smaller ones in fp32.
+    pub fn new_8bit(
+        params: Vec<Tensor>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    ) -> Self {
+        Self::build(params, beta1, beta2, eps, weight_decay, true)
+    }
+    fn build(
+        params: Vec<Tensor>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        eightbit: bool,
+    ) -> Self {
+        let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
+        let moments = params
+            .iter()
+            .map(|p| {
+                if eightbit && p.numel() as i64 >= MIN_8BIT_SIZE {
+                    Moments::Q8 {
+                        m: Quantized::zeros(&p.size(), p.device()),
+                        v: Quantized::zeros(&p.size(), p.device()),
+                    }
+                } else {
+                    Moments::F32 {
+                        m: p.zeros_like(),
+                        v: p.zeros_like(),
+                    }
+                }
+            })
+            .collect();
         Self {
-            exp_avg: zeros(&params),
-            exp_avg_sq: zeros(&params),
             params,
+            moments,
+            maps: eightbit.then(|| Maps::new(device)),
             step: 0,
             beta1,
             beta2,
@@ -44,41 +226,48 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
         tch::no_grad(|| {
-            for ((p, m), v) in self
-                .params
-                .iter()
-                .zip(&mut self.exp_avg)
-                .zip(&mut self.exp_avg_sq)
-            {
+            for (p, moments) in self.params.iter().zip(&mut self.moments) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 // torch's single-tensor AdamW: in-place updates, few kernels.
-                let mut p = p.shallow_clone();
-                if self.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                let update = |p: &Tensor, m: &mut Tensor, v: &mut Tensor| {
+                    let mut p = p.shallow_clone();
+                    if wd != 0.0 {
+                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
+                    }
+                    let _ = m.lerp_(&g, 1.0 - b1);
+                    let _ = v.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
+                    if lr == 0.0 {
+                        return;
+                    }
+                    // p -= lr/bc1 · m / (√v/√bc2 + eps), as one addcdiv with
+                    // the step size folded into the denominator.
+                    let mut denom = v.sqrt();
+                    let _ = denom
+                        .g_div_scalar_(bc2.sqrt())
+                        .g_add_scalar_(eps)
+                        .g_mul_scalar_(-bc1 / lr);
+                    let _ = p.addcdiv_(m, &denom);
+                };
+                match moments {
+                    Moments::F32 { m, v } => update(p, m, v),
+                    Moments::Q8 { m, v } => {
+                        let maps = self.maps.as_ref().expect("8-bit maps");
+                        let mut mf = m.dequantize(&maps.signed);
+                        let mut vf = v.dequantize(&maps.unsigned);
+                        update(p, &mut mf, &mut vf);
+                        *m = Quantized::quantize(&mf, &maps.signed, &maps.signed_bounds);
+                        *v = Quantized::quantize(&vf, &maps.unsigned, &maps.unsigned_bounds);
+                    }
                 }
-                let _ = m.lerp_(&g, 1.0 - self.beta1);
-                let _ = v
-                    .g_mul_scalar_(self.beta2)
-                    .addcmul_(&g, &(&g * (1.0 - self.beta2)));
-                // p -= lr/bc1 · m / (√v/√bc2 + eps), as one addcdiv with the
-                // step size folded into the denominator.
-                if lr == 0.0 {
-                    continue;
-                }
-                let mut denom = v.sqrt();
-                let _ = denom
-                    .g_div_scalar_(bc2.sqrt())
-                    .g_add_scalar_(self.eps)
-                    .g_mul_scalar_(-bc1 / lr);
-                let _ = p.addcdiv_(m, &denom);
             }
         });
     }
-    /// Clears every gradient.
+    /// Zeroes the parameters' gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut g = p.grad();
@@ -87,15 +276,94 @@ impl AdamW {
             }
         }
     }
-    /// Moments (for saving a resumable state): `(exp_avg, exp_avg_sq)` per parameter.
-    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
-        (&self.exp_avg, &self.exp_avg_sq)
+    /// The state as named CPU tensors under `prefix`: `{prefix}.{i}.m` /
+    /// `.v` (fp32) or `.m_q` / `.m_absmax` / `.v_q` / `.v_absmax` (8-bit).
+    pub fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
+        let mut out = Vec::new();
+        for (i, mo) in self.moments.iter().enumerate() {
+            match mo {
+                Moments::F32 { m, v } => {
+                    out.push((format!("{prefix}.{i}.m"), cpu(m)));
+                    out.push((format!("{prefix}.{i}.v"), cpu(v)));
+                }
+                Moments::Q8 { m, v } => {
+                    out.push((format!("{prefix}.{i}.m_q"), cpu(&m.codes)));
+                    out.push((format!("{prefix}.{i}.m_absmax"), cpu(&m.absmax)));
+                    out.push((format!("{prefix}.{i}.v_q"), cpu(&v.codes)));
+                    out.push((format!("{prefix}.{i}.v_absmax"), cpu(&v.absmax)));
+                }
+            }
+        }
+        out
     }
-    /// Restores moments and the step counter.
-    pub fn restore(&mut self, exp_avg: Vec<Tensor>, exp_avg_sq: Vec<Tensor>, step: u64) {
-        self.exp_avg = exp_avg;
-        self.exp_avg_sq = exp_avg_sq;
-        self.step = step;
+    /// Restores a state written by [`Self::state_tensors`] (`get` looks a
+    /// name up). A state saved by the other variant is converted (fp32
+    /// moments quantised, or 8-bit moments expanded), so switching
+    /// `train.optimizer` between adamw and adamw8bit on resume works.
+    /// Returns the first missing name as the error.
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        get: &dyn Fn(&str) -> Option<Tensor>,
+        steps: u64,
+    ) -> Result<(), String> {
+        let need = |k: String| get(&k).ok_or(k);
+        let had_maps = self.maps.is_some();
+        let maps = self.maps.take().unwrap_or_else(|| {
+            Maps::new(self.params.first().map_or(tch::Device::Cpu, |p| p.device()))
+        });
+        let result = (|| {
+            for (i, (mo, p)) in self.moments.iter_mut().zip(&self.params).enumerate() {
+                let saved_f32 = get(&format!("{prefix}.{i}.m")).is_some();
+                let (mf, vf) = if saved_f32 {
+                    (
+                        need(format!("{prefix}.{i}.m"))?,
+                        need(format!("{prefix}.{i}.v"))?,
+                    )
+                } else {
+                    let q = |n: &str| -> Result<Quantized, String> {
+                        Ok(Quantized {
+                            codes: need(format!("{prefix}.{i}.{n}_q"))?,
+                            absmax: need(format!("{prefix}.{i}.{n}_absmax"))?,
+                        })
+                    };
+                    (
+                        q("m")?.dequantize(&maps.signed),
+                        q("v")?.dequantize(&maps.unsigned),
+                    )
+                };
+                let (mf, vf) = (mf.to_device(p.device()), vf.to_device(p.device()));
+                *mo = match mo {
+                    Moments::F32 { .. } => Moments::F32 { m: mf, v: vf },
+                    Moments::Q8 { .. } if !saved_f32 => {
+                        // Keep the exact codes rather than re-quantising.
+                        let q = |n: &str| Quantized {
+                            codes: get(&format!("{prefix}.{i}.{n}_q"))
+                                .expect("checked")
+                                .to_device(p.device()),
+                            absmax: get(&format!("{prefix}.{i}.{n}_absmax"))
+                                .expect("checked")
+                                .to_device(p.device()),
+                        };
+                        Moments::Q8 {
+                            m: q("m"),
+                            v: q("v"),
+                        }
+                    }
+                    Moments::Q8 { .. } => Moments::Q8 {
+                        m: Quantized::quantize(&mf, &maps.signed, &maps.signed_bounds),
+                        v: Quantized::quantize(&vf, &maps.unsigned, &maps.unsigned_bounds),
+                    },
+                };
+            }
+            Ok(())
+        })();
+        if had_maps {
+            self.maps = Some(maps);
+        }
+        self.step = steps;
+        result
     }
 }
 

@@ -241,12 +241,6 @@ fn kind_of(name: &str) -> Kind {
 /// Runs (or resumes) the job. `job_path` names the file in messages.
 pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<TrainReport> {
     job.validate(job_path).map_err(|e| terr(e.to_string()))?;
-    if job.train.optimizer == "adamw8bit" {
-        return Err(terr(format!(
-            "{}: train.optimizer: adamw8bit is not implemented yet in lorakit; use \"adamw\"",
-            job_path.display()
-        )));
-    }
     if job.train.gradient_checkpointing {
         tracing::warn!("train.gradient_checkpointing is not implemented yet: activations are kept (more memory)");
     }
@@ -329,8 +323,13 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
     let (unet_params, te_params) = (params(false), params(true));
     let t = &job.train;
     let shallow = |v: &[Tensor]| v.iter().map(|p| p.shallow_clone()).collect::<Vec<_>>();
-    let mut opt_unet = AdamW::new(shallow(&unet_params), 0.9, 0.999, 1e-8, t.weight_decay);
-    let mut opt_te = AdamW::new(shallow(&te_params), 0.9, 0.999, 1e-8, t.weight_decay);
+    let make = if t.optimizer == "adamw8bit" {
+        AdamW::new_8bit
+    } else {
+        AdamW::new
+    };
+    let mut opt_unet = make(shallow(&unet_params), 0.9, 0.999, 1e-8, t.weight_decay);
+    let mut opt_te = make(shallow(&te_params), 0.9, 0.999, 1e-8, t.weight_decay);
     let all_params: Vec<Tensor> = unet_params
         .iter()
         .chain(&te_params)
@@ -375,18 +374,11 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
             }
             Ok(())
         })?;
-        for (tag, opt, ps) in [
-            ("unet", &mut opt_unet, &unet_params),
-            ("te", &mut opt_te, &te_params),
-        ] {
-            let m: Vec<Tensor> = (0..ps.len())
-                .map(|i| get(format!("adam.{tag}.{i}.m")))
-                .collect::<Result<_>>()?;
-            let v: Vec<Tensor> = (0..ps.len())
-                .map(|i| get(format!("adam.{tag}.{i}.v")))
-                .collect::<Result<_>>()?;
+        for (tag, opt) in [("unet", &mut opt_unet), ("te", &mut opt_te)] {
             let steps = num(&format!("lorakit.adam.{tag}.steps"))?;
-            opt.restore(m, v, steps);
+            let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
+            opt.load_state(&format!("adam.{tag}"), &lookup, steps)
+                .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
         }
         say(format!(
             "resuming from step {step} (epoch {}, batch {batch_in_epoch})",
@@ -1226,11 +1218,7 @@ fn save_state(
         tensors.push((format!("{name}.up"), l.up.detach().to_device(Device::Cpu)));
     }
     for (tag, opt) in [("unet", opt_unet), ("te", opt_te)] {
-        let (m, v) = opt.moments();
-        for (i, (m, v)) in m.iter().zip(v).enumerate() {
-            tensors.push((format!("adam.{tag}.{i}.m"), m.to_device(Device::Cpu)));
-            tensors.push((format!("adam.{tag}.{i}.v"), v.to_device(Device::Cpu)));
-        }
+        tensors.extend(opt.state_tensors(&format!("adam.{tag}")));
     }
     let md = BTreeMap::from([
         ("lorakit.job_hash".to_string(), hash.to_string()),

@@ -222,9 +222,50 @@ fn bad_jobs_fail_before_training() {
     let e = train(&c, &path, &quiet()).unwrap_err().to_string();
     assert!(e.contains("char_000.png"), "{e}");
     let (mut c, path) = job(&s, "bad3", 2, 1, 1);
-    c.train.optimizer = "adamw8bit".into();
+    c.job.device = Some("cuda:7".into());
     let e = train(&c, &path, &quiet()).unwrap_err().to_string();
-    assert!(e.contains("adamw8bit"), "{e}");
+    assert!(e.contains("job.device"), "{e}");
+}
+
+#[test]
+fn adamw8bit_trains_and_resumes_into_either_optimizer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup();
+    let (mut c, path) = job(&s, "q8", 2, 2, 5);
+    // rank 64: the 128-channel layers' LoRA matrices reach bitsandbytes'
+    // 4096-element minimum for 8-bit states.
+    c.network.linear = 64;
+    c.network.linear_alpha = 64.0;
+    c.train.optimizer = "adamw8bit".into();
+    let r = train(&c, &path, &quiet()).unwrap();
+    assert_eq!(r.step, 2);
+    let state = lora_core::io::read_tensors(s.root.join("out/q8/state.safetensors")).unwrap();
+    let q = state
+        .tensors
+        .iter()
+        .filter(|(k, t)| k.ends_with(".m_q") && t.kind() == Kind::Uint8)
+        .count();
+    assert!(q > 0, "8-bit moments saved");
+    assert!(
+        state.tensors.iter().any(|(k, _)| k.ends_with(".m")),
+        "small tensors keep fp32 moments"
+    );
+    // Extend the run with plain AdamW: the 8-bit moments are expanded.
+    c.train.steps = 4;
+    c.train.optimizer = "adamw".into();
+    let r = train(
+        &c,
+        &path,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.step, 4);
+    let state = lora_core::io::read_tensors(s.root.join("out/q8/state.safetensors")).unwrap();
+    assert!(!state.tensors.iter().any(|(k, _)| k.ends_with(".m_q")));
+    assert!(r.val_losses.iter().all(|(_, v)| v.is_finite()));
 }
 
 #[test]
