@@ -62,7 +62,35 @@ fn ratio_line(ours: f64, theirs: Option<f64>, what: &str) {
     }
 }
 
-fn training(dir: &Path, model: &Path) -> f64 {
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs `training` in a fresh process (so its peak RSS is its own):
+/// returns (seconds per step, peak RSS in MiB).
+fn training_child(dir: &Path, model: &Path, checkpointing: bool) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--child-train",
+            if checkpointing { "on" } else { "off" },
+            dir.to_str().unwrap(),
+            model.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(f64::NAN));
+    (it.next().unwrap_or(f64::NAN), it.next().unwrap_or(f64::NAN))
+}
+
+fn training(dir: &Path, model: &Path, checkpointing: bool) -> f64 {
     let data = dir.join("dataset");
     lorakit::data::synthetic::write_character_dataset(&data, 12, 256, 256, "myakumyaku-san", 7)
         .unwrap();
@@ -88,6 +116,7 @@ fn training(dir: &Path, model: &Path) -> f64 {
     job.train.lr = 1e-4;
     job.train.dtype = "fp32".into();
     job.datasets[0].resolution = vec![256];
+    job.train.gradient_checkpointing = checkpointing;
     let _ = std::fs::remove_dir_all(dir.join("out"));
     let opts = TrainOptions {
         quiet: true,
@@ -132,9 +161,20 @@ fn sampling(model_path: &Path, images: usize) -> f64 {
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(i) = argv.iter().position(|a| a == "--child-train") {
+        tch::set_num_threads(THREADS as i32);
+        let s = training(
+            Path::new(&argv[i + 2]),
+            Path::new(&argv[i + 3]),
+            argv[i + 1] == "on",
+        );
+        println!("{s} {}", peak_rss_mb());
+        return;
+    }
     let args: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|a| !a.starts_with("--"))
+        .filter(|a| !a.starts_with('-'))
         .collect();
     let run = |what: &str| args.is_empty() || args.iter().any(|a| a == what);
     if !std::env::args().any(|a| a == "--bench") {
@@ -150,11 +190,15 @@ fn main() {
     let m = model.to_str().unwrap().to_string();
 
     if run("training") {
-        let s = training(&dir, &model);
+        let (s, mb) = training_child(&dir, &model, false);
+        let (s_ck, mb_ck) = training_child(&dir, &model, true);
+        println!("training step (tiny SDXL, batch 2, 256², LoRA 8 + LoCon 4, fp32 CPU, {THREADS} threads):");
+        println!("  lorakit    {s:8.3} s/step   (peak RSS {mb:.0} MiB)");
         println!(
-        "training step (tiny SDXL, batch 2, 256², LoRA 8 + LoCon 4, fp32 CPU, {THREADS} threads):"
-    );
-        println!("  lorakit    {s:8.3} s/step");
+            "  lorakit with gradient checkpointing {s_ck:.3} s/step ({:.2}× the time), peak RSS {mb_ck:.0} MiB ({:+.0} MiB)",
+            s_ck / s,
+            mb_ck - mb
+        );
         let d = python(
             "train_step_diffusers.py",
             &[

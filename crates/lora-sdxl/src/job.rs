@@ -166,8 +166,8 @@ pub struct TrainSection {
     pub train_text_encoder: bool,
     /// Dtype of the frozen base: `bf16`, `fp16`, `fp32`.
     pub dtype: String,
-    /// Recompute activations in backward to save memory (not implemented
-    /// yet: a run with it on warns and keeps activations).
+    /// Recompute the UNet blocks' activations in backward instead of keeping
+    /// them (default on, as in AI Toolkit): much less memory, more compute.
     pub gradient_checkpointing: bool,
     /// Encode images once and cache the latents.
     pub cache_latents: bool,
@@ -196,7 +196,7 @@ impl Default for TrainSection {
             train_unet: true,
             train_text_encoder: false,
             dtype: "bf16".into(),
-            gradient_checkpointing: false,
+            gradient_checkpointing: true,
             cache_latents: true,
             cache_text_embeddings: false,
         }
@@ -899,7 +899,7 @@ max_timestep = 1000
 train_unet = true
 train_text_encoder = false
 dtype = "bf16"                 # dtype of the frozen base model
-gradient_checkpointing = false  # not implemented yet (activations are kept)
+gradient_checkpointing = true   # recompute UNet activations in backward: far less VRAM, ~30% slower
 cache_latents = true
 cache_text_embeddings = false
 

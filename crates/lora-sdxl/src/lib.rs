@@ -13,6 +13,7 @@
 //! * LoRA training from a job file ([`train::train`], [`JobConfig`]).
 
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod compare;
 pub mod conditioning;

@@ -241,9 +241,6 @@ fn kind_of(name: &str) -> Kind {
 /// Runs (or resumes) the job. `job_path` names the file in messages.
 pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<TrainReport> {
     job.validate(job_path).map_err(|e| terr(e.to_string()))?;
-    if job.train.gradient_checkpointing {
-        tracing::warn!("train.gradient_checkpointing is not implemented yet: activations are kept (more memory)");
-    }
     let t0 = Instant::now();
     let say = |s: String| {
         if !opts.quiet {
@@ -259,6 +256,9 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         Some(_) => Prediction::Epsilon,
         None => model.detected.prediction,
     };
+    model
+        .unet
+        .set_gradient_checkpointing(job.train.gradient_checkpointing);
     // The job's settings win over the checkpoint's markers (samples use them too).
     model.detected.prediction = prediction;
     model.detected.zero_terminal_snr |= job.model.zero_terminal_snr;
