@@ -27,7 +27,7 @@ use lora_core::{
 };
 use lora_data::caption::{CaptionProcessing, TagStats};
 use lora_data::image_io::DecodeLimits;
-use lora_data::loader::{derived_rng, load_batch, plan_epoch, PlannedBatch};
+use lora_data::loader::{derived_rng, load_batch, plan_epoch, LoadedBatch, PlannedBatch};
 use lora_data::{ImageEntry, PlanConfig, ScanOptions, Severity};
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -89,7 +89,8 @@ struct Sample {
 
 /// Everything the loop needs about the data.
 struct Data {
-    images: Vec<ImageEntry>,
+    /// Shared with the prefetch thread.
+    images: std::sync::Arc<Vec<ImageEntry>>,
     dataset_of: Vec<usize>,
     plans: Vec<PlanConfig>,
     captions: Vec<CaptionProcessing>,
@@ -199,7 +200,7 @@ fn scan_data(job: &JobConfig, quiet: bool) -> Result<Data> {
         )));
     }
     Ok(Data {
-        images,
+        images: std::sync::Arc::new(images),
         dataset_of,
         plans,
         captions,
@@ -494,6 +495,7 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         cache,
         memory: Default::default(),
         text_memory: Default::default(),
+        prefetched: Default::default(),
         vae_id,
     };
     let mut report = TrainReport {
@@ -548,6 +550,10 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         while batch_in_epoch < batches.len() {
             let (planned, samples) = &batches[batch_in_epoch];
             batch_in_epoch += 1;
+            // decode the next batch's images while this one trains
+            if let Some((next, _)) = batches.get(batch_in_epoch) {
+                ctx.prefetch(next);
+            }
             let micro_id = step * accum + micro;
             let loss = ctx.micro_step(planned, samples, micro_id)?;
             (&loss / accum as f64).backward();
@@ -741,6 +747,9 @@ struct Ctx<'a> {
     cache: Option<lora_data::TensorCache>,
     /// Latent moments already read or computed this run (by cache key).
     memory: std::cell::RefCell<std::collections::HashMap<String, Tensor>>,
+    /// The next batch's pixels, decoded on a background thread while the
+    /// current step runs (only for batches whose latents are not cached).
+    prefetched: std::cell::RefCell<Option<(PlannedBatch, std::thread::JoinHandle<LoadedBatch>)>>,
     /// `cache_text_embeddings`: (context, pooled) per caption, computed once.
     text_memory: std::cell::RefCell<std::collections::HashMap<String, (Tensor, Tensor)>>,
     vae_id: String,
@@ -749,8 +758,9 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Scaled latents of a planned batch: VAE moments (from the content-keyed
     /// cache when `cache_latents`, else encoded now), then a seeded sample.
-    fn latents(&self, planned: &PlannedBatch, seed: u64) -> Result<Tensor> {
-        let keys: Option<Vec<String>> = self.cache.as_ref().map(|_| {
+    /// Cache keys of a batch's latents (`None` without `cache_latents`).
+    fn latent_keys(&self, planned: &PlannedBatch) -> Option<Vec<String>> {
+        self.cache.as_ref().map(|_| {
             planned
                 .items
                 .iter()
@@ -765,7 +775,42 @@ impl Ctx<'_> {
                     .canonical()
                 })
                 .collect()
+        })
+    }
+
+    /// Starts decoding `planned` on a background thread unless its latents
+    /// are already cached (memory or disk) or it is already under way.
+    fn prefetch(&self, planned: &PlannedBatch) {
+        if let (Some(c), Some(keys)) = (&self.cache, self.latent_keys(planned)) {
+            let memory = self.memory.borrow();
+            if keys
+                .iter()
+                .all(|k| memory.contains_key(k) || c.path_for(k).exists())
+            {
+                return;
+            }
+        }
+        let mut slot = self.prefetched.borrow_mut();
+        if slot.as_ref().is_some_and(|(p, _)| p == planned) {
+            return;
+        }
+        let images = self.data.images.clone();
+        let batch = planned.clone();
+        let handle = std::thread::spawn(move || {
+            load_batch(
+                &images,
+                &batch,
+                0,
+                &DecodeLimits::default(),
+                [255, 255, 255],
+            )
         });
+        // A stale prefetch (the plan moved on) is simply dropped when done.
+        *slot = Some((planned.clone(), handle));
+    }
+
+    fn latents(&self, planned: &PlannedBatch, seed: u64) -> Result<Tensor> {
+        let keys = self.latent_keys(planned);
         let device = self.model.unet_device();
         let cached: Option<Vec<Tensor>> = match (&self.cache, &keys) {
             (Some(c), Some(keys)) => keys
@@ -879,13 +924,25 @@ impl Ctx<'_> {
 
     /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor.
     fn pixels(&self, planned: &PlannedBatch) -> Result<Tensor> {
-        let lb = load_batch(
-            &self.data.images,
-            planned,
-            0,
-            &DecodeLimits::default(),
-            [255, 255, 255],
-        );
+        let ready = {
+            let mut slot = self.prefetched.borrow_mut();
+            match slot.take() {
+                Some((p, h)) if &p == planned => h.join().ok(),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        let lb = ready.unwrap_or_else(|| {
+            load_batch(
+                &self.data.images,
+                planned,
+                0,
+                &DecodeLimits::default(),
+                [255, 255, 255],
+            )
+        });
         if !lb.skipped.is_empty() || lb.items.is_empty() {
             return Err(terr(format!(
                 "could not read {}: the dataset changed during training",
