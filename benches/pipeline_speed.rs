@@ -190,32 +190,54 @@ fn main() {
     let m = model.to_str().unwrap().to_string();
 
     if run("training") {
-        let (s, mb) = training_child(&dir, &model, false);
+        // This shared 2-core machine is noisy: alternate the two sides and
+        // keep each one's best of three.
+        let py_args = [
+            m.clone(),
+            "20".into(),
+            THREADS.to_string(),
+            "--batch".into(),
+            "2".into(),
+            "--res".into(),
+            "256".into(),
+            "--rank".into(),
+            "8".into(),
+            "--conv-rank".into(),
+            "4".into(),
+        ];
+        let (mut s, mut mb, mut d) = (f64::INFINITY, f64::NAN, None::<f64>);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (si, mi) = training_child(&dir, &model, false);
+            ours.push(si);
+            if si < s {
+                (s, mb) = (si, mi);
+            }
+            if let Some(di) = python("train_step_diffusers.py", &py_args, "seconds_per_step") {
+                theirs.push(di);
+                d = Some(d.map_or(di, |x: f64| x.min(di)));
+            }
+        }
         let (s_ck, mb_ck) = training_child(&dir, &model, true);
-        println!("training step (tiny SDXL, batch 2, 256², LoRA 8 + LoCon 4, fp32 CPU, {THREADS} threads):");
-        println!("  lorakit    {s:8.3} s/step   (peak RSS {mb:.0} MiB)");
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!("training step (tiny SDXL, batch 2, 256², LoRA 8 + LoCon 4, fp32 CPU, {THREADS} threads), best of 3:");
+        println!(
+            "  lorakit    {s:8.3} s/step   (runs {}; peak RSS {mb:.0} MiB)",
+            fmt(&ours)
+        );
         println!(
             "  lorakit with gradient checkpointing {s_ck:.3} s/step ({:.2}× the time), peak RSS {mb_ck:.0} MiB ({:+.0} MiB)",
             s_ck / s,
             mb_ck - mb
         );
-        let d = python(
-            "train_step_diffusers.py",
-            &[
-                m.clone(),
-                "20".into(),
-                THREADS.to_string(),
-                "--batch".into(),
-                "2".into(),
-                "--res".into(),
-                "256".into(),
-                "--rank".into(),
-                "8".into(),
-                "--conv-rank".into(),
-                "4".into(),
-            ],
-            "seconds_per_step",
-        );
+        if !theirs.is_empty() {
+            println!("  diffusers runs {}", fmt(&theirs));
+        }
         ratio_line(s, d, "s/step");
     }
     if !run("sampling") {

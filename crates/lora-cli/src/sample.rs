@@ -73,7 +73,7 @@ pub struct GridArgs {
     /// LoRA checkpoints to compare (columns, ordered by step).
     #[arg(long, num_args = 1.., required = true)]
     loras: Vec<PathBuf>,
-    /// One strength for every column.
+    /// One strength for every column (default 1, or use --strengths).
     #[arg(long, conflicts_with = "strengths")]
     strength: Option<f64>,
     /// Several strengths (comma-separated): columns become checkpoint × strength.

@@ -349,7 +349,8 @@ impl LoraAdapter {
                 h.conv2d::<&Tensor>(&self.up, None, [1, 1], [0, 0], [1, 1], 1)
             }
         };
-        let out = out * scale;
+        // alpha = rank at strength 1 (a common setup) needs no scaling op.
+        let out = if scale == 1.0 { out } else { out * scale };
         Some(if out.kind() == in_kind {
             out
         } else {

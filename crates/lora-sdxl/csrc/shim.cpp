@@ -6,6 +6,11 @@
 // `new at::Tensor` owned by the receiver. Every entry point catches C++
 // exceptions and returns them as a message (nullptr = success).
 //
+// Optimizer helpers (`lorakit_fused_adamw`, `lorakit_clip_grad_norm`,
+// `lorakit_clear_grads`): libtorch's fused AdamW kernel, multi-tensor norm
+// and scaling, and `grad = None`, so an optimizer step over hundreds of LoRA
+// tensors is a few kernels instead of thousands.
+//
 // Gradient checkpointing (`lorakit_checkpoint`): a custom autograd Function
 // whose forward runs a callback with gradients off (activations are not
 // kept) and whose backward re-runs it with gradients on and back-propagates
@@ -15,6 +20,9 @@
 // is saved and restored so dropout masks are the same in both runs.
 
 #include <ATen/ATen.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <ATen/core/Generator.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -145,5 +153,64 @@ char* lorakit_checkpoint(lorakit_fn fn, void* data, at::Tensor** inputs, int64_t
 }
 
 void lorakit_free(char* p) { std::free(p); }
+
+namespace {
+std::vector<at::Tensor> gather(at::Tensor** ts, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+}  // namespace
+
+// One AdamW step (torch.optim.AdamW(fused=True) semantics) over `n`
+// parameters with defined gradients, at optimizer step `step` (1-based).
+char* lorakit_fused_adamw(at::Tensor** params, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                          int64_t n, double step, double lr, double beta1, double beta2,
+                          double weight_decay, double eps) {
+  try {
+    at::NoGradGuard no_grad;
+    auto p = gather(params, n);
+    std::vector<at::Tensor> g;
+    g.reserve(n);
+    for (auto& t : p) g.push_back(t.grad());
+    auto m = gather(exp_avgs, n);
+    auto v = gather(exp_avg_sqs, n);
+    // The kernel only reads the step count: one scalar serves every parameter.
+    at::Tensor st = at::full({}, step, p[0].options().dtype(at::kFloat));
+    std::vector<at::Tensor> steps(n, st);
+    at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_copy(e.what());
+  }
+}
+
+// Scales the gradients of `n` parameters (all with defined gradients) so
+// their global L2 norm is at most `max_norm`; writes the norm before
+// clipping (a 0-dim fp32 tensor, on the gradients' device) to `*total`.
+char* lorakit_clip_grad_norm(at::Tensor** params, int64_t n, double max_norm, at::Tensor** total) {
+  try {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> g;
+    g.reserve(n);
+    for (int64_t i = 0; i < n; ++i) g.push_back(params[i]->grad());
+    auto norms = at::_foreach_norm(g, 2);
+    at::Tensor t = at::stack(norms).to(at::kFloat).norm();
+    at::Tensor coef = (max_norm / (t + 1e-6)).clamp_max(1.0);
+    at::_foreach_mul_(g, coef);
+    *total = new at::Tensor(t);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_copy(e.what());
+  }
+}
+
+// `p.grad = None` for `n` parameters (the next backward allocates fresh
+// gradients instead of accumulating into zeroed ones).
+void lorakit_clear_grads(at::Tensor** params, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+}
 
 }  // extern "C"

@@ -4,6 +4,47 @@
 //! host synchronisation.
 
 use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn lorakit_fused_adamw(
+        params: *mut *mut C_tensor,
+        exp_avgs: *mut *mut C_tensor,
+        exp_avg_sqs: *mut *mut C_tensor,
+        n: i64,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut std::ffi::c_char;
+    fn lorakit_clip_grad_norm(
+        params: *mut *mut C_tensor,
+        n: i64,
+        max_norm: f64,
+        total: *mut *mut C_tensor,
+    ) -> *mut std::ffi::c_char;
+    fn lorakit_clear_grads(params: *mut *mut C_tensor, n: i64);
+    fn lorakit_free(p: *mut std::ffi::c_char);
+}
+
+fn ptr(t: &Tensor) -> *mut C_tensor {
+    t.as_ptr() as *mut C_tensor
+}
+
+/// Turns a shim error message into a panic with it (these calls only fail on
+/// programming errors such as mismatched devices).
+fn check(err: *mut std::ffi::c_char, what: &str) {
+    if !err.is_null() {
+        // SAFETY: the shim returns a malloc'ed C string or null.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { lorakit_free(err) };
+        panic!("{what}: {msg}");
+    }
+}
 
 /// bitsandbytes' block size for 8-bit optimizer states.
 pub const BLOCK_SIZE: i64 = 256;
@@ -221,60 +262,79 @@ impl AdamW {
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
-    /// One update at learning rate `lr`. Parameters without a gradient are skipped.
+    /// One update at learning rate `lr`. Parameters without a gradient are
+    /// skipped. fp32 moments are updated by libtorch's fused AdamW kernel in
+    /// one call (`torch.optim.AdamW(fused=True)`); 8-bit ones per parameter.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
         let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
+        let (mut fp, mut fm, mut fv) = (Vec::new(), Vec::new(), Vec::new());
         tch::no_grad(|| {
             for (p, moments) in self.params.iter().zip(&mut self.moments) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                // torch's single-tensor AdamW: in-place updates, few kernels.
-                let update = |p: &Tensor, m: &mut Tensor, v: &mut Tensor| {
-                    let mut p = p.shallow_clone();
-                    if wd != 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - lr * wd);
-                    }
-                    let _ = m.lerp_(&g, 1.0 - b1);
-                    let _ = v.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
-                    if lr == 0.0 {
-                        return;
-                    }
-                    // p -= lr/bc1 · m / (√v/√bc2 + eps), as one addcdiv with
-                    // the step size folded into the denominator.
-                    let mut denom = v.sqrt();
-                    let _ = denom
-                        .g_div_scalar_(bc2.sqrt())
-                        .g_add_scalar_(eps)
-                        .g_mul_scalar_(-bc1 / lr);
-                    let _ = p.addcdiv_(m, &denom);
-                };
                 match moments {
-                    Moments::F32 { m, v } => update(p, m, v),
+                    Moments::F32 { m, v } => {
+                        fp.push(ptr(p));
+                        fm.push(ptr(m));
+                        fv.push(ptr(v));
+                    }
                     Moments::Q8 { m, v } => {
                         let maps = self.maps.as_ref().expect("8-bit maps");
                         let mut mf = m.dequantize(&maps.signed);
                         let mut vf = v.dequantize(&maps.unsigned);
-                        update(p, &mut mf, &mut vf);
+                        // torch's single-tensor AdamW: in-place updates.
+                        let mut p = p.shallow_clone();
+                        if wd != 0.0 {
+                            let _ = p.g_mul_scalar_(1.0 - lr * wd);
+                        }
+                        let _ = mf.lerp_(&g, 1.0 - b1);
+                        let _ = vf.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
+                        if lr != 0.0 {
+                            // p -= lr/bc1 · m / (√v/√bc2 + eps), as one addcdiv
+                            // with the step size folded into the denominator.
+                            let mut denom = vf.sqrt();
+                            let _ = denom
+                                .g_div_scalar_(bc2.sqrt())
+                                .g_add_scalar_(eps)
+                                .g_mul_scalar_(-bc1 / lr);
+                            let _ = p.addcdiv_(&mf, &denom);
+                        }
                         *m = Quantized::quantize(&mf, &maps.signed, &maps.signed_bounds);
                         *v = Quantized::quantize(&vf, &maps.unsigned, &maps.unsigned_bounds);
                     }
                 }
             }
         });
-    }
-    /// Zeroes the parameters' gradients.
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
+        if !fp.is_empty() {
+            // SAFETY: every pointer is a live tensor owned by `self` for the call.
+            let err = unsafe {
+                lorakit_fused_adamw(
+                    fp.as_mut_ptr(),
+                    fm.as_mut_ptr(),
+                    fv.as_mut_ptr(),
+                    fp.len() as i64,
+                    self.step as f64,
+                    lr,
+                    b1,
+                    b2,
+                    wd,
+                    eps,
+                )
+            };
+            check(err, "fused AdamW");
         }
+    }
+    /// Drops the parameters' gradients (`grad = None`): the next backward
+    /// writes fresh ones instead of accumulating into zeroed buffers.
+    pub fn zero_grad(&mut self) {
+        let mut ps: Vec<*mut C_tensor> = self.params.iter().map(ptr).collect();
+        // SAFETY: live tensors owned by `self`.
+        unsafe { lorakit_clear_grads(ps.as_mut_ptr(), ps.len() as i64) };
     }
     /// The state as named CPU tensors under `prefix`: `{prefix}.{i}.m` /
     /// `.v` (fp32) or `.m_q` / `.m_absmax` / `.v_q` / `.v_absmax` (8-bit).
@@ -371,25 +431,24 @@ impl AdamW {
 /// (`torch.nn.utils.clip_grad_norm_`), returning the norm before clipping as a
 /// 0-dim tensor (read it only when you need it: that is a host sync).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
-    let grads: Vec<Tensor> = params
+    let mut with_grad: Vec<*mut C_tensor> = params
         .iter()
-        .map(|p| p.grad())
-        .filter(|g| g.defined())
+        .filter(|p| p.grad().defined())
+        .map(ptr)
         .collect();
-    let Some(first) = grads.first() else {
+    if with_grad.is_empty() {
         return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+    }
+    let mut total: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors for the call; the shim hands back an owned tensor.
+    let err = unsafe {
+        lorakit_clip_grad_norm(
+            with_grad.as_mut_ptr(),
+            with_grad.len() as i64,
+            max_norm,
+            &mut total,
+        )
     };
-    let norms: Vec<Tensor> = grads
-        .iter()
-        .map(|g| g.to_kind(Kind::Float).norm())
-        .collect();
-    let total = Tensor::stack(&norms, 0).norm().to_device(first.device());
-    let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-    tch::no_grad(|| {
-        for g in &grads {
-            let mut g = g.shallow_clone();
-            let _ = g.g_mul_(&coef.to_kind(g.kind()));
-        }
-    });
-    total
+    check(err, "gradient clipping");
+    unsafe { Tensor::from_ptr(total) }
 }
