@@ -18,21 +18,20 @@
 //! The Python side needs `.venv` with diffusers and peft; without it only the
 //! lorakit figures are printed.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{peak_rss_mb, root};
 use lorakit::sdxl::pipeline::{
     condition, decode_images, initial_noise, sample_latents, GenerateParams,
 };
 use lorakit::sdxl::train::{train, TrainOptions};
 use lorakit::sdxl::{ClipTokenizer, JobConfig, SdxlConfig, SdxlModel};
 use lorakit::tch::{Device, Kind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 const THREADS: usize = 2;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Runs a Python reference script; returns its JSON line's `key`.
 fn python(script: &str, args: &[String], key: &str) -> Option<f64> {
@@ -60,15 +59,6 @@ fn ratio_line(ours: f64, theirs: Option<f64>, what: &str) {
             "  diffusers: not measured (needs .venv with diffusers + peft: `make fixtures`)"
         ),
     }
-}
-
-fn peak_rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Runs `training` in a fresh process (so its peak RSS is its own):

@@ -8,34 +8,15 @@
 //! 2. UNet forward time on CPU for the tiny_b fixture config next to the same
 //!    forward in diffusers (benches/unet_forward.py, from `.venv`), ratio printed.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{peak_rss_mb, root, rss_mb};
 use lorakit::sdxl::{detect, Checkpoint, SdxlModel};
 use lorakit::tch::{Device, Kind, Tensor};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn peak_rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 /// Writes a full-size SDXL base checkpoint (fp16, pattern data) from the manifest, streaming.
 fn write_full_size(path: &Path) {
