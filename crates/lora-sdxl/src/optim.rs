@@ -130,9 +130,25 @@ impl Quantized {
             absmax: Tensor::zeros([blocks(n)], (Kind::Float, device)),
         }
     }
+}
+
+/// A quantisation map (256 sorted codes) and the midpoints between them.
+#[derive(Debug)]
+pub struct QuantMap {
+    code: Tensor,
+    bounds: Tensor,
+}
+
+impl QuantMap {
+    /// bitsandbytes' dynamic map ([`dynamic_map`]) on `device`.
+    pub fn dynamic(signed: bool, device: tch::Device) -> Self {
+        let code = dynamic_map(signed).to_device(device);
+        let bounds = (code.narrow(0, 0, 255) + code.narrow(0, 1, 255)) / 2.0;
+        Self { code, bounds }
+    }
     /// Blockwise quantisation (bitsandbytes: scale by 1/absmax, clamp to
     /// [-1, 1], nearest code via the midpoints between codes).
-    pub fn quantize(x: &Tensor, code: &Tensor, bounds: &Tensor) -> Self {
+    pub fn quantize(&self, x: &Tensor) -> Quantized {
         let flat = x.to_kind(Kind::Float).reshape([-1]);
         let n = flat.size()[0];
         let nb = blocks(n);
@@ -143,18 +159,19 @@ impl Quantized {
             .amax([1].as_slice(), false);
         let inv = absmax.clamp_min(1e-38).reciprocal();
         let scaled = (flat * expand_blocks(&inv, n)).clamp(-1.0, 1.0);
-        let _ = code;
         let codes = scaled
-            .bucketize(bounds, true, false)
+            .bucketize(&self.bounds, true, false)
             .to_kind(Kind::Uint8)
             .view(x.size().as_slice());
-        Self { codes, absmax }
+        Quantized { codes, absmax }
     }
     /// Back to fp32.
-    pub fn dequantize(&self, code: &Tensor) -> Tensor {
-        let n = self.codes.numel() as i64;
-        let values = code.index_select(0, &self.codes.reshape([-1]).to_kind(Kind::Int64));
-        (values * expand_blocks(&self.absmax, n)).view(self.codes.size().as_slice())
+    pub fn dequantize(&self, q: &Quantized) -> Tensor {
+        let n = q.codes.numel() as i64;
+        let values = self
+            .code
+            .index_select(0, &q.codes.reshape([-1]).to_kind(Kind::Int64));
+        (values * expand_blocks(&q.absmax, n)).view(q.codes.size().as_slice())
     }
 }
 
@@ -165,24 +182,18 @@ enum Moments {
     Q8 { m: Quantized, v: Quantized },
 }
 
-/// The two quantisation maps and their midpoints, on the device.
+/// The maps of the two moments (signed for m, unsigned for v), on the device.
 #[derive(Debug)]
 struct Maps {
-    signed: Tensor,
-    signed_bounds: Tensor,
-    unsigned: Tensor,
-    unsigned_bounds: Tensor,
+    signed: QuantMap,
+    unsigned: QuantMap,
 }
 
 impl Maps {
     fn new(device: tch::Device) -> Self {
-        let b = |c: &Tensor| (c.narrow(0, 0, 255) + c.narrow(0, 1, 255)) / 2.0;
-        let (s, u) = (dynamic_map(true), dynamic_map(false));
         Self {
-            signed_bounds: b(&s).to_device(device),
-            unsigned_bounds: b(&u).to_device(device),
-            signed: s.to_device(device),
-            unsigned: u.to_device(device),
+            signed: QuantMap::dynamic(true, device),
+            unsigned: QuantMap::dynamic(false, device),
         }
     }
 }
@@ -285,8 +296,8 @@ impl AdamW {
                     }
                     Moments::Q8 { m, v } => {
                         let maps = self.maps.as_ref().expect("8-bit maps");
-                        let mut mf = m.dequantize(&maps.signed);
-                        let mut vf = v.dequantize(&maps.unsigned);
+                        let mut mf = maps.signed.dequantize(m);
+                        let mut vf = maps.unsigned.dequantize(v);
                         // torch's single-tensor AdamW: in-place updates.
                         let mut p = p.shallow_clone();
                         if wd != 0.0 {
@@ -304,8 +315,8 @@ impl AdamW {
                                 .g_mul_scalar_(-bc1 / lr);
                             let _ = p.addcdiv_(&mf, &denom);
                         }
-                        *m = Quantized::quantize(&mf, &maps.signed, &maps.signed_bounds);
-                        *v = Quantized::quantize(&vf, &maps.unsigned, &maps.unsigned_bounds);
+                        *m = maps.signed.quantize(&mf);
+                        *v = maps.unsigned.quantize(&vf);
                     }
                 }
             }
@@ -384,13 +395,13 @@ impl AdamW {
                 } else {
                     let q = |n: &str| -> Result<Quantized, String> {
                         Ok(Quantized {
-                            codes: need(format!("{prefix}.{i}.{n}_q"))?,
-                            absmax: need(format!("{prefix}.{i}.{n}_absmax"))?,
+                            codes: need(format!("{prefix}.{i}.{n}_q"))?.to_device(p.device()),
+                            absmax: need(format!("{prefix}.{i}.{n}_absmax"))?.to_device(p.device()),
                         })
                     };
                     (
-                        q("m")?.dequantize(&maps.signed),
-                        q("v")?.dequantize(&maps.unsigned),
+                        maps.signed.dequantize(&q("m")?),
+                        maps.unsigned.dequantize(&q("v")?),
                     )
                 };
                 let (mf, vf) = (mf.to_device(p.device()), vf.to_device(p.device()));
@@ -412,8 +423,8 @@ impl AdamW {
                         }
                     }
                     Moments::Q8 { .. } => Moments::Q8 {
-                        m: Quantized::quantize(&mf, &maps.signed, &maps.signed_bounds),
-                        v: Quantized::quantize(&vf, &maps.unsigned, &maps.unsigned_bounds),
+                        m: maps.signed.quantize(&mf),
+                        v: maps.unsigned.quantize(&vf),
                     },
                 };
             }
