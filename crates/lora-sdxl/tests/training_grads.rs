@@ -5,6 +5,32 @@ use lora_sdxl::{lora_targets, SdxlModel, TargetScope};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
+/// A trainable adapter for `t`: kohya init for down, small random up (so
+/// gradients reach both), rank dropout on; returns it and its two leaves.
+fn trainable(t: &lora_sdxl::Target, rank: i64, rank_dropout: f64) -> (LoraAdapter, Tensor, Tensor) {
+    let mut a = LoraAdapter::new(
+        t.in_features,
+        t.out_features,
+        rank,
+        None,
+        t.geometry,
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap();
+    let down = a.down().set_requires_grad(true);
+    let up = (Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01)
+        .set_requires_grad(true);
+    a.set_weights(down.shallow_clone(), up.shallow_clone())
+        .unwrap();
+    a.set_dropouts(Dropouts {
+        rank_dropout,
+        ..Default::default()
+    })
+    .unwrap();
+    (a, down, up)
+}
+
 #[test]
 fn gradients_flow_only_into_adapters() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a.safetensors");
@@ -18,26 +44,8 @@ fn gradients_flow_only_into_adapters() {
         } else {
             4
         };
-        let mut a = LoraAdapter::new(
-            t.in_features,
-            t.out_features,
-            rank,
-            None,
-            t.geometry,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .unwrap();
-        let down = a.down().set_requires_grad(true);
-        let up = (Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01)
-            .set_requires_grad(true);
-        leaves.push((t.key.clone(), down.shallow_clone(), up.shallow_clone()));
-        a.set_weights(down, up).unwrap();
-        a.set_dropouts(Dropouts {
-            rank_dropout: 0.1,
-            ..Default::default()
-        })
-        .unwrap();
+        let (a, down, up) = trainable(&t, rank, 0.1);
+        leaves.push((t.key.clone(), down, up));
         set.insert(t.key, a);
     }
     let n = set.len();
@@ -111,26 +119,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             te2: false,
         },
     ) {
-        let mut a = LoraAdapter::new(
-            t.in_features,
-            t.out_features,
-            4,
-            None,
-            t.geometry,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .unwrap();
-        let down = a.down().set_requires_grad(true);
-        let up = (Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01)
-            .set_requires_grad(true);
-        leaves.push((down.shallow_clone(), up.shallow_clone()));
-        a.set_weights(down, up).unwrap();
-        a.set_dropouts(Dropouts {
-            rank_dropout: 0.25,
-            ..Default::default()
-        })
-        .unwrap();
+        let (a, down, up) = trainable(&t, 4, 0.25);
+        leaves.push((down, up));
         set.insert(t.key, a);
     }
     m.attach_lora(set, 1.0).unwrap();
