@@ -69,7 +69,8 @@ if [ -z "$torch_dir" ] || ! usable "$torch_dir"; then
     "$py" -m venv .venv || { say "cannot create a venv: install python3-venv (apt-get install python3-venv) or set LIBTORCH"; exit 1; }
   fi
   say "installing torch==$want from PyPI into .venv (about 4.6 GB, once)"
-  .venv/bin/python -m pip install --disable-pip-version-check -q "torch==$want"
+  # --no-cache-dir: the wheels are large; a cached copy would double the disk used.
+  .venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q "torch==$want"
   torch_dir=$(find_venv_torch)
   usable "$torch_dir" || { say "torch installed but $torch_dir has no usable libtorch"; exit 1; }
 fi
