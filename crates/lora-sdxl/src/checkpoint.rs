@@ -95,6 +95,40 @@ pub fn checkpoint<R: Recompute>(r: &R, inputs: &[&Tensor]) -> Result<Tensor, Str
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+/// A model's gradient-checkpointing switch: whether its blocks run through
+/// [`checkpoint`], and the scalar leaf (the anchor) passed to every
+/// checkpointed block so the recomputation is part of the graph even when no
+/// other input requires grad (frozen base, LoRA parameters inside the block).
+#[derive(Debug, Default)]
+pub(crate) struct Checkpointing {
+    on: std::cell::Cell<bool>,
+    anchor: std::cell::RefCell<Option<Tensor>>,
+}
+
+impl Checkpointing {
+    pub(crate) fn set(&self, on: bool) {
+        self.on.set(on);
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.get()
+    }
+
+    /// `r.run(inputs)` through [`checkpoint`] with the anchor appended.
+    /// `what` names the block in the (internal) error.
+    pub(crate) fn run<R: Recompute>(&self, r: &R, inputs: &[&Tensor], what: &str) -> Tensor {
+        let mut anchor = self.anchor.borrow_mut();
+        let anchor = anchor.get_or_insert_with(|| {
+            let device = inputs.first().map_or(tch::Device::Cpu, |t| t.device());
+            Tensor::zeros([], (tch::Kind::Float, device)).set_requires_grad(true)
+        });
+        let mut all: Vec<&Tensor> = Vec::with_capacity(inputs.len() + 1);
+        all.extend_from_slice(inputs);
+        all.push(anchor);
+        checkpoint(r, &all).unwrap_or_else(|e| panic!("{what} failed: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! `text_projection` applied as `x·P`). Both expose HF-style module paths for
 //! their LoRA slots (`text_model.encoder.layers.N.self_attn.q_proj`, …).
 
+use crate::checkpoint::{Checkpointing, Recompute};
 use crate::config::ClipConfig;
 use crate::nn::{LayerNorm, Linear, Slots};
 use crate::weights::VarBuilder;
@@ -38,6 +39,46 @@ struct Layer {
     ln2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    heads: i64,
+    activation: Activation,
+}
+
+impl Layer {
+    /// One pre-LN transformer layer with causal self-attention: `[B, L, h]` → same.
+    // `x + …` rather than `+=`: the caller may hold a view of `x`
+    // (`penultimate`), which an in-place add would overwrite (and autograd
+    // forbids it).
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, l, h) = x.size3().expect("[B, L, h]");
+        let y = self.ln1.forward(x);
+        let split = |t: Tensor| t.view([b, l, self.heads, h / self.heads]).transpose(1, 2);
+        let q = split(self.q.forward(&y));
+        let k = split(self.k.forward(&y));
+        let v = split(self.v.forward(&y));
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            true,
+            None,
+            false,
+        );
+        let x = x + self.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
+        let y = self.fc1.forward(&self.ln2.forward(&x));
+        let y = match self.activation {
+            Activation::QuickGelu => &y * (&y * 1.702).sigmoid(),
+            Activation::Gelu => y.gelu("none"),
+        };
+        x + self.fc2.forward(&y)
+    }
+}
+
+impl Recompute for Layer {
+    fn run(&self, i: &[Tensor]) -> Tensor {
+        self.forward(&i[0])
+    }
 }
 
 /// Outputs of a text encoder for one batch of token ids.
@@ -60,7 +101,8 @@ pub struct ClipTextModel {
     final_ln: LayerNorm,
     /// `[h, p]`, applied as `x·P`.
     projection: Option<Tensor>,
-    activation: Activation,
+    /// Recompute each layer's activations in backward instead of keeping them.
+    checkpointing: Checkpointing,
 }
 
 fn slot_linear(vb: &VarBuilder, slots: &Slots, c: Component, path: &str, i: i64, o: i64) -> Linear {
@@ -104,6 +146,8 @@ impl ClipTextModel {
                         ln2: LayerNorm::new(&l.pp("layer_norm2"), h, 1e-5),
                         fc1: lin("mlp.fc1", h, cfg.intermediate),
                         fc2: lin("mlp.fc2", cfg.intermediate, h),
+                        heads: cfg.heads,
+                        activation,
                     });
                 }
                 final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), h, 1e-5);
@@ -137,6 +181,8 @@ impl ClipTextModel {
                         ln2: LayerNorm::new(&l.pp("ln_2"), h, 1e-5),
                         fc1: lin("mlp.c_fc", "mlp.fc1", h, cfg.intermediate),
                         fc2: lin("mlp.c_proj", "mlp.fc2", cfg.intermediate, h),
+                        heads: cfg.heads,
+                        activation,
                     });
                 }
                 final_ln = LayerNorm::new(&vb.pp("ln_final"), h, 1e-5);
@@ -152,8 +198,20 @@ impl ClipTextModel {
             layers,
             final_ln,
             projection,
-            activation,
+            checkpointing: Checkpointing::default(),
         }
+    }
+
+    /// Gradient checkpointing: each transformer layer keeps no activations in
+    /// the forward and is recomputed in backward. Only matters while the
+    /// encoder is trained (its forward runs with gradients); off by default.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.set(on);
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.is_on()
     }
 
     /// Device the weights live on.
@@ -167,13 +225,9 @@ impl ClipTextModel {
     }
 
     /// Encodes token ids `[B, L]` (L ≤ max positions).
-    // `x = x + …` on purpose: `penultimate` shares x's storage, so an
-    // in-place `+=` would overwrite it (and breaks autograd).
-    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, ids: &Tensor) -> ClipOutput {
         let (b, l) = ids.size2().expect("ids are [B, L]");
         let h = self.config.hidden;
-        let heads = self.config.heads;
         let mut x = self
             .token_embedding
             .index_select(0, &ids.reshape([-1]))
@@ -185,28 +239,11 @@ impl ClipTextModel {
             if i + 1 == n {
                 penultimate = x.shallow_clone();
             }
-            let y = layer.ln1.forward(&x);
-            let split = |t: Tensor| t.view([b, l, heads, h / heads]).transpose(1, 2);
-            let q = split(layer.q.forward(&y));
-            let k = split(layer.k.forward(&y));
-            let v = split(layer.v.forward(&y));
-            let a = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                true,
-                None,
-                false,
-            );
-            x = x + layer.out.forward(&a.transpose(1, 2).reshape([b, l, h]));
-            let y = layer.fc1.forward(&layer.ln2.forward(&x));
-            let y = match self.activation {
-                Activation::QuickGelu => &y * (&y * 1.702).sigmoid(),
-                Activation::Gelu => y.gelu("none"),
+            x = if self.checkpointing.is_on() {
+                self.checkpointing.run(layer, &[&x], "text encoder layer")
+            } else {
+                layer.forward(&x)
             };
-            x = x + layer.fc2.forward(&y);
         }
         if n == 0 {
             penultimate = x.shallow_clone();

@@ -166,8 +166,9 @@ pub struct TrainSection {
     pub train_text_encoder: bool,
     /// Dtype of the frozen base: `bf16`, `fp16`, `fp32`.
     pub dtype: String,
-    /// Recompute the UNet blocks' activations in backward instead of keeping
-    /// them (default on, as in AI Toolkit): much less memory, more compute.
+    /// Recompute the UNet blocks' (and, when trained, the text encoders'
+    /// layers') activations in backward instead of keeping them (default on,
+    /// as in AI Toolkit): much less memory, more compute.
     pub gradient_checkpointing: bool,
     /// Encode images once and cache the latents.
     pub cache_latents: bool,
@@ -899,7 +900,7 @@ max_timestep = 1000
 train_unet = true
 train_text_encoder = false
 dtype = "bf16"                 # dtype of the frozen base model
-gradient_checkpointing = true   # recompute UNet activations in backward: far less VRAM, ~30% slower
+gradient_checkpointing = true   # recompute activations in backward: far less VRAM, ~30% slower
 cache_latents = true
 cache_text_embeddings = false
 

@@ -263,6 +263,16 @@ pub struct SdxlModel {
 }
 
 impl SdxlModel {
+    /// Gradient checkpointing for the UNet blocks and the text encoders'
+    /// layers: activations are recomputed in backward instead of kept. The
+    /// text encoders only run with gradients while they are trained, so it
+    /// costs nothing there otherwise.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.unet.set_gradient_checkpointing(on);
+        self.te1.set_gradient_checkpointing(on);
+        self.te2.set_gradient_checkpointing(on);
+    }
+
     /// Loads a single-file checkpoint (or a diffusers folder) with every weight converted to `kind`
     /// on `device` (norms stay fp32).
     pub fn load(path: impl AsRef<Path>, kind: Kind, device: Device) -> Result<Self> {

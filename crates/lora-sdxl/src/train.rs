@@ -257,9 +257,7 @@ pub fn train(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Tr
         Some(_) => Prediction::Epsilon,
         None => model.detected.prediction,
     };
-    model
-        .unet
-        .set_gradient_checkpointing(job.train.gradient_checkpointing);
+    model.set_gradient_checkpointing(job.train.gradient_checkpointing);
     // The job's settings win over the checkpoint's markers (samples use them too).
     model.detected.prediction = prediction;
     model.detected.zero_terminal_snr |= job.model.zero_terminal_snr;

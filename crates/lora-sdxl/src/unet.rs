@@ -2,6 +2,7 @@
 //! `middle_block`, `output_blocks`, `time_embed`, `label_emb`, `out`).
 
 use crate::attention::SpatialTransformer;
+use crate::checkpoint::Checkpointing;
 use crate::config::UnetConfig;
 use crate::nn::{timestep_embedding, Conv2d, GroupNorm, Linear, Slots};
 use crate::resnet::ResBlock;
@@ -66,10 +67,7 @@ pub struct Unet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     /// Recompute each block's activations in backward instead of keeping them.
-    checkpointing: std::cell::Cell<bool>,
-    /// A scalar leaf requiring grad, passed to every checkpointed block so
-    /// its recomputation is always part of the graph.
-    anchor: std::cell::RefCell<Option<Tensor>>,
+    checkpointing: Checkpointing,
 }
 
 impl Unet {
@@ -166,8 +164,7 @@ impl Unet {
             output_blocks,
             norm_out: GroupNorm::new(&vb.pp("out.0"), g, ch, 1e-5),
             conv_out: Conv2d::new(&vb.pp("out.2"), ch, cfg.out_channels, 3, 1, 1),
-            checkpointing: std::cell::Cell::new(false),
-            anchor: std::cell::RefCell::new(None),
+            checkpointing: Checkpointing::default(),
         }
     }
 
@@ -190,19 +187,14 @@ impl Unet {
 
     /// Whether gradient checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.get()
+        self.checkpointing.is_on()
     }
 
     fn block(&self, b: &Block, h: Tensor, emb: &Tensor, ctx: &Tensor) -> Tensor {
-        if !self.checkpointing.get() {
+        if !self.checkpointing.is_on() {
             return b.forward(h, emb, ctx);
         }
-        let mut anchor = self.anchor.borrow_mut();
-        let anchor = anchor.get_or_insert_with(|| {
-            Tensor::zeros([], (tch::Kind::Float, h.device())).set_requires_grad(true)
-        });
-        crate::checkpoint::checkpoint(b, &[&h, emb, ctx, anchor])
-            .unwrap_or_else(|e| panic!("UNet block failed: {e}"))
+        self.checkpointing.run(b, &[&h, emb, ctx], "UNet block")
     }
 
     /// ε (or v) prediction for latents `x` `[B, 4, h, w]` at timesteps `t`

@@ -31,10 +31,38 @@ fn trainable(t: &lora_sdxl::Target, rank: i64, rank_dropout: f64) -> (LoraAdapte
     (a, down, up)
 }
 
+fn tiny_a() -> SdxlModel {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a.safetensors");
+    SdxlModel::load(&path, Kind::Float, Device::Cpu).unwrap()
+}
+
+/// The fixture's token ids, time ids and latents.
+fn tiny_a_io() -> std::collections::HashMap<String, Tensor> {
+    lora_core::io::read_tensors(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a_io.safetensors"),
+    )
+    .unwrap()
+    .tensors
+    .into_iter()
+    .collect()
+}
+
+/// Both text encoders and the UNet, with gradients: the mean squared
+/// difference between the prediction and the latents.
+fn full_forward_loss(m: &SdxlModel, io: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    let o1 = m.te1.forward(&io["input_ids_1"]);
+    let o2 = m.te2.forward(&io["input_ids_2"]);
+    let ctx = Tensor::cat(&[&o1.penultimate, &o2.penultimate], -1);
+    let y = lora_sdxl::unet::vector_conditioning(&o2.pooled, &io["time_ids"]);
+    let eps = m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y);
+    (eps - &io["latents"])
+        .pow_tensor_scalar(2)
+        .mean(Kind::Float)
+}
+
 #[test]
 fn gradients_flow_only_into_adapters() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a.safetensors");
-    let m = SdxlModel::load(&path, Kind::Float, Device::Cpu).unwrap();
+    let m = tiny_a();
     tch::manual_seed(0);
     let mut set = LoraSet::new();
     let mut leaves = Vec::new();
@@ -51,21 +79,7 @@ fn gradients_flow_only_into_adapters() {
     let n = set.len();
     m.attach_lora(set, 1.0).unwrap();
     m.slots.set_training(true);
-    let io: std::collections::HashMap<String, Tensor> = lora_core::io::read_tensors(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a_io.safetensors"),
-    )
-    .unwrap()
-    .tensors
-    .into_iter()
-    .collect();
-    let o1 = m.te1.forward(&io["input_ids_1"]);
-    let o2 = m.te2.forward(&io["input_ids_2"]);
-    let ctx = Tensor::cat(&[&o1.penultimate, &o2.penultimate], -1);
-    let y = lora_sdxl::unet::vector_conditioning(&o2.pooled, &io["time_ids"]);
-    let eps = m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y);
-    let loss = (eps - &io["latents"])
-        .pow_tensor_scalar(2)
-        .mean(Kind::Float);
+    let loss = full_forward_loss(&m, &tiny_a_io());
     loss.backward();
     let mut with_grad = 0;
     // SDXL reads CLIP-L's penultimate layer, so adapters on its last layer get
@@ -100,40 +114,30 @@ fn gradients_flow_only_into_adapters() {
     m.slots.set_training(false);
 }
 
-/// Gradient checkpointing recomputes each UNet block in backward: the same
-/// loss and the same LoRA gradients (rank dropout on, so the RNG state must
-/// be replayed), with activations freed during the forward.
+/// Gradient checkpointing recomputes each UNet block and each text-encoder
+/// layer in backward: the same loss and the same LoRA gradients (rank
+/// dropout on, so the RNG state must be replayed), with activations freed
+/// during the forward.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a.safetensors");
-    let m = SdxlModel::load(&path, Kind::Float, Device::Cpu).unwrap();
+    let m = tiny_a();
     tch::manual_seed(1);
     let mut set = LoraSet::new();
     let mut leaves = Vec::new();
-    for t in lora_targets(
-        &m.detected.config,
-        TargetScope {
-            unet: true,
-            unet_conv: true,
-            te1: false,
-            te2: false,
-        },
-    ) {
+    for t in lora_targets(&m.detected.config, TargetScope::ALL) {
         let (a, down, up) = trainable(&t, 4, 0.25);
-        leaves.push((down, up));
+        leaves.push((t.key.component, down, up));
         set.insert(t.key, a);
     }
     m.attach_lora(set, 1.0).unwrap();
     m.slots.set_training(true);
-    let opts = (Kind::Float, Device::Cpu);
-    let cfg = &m.detected.config.unet;
-    let x = Tensor::randn([2, 4, 16, 16], opts);
-    let t = Tensor::from_slice(&[10f32, 700.]);
-    let ctx = Tensor::randn([2, 77, cfg.context_dim], opts);
-    let y = Tensor::randn([2, cfg.adm_in_channels], opts);
+    let io = tiny_a_io();
     let run = |ckpt: bool| {
-        m.unet.set_gradient_checkpointing(ckpt);
-        for (d, u) in &leaves {
+        m.set_gradient_checkpointing(ckpt);
+        assert_eq!(m.unet.gradient_checkpointing(), ckpt);
+        assert_eq!(m.te1.gradient_checkpointing(), ckpt);
+        assert_eq!(m.te2.gradient_checkpointing(), ckpt);
+        for (_, d, u) in &leaves {
             for p in [d, u] {
                 let mut g = p.grad();
                 if g.defined() {
@@ -142,36 +146,64 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             }
         }
         tch::manual_seed(42);
-        let loss = m.unet.forward(&x, &t, &ctx, &y).square().mean(Kind::Float);
+        let loss = full_forward_loss(&m, &io);
         loss.backward();
-        let grads: Vec<Tensor> = leaves
+        // CLIP-L's last layer feeds nothing SDXL reads: no gradient there.
+        let grad = |p: &Tensor| {
+            let g = p.grad();
+            if g.defined() {
+                g.copy()
+            } else {
+                p.zeros_like()
+            }
+        };
+        let grads: Vec<(lora_core::Component, Tensor)> = leaves
             .iter()
-            .flat_map(|(d, u)| [d.grad().copy(), u.grad().copy()])
+            .flat_map(|(c, d, u)| [(*c, grad(d)), (*c, grad(u))])
             .collect();
         (loss.double_value(&[]), grads)
     };
     let (l0, g0) = run(false);
     let (l1, g1) = run(true);
     assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "loss {l0} vs {l1}");
-    // Compare against the overall gradient scale: some adapters get
-    // gradients at the 1e-10 level (pure float noise in both runs).
-    let scale = g0
-        .iter()
-        .map(|g| g.abs().max().double_value(&[]))
-        .fold(0f64, f64::max);
-    let worst = g0
-        .iter()
-        .zip(&g1)
-        .map(|(a, b)| (a - b).abs().max().double_value(&[]))
-        .fold(0f64, f64::max)
-        / scale;
-    assert!(worst < 1e-4, "gradients differ by {worst:.2e} (relative)");
-    assert!(
-        g1.iter()
-            .filter(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0)
-            .count()
-            > g1.len() / 2
-    );
-    m.unet.set_gradient_checkpointing(false);
+    for component in lora_core::Component::ALL {
+        let of = |g: &[(lora_core::Component, Tensor)]| -> Vec<Tensor> {
+            g.iter()
+                .filter(|(c, _)| *c == component)
+                .map(|(_, t)| t.shallow_clone())
+                .collect()
+        };
+        let (a, b) = (of(&g0), of(&g1));
+        assert!(!a.is_empty());
+        // Compare against the overall gradient scale: some adapters get
+        // gradients at the 1e-10 level (pure float noise in both runs).
+        let scale = a
+            .iter()
+            .map(|g| g.abs().max().double_value(&[]))
+            .fold(0f64, f64::max);
+        assert!(scale > 0.0, "{component:?}: no gradient at all");
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs().max().double_value(&[]))
+            .fold(0f64, f64::max)
+            / scale;
+        assert!(
+            worst < 1e-4,
+            "{component:?}: gradients differ by {worst:.2e} (relative)"
+        );
+        let live = |g: &[Tensor]| {
+            g.iter()
+                .filter(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0)
+                .count()
+        };
+        assert!(live(&a) > 0, "{component:?}: no adapter got a gradient");
+        assert_eq!(
+            live(&a),
+            live(&b),
+            "{component:?}: checkpointing changes which adapters get gradients"
+        );
+    }
+    m.set_gradient_checkpointing(false);
     m.slots.set_training(false);
 }
