@@ -2,12 +2,12 @@
 
 mod data;
 mod demo;
+mod lora;
 mod model;
 mod sample;
 mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use lora_core::{load_lora, LoraSummary, UnknownKeys};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,7 +32,7 @@ enum Command {
     /// Work with LoRA files.
     Lora {
         #[command(subcommand)]
-        command: LoraCommand,
+        command: lora::LoraCommand,
     },
     /// Train a LoRA from a job file (see `lorakit init`).
     Train {
@@ -91,16 +91,6 @@ enum Command {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum LoraCommand {
-    /// Show what a LoRA file holds: format, modules, ranks, dtype, metadata.
-    /// Reads kohya, AI Toolkit and diffusers/PEFT files.
-    Inspect {
-        /// The LoRA .safetensors file.
-        file: PathBuf,
-    },
-}
-
 fn version_string() -> String {
     let cuda = if tch::Cuda::is_available() {
         format!("available, {} device(s)", tch::Cuda::device_count())
@@ -138,13 +128,7 @@ type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(cli: Cli) -> AnyResult<ExitCode> {
     match cli.command {
-        Command::Lora {
-            command: LoraCommand::Inspect { file },
-        } => {
-            let loaded = load_lora(&file, UnknownKeys::Report)?;
-            print!("{}", LoraSummary::new(&loaded));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Lora { command } => lora::run(command),
         Command::Train { job, resume } => train::run(&job, resume, cli.quiet),
         Command::Init {
             out,

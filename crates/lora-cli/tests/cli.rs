@@ -552,3 +552,102 @@ fn init_writes_a_valid_template() {
     let o = lorakit(&args);
     assert!(!o.status.success() && text(&o).1.contains("--force"));
 }
+
+/// `lora resize`: rank 2 everywhere keeps ΔW of rank-2 modules and reduces
+/// the rest; a dynamic rule picks per-module ranks; the output is a kohya
+/// file with updated metadata and fresh hashes; bad use is one clear error.
+#[test]
+fn lora_resize_writes_a_smaller_kohya_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("kohya.safetensors");
+    let before = lora_core::load_lora(&input, lora_core::UnknownKeys::Reject).unwrap();
+    let out = dir.path().join("r2.safetensors");
+    let o = lorakit(&[
+        "lora",
+        "resize",
+        input.to_str().unwrap(),
+        "--rank",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("resized 18 modules"), "{stdout}");
+    assert!(stdout.contains("ranks after:  2 ×18"), "{stdout}");
+    let after = lora_core::load_lora(&out, lora_core::UnknownKeys::Reject).unwrap();
+    assert_eq!(after.format, lora_core::LoraFormat::Kohya);
+    assert_eq!(after.set.len(), before.set.len());
+    assert_eq!(after.dtypes.keys().collect::<Vec<_>>(), vec!["F32"]);
+    for (key, a) in before.set.iter() {
+        let b = after.set.get(key).expect("module kept");
+        assert_eq!(b.rank(), 2, "{key:?}");
+        let (da, db) = (a.delta_weight(), b.delta_weight());
+        let scale = da.abs().max().double_value(&[]);
+        let diff = (&da - &db).abs().max().double_value(&[]) / scale;
+        if a.rank() == 2 {
+            assert!(diff < 1e-5, "{key:?}: rank-2 module changed by {diff:.1e}");
+        } else {
+            assert!(
+                diff > 1e-4,
+                "{key:?}: a rank-4 module cannot stay exact at rank 2"
+            );
+        }
+    }
+    assert_eq!(after.metadata["ss_network_dim"], "2");
+    assert_eq!(after.metadata["ss_network_alpha"], "1.0");
+    assert!(after.metadata["ss_training_comment"].starts_with("dimension is resized from 4 to 2"));
+    assert_ne!(
+        after.metadata.get("sshs_model_hash"),
+        before.metadata.get("sshs_model_hash")
+    );
+    assert!(after.file_size < before.file_size);
+
+    // dynamic, fp16, default name beside a copy of the input
+    let copy = dir.path().join("mine.safetensors");
+    std::fs::copy(&input, &copy).unwrap();
+    let o = lorakit(&[
+        "lora",
+        "resize",
+        copy.to_str().unwrap(),
+        "--rank",
+        "3",
+        "--rule",
+        "sv_fro:0.5",
+        "--dtype",
+        "fp16",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let dynamic = dir.path().join("mine-dyn3.safetensors");
+    let d = lora_core::load_lora(&dynamic, lora_core::UnknownKeys::Reject).unwrap();
+    assert_eq!(d.metadata["ss_network_dim"], "Dynamic");
+    assert_eq!(d.dtypes.keys().collect::<Vec<_>>(), vec!["F16"]);
+    assert!(d.set.iter().all(|(_, a)| a.rank() <= 3));
+    assert!(
+        d.set.iter().any(|(_, a)| a.rank() < 2),
+        "keeping half the norm drops some modules to rank 1"
+    );
+
+    // errors: existing output, output = input, bad rule, bad rank
+    for (args, expect) in [
+        (
+            vec!["--rank", "2", "--out", out.to_str().unwrap()],
+            "exists; pass --force",
+        ),
+        (
+            vec!["--rank", "2", "--out", copy.to_str().unwrap(), "--force"],
+            "replace the input",
+        ),
+        (vec!["--rank", "2", "--rule", "sv_fro:2"], "--rule"),
+        (vec!["--rank", "0"], "--rank must be at least 1"),
+    ] {
+        let mut all = vec!["lora", "resize", copy.to_str().unwrap()];
+        all.extend(args);
+        let o = lorakit(&all);
+        let (_, stderr) = text(&o);
+        assert!(!o.status.success());
+        assert!(stderr.contains(expect), "{all:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

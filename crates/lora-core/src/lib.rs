@@ -10,6 +10,8 @@
 //! * [`load_lora`]: reads kohya, AI Toolkit and diffusers/PEFT files and
 //!   normalises them to one [`LoraSet`]; unknown keys are reported by name.
 //! * [`LoraSummary`]: what `lorakit lora inspect` prints.
+//! * [`resize_set`]: rank reduction by truncated SVD (kohya's `resize_lora`),
+//!   fixed or per-module ranks ([`RankRule`]).
 //!
 //! ```no_run
 //! use lora_core::{Component, Geometry, LoraAdapter, LoraSet, ModuleKey, TrainingMetadata};
@@ -30,6 +32,7 @@ pub mod inspect;
 pub mod io;
 pub mod metadata;
 pub mod naming;
+pub mod resize;
 pub mod set;
 
 pub use adapter::{Dropouts, Geometry, LoraAdapter};
@@ -38,4 +41,5 @@ pub use formats::{load_lora, LoadedLora, LoraFormat, UnknownKeys};
 pub use inspect::LoraSummary;
 pub use metadata::{Prediction, TrainingMetadata};
 pub use naming::{Component, ModuleKey};
+pub use resize::{resize_set, RankRule, ResizeOptions, ResizeStats};
 pub use set::{LoraSet, SavedLora};

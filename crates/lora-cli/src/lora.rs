@@ -1,0 +1,195 @@
+//! `lorakit lora …`: inspect and resize LoRA files.
+
+use crate::AnyResult;
+use clap::{Args, Subcommand};
+use lora_core::resize::{fro_retained_summary, note_resize, resize_set, RankRule, ResizeOptions};
+use lora_core::{load_lora, LoraSummary, UnknownKeys};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tch::Kind;
+
+#[derive(Subcommand, Debug)]
+pub enum LoraCommand {
+    /// Show what a LoRA file holds: format, modules, ranks, dtype, metadata.
+    /// Reads kohya, AI Toolkit and diffusers/PEFT files.
+    Inspect {
+        /// The LoRA .safetensors file.
+        file: PathBuf,
+    },
+    /// Reduce a LoRA's rank by truncated SVD (kohya's resize_lora): fixed
+    /// ranks or per-module ranks from the singular values. The strength to
+    /// use it at stays the same. Writes a kohya file.
+    Resize(ResizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ResizeArgs {
+    /// The LoRA to resize (kohya, AI Toolkit or diffusers/PEFT file).
+    file: PathBuf,
+    /// Maximum rank of Linear (and 1x1 conv) modules.
+    #[arg(long)]
+    rank: i64,
+    /// Maximum rank of 3x3 conv (LoCon) modules [default: --rank].
+    #[arg(long)]
+    conv_rank: Option<i64>,
+    /// Per-module rank: `fixed`, `sv_fro:F` (keep fraction F of the
+    /// Frobenius norm), `sv_cumulative:F` (fraction F of Σσ) or
+    /// `sv_ratio:R` (σ above σ_max / R); never above --rank / --conv-rank.
+    #[arg(long, default_value = "fixed")]
+    rule: String,
+    /// Output file [default: <input stem>-r<rank>.safetensors beside the input].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Dtype of the written tensors: fp16, bf16 or fp32 [default: the input's].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Print every module's new rank and retained norm.
+    #[arg(long)]
+    per_module: bool,
+    /// Replace an existing output file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(command: LoraCommand) -> AnyResult<ExitCode> {
+    match command {
+        LoraCommand::Inspect { file } => {
+            let loaded = load_lora(&file, UnknownKeys::Report)?;
+            print!("{}", LoraSummary::new(&loaded));
+        }
+        LoraCommand::Resize(a) => resize(a)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dtype_kind(name: &str) -> AnyResult<Kind> {
+    Ok(match name {
+        "fp16" => Kind::Half,
+        "bf16" => Kind::BFloat16,
+        "fp32" => Kind::Float,
+        other => return Err(format!("--dtype: `{other}` is not one of fp16, bf16, fp32").into()),
+    })
+}
+
+/// The dtype most of the file's tensors are stored in (fp32 when unclear).
+fn input_kind(dtypes: &BTreeMap<String, usize>) -> Kind {
+    match dtypes
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(d, _)| d.as_str())
+    {
+        Some("F16") => Kind::Half,
+        Some("BF16") => Kind::BFloat16,
+        _ => Kind::Float,
+    }
+}
+
+fn default_out(file: &Path, rank: i64, rule: RankRule) -> PathBuf {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lora".into());
+    let tag = match rule {
+        RankRule::Fixed => format!("r{rank}"),
+        _ => format!("dyn{rank}"),
+    };
+    file.with_file_name(format!("{stem}-{tag}.safetensors"))
+}
+
+fn resize(a: ResizeArgs) -> AnyResult {
+    let rule = RankRule::parse(&a.rule).map_err(|e| format!("--rule: {e}"))?;
+    let opts = ResizeOptions {
+        rank: a.rank,
+        conv_rank: a.conv_rank.unwrap_or(a.rank),
+        rule,
+    };
+    for (flag, r) in [("--rank", opts.rank), ("--conv-rank", opts.conv_rank)] {
+        if r < 1 {
+            return Err(format!("{flag} must be at least 1, got {r}").into());
+        }
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&a.file, opts.rank, rule));
+    let same = |p: &Path, q: &Path| match (p.canonicalize(), q.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if same(&out, &a.file) {
+        return Err(format!(
+            "{}: the output would replace the input; pass another --out",
+            out.display()
+        )
+        .into());
+    }
+    if out.exists() && !a.force {
+        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
+    }
+    let loaded = load_lora(&a.file, UnknownKeys::Reject)?;
+    let kind = match a.dtype.as_deref() {
+        Some(d) => dtype_kind(d)?,
+        None => input_kind(&loaded.dtypes),
+    };
+    let (set, stats) = resize_set(&loaded.set, &opts)?;
+    let mut meta = loaded.metadata.clone();
+    meta.remove("sshs_model_hash");
+    meta.remove("sshs_legacy_hash");
+    note_resize(&mut meta, &opts, &stats);
+    let saved = set.save(&out, kind, &meta)?;
+
+    if a.per_module {
+        for (key, s) in &stats {
+            println!(
+                "{:<75} | rank {:>3} → {:<3} | Σσ kept {:>5.1}% | Frobenius kept {:>5.1}%",
+                key.kohya_name(),
+                s.old_rank,
+                s.new_rank,
+                100.0 * s.sum_retained,
+                100.0 * s.fro_retained
+            );
+        }
+    }
+    let mut old_ranks: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut new_ranks: BTreeMap<i64, usize> = BTreeMap::new();
+    for (_, s) in &stats {
+        *old_ranks.entry(s.old_rank).or_default() += 1;
+        *new_ranks.entry(s.new_rank).or_default() += 1;
+    }
+    let hist = |h: &BTreeMap<i64, usize>| {
+        h.iter()
+            .map(|(r, n)| format!("{r} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (mean, std) = fro_retained_summary(&stats);
+    let worst = stats
+        .iter()
+        .min_by(|x, y| x.1.fro_retained.total_cmp(&y.1.fro_retained));
+    println!(
+        "resized {} modules ({rule}, max rank {}, conv {})",
+        stats.len(),
+        opts.rank,
+        opts.conv_rank
+    );
+    println!("ranks before: {}", hist(&old_ranks));
+    println!("ranks after:  {}", hist(&new_ranks));
+    if let Some((key, s)) = worst {
+        println!(
+            "Frobenius norm of ΔW kept: mean {:.1}% (std {:.3}), lowest {:.1}% ({})",
+            100.0 * mean,
+            std,
+            100.0 * s.fro_retained,
+            key.kohya_name()
+        );
+    }
+    println!(
+        "wrote {} ({:.1} MB → {:.1} MB, {})",
+        out.display(),
+        loaded.file_size as f64 / 1e6,
+        saved.size as f64 / 1e6,
+        lora_core::io::kind_name(kind)
+    );
+    Ok(())
+}
