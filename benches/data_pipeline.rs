@@ -5,6 +5,9 @@
 //! `cargo bench --bench data_pipeline` (Pillow is taken from `.venv`;
 //! `make bench` installs it). Prints images/s and the ratio.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use lorakit::data::buckets::{place, select_bucket, BucketSpec};
 use lorakit::data::image_io::DecodeLimits;
@@ -135,10 +138,7 @@ fn pillow(py: &Path, dir: &Path, workers: usize) -> f64 {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        // `cargo test --all-targets` runs bench targets without `--bench`:
-        // building it is the test; the measurement is for `cargo bench`.
-        println!("data_pipeline: run with `cargo bench --bench data_pipeline`");
+    if !common::benchmarking("data_pipeline") {
         return;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/pipeline-v1");

@@ -3,36 +3,16 @@
 //!
 //! `cargo bench --bench lora_merge`
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::full_sdxl_lora;
 use criterion::{criterion_group, criterion_main, Criterion};
-use lorakit::core::{LoraAdapter, LoraSet};
-use lorakit::sdxl::{lora_targets, SdxlConfig, TargetScope};
-use lorakit::tch::{Device, Tensor};
+use lorakit::core::LoraSet;
 use lorakit::Kind;
 
-fn full_set() -> LoraSet {
-    tch::manual_seed(0);
-    let mut set = LoraSet::new();
-    for t in lora_targets(&SdxlConfig::base(), TargetScope::ALL) {
-        let rank = if t.uses_conv_rank() { 8 } else { 16 };
-        let mut a = LoraAdapter::new(
-            t.in_features,
-            t.out_features,
-            rank,
-            None,
-            t.geometry,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .unwrap();
-        let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01;
-        a.set_weights(a.down().shallow_clone(), up).unwrap();
-        set.insert(t.key, a);
-    }
-    set
-}
-
 fn bench(c: &mut Criterion) {
-    let set = full_set();
+    let set = full_sdxl_lora(16, 8);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.safetensors");
     let meta = Default::default();

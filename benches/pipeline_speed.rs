@@ -20,7 +20,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{peak_rss_mb, root};
+use common::{peak_rss_mb, python, root};
 use lorakit::sdxl::pipeline::{
     condition, decode_images, initial_noise, sample_latents, GenerateParams,
 };
@@ -32,22 +32,6 @@ use std::process::Command;
 use std::time::Instant;
 
 const THREADS: usize = 2;
-
-/// Runs a Python reference script; returns its JSON line's `key`.
-fn python(script: &str, args: &[String], key: &str) -> Option<f64> {
-    let out = Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("benches").join(script))
-        .args(args)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last()?).ok()?;
-    v.get(key)?.as_f64()
-}
 
 fn ratio_line(ours: f64, theirs: Option<f64>, what: &str) {
     match theirs {
@@ -167,8 +151,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let run = |what: &str| args.is_empty() || args.iter().any(|a| a == what);
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("pipeline_speed: run with `cargo bench --bench pipeline_speed`");
+    if !common::benchmarking("pipeline_speed") {
         return;
     }
     tch::set_num_threads(THREADS as i32);

@@ -122,8 +122,7 @@ fn main() {
         child(&args[i + 1], &args[i + 2]);
         return;
     }
-    if !args.iter().any(|a| a == "--bench") {
-        println!("sdxl_model: run with `cargo bench --bench sdxl_model`");
+    if !common::benchmarking("sdxl_model") {
         return;
     }
     tch::set_num_threads(2);
