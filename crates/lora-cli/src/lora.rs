@@ -21,6 +21,44 @@ pub enum LoraCommand {
     /// ranks or per-module ranks from the singular values. The strength to
     /// use it at stays the same. Writes a kohya file.
     Resize(ResizeArgs),
+    /// Extract a LoRA from a fine-tuned checkpoint and its base (kohya's
+    /// extract_lora_from_models): ΔW of every adaptable module at the given
+    /// rank; the text encoders only when they differ.
+    Extract(ExtractArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// The base model (single-file .safetensors or diffusers folder).
+    #[arg(long)]
+    base: PathBuf,
+    /// The fine-tuned model of the same architecture.
+    #[arg(long)]
+    tuned: PathBuf,
+    /// Rank of Linear (and 1x1 conv) modules.
+    #[arg(long, default_value_t = 32)]
+    rank: i64,
+    /// Rank of 3x3 conv modules (LoCon); without it convs are left out, as kohya does.
+    #[arg(long)]
+    conv_rank: Option<i64>,
+    /// Clamp values to ± this quantile (kohya's default; 1 = no clamping).
+    #[arg(long, default_value_t = 0.99)]
+    clamp_quantile: f64,
+    /// Extract the text encoders only when a weight differs by more than this.
+    #[arg(long, default_value_t = 0.01)]
+    min_diff: f64,
+    /// Output file [default: <tuned stem>-lora-r<rank>.safetensors in the current folder].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Dtype of the written tensors: fp16, bf16 or fp32.
+    #[arg(long, default_value = "fp16")]
+    dtype: String,
+    /// Where to compute: cpu, cuda, cuda:N [default: cuda when available].
+    #[arg(long)]
+    device: Option<String>,
+    /// Replace an existing output file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +97,7 @@ pub fn run(command: LoraCommand) -> AnyResult<ExitCode> {
             print!("{}", LoraSummary::new(&loaded));
         }
         LoraCommand::Resize(a) => resize(a)?,
+        LoraCommand::Extract(a) => extract(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -146,7 +185,7 @@ fn resize(a: ResizeArgs) -> AnyResult {
                 key.kohya_name(),
                 s.old_rank,
                 s.new_rank,
-                100.0 * s.sum_retained,
+                100.0 * s.sum_retained.unwrap_or(f64::NAN),
                 100.0 * s.fro_retained
             );
         }
@@ -190,6 +229,95 @@ fn resize(a: ResizeArgs) -> AnyResult {
         loaded.file_size as f64 / 1e6,
         saved.size as f64 / 1e6,
         lora_core::io::kind_name(kind)
+    );
+    Ok(())
+}
+
+fn extract(a: ExtractArgs) -> AnyResult {
+    let kind = dtype_kind(&a.dtype)?;
+    let stem = a
+        .tuned
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "extracted".into());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}-lora-r{}.safetensors", a.rank)));
+    if out.exists() && !a.force {
+        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
+    }
+    if !(a.clamp_quantile > 0.0 && a.clamp_quantile <= 1.0) {
+        return Err(format!(
+            "--clamp-quantile must be in (0, 1], got {}",
+            a.clamp_quantile
+        )
+        .into());
+    }
+    let device = lora_sdxl::model::resolve_device(a.device.as_deref())
+        .map_err(|e| format!("--device: {e}"))?;
+    let opts = lora_sdxl::ExtractOptions {
+        rank: a.rank,
+        conv_rank: a.conv_rank,
+        clamp_quantile: Some(a.clamp_quantile),
+        min_diff: a.min_diff,
+        device,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} modules  {elapsed} / ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let x = lora_sdxl::extract_lora(&a.base, &a.tuned, &opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let title = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| stem.clone());
+    let meta = x.metadata(&title, &opts, &a.base, &a.tuned);
+    let saved = x.set.save(&out, kind, &meta)?;
+    let count = |c: lora_core::Component| x.set.count(c);
+    println!(
+        "extracted {} modules (UNet {}, CLIP-L {}, bigG {}); {} identical modules left out",
+        x.set.len(),
+        count(lora_core::Component::Unet),
+        count(lora_core::Component::Te1),
+        count(lora_core::Component::Te2),
+        x.identical
+    );
+    if x.text_encoders {
+        println!(
+            "text encoders differ (max |ΔW| {:.3e} > {}): extracted",
+            x.text_encoder_max_diff, a.min_diff
+        );
+    } else {
+        println!(
+            "text encoders are the same (max |ΔW| {:.3e} ≤ {}): UNet only",
+            x.text_encoder_max_diff, a.min_diff
+        );
+    }
+    let (mean, std) = fro_retained_summary(&x.modules);
+    println!(
+        "Frobenius norm of ΔW kept at rank {}{}: mean {:.1}% (std {:.3})",
+        a.rank,
+        a.conv_rank
+            .map(|c| format!(" / conv {c}"))
+            .unwrap_or_default(),
+        100.0 * mean,
+        std
+    );
+    println!(
+        "wrote {} ({:.1} MB, {}); use it on {} at strength 1 to approximate {}",
+        out.display(),
+        saved.size as f64 / 1e6,
+        lora_core::io::kind_name(kind),
+        a.base.display(),
+        a.tuned.display()
     );
     Ok(())
 }

@@ -651,3 +651,81 @@ fn lora_resize_writes_a_smaller_kohya_file() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// `lora extract`: a copy of the tiny base with one changed attention weight
+/// gives a one-module kohya LoRA reproducing the change; bad pairs are one
+/// clear error.
+#[test]
+fn lora_extract_from_two_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lora-sdxl/tests/fixtures/tiny_a.safetensors");
+    let mut tensors = lora_core::io::read_tensors(&base).unwrap().tensors;
+    let (key, w) = tensors
+        .iter_mut()
+        .find(|(k, _)| k.ends_with("attn1.to_q.weight"))
+        .unwrap();
+    let key = key.clone();
+    let (o, i) = (w.size()[0], w.size()[1]);
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let delta = tch::Tensor::ones([o, 1], opts).matmul(&tch::Tensor::ones([1, i], opts)) * 0.05;
+    *w = w.to_kind(tch::Kind::Float) + &delta;
+    let tuned = dir.path().join("tuned.safetensors");
+    let bytes = lora_core::io::serialize(&tensors, &Default::default()).unwrap();
+    std::fs::write(&tuned, bytes).unwrap();
+    let out = dir.path().join("x.safetensors");
+    let o = lorakit(&[
+        "lora",
+        "extract",
+        "--base",
+        base.to_str().unwrap(),
+        "--tuned",
+        tuned.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--clamp-quantile",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("extracted 1 modules (UNet 1, CLIP-L 0, bigG 0)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("UNet only"), "{stdout}");
+    let l = lora_core::load_lora(&out, lora_core::UnknownKeys::Reject).unwrap();
+    assert_eq!(l.set.len(), 1);
+    let (k, a) = l.set.iter().next().unwrap();
+    assert!(key.contains(&k.path), "{key} vs {k:?}");
+    let d = (a.delta_weight() - &delta).abs().max().double_value(&[]);
+    assert!(d < 1e-5, "ΔW recovered to {d:.1e}");
+    assert_eq!(l.metadata["ss_network_dim"], "4");
+    assert!(
+        l.metadata["ss_training_comment"].contains("tuned.safetensors minus tiny_a.safetensors")
+    );
+
+    let lora = fixture("kohya.safetensors");
+    let o = lorakit(&[
+        "lora",
+        "extract",
+        "--base",
+        base.to_str().unwrap(),
+        "--tuned",
+        lora.to_str().unwrap(),
+        "--out",
+        dir.path().join("y.safetensors").to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("kohya.safetensors") && stderr.contains("LoRA"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

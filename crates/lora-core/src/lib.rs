@@ -11,7 +11,8 @@
 //!   normalises them to one [`LoraSet`]; unknown keys are reported by name.
 //! * [`LoraSummary`]: what `lorakit lora inspect` prints.
 //! * [`resize_set`]: rank reduction by truncated SVD (kohya's `resize_lora`),
-//!   fixed or per-module ranks ([`RankRule`]).
+//!   fixed or per-module ranks ([`RankRule`]); [`adapter_from_delta`]: a LoRA
+//!   from a weight difference (extraction from two checkpoints).
 //!
 //! ```no_run
 //! use lora_core::{Component, Geometry, LoraAdapter, LoraSet, ModuleKey, TrainingMetadata};
@@ -41,5 +42,5 @@ pub use formats::{load_lora, LoadedLora, LoraFormat, UnknownKeys};
 pub use inspect::LoraSummary;
 pub use metadata::{Prediction, TrainingMetadata};
 pub use naming::{Component, ModuleKey};
-pub use resize::{resize_set, RankRule, ResizeOptions, ResizeStats};
+pub use resize::{adapter_from_delta, resize_set, RankRule, ResizeOptions, ResizeStats};
 pub use set::{LoraSet, SavedLora};

@@ -152,8 +152,9 @@ pub struct ResizeStats {
     pub new_rank: i64,
     /// ‖ΔW_new‖_F / ‖ΔW‖_F (1 when ΔW is zero).
     pub fro_retained: f64,
-    /// Σ kept σ / Σ σ (1 when ΔW is zero).
-    pub sum_retained: f64,
+    /// Σ kept σ / Σ σ (1 when ΔW is zero); `None` where only the leading
+    /// singular values were computed (extraction).
+    pub sum_retained: Option<f64>,
 }
 
 /// Resizes one adapter to at most `max_rank` with `rule`. The result has
@@ -226,7 +227,7 @@ pub fn resize_adapter(
         old_rank: r,
         new_rank: k,
         fro_retained: ratio(kept.iter().map(|v| v * v).sum::<f64>(), total_sq).sqrt(),
-        sum_retained: ratio(kept.iter().sum(), total),
+        sum_retained: Some(ratio(kept.iter().sum(), total)),
     };
     Ok((resized, stats))
 }
@@ -298,6 +299,123 @@ pub fn note_resize(
             format!("{note}; {comment}")
         },
     );
+}
+
+/// Power iterations of the randomized SVD used by [`adapter_from_delta`].
+const POWER_ITERATIONS: usize = 4;
+/// Extra sketch columns of the randomized SVD.
+const OVERSAMPLE: i64 = 16;
+
+/// The leading `k` singular triplets of `a` `[m, n]`: `(U [m, k], S [k], Vh [k, n])`.
+/// Exact (thin SVD) for small matrices; otherwise a randomized range finder
+/// (Halko–Martinsson–Tropp, as `torch.svd_lowrank`) with a deterministic
+/// sketch, so the result does not depend on (or disturb) the global RNG.
+pub fn leading_svd(a: &Tensor, k: i64) -> Result<(Tensor, Tensor, Tensor)> {
+    let fail = |e: tch::TchError| LoraError::Invalid(format!("SVD: {e}"));
+    let (m, n) = a.size2().map_err(fail)?;
+    let k = k.clamp(1, m.min(n));
+    let q = (k + OVERSAMPLE).min(m.min(n));
+    if m.min(n) <= 4 * q {
+        let (u, s, v) = a.f_svd(true, true).map_err(fail)?;
+        return Ok((u.narrow(1, 0, k), s.narrow(0, 0, k), v.narrow(1, 0, k).tr()));
+    }
+    // a fixed pseudo-random sketch (fract(sin(i)·43758.55), centred)
+    let sketch =
+        (Tensor::arange(n * q, (Kind::Double, a.device())) * 12.9898 + 78.233).sin() * 43758.5453;
+    let sketch = (&sketch - sketch.floor() - 0.5)
+        .to_kind(a.kind())
+        .reshape([n, q]);
+    let orth = |t: Tensor| {
+        Tensor::f_linalg_qr(&t, "reduced")
+            .map(|(q, _)| q)
+            .map_err(fail)
+    };
+    let mut basis = orth(a.matmul(&sketch))?;
+    for _ in 0..POWER_ITERATIONS {
+        let z = orth(a.tr().matmul(&basis))?;
+        basis = orth(a.matmul(&z))?;
+    }
+    let b = basis.tr().matmul(a);
+    let (ub, s, v) = b.f_svd(true, true).map_err(fail)?;
+    let u = basis.matmul(&ub);
+    Ok((u.narrow(1, 0, k), s.narrow(0, 0, k), v.narrow(1, 0, k).tr()))
+}
+
+/// A LoRA approximating a weight difference `delta` (`[out, in]` or
+/// `[out, in, kh, kw]`, the fine-tuned minus the base weight) at rank ≤
+/// `rank`, as kohya's `extract_lora_from_models.py` builds it: leading
+/// singular vectors, `σ` in `lora_up`, alpha = rank (scale 1), and — when
+/// `clamp_quantile` is given (kohya's default 0.99) — every value of `up`
+/// and `down` clamped to ± that quantile of their values. `geometry` is
+/// the base layer's (conv stride/padding kept). The stats' `old_rank` is
+/// the full rank `min(out, in·kh·kw)`.
+pub fn adapter_from_delta(
+    delta: &Tensor,
+    rank: i64,
+    geometry: Geometry,
+    clamp_quantile: Option<f64>,
+) -> Result<(LoraAdapter, ResizeStats)> {
+    if rank < 1 {
+        return Err(LoraError::Invalid(format!(
+            "the rank must be at least 1, got {rank}"
+        )));
+    }
+    if let Some(q) = clamp_quantile {
+        if !(q > 0.0 && q <= 1.0) {
+            return Err(LoraError::Invalid(format!(
+                "clamp quantile must be in (0, 1], got {q}"
+            )));
+        }
+    }
+    let shape = delta.size();
+    let out = shape[0];
+    let mat = delta.detach().to_kind(Kind::Float).reshape([out, -1]);
+    let full = mat.size()[1].min(out);
+    let (u, s, vh) = leading_svd(&mat, rank)?;
+    let k = s.size()[0];
+    let total_sq = mat.square().sum(Kind::Double).double_value(&[]);
+    let kept_sq = s
+        .to_kind(Kind::Double)
+        .square()
+        .sum(Kind::Double)
+        .double_value(&[]);
+    let mut up = u * s.unsqueeze(0);
+    let mut down = vh;
+    if let Some(q) = clamp_quantile.filter(|&q| q < 1.0) {
+        let all = Tensor::cat(&[up.flatten(0, -1), down.flatten(0, -1)], 0);
+        let hi = all.quantile_scalar(q, None, false, "linear");
+        let lo = -&hi;
+        up = up.clamp_tensor(Some(&lo), Some(&hi));
+        down = down.clamp_tensor(Some(&lo), Some(&hi));
+    }
+    let (down, up) = match geometry {
+        Geometry::Linear => (down, up),
+        Geometry::Conv2d { kernel, .. } => (
+            down.reshape([k, shape[1], kernel[0], kernel[1]]),
+            up.reshape([out, k, 1, 1]),
+        ),
+    };
+    let mut a = LoraAdapter::from_weights(down.contiguous(), up.contiguous(), Some(k as f64))?;
+    if let Geometry::Conv2d {
+        stride,
+        padding,
+        dilation,
+        ..
+    } = geometry
+    {
+        a.set_conv_params(stride, padding, dilation)?;
+    }
+    let stats = ResizeStats {
+        old_rank: full,
+        new_rank: k,
+        fro_retained: if total_sq > 0.0 {
+            (kept_sq / total_sq).sqrt().min(1.0)
+        } else {
+            1.0
+        },
+        sum_retained: None,
+    };
+    Ok((a, stats))
 }
 
 /// Mean and standard deviation of the retained Frobenius fraction.
@@ -393,7 +511,7 @@ mod tests {
                 let kept: f64 = sv[..k as usize].iter().map(|x| x * x).sum();
                 let all: f64 = sv.iter().map(|x| x * x).sum();
                 assert!((st.fro_retained - (kept / all).sqrt()).abs() < 1e-6);
-                assert!(st.fro_retained < 1.0 && st.sum_retained < 1.0);
+                assert!(st.fro_retained < 1.0 && st.sum_retained.unwrap() < 1.0);
             }
         }
     }
@@ -423,7 +541,7 @@ mod tests {
         let (b, st) = resize_adapter(&a, 16, RankRule::SvFro(0.9)).unwrap();
         assert_eq!((b.rank(), st.new_rank), (2, 2));
         assert!((st.fro_retained - (80.0f64 / 85.25).sqrt()).abs() < 1e-6);
-        assert!((st.sum_retained - 12.0 / 15.5).abs() < 1e-6);
+        assert!((st.sum_retained.unwrap() - 12.0 / 15.5).abs() < 1e-6);
         assert_eq!(b.alpha(), 2.0, "scale 1 kept: alpha = new rank");
         // the maximum still caps a dynamic rule
         let (c, _) = resize_adapter(&a, 1, RankRule::SvCumulative(0.99)).unwrap();
@@ -499,5 +617,101 @@ mod tests {
         note_resize(&mut meta, &dynamic, &stats);
         assert_eq!(meta["ss_network_dim"], "Dynamic");
         assert!(meta["ss_training_comment"].starts_with("Dynamic resize with sv_fro:0.9 from 8"));
+    }
+
+    /// `Q·diag(σ)·Pᵀ` with orthonormal `Q [m, r]`, `P [n, r]`.
+    fn with_spectrum(m: i64, n: i64, sigma: &[f64]) -> Tensor {
+        let r = sigma.len() as i64;
+        let opts = (Kind::Double, Device::Cpu);
+        let (q, _) = Tensor::linalg_qr(&Tensor::randn([m, r], opts), "reduced");
+        let (p, _) = Tensor::linalg_qr(&Tensor::randn([n, r], opts), "reduced");
+        (q * Tensor::from_slice(sigma).unsqueeze(0))
+            .matmul(&p.tr())
+            .to_kind(Kind::Float)
+    }
+
+    #[test]
+    fn extraction_recovers_a_low_rank_difference() {
+        tch::manual_seed(4);
+        // large enough for the randomized path (min dim > 4·(k + oversample))
+        let delta = with_spectrum(200, 300, &[3.0, 2.0, 0.5]);
+        let (a, st) = adapter_from_delta(&delta, 8, Geometry::Linear, None).unwrap();
+        assert_eq!(a.rank(), 8);
+        assert_eq!(a.alpha(), 8.0);
+        assert_eq!(st.old_rank, 200);
+        let d = max_abs(&(a.delta_weight() - &delta)) / max_abs(&delta);
+        assert!(d < 1e-4, "ΔW recovered to {d:.1e}");
+        assert!((st.fro_retained - 1.0).abs() < 1e-5);
+        // a conv difference keeps the conv geometry
+        let strided = Geometry::Conv2d {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let conv = with_spectrum(16, 8 * 9, &[1.0, 0.25]).reshape([16, 8, 3, 3]);
+        let (c, _) = adapter_from_delta(&conv, 4, strided, None).unwrap();
+        assert_eq!(c.geometry(), strided);
+        assert_eq!(c.down().size(), vec![4, 8, 3, 3]);
+        let d = max_abs(&(c.delta_weight() - &conv)) / max_abs(&conv);
+        assert!(d < 1e-4, "conv ΔW recovered to {d:.1e}");
+    }
+
+    #[test]
+    fn randomized_svd_is_near_optimal_on_a_full_rank_difference() {
+        tch::manual_seed(5);
+        let sigma: Vec<f64> = (0..200).map(|i| 0.95f64.powi(i)).collect();
+        let delta = with_spectrum(200, 320, &sigma);
+        for k in [4i64, 16, 32] {
+            let (a, st) = adapter_from_delta(&delta, k, Geometry::Linear, None).unwrap();
+            let err = (a.delta_weight() - &delta)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[])
+                .sqrt();
+            let optimal = sigma[k as usize..]
+                .iter()
+                .map(|s| s * s)
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                err <= optimal * 1.01,
+                "rank {k}: error {err} vs optimal {optimal}"
+            );
+            let kept = (1.0 - optimal.powi(2) / sigma.iter().map(|s| s * s).sum::<f64>()).sqrt();
+            assert!(
+                (st.fro_retained - kept).abs() < 1e-3,
+                "{} vs {kept}",
+                st.fro_retained
+            );
+        }
+    }
+
+    #[test]
+    fn extraction_clamps_at_the_quantile_and_handles_zero() {
+        tch::manual_seed(6);
+        let delta = with_spectrum(24, 40, &[4.0, 1.0, 0.5, 0.1]);
+        let (a, _) = adapter_from_delta(&delta, 4, Geometry::Linear, None).unwrap();
+        let (b, _) = adapter_from_delta(&delta, 4, Geometry::Linear, Some(0.9)).unwrap();
+        let (c, _) = adapter_from_delta(&delta, 4, Geometry::Linear, Some(1.0)).unwrap();
+        let all =
+            |x: &LoraAdapter| Tensor::cat(&[x.up().flatten(0, -1), x.down().flatten(0, -1)], 0);
+        let hi = all(&a)
+            .quantile_scalar(0.9, None, false, "linear")
+            .double_value(&[]);
+        assert!(max_abs(&all(&b)) <= hi + 1e-6);
+        assert!(max_abs(&all(&a)) > hi, "something was clamped");
+        assert!(all(&a).equal(&all(&c)), "quantile 1 clamps nothing");
+        let (z, st) = adapter_from_delta(
+            &Tensor::zeros([8, 8], (Kind::Float, Device::Cpu)),
+            2,
+            Geometry::Linear,
+            None,
+        )
+        .unwrap();
+        assert_eq!(max_abs(&z.delta_weight()), 0.0);
+        assert_eq!(st.fro_retained, 1.0);
+        assert!(adapter_from_delta(&delta, 0, Geometry::Linear, None).is_err());
+        assert!(adapter_from_delta(&delta, 2, Geometry::Linear, Some(1.5)).is_err());
     }
 }

@@ -62,6 +62,21 @@ pub fn weight_location(key: &ModuleKey) -> Option<WeightLocation> {
     }
 }
 
+/// [`weight_location`] for a checkpoint whose text encoder 2 is stored in
+/// `te2_layout` (Hugging Face names when it came from a diffusers folder).
+pub fn weight_location_in(
+    key: &ModuleKey,
+    te2_layout: crate::clip::ClipLayout,
+) -> Option<WeightLocation> {
+    match (key.component, te2_layout) {
+        (Component::Te2, crate::clip::ClipLayout::HuggingFace) => Some(WeightLocation {
+            key: format!("{TE2_HF_PREFIX}{}.weight", key.path),
+            fused_part: None,
+        }),
+        _ => weight_location(key),
+    }
+}
+
 /// Where a text encoder 2 in Hugging Face layout (from a diffusers folder) is
 /// presented (single files use OpenCLIP names under [`TE2_PREFIX`]).
 pub const TE2_HF_PREFIX: &str = "conditioner.embedders.1.transformer.";
