@@ -2,7 +2,10 @@
 //! 16 / 8), lorakit's QR + r×r-core SVD next to the merge-then-full-SVD route
 //! of kohya's resize_lora.py in PyTorch (`benches/resize_reference.py`), on
 //! the same modules, CPU, 2 threads each; also checks both keep the same
-//! share of ΔW's Frobenius norm.
+//! share of ΔW's Frobenius norm. Then the SVD step of extraction (rank 32
+//! from full ΔW matrices of the same modules' shapes: a rank-256 part plus
+//! noise, generated identically on both sides) next to torch.linalg.svd as
+//! kohya's extract_lora_from_models.py runs it (`benches/extract_reference.py`).
 //!
 //! `cargo bench --bench lora_resize`
 
@@ -10,7 +13,11 @@
 mod common;
 
 use common::{full_sdxl_lora, python_json};
-use lorakit::core::resize::{resize_adapter, resize_set, RankRule, ResizeOptions};
+use lorakit::core::resize::{
+    adapter_from_delta, resize_adapter, resize_set, RankRule, ResizeOptions,
+};
+use lorakit::core::Geometry;
+use lorakit::tch::{Device, Tensor};
 use lorakit::Kind;
 use std::time::Instant;
 
@@ -92,5 +99,62 @@ fn main() {
             );
         }
         _ => println!("(no .venv with torch + safetensors: reference side skipped)"),
+    }
+
+    extraction(&chosen);
+}
+
+/// Module i's ΔW, generated as benches/extract_reference.py does.
+fn delta(i: usize, out: i64, inn: i64) -> Tensor {
+    tch::manual_seed(i as i64);
+    let opts = (Kind::Float, Device::Cpu);
+    let a = Tensor::randn([out, 256], opts);
+    let b = Tensor::randn([256, inn], opts);
+    let n = Tensor::randn([out, inn], opts);
+    a.matmul(&b) / 16.0 + n * 0.1
+}
+
+fn extraction(chosen: &[(&lorakit::core::ModuleKey, &lorakit::core::LoraAdapter)]) {
+    const RANK: i64 = 32;
+    let shapes: Vec<(i64, i64)> = chosen
+        .iter()
+        .map(|(_, a)| {
+            let inner: i64 = a.down().size()[1..].iter().product();
+            (a.out_features(), inner)
+        })
+        .collect();
+    let mut seconds = 0.0;
+    let mut fro = 0.0;
+    for (i, &(out, inn)) in shapes.iter().enumerate() {
+        let d = delta(i, out, inn);
+        let t = Instant::now();
+        let (_, st) = adapter_from_delta(&d, RANK, Geometry::Linear, None).unwrap();
+        seconds += t.elapsed().as_secs_f64();
+        fro += st.fro_retained;
+    }
+    let fro = fro / shapes.len() as f64;
+    println!(
+        "extraction SVD, rank {RANK}, the same {} module shapes (rank-256 ΔW + noise): lorakit {seconds:.2} s, ‖ΔW‖_F kept {:.4}%",
+        shapes.len(),
+        100.0 * fro
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shapes.json");
+    std::fs::write(&file, serde_json::to_string(&shapes).unwrap()).unwrap();
+    let args = vec![
+        file.to_string_lossy().into_owned(),
+        RANK.to_string(),
+        THREADS.to_string(),
+    ];
+    let reference = python_json("extract_reference.py", &args);
+    let field = |k: &str| reference.as_ref().and_then(|v| v.get(k)?.as_f64());
+    match (field("seconds"), field("fro_mean")) {
+        (Some(theirs), Some(their_fro)) => println!(
+            "torch.linalg.svd (kohya's extractor): {theirs:.2} s, ‖ΔW‖_F kept {:.4}%; ratio {:.3}× (randomized SVD keeps {:.4} points less of the norm)",
+            100.0 * their_fro,
+            seconds / theirs,
+            100.0 * (their_fro - fro)
+        ),
+        _ => println!("(no .venv with torch: reference side skipped)"),
     }
 }
