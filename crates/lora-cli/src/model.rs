@@ -1,9 +1,9 @@
-//! `lorakit model inspect`.
+//! `lorakit model inspect` and `lorakit model merge`.
 
 use crate::AnyResult;
 use clap::Subcommand;
 use lora_sdxl::{detect, Checkpoint};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -18,6 +18,22 @@ pub enum ModelCommand {
         /// Skip reading every tensor (header only).
         #[arg(long)]
         quick: bool,
+    },
+    /// Bake LoRAs into a checkpoint (kohya's sdxl_merge_lora): writes a new
+    /// single-file checkpoint with W + strength·ΔW for every adapted module.
+    Merge {
+        /// The base checkpoint (single-file .safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA, `FILE` or `FILE:STRENGTH` (default 1); repeat for several.
+        #[arg(long = "lora", required = true)]
+        loras: Vec<String>,
+        /// The checkpoint to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -41,7 +57,15 @@ fn group(n: u64) -> String {
 }
 
 pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
-    let ModelCommand::Inspect { file, quick } = cmd;
+    let (file, quick) = match cmd {
+        ModelCommand::Inspect { file, quick } => (file, quick),
+        ModelCommand::Merge {
+            model,
+            loras,
+            out,
+            force,
+        } => return merge(&model, &loras, &out, force),
+    };
     let ck = Checkpoint::open(&file)?;
     let d = detect(&ck)?;
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
@@ -130,5 +154,50 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
                 .unwrap_or_else(|| "n/a".into())
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(model: &Path, loras: &[String], out: &Path, force: bool) -> AnyResult<ExitCode> {
+    let same = match (model.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(format!(
+            "{}: the output would replace the base model; pass another --out",
+            out.display()
+        )
+        .into());
+    }
+    if out.exists() && !force {
+        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
+    }
+    let uses = loras
+        .iter()
+        .map(|a| crate::sample::parse_lora(a))
+        .collect::<AnyResult<Vec<_>>>()?;
+    let mut sets = Vec::new();
+    for u in &uses {
+        let l = lora_core::load_lora(&u.path, lora_core::UnknownKeys::Reject)?;
+        sets.push((l.set, u.strength));
+    }
+    let refs: Vec<(&lora_core::LoraSet, f64)> = sets.iter().map(|(s, w)| (s, *w)).collect();
+    let list = uses
+        .iter()
+        .map(|u| format!("{}:{}", u.name(), u.strength))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let meta = [("lorakit.merged_loras".to_string(), list.clone())].into();
+    let t = Instant::now();
+    let r = lora_sdxl::merge_into_checkpoint(model, &refs, out, meta)?;
+    println!(
+        "merged {} LoRA modules ({list}) into {} of {} tensors; wrote {} ({:.2} GB) in {:.1} s",
+        r.modules,
+        r.merged_tensors,
+        r.tensors,
+        out.display(),
+        r.bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

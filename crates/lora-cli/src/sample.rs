@@ -150,7 +150,7 @@ fn bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
 
 /// `FILE[:STRENGTH]`: the suffix after the last `:` is a strength when it
 /// parses as a number (so `C:\x.safetensors` and `a:b.safetensors` stay paths).
-fn parse_lora(arg: &str) -> AnyResult<LoraUse> {
+pub(crate) fn parse_lora(arg: &str) -> AnyResult<LoraUse> {
     if let Some((path, s)) = arg.rsplit_once(':') {
         if let Ok(strength) = s.parse::<f64>() {
             if !strength.is_finite() {

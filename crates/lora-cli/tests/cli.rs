@@ -729,3 +729,40 @@ fn lora_extract_from_two_checkpoints() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `model merge`: a LoRA baked into the tiny checkpoint gives a checkpoint
+/// `model inspect` reads in full; an existing output is not replaced.
+#[test]
+fn model_merge_writes_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lora-sdxl/tests/fixtures");
+    let base = fixtures.join("tiny_a.safetensors");
+    let lora = format!("{}:0.8", fixtures.join("tiny_a_lora.safetensors").display());
+    let out = dir.path().join("merged.safetensors");
+    let args = [
+        "model",
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--lora",
+        &lora,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = lorakit(&args);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("merged 16 LoRA modules (tiny_a_lora:0.8)"),
+        "{stdout}"
+    );
+    let o = lorakit(&["model", "inspect", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let o = lorakit(&args);
+    let (_, stderr) = text(&o);
+    assert!(
+        !o.status.success() && stderr.contains("exists; pass --force"),
+        "{stderr}"
+    );
+}

@@ -266,6 +266,19 @@ impl Checkpoint {
     }
 
     /// Loads one tensor, converted to `kind` on `device`.
+    /// The stored bytes of `key` (little-endian, its stored dtype), borrowed
+    /// from the mapping: for copying tensors unchanged.
+    pub fn raw(&self, key: &str) -> Option<&[u8]> {
+        let info = self.infos.get(key)?;
+        let f = &self.files[info.file];
+        Some(&f.mmap[f.data_start + info.start..f.data_start + info.end])
+    }
+
+    /// Whether this is a diffusers folder (several files) rather than one file.
+    pub fn is_folder(&self) -> bool {
+        self.path.is_dir()
+    }
+
     pub fn load(&self, key: &str, kind: Kind, device: Device) -> Result<Tensor> {
         let info = self.infos.get(key).ok_or_else(|| SdxlError::MissingKeys {
             path: self.path.clone(),
