@@ -24,6 +24,7 @@
 
 use crate::adapter::{Geometry, LoraAdapter};
 use crate::error::{LoraError, Result};
+use crate::metadata::py_float;
 use crate::naming::ModuleKey;
 use crate::set::LoraSet;
 use std::collections::BTreeMap;
@@ -279,10 +280,33 @@ pub fn note_resize(
             if let (Some(alpha), Some(dim)) = (num("ss_network_alpha"), num("ss_network_dim")) {
                 if dim > 0.0 {
                     let new_alpha = alpha / dim * opts.rank as f64;
-                    metadata.insert("ss_network_alpha".into(), format!("{new_alpha:?}"));
+                    metadata.insert("ss_network_alpha".into(), py_float(new_alpha));
                 }
             }
             metadata.insert("ss_network_dim".into(), opts.rank.to_string());
+            // and the LoCon conv rank / alpha in the network args, when given there
+            let args = metadata
+                .get("ss_network_args")
+                .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok());
+            if let Some(serde_json::Value::Object(mut args)) = args {
+                let as_f64 = |v: Option<&serde_json::Value>| match v {
+                    Some(serde_json::Value::String(s)) => s.parse::<f64>().ok(),
+                    Some(v) => v.as_f64(),
+                    None => None,
+                };
+                let (dim, alpha) = (as_f64(args.get("conv_dim")), as_f64(args.get("conv_alpha")));
+                if let Some(dim) = dim.filter(|d| *d > 0.0) {
+                    args.insert("conv_dim".into(), opts.conv_rank.to_string().into());
+                    if let Some(alpha) = alpha {
+                        let new_alpha = alpha / dim * opts.conv_rank as f64;
+                        args.insert("conv_alpha".into(), py_float(new_alpha).into());
+                    }
+                    metadata.insert(
+                        "ss_network_args".into(),
+                        serde_json::Value::Object(args).to_string(),
+                    );
+                }
+            }
             format!("dimension is resized from {old} to {}{conv}", opts.rank)
         }
         rule => {
@@ -602,10 +626,18 @@ mod tests {
             ("ss_network_dim".to_string(), "8".to_string()),
             ("ss_network_alpha".to_string(), "8.0".to_string()),
             ("ss_training_comment".to_string(), "first run".to_string()),
+            (
+                "ss_network_args".to_string(),
+                r#"{"conv_dim":"8","conv_alpha":"4.0","dropout":null}"#.to_string(),
+            ),
         ]);
         note_resize(&mut meta, &opts, &stats);
         assert_eq!(meta["ss_network_dim"], "4");
         assert_eq!(meta["ss_network_alpha"], "4.0");
+        let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+        assert_eq!(args["conv_dim"], "2");
+        assert_eq!(args["conv_alpha"], "1.0");
+        assert!(args["dropout"].is_null(), "other args kept");
         assert_eq!(
             meta["ss_training_comment"],
             "dimension is resized from 8 to 4 (conv: 2); first run"
