@@ -8,6 +8,18 @@
 //! `min_diff` somewhere (kohya's rule: fine-tunes often leave them as they
 //! are); 3x3 convs only when a conv rank is given. Modules whose weights are
 //! identical are left out.
+//!
+//! ```no_run
+//! use lora_sdxl::{extract_lora, ExtractOptions};
+//! use std::path::Path;
+//!
+//! let (base, tuned) = (Path::new("illustrious.safetensors"), Path::new("wai.safetensors"));
+//! let opts = ExtractOptions { rank: 32, ..Default::default() };
+//! let x = extract_lora(base, tuned, &opts, &mut |done, total| eprint!("\r{done}/{total}"))?;
+//! let meta = x.metadata("wai-lora", &opts, base, tuned);
+//! x.set.save("wai-lora.safetensors", tch::Kind::Half, &meta)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::clip::ClipLayout;
 use crate::keys::weight_location_in;

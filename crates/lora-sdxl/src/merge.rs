@@ -3,6 +3,23 @@
 //! new single-file checkpoint tensor by tensor (one merged tensor in memory
 //! at a time; every other tensor is copied byte for byte from the mapping),
 //! atomically (temp file, fsync, rename).
+//!
+//! ```no_run
+//! use lora_core::{load_lora, UnknownKeys};
+//! use lora_sdxl::merge_into_checkpoint;
+//! use std::path::Path;
+//!
+//! let style = load_lora("style.safetensors", UnknownKeys::Reject)?.set;
+//! let character = load_lora("character.safetensors", UnknownKeys::Reject)?.set;
+//! let report = merge_into_checkpoint(
+//!     Path::new("sdxl.safetensors"),
+//!     &[(&style, 0.6), (&character, 0.8)],
+//!     Path::new("baked.safetensors"),
+//!     Default::default(),
+//! )?;
+//! println!("{} tensors changed", report.merged_tensors);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::keys::weight_location_in;
 use crate::model::detect;
