@@ -102,13 +102,10 @@ pub fn run(command: LoraCommand) -> AnyResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn dtype_kind(name: &str) -> AnyResult<Kind> {
-    Ok(match name {
-        "fp16" => Kind::Half,
-        "bf16" => Kind::BFloat16,
-        "fp32" => Kind::Float,
-        other => return Err(format!("--dtype: `{other}` is not one of fp16, bf16, fp32").into()),
-    })
+/// `--dtype NAME` as a tensor kind, or an error naming the option.
+pub(crate) fn dtype_kind(name: &str) -> AnyResult<Kind> {
+    lora_core::io::kind_from_name(name)
+        .ok_or_else(|| format!("--dtype: `{name}` is not one of fp16, bf16, fp32").into())
 }
 
 /// The dtype most of the file's tensors are stored in (fp32 when unclear).

@@ -118,12 +118,9 @@ impl Common {
         let device = lora_sdxl::model::resolve_device(self.device.as_deref())
             .map_err(|e| format!("--device: {e}"))?;
         let kind = match (self.dtype.as_deref(), device) {
-            (Some("fp16"), _) | (None, Device::Cuda(_)) => Kind::Half,
-            (Some("bf16"), _) => Kind::BFloat16,
-            (Some("fp32"), _) | (None, _) => Kind::Float,
-            (Some(other), _) => {
-                return Err(format!("--dtype: `{other}` is not one of fp16, bf16, fp32").into())
-            }
+            (Some(name), _) => crate::lora::dtype_kind(name)?,
+            (None, Device::Cuda(_)) => Kind::Half,
+            (None, _) => Kind::Float,
         };
         let model = SdxlModel::load(&self.model, kind, device)?;
         let name = self

@@ -68,6 +68,16 @@ pub fn kind_name(kind: Kind) -> String {
         .unwrap_or_else(|| format!("{kind:?}"))
 }
 
+/// The dtype a job file or command line names: `fp16`, `bf16` or `fp32`.
+pub fn kind_from_name(name: &str) -> Option<Kind> {
+    match name {
+        "fp16" => Some(Kind::Half),
+        "bf16" => Some(Kind::BFloat16),
+        "fp32" => Some(Kind::Float),
+        _ => None,
+    }
+}
+
 fn st_error(path: &Path, bytes: &[u8], err: &dyn std::fmt::Display) -> LoraError {
     LoraError::Safetensors {
         path: path.to_path_buf(),
@@ -277,6 +287,17 @@ pub fn legacy_hash(file_bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtype_names() {
+        assert_eq!(kind_from_name("fp16"), Some(Kind::Half));
+        assert_eq!(kind_from_name("bf16"), Some(Kind::BFloat16));
+        assert_eq!(kind_from_name("fp32"), Some(Kind::Float));
+        assert_eq!(kind_from_name("float16"), None);
+        for k in [Kind::Half, Kind::BFloat16, Kind::Float] {
+            assert!(dtype_of(k).is_some());
+        }
+    }
 
     #[test]
     fn truncated_and_garbage_files_are_explained() {

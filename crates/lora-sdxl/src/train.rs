@@ -231,12 +231,9 @@ fn shape_hash(job: &JobConfig) -> String {
     lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()
 }
 
+/// A validated job dtype (`fp16`, `bf16`, `fp32`).
 fn kind_of(name: &str) -> Kind {
-    match name {
-        "fp16" => Kind::Half,
-        "bf16" => Kind::BFloat16,
-        _ => Kind::Float,
-    }
+    lora_core::io::kind_from_name(name).unwrap_or(Kind::Float)
 }
 
 /// Runs (or resumes) the job. `job_path` names the file in messages.
