@@ -161,6 +161,11 @@ fn bad_pairs_are_clear_errors() {
     let b = base();
     let same = extract_lora(&b, &b, &options(None), &mut |_, _| ()).unwrap_err();
     assert!(same.to_string().contains("nothing to extract"), "{same}");
+    // the same model as a diffusers folder (bigG in HF layout, unfused q/k/v)
+    // maps onto the single file's weights exactly: nothing differs
+    let folder = b.with_file_name("tiny_a_diffusers");
+    let e = extract_lora(&folder, &b, &options(Some(4)), &mut |_, _| ()).unwrap_err();
+    assert!(e.to_string().contains("nothing to extract"), "{e}");
     let other = b.with_file_name("tiny_b.safetensors");
     let e = extract_lora(&b, &other, &options(None), &mut |_, _| ()).unwrap_err();
     assert!(
