@@ -6,11 +6,11 @@
 //! cargo run --release --example compare_grid            # no arguments: a tiny random model and LoRA (CPU)
 //! ```
 
-use lorakit::core::{LoraAdapter, LoraSet};
+use lorakit::core::LoraSet;
 use lorakit::sdxl::compare::{render_grid, Column, GridRequest, LoraUse};
 use lorakit::sdxl::pipeline::{txt2img, GenerateParams};
-use lorakit::sdxl::{lora_targets, ClipTokenizer, SdxlConfig, SdxlModel, TargetScope};
-use lorakit::tch::{Device, Tensor};
+use lorakit::sdxl::{ClipTokenizer, SdxlConfig, SdxlModel, TargetScope};
+use lorakit::tch::Device;
 use lorakit::Kind;
 use std::path::PathBuf;
 
@@ -32,21 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let m = out.join("tiny_sdxl.safetensors");
             let cfg = SdxlConfig::tiny();
             lorakit::sdxl::synthetic::write_random_checkpoint(&m, &cfg, 5, Kind::Float)?;
-            let mut set = LoraSet::new();
-            for t in lora_targets(&cfg, TargetScope::UNET) {
-                let mut a = LoraAdapter::new(
-                    t.in_features,
-                    t.out_features,
-                    4,
-                    None,
-                    t.geometry,
-                    Kind::Float,
-                    Device::Cpu,
-                )?;
-                let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.05;
-                a.set_weights(a.down().shallow_clone(), up)?;
-                set.insert(t.key, a);
-            }
+            let set = lorakit::sdxl::synthetic::random_lora(&cfg, TargetScope::UNET, 4, 4, 0.05)?;
             let l = out.join("random_lora.safetensors");
             set.save(&l, Kind::Half, &Default::default())?;
             (m, l, 256, 12)

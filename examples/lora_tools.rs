@@ -10,11 +10,8 @@
 //! ```
 
 use lorakit::core::resize::{fro_retained_summary, resize_set, RankRule, ResizeOptions};
-use lorakit::core::{load_lora, LoraAdapter, LoraSet, UnknownKeys};
-use lorakit::sdxl::{
-    extract_lora, lora_targets, merge_into_checkpoint, ExtractOptions, SdxlConfig, TargetScope,
-};
-use lorakit::tch::{Device, Tensor};
+use lorakit::core::{load_lora, UnknownKeys};
+use lorakit::sdxl::{extract_lora, merge_into_checkpoint, ExtractOptions, SdxlConfig, TargetScope};
 use lorakit::Kind;
 use std::path::PathBuf;
 
@@ -34,21 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let m = out.join("tiny_sdxl.safetensors");
             let cfg = SdxlConfig::tiny();
             lorakit::sdxl::synthetic::write_random_checkpoint(&m, &cfg, 5, Kind::Float)?;
-            let mut set = LoraSet::new();
-            for t in lora_targets(&cfg, TargetScope::ALL) {
-                let mut a = LoraAdapter::new(
-                    t.in_features,
-                    t.out_features,
-                    8,
-                    None,
-                    t.geometry,
-                    Kind::Float,
-                    Device::Cpu,
-                )?;
-                let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.05;
-                a.set_weights(a.down().shallow_clone(), up)?;
-                set.insert(t.key, a);
-            }
+            let set = lorakit::sdxl::synthetic::random_lora(&cfg, TargetScope::ALL, 8, 8, 0.05)?;
             let l = out.join("random_lora.safetensors");
             set.save(&l, Kind::Float, &Default::default())?;
             (m, l)

@@ -65,26 +65,14 @@ pub fn python(script: &str, args: &[String], key: &str) -> Option<f64> {
 /// A full-size SDXL LoCon LoRA (every kohya target of UNet and both text
 /// encoders) with random weights: kaiming `down`, `up` ~ N(0, 0.01²).
 pub fn full_sdxl_lora(rank: i64, conv_rank: i64) -> lorakit::core::LoraSet {
-    use lorakit::core::{LoraAdapter, LoraSet};
-    use lorakit::sdxl::{lora_targets, SdxlConfig, TargetScope};
-    use lorakit::tch::{Device, Kind, Tensor};
+    use lorakit::sdxl::{SdxlConfig, TargetScope};
     tch::manual_seed(0);
-    let mut set = LoraSet::new();
-    for t in lora_targets(&SdxlConfig::base(), TargetScope::ALL) {
-        let r = if t.uses_conv_rank() { conv_rank } else { rank };
-        let mut a = LoraAdapter::new(
-            t.in_features,
-            t.out_features,
-            r,
-            None,
-            t.geometry,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .unwrap();
-        let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01;
-        a.set_weights(a.down().shallow_clone(), up).unwrap();
-        set.insert(t.key, a);
-    }
-    set
+    lorakit::sdxl::synthetic::random_lora(
+        &SdxlConfig::base(),
+        TargetScope::ALL,
+        rank,
+        conv_rank,
+        0.01,
+    )
+    .unwrap()
 }

@@ -1,6 +1,6 @@
 //! Random SDXL-architecture checkpoints in the real single-file layout, for
 //! the built-in demo and for tests that need a full CLIP vocabulary (no
-//! weights can be downloaded here).
+//! weights can be downloaded here), and random LoRAs for them.
 
 use crate::config::SdxlConfig;
 use crate::error::Result;
@@ -45,4 +45,34 @@ pub fn write_random_checkpoint(
     let bytes = lora_core::io::serialize(&tensors, &Default::default())?;
     lora_core::io::write_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
+}
+
+/// A LoRA with random weights on every target of `cfg` in `scope`:
+/// kohya-initialised `down`, `up` ~ N(0, up_std²) (so ΔW ≠ 0), alpha =
+/// rank; `rank` for Linear and 1x1 modules, `conv_rank` for kxk convs.
+/// Draws from torch's global generator (seed it with `tch::manual_seed`).
+pub fn random_lora(
+    cfg: &SdxlConfig,
+    scope: crate::targets::TargetScope,
+    rank: i64,
+    conv_rank: i64,
+    up_std: f64,
+) -> Result<lora_core::LoraSet> {
+    let mut set = lora_core::LoraSet::new();
+    for t in crate::targets::lora_targets(cfg, scope) {
+        let r = if t.uses_conv_rank() { conv_rank } else { rank };
+        let mut a = lora_core::LoraAdapter::new(
+            t.in_features,
+            t.out_features,
+            r,
+            None,
+            t.geometry,
+            Kind::Float,
+            Device::Cpu,
+        )?;
+        let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * up_std;
+        a.set_weights(a.down().shallow_clone(), up)?;
+        set.insert(t.key, a);
+    }
+    Ok(set)
 }
