@@ -228,6 +228,16 @@ pub fn serialize_raw(
 /// Writes bytes to `path` atomically: temp file in the same folder, fsync,
 /// rename, fsync of the folder.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    replace_atomic(path, |tmp| std::fs::File::create(tmp)?.write_all(bytes))
+}
+
+/// Creates or replaces `path` atomically with what `write` puts in the
+/// temp file it is given (same folder): then fsync, rename, fsync of the
+/// folder. On error the temp file is removed and `path` is untouched.
+pub fn replace_atomic(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     let path = path.as_ref();
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -245,10 +255,8 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         .unwrap_or(0);
     let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();

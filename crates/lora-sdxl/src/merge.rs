@@ -180,36 +180,16 @@ pub fn merge_into_checkpoint(
             return Err(err(format!("`{}` has a dtype lorakit cannot write", e.key)));
         }
     }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| SdxlError::io(&dir, e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged.safetensors".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let meta: HashMap<String, String> = metadata.into_iter().collect();
-    let written = (|| -> Result<u64> {
+    lora_core::io::replace_atomic(out, |tmp| {
         safetensors::tensor::serialize_to_file(
             entries.iter().map(|e| (e.key.clone(), e)),
             (!meta.is_empty()).then_some(meta),
-            &tmp,
+            tmp,
         )
-        .map_err(|e| err(format!("writing {}: {e}", tmp.display())))?;
-        let f = std::fs::File::open(&tmp).map_err(|e| SdxlError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| SdxlError::io(&tmp, e))?;
-        let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&tmp, out).map_err(|e| SdxlError::io(out, e))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(bytes)
-    })();
-    let bytes = written.inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+        .map_err(std::io::Error::other)
     })?;
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     tracing::info!(out = %out.display(), merged_tensors, modules, "merged LoRAs into checkpoint");
     Ok(MergeReport {
         merged_tensors,
