@@ -230,25 +230,19 @@ pub fn extract_lora(
         .into_iter()
         .filter(|t| opts.conv_rank.is_some() || !t.uses_conv_rank())
         .collect();
-    // kohya's rule: the text encoders only when they really differ
-    let mut te_max = 0f64;
-    for t in targets
-        .iter()
-        .filter(|t| t.key.component != Component::Unet)
-    {
-        te_max = te_max.max(diff(t)?.abs().max().double_value(&[]));
-    }
-    let text_encoders = te_max > opts.min_diff;
-    let chosen: Vec<&Target> = targets
-        .iter()
-        .filter(|t| text_encoders || t.key.component == Component::Unet)
-        .collect();
+    // One pass, each ΔW computed once. kohya's rule — the text encoders
+    // only when they really differ somewhere — is applied at the end.
     let mut set = LoraSet::new();
     let mut modules = Vec::new();
     let mut identical = 0;
-    for (i, t) in chosen.iter().enumerate() {
+    let mut te_max = 0f64;
+    for (i, t) in targets.iter().enumerate() {
         let delta = diff(t)?;
-        if delta.abs().max().double_value(&[]) == 0.0 {
+        let max = delta.abs().max().double_value(&[]);
+        if t.key.component != Component::Unet {
+            te_max = te_max.max(max);
+        }
+        if max == 0.0 {
             identical += 1;
         } else {
             let rank = if t.uses_conv_rank() {
@@ -264,7 +258,17 @@ pub fn extract_lora(
             set.insert(t.key.clone(), a);
             modules.push((t.key.clone(), st));
         }
-        progress(i + 1, chosen.len());
+        progress(i + 1, targets.len());
+    }
+    let text_encoders = te_max > opts.min_diff;
+    if !text_encoders {
+        modules.retain(|(k, _)| k.component == Component::Unet);
+        for t in targets
+            .iter()
+            .filter(|t| t.key.component != Component::Unet)
+        {
+            set.remove(&t.key);
+        }
     }
     if set.is_empty() {
         return Err(SdxlError::Checkpoint {
