@@ -149,20 +149,7 @@ fn resize(a: ResizeArgs) -> AnyResult {
         .out
         .clone()
         .unwrap_or_else(|| default_out(&a.file, opts.rank, rule));
-    let same = |p: &Path, q: &Path| match (p.canonicalize(), q.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    };
-    if same(&out, &a.file) {
-        return Err(format!(
-            "{}: the output would replace the input; pass another --out",
-            out.display()
-        )
-        .into());
-    }
-    if out.exists() && !a.force {
-        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
-    }
+    crate::check_output(&out, &[(&a.file, "input")], a.force)?;
     let loaded = load_lora(&a.file, UnknownKeys::Reject)?;
     let kind = match a.dtype.as_deref() {
         Some(d) => dtype_kind(d)?,
@@ -241,9 +228,11 @@ fn extract(a: ExtractArgs) -> AnyResult {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{stem}-lora-r{}.safetensors", a.rank)));
-    if out.exists() && !a.force {
-        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
-    }
+    crate::check_output(
+        &out,
+        &[(&a.base, "base model"), (&a.tuned, "tuned model")],
+        a.force,
+    )?;
     if !(a.clamp_quantile > 0.0 && a.clamp_quantile <= 1.0) {
         return Err(format!(
             "--clamp-quantile must be in (0, 1], got {}",

@@ -126,6 +126,30 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
+/// Refuses to write `out` over one of the command's `inputs` (each with the
+/// name the message uses) and, without `--force`, over any existing file.
+fn check_output(
+    out: &std::path::Path,
+    inputs: &[(&std::path::Path, &str)],
+    force: bool,
+) -> AnyResult {
+    for (input, what) in inputs {
+        if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize()) {
+            if a == b {
+                return Err(format!(
+                    "{}: the output would replace the {what}; pass another --out",
+                    out.display()
+                )
+                .into());
+            }
+        }
+    }
+    if out.exists() && !force {
+        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> AnyResult<ExitCode> {
     match cli.command {
         Command::Lora { command } => lora::run(command),
@@ -137,9 +161,7 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
             trigger,
             force,
         } => {
-            if out.exists() && !force {
-                return Err(format!("{} exists; pass --force to replace it", out.display()).into());
-            }
+            check_output(&out, &[], force)?;
             let text = lora_sdxl::JobConfig::template(
                 model.as_deref(),
                 dataset.as_deref(),

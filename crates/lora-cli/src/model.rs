@@ -158,20 +158,7 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
 }
 
 fn merge(model: &Path, loras: &[String], out: &Path, force: bool) -> AnyResult<ExitCode> {
-    let same = match (model.canonicalize(), out.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        return Err(format!(
-            "{}: the output would replace the base model; pass another --out",
-            out.display()
-        )
-        .into());
-    }
-    if out.exists() && !force {
-        return Err(format!("{} exists; pass --force to replace it", out.display()).into());
-    }
+    crate::check_output(out, &[(model, "base model")], force)?;
     let uses = loras
         .iter()
         .map(|a| crate::sample::parse_lora(a))
