@@ -83,10 +83,8 @@ fn main() {
         EVERY.to_string(),
         THREADS.to_string(),
     ];
-    let reference = python_json("resize_reference.py", &args);
-    let field = |k: &str| reference.as_ref().and_then(|v| v.get(k)?.as_f64());
-    match (field("seconds"), field("fro_mean")) {
-        (Some(theirs), Some(their_fro)) => {
+    match reference("resize_reference.py", &args) {
+        Some((theirs, their_fro)) => {
             println!(
                 "merge + full SVD (PyTorch, kohya's route): same modules in {theirs:.3} s, Frobenius kept {:.4}%",
                 100.0 * their_fro
@@ -102,6 +100,12 @@ fn main() {
     }
 
     extraction(&chosen);
+}
+
+/// A reference script's `seconds` and `fro_mean` (`None` without a usable .venv).
+fn reference(script: &str, args: &[String]) -> Option<(f64, f64)> {
+    let v = python_json(script, args)?;
+    Some((v.get("seconds")?.as_f64()?, v.get("fro_mean")?.as_f64()?))
 }
 
 /// Module i's ΔW, generated as benches/extract_reference.py does.
@@ -146,10 +150,8 @@ fn extraction(chosen: &[(&lorakit::core::ModuleKey, &lorakit::core::LoraAdapter)
         RANK.to_string(),
         THREADS.to_string(),
     ];
-    let reference = python_json("extract_reference.py", &args);
-    let field = |k: &str| reference.as_ref().and_then(|v| v.get(k)?.as_f64());
-    match (field("seconds"), field("fro_mean")) {
-        (Some(theirs), Some(their_fro)) => println!(
+    match reference("extract_reference.py", &args) {
+        Some((theirs, their_fro)) => println!(
             "torch.linalg.svd (kohya's extractor): {theirs:.2} s, ‖ΔW‖_F kept {:.4}%; ratio {:.3}× (randomized SVD keeps {:.4} points less of the norm)",
             100.0 * their_fro,
             seconds / theirs,
