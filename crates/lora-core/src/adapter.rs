@@ -8,7 +8,6 @@
 //! zeros, so a fresh adapter leaves the base output unchanged.
 
 use crate::error::{LoraError, Result};
-use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
 /// The kind of base layer an adapter wraps.
@@ -85,8 +84,6 @@ pub struct LoraAdapter {
     multiplier: f64,
     geometry: Geometry,
     dropouts: Dropouts,
-    /// splitmix64 state for module dropout draws (host-side, no GPU sync).
-    rng: Cell<u64>,
 }
 
 impl LoraAdapter {
@@ -178,7 +175,6 @@ impl LoraAdapter {
             multiplier: 1.0,
             geometry,
             dropouts: Dropouts::default(),
-            rng: Cell::new(0x9E37_79B9_7F4A_7C15),
         }
     }
 
@@ -205,6 +201,22 @@ impl LoraAdapter {
                 "set_conv_params called on a Linear adapter".into(),
             )),
         }
+    }
+
+    /// The same adapter (alpha, multiplier, geometry, dropouts kept) with
+    /// its weights on `device` in `kind`; weights already there are shared,
+    /// not copied, so trainable leaves stay the ones that get gradients.
+    pub fn to_device_kind(mut self, device: Device, kind: Kind) -> Self {
+        let move_to = |t: &Tensor| {
+            if t.device() == device && t.kind() == kind {
+                t.shallow_clone()
+            } else {
+                t.to_device(device).to_kind(kind)
+            }
+        };
+        self.down = move_to(&self.down);
+        self.up = move_to(&self.up);
+        self
     }
 
     /// `lora_down.weight`.
@@ -276,36 +288,22 @@ impl LoraAdapter {
     pub fn dropouts(&self) -> Dropouts {
         self.dropouts
     }
-    /// Seeds the host-side generator used for module dropout.
-    pub fn seed_module_dropout(&self, seed: u64) {
-        self.rng.set(seed ^ 0x9E37_79B9_7F4A_7C15);
-    }
-    /// State of the module-dropout generator (for exact resume).
-    pub fn module_dropout_state(&self) -> u64 {
-        self.rng.get()
-    }
-    /// Restores the module-dropout generator state.
-    pub fn set_module_dropout_state(&self, s: u64) {
-        self.rng.set(s);
-    }
-
-    fn next_uniform(&self) -> f64 {
-        // splitmix64
-        let mut z = self.rng.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        self.rng.set(z);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     /// The adapter branch alone: `up(drop(down(x))) · multiplier · scale`,
-    /// in the dtype of `x`. `None` when module dropout skipped it.
+    /// in the dtype of `x` (`None` is kept for adapters that add nothing).
+    ///
+    /// Module dropout (training only) draws one number per call from
+    /// torch's generator on `x`'s device, as kohya's `torch.rand(1)` does, so
+    /// every module draws its own, the draw follows `tch::manual_seed` (exact
+    /// resume) and gradient checkpointing's RNG replay recomputes the same
+    /// choice. The branch is multiplied by the 0/1 draw on the device instead
+    /// of skipped on the host, so no host sync is needed.
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
         let d = self.dropouts;
-        if train && d.module_dropout > 0.0 && self.next_uniform() < d.module_dropout {
-            return None;
-        }
+        let keep = (train && d.module_dropout > 0.0).then(|| {
+            Tensor::rand([], (Kind::Float, x.device()))
+                .ge(d.module_dropout)
+                .to_kind(self.down.kind())
+        });
         let in_kind = x.kind();
         let xk = if in_kind == self.down.kind() {
             x.shallow_clone()
@@ -351,6 +349,10 @@ impl LoraAdapter {
         };
         // alpha = rank at strength 1 (a common setup) needs no scaling op.
         let out = if scale == 1.0 { out } else { out * scale };
+        let out = match keep {
+            Some(k) => out * k,
+            None => out,
+        };
         Some(if out.kind() == in_kind {
             out
         } else {
@@ -427,6 +429,7 @@ mod tests {
 
     #[test]
     fn zero_up_leaves_base_unchanged() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(1);
         let a = LoraAdapter::new(
             8,
@@ -450,6 +453,7 @@ mod tests {
 
     #[test]
     fn alpha_defaults_to_rank() {
+        let _rng = crate::test_rng_lock();
         let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
         let u = Tensor::ones([5, 4], (Kind::Float, Device::Cpu));
         let a = LoraAdapter::from_weights(d.copy(), u.copy(), None).unwrap();
@@ -461,6 +465,7 @@ mod tests {
 
     #[test]
     fn rank_mismatch_is_an_error() {
+        let _rng = crate::test_rng_lock();
         let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
         let u = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
         let e = LoraAdapter::from_weights(d, u, None)
@@ -471,6 +476,7 @@ mod tests {
 
     #[test]
     fn module_dropout_skips_some_calls_deterministically() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(0);
         let mut a =
             LoraAdapter::new(4, 4, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
@@ -484,20 +490,55 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        a.seed_module_dropout(7);
         let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
-        let pattern: Vec<bool> = (0..64).map(|_| a.delta(&x, true).is_none()).collect();
+        let is_dropped = |a: &LoraAdapter| {
+            a.delta(&x, true)
+                .unwrap()
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                == 0.0
+        };
+        let dropped = |a: &LoraAdapter| -> Vec<bool> { (0..64).map(|_| is_dropped(a)).collect() };
+        tch::manual_seed(7);
+        let pattern = dropped(&a);
         let skipped = pattern.iter().filter(|s| **s).count();
         assert!((16..48).contains(&skipped), "skipped {skipped} of 64");
-        a.seed_module_dropout(7);
-        let again: Vec<bool> = (0..64).map(|_| a.delta(&x, true).is_none()).collect();
-        assert_eq!(pattern, again);
+        // the draw follows torch's generator: the same seed, the same choices
+        tch::manual_seed(7);
+        assert_eq!(pattern, dropped(&a));
+        // two adapters drawing in turn from one generator choose independently
+        let b = LoraAdapter::from_weights(a.down().copy(), a.up().copy(), None).unwrap();
+        let mut b = b;
+        b.set_dropouts(a.dropouts()).unwrap();
+        tch::manual_seed(9);
+        let (mut same, mut n) = (0, 0);
+        for _ in 0..64 {
+            let (da, db) = (is_dropped(&a), is_dropped(&b));
+            same += usize::from(da == db);
+            n += 1;
+        }
+        assert!(same < n, "two modules always dropped together");
         // never in eval
-        assert!((0..64).all(|_| a.delta(&x, false).is_some()));
+        let full = a
+            .delta(&x, false)
+            .unwrap()
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]);
+        assert!(full > 0.0);
+        assert!((0..64).all(|_| a
+            .delta(&x, false)
+            .unwrap()
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[])
+            == full));
     }
 
     #[test]
     fn rank_dropout_keeps_expectation() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(3);
         let mut a =
             LoraAdapter::new(16, 8, 64, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();

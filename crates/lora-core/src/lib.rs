@@ -44,3 +44,12 @@ pub use metadata::{Prediction, TrainingMetadata};
 pub use naming::{Component, ModuleKey};
 pub use resize::{adapter_from_delta, resize_set, RankRule, ResizeOptions, ResizeStats};
 pub use set::{LoraSet, SavedLora};
+
+/// Tests that draw from torch's process-wide generator (seeded draws
+/// compared across calls) hold this, so that tests running in parallel
+/// threads do not draw in between.
+#[cfg(test)]
+pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

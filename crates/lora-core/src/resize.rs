@@ -489,6 +489,7 @@ mod tests {
 
     #[test]
     fn full_rank_keeps_the_delta_geometry_and_scale() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(0);
         let strided = Geometry::Conv2d {
             kernel: [3, 3],
@@ -516,6 +517,7 @@ mod tests {
 
     #[test]
     fn truncation_is_the_best_rank_k_approximation() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(1);
         for a in [
             random(40, 24, 8, 4.0, Geometry::Linear),
@@ -542,6 +544,7 @@ mod tests {
 
     #[test]
     fn dynamic_rules_choose_ranks_as_kohya() {
+        let _rng = crate::test_rng_lock();
         let s = [8.0, 4.0, 2.0, 1.0, 0.5];
         // σ > 8/5 = 1.6 → 3 values
         assert_eq!(RankRule::SvRatio(5.0).rank_for(&s), 3);
@@ -574,6 +577,7 @@ mod tests {
 
     #[test]
     fn empty_adapter_becomes_rank_one_and_bad_options_are_errors() {
+        let _rng = crate::test_rng_lock();
         let a =
             LoraAdapter::new(8, 8, 4, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
         let (b, st) = resize_adapter(&a, 4, RankRule::SvFro(0.9)).unwrap();
@@ -586,6 +590,7 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
+        let _rng = crate::test_rng_lock();
         for s in ["fixed", "sv_ratio:4", "sv_cumulative:0.9", "sv_fro:0.95"] {
             assert_eq!(RankRule::parse(s).unwrap().to_string(), s);
         }
@@ -603,6 +608,7 @@ mod tests {
 
     #[test]
     fn sets_use_the_conv_rank_for_kxk_convs_and_metadata_says_so() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(3);
         let mut set = LoraSet::new();
         let lin = ModuleKey::new(Component::Unet, "middle_block.1.proj_in");
@@ -664,6 +670,7 @@ mod tests {
 
     #[test]
     fn extraction_recovers_a_low_rank_difference() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(4);
         // large enough for the randomized path (min dim > 4·(k + oversample))
         let delta = with_spectrum(200, 300, &[3.0, 2.0, 0.5]);
@@ -691,6 +698,7 @@ mod tests {
 
     #[test]
     fn randomized_svd_is_near_optimal_on_a_full_rank_difference() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(5);
         let sigma: Vec<f64> = (0..200).map(|i| 0.95f64.powi(i)).collect();
         let delta = with_spectrum(200, 320, &sigma);
@@ -721,6 +729,7 @@ mod tests {
 
     #[test]
     fn extraction_clamps_at_the_quantile_and_handles_zero() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(6);
         let delta = with_spectrum(24, 40, &[4.0, 1.0, 0.5, 0.1]);
         let (a, _) = adapter_from_delta(&delta, 4, Geometry::Linear, None).unwrap();
