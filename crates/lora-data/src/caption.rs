@@ -170,7 +170,8 @@ pub struct CaptionProcessing {
     pub keep_tokens: usize,
     /// Shuffle the tags after the kept ones.
     pub shuffle: bool,
-    /// Probability that the whole caption becomes empty.
+    /// Probability that the whole caption is dropped: it becomes the trigger
+    /// word alone, or empty when there is no trigger.
     pub caption_dropout_rate: f64,
     /// Probability that each non-kept tag is dropped.
     pub tag_dropout_rate: f64,
@@ -182,14 +183,16 @@ impl CaptionProcessing {
     /// free tags → tag dropout → join with `", "`. The trigger never moves and
     /// is never dropped.
     pub fn process<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
-        if self.caption_dropout_rate > 0.0 && rng.gen::<f64>() < self.caption_dropout_rate {
-            return String::new();
-        }
         let trigger = self
             .trigger
             .as_deref()
             .map(str::trim)
             .filter(|t| !t.is_empty());
+        if self.caption_dropout_rate > 0.0 && rng.gen::<f64>() < self.caption_dropout_rate {
+            // a dropped caption keeps the trigger (as AI Toolkit does), so the
+            // trigger alone learns the concept; without one it is empty
+            return trigger.unwrap_or_default().to_string();
+        }
         let text = match trigger {
             Some(t) => caption.replace("[trigger]", t),
             None => caption.replace("[trigger]", ""),
@@ -336,6 +339,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(all.process("a, b", &mut rng), "");
+        // with a trigger, a dropped caption is the trigger alone
+        let with_trigger = CaptionProcessing {
+            trigger: Some("myakumyaku-san".into()),
+            ..all.clone()
+        };
+        assert_eq!(with_trigger.process("a, b", &mut rng), "myakumyaku-san");
         let tags = CaptionProcessing {
             trigger: Some("t".into()),
             tag_dropout_rate: 0.999_999,
