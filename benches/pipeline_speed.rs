@@ -21,7 +21,7 @@
 #[path = "common/mod.rs"]
 mod common;
 use common::{peak_rss_mb, python, root};
-use lorakit::sdxl::pipeline::{
+use lorakit::sdxl::sample::txt2img::{
     condition, decode_images, initial_noise, sample_latents, GenerateParams,
 };
 use lorakit::sdxl::train::{train, TrainOptions};

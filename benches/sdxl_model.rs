@@ -167,7 +167,7 @@ fn main() {
             .into_iter()
             .collect();
     let ctx = Tensor::cat(&[&io["te1_hidden"], &io["te2_hidden"]], -1);
-    let y = lorakit::sdxl::unet::vector_conditioning(&io["te2_pooled"], &io["time_ids"]);
+    let y = lorakit::sdxl::model::unet::vector_conditioning(&io["te2_pooled"], &io["time_ids"]);
     let iters = 50;
     let ms = tch::no_grad(|| {
         for _ in 0..3 {

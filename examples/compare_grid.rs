@@ -7,8 +7,8 @@
 //! ```
 
 use lorakit::core::LoraSet;
-use lorakit::sdxl::compare::{render_grid, Column, GridRequest, LoraUse};
-use lorakit::sdxl::pipeline::{txt2img, GenerateParams};
+use lorakit::sdxl::sample::grid::{render_grid, Column, GridRequest, LoraUse};
+use lorakit::sdxl::sample::txt2img::{txt2img, GenerateParams};
 use lorakit::sdxl::{ClipTokenizer, SdxlConfig, SdxlModel, TargetScope};
 use lorakit::tch::Device;
 use lorakit::Kind;

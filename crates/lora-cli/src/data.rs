@@ -41,10 +41,31 @@ pub enum DatasetCommand {
         /// Trigger word every caption should contain.
         #[arg(long)]
         trigger: Option<String>,
-        /// Training resolutions, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "512,768")]
-        resolution: Vec<u32>,
+        /// Training resolutions, comma-separated (default: the job's, else 512,768).
+        #[arg(long, value_delimiter = ',')]
+        resolution: Option<Vec<u32>>,
+        /// Take the resolutions and the trigger word from this job file (its
+        /// [[datasets]] entry for DIR, else its first one).
+        #[arg(long)]
+        job: Option<std::path::PathBuf>,
     },
+}
+
+/// The resolutions and trigger of `dir`'s `[[datasets]]` entry in a job file
+/// (the first entry when none names `dir`).
+fn from_job(job: &std::path::Path, dir: &std::path::Path) -> AnyResult<(Vec<u32>, Option<String>)> {
+    let cfg = lora_sdxl::JobConfig::load(job)?;
+    let same = |p: &std::path::Path| match (p.canonicalize(), dir.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let ds = cfg
+        .datasets
+        .iter()
+        .find(|d| same(&d.folder_path))
+        .or(cfg.datasets.first())
+        .ok_or_else(|| format!("{}: the job has no [[datasets]] table", job.display()))?;
+    Ok((ds.resolution.clone(), cfg.job.trigger_word.clone()))
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,7 +123,17 @@ pub fn dataset(cmd: DatasetCommand) -> AnyResult<ExitCode> {
             folder,
             trigger,
             resolution,
+            job,
         } => {
+            let (job_res, job_trigger) = match &job {
+                Some(j) => {
+                    let (r, t) = from_job(j, &folder.dir)?;
+                    (Some(r), t)
+                }
+                None => (None, None),
+            };
+            let resolution = resolution.or(job_res).unwrap_or_else(|| vec![512, 768]);
+            let trigger = trigger.or(job_trigger);
             if let Some(r) = resolution.iter().find(|r| **r == 0 || **r % 64 != 0) {
                 return Err(format!("--resolution {r}: resolutions must be positive multiples of 64 (e.g. 512,768,1024)").into());
             }

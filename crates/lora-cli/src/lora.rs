@@ -240,7 +240,7 @@ fn extract(a: ExtractArgs) -> AnyResult {
         )
         .into());
     }
-    let device = lora_sdxl::model::resolve_device(a.device.as_deref())
+    let device = lora_sdxl::model::sdxl::resolve_device(a.device.as_deref())
         .map_err(|e| format!("--device: {e}"))?;
     let opts = lora_sdxl::ExtractOptions {
         rank: a.rank,

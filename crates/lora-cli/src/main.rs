@@ -116,9 +116,12 @@ fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAKIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // colour codes only when stderr is a terminal (never in log files or pipes)
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .without_time()
         .try_init();
@@ -150,6 +153,27 @@ fn check_output(
     Ok(())
 }
 
+/// What `lorakit init` tells the user to do next: only the paths it was not given.
+fn init_message(out: &std::path::Path, model: bool, dataset: bool) -> String {
+    let todo: Vec<&str> = [
+        (!model).then_some("model.name_or_path"),
+        (!dataset).then_some("datasets.folder_path"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let next = format!("run `lorakit train {}`", out.display());
+    if todo.is_empty() {
+        format!("wrote {}: review it, then {next}", out.display())
+    } else {
+        format!(
+            "wrote {}: edit {}, then {next}",
+            out.display(),
+            todo.join(" and ")
+        )
+    }
+}
+
 fn run(cli: Cli) -> AnyResult<ExitCode> {
     match cli.command {
         Command::Lora { command } => lora::run(command),
@@ -168,7 +192,7 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
                 trigger.as_deref(),
             );
             lora_core::io::write_atomic(&out, text.as_bytes())?;
-            println!("wrote {}: edit model.name_or_path and datasets.folder_path, then run `lorakit train {}`", out.display(), out.display());
+            println!("{}", init_message(&out, model.is_some(), dataset.is_some()));
             Ok(ExitCode::SUCCESS)
         }
         Command::Model { command } => model::run(command),

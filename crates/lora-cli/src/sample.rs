@@ -2,11 +2,11 @@
 
 use crate::AnyResult;
 use clap::Args;
-use lora_sdxl::compare::{
+use lora_sdxl::sample::grid::{
     attach_all, checkpoint_columns, parameters_text, render_grid, software, Column, GridRequest,
     LoraUse,
 };
-use lora_sdxl::pipeline::{txt2img, GenerateParams};
+use lora_sdxl::sample::txt2img::{txt2img, GenerateParams};
 use lora_sdxl::{ClipTokenizer, SamplerSpec, SdxlModel};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -115,7 +115,7 @@ impl Common {
     }
 
     fn load(&self) -> AnyResult<(SdxlModel, String)> {
-        let device = lora_sdxl::model::resolve_device(self.device.as_deref())
+        let device = lora_sdxl::model::sdxl::resolve_device(self.device.as_deref())
             .map_err(|e| format!("--device: {e}"))?;
         let kind = match (self.dtype.as_deref(), device) {
             (Some(name), _) => crate::lora::dtype_kind(name)?,

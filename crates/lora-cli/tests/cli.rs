@@ -434,6 +434,25 @@ fn dataset_check_exit_codes() {
         "{out}"
     );
 
+    // the job's resolutions and trigger (a 256 job: no 512/768 buckets)
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[job]\ntrigger_word = \"trig\"\n[[datasets]]\nfolder_path = {:?}\nresolution = [256]\n",
+            d
+        ),
+    )
+    .unwrap();
+    let o = lorakit(&["dataset", "check", d, "--job", job.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("buckets@256:") && !out.contains("buckets@512"),
+        "{out}"
+    );
+    assert!(out.contains("trigger word `trig` missing"), "{out}");
+
     std::fs::write(dir.path().join("broken.png"), b"nope").unwrap();
     let o = lorakit(&["dataset", "check", d]);
     let (out, _) = text(&o);
@@ -544,6 +563,14 @@ fn init_writes_a_valid_template() {
     ];
     let o = lorakit(&args);
     assert!(o.status.success(), "{}", text(&o).1);
+    // told the model and the dataset, it does not ask to edit them
+    let said = text(&o).0;
+    assert!(
+        !said.contains("name_or_path")
+            && !said.contains("folder_path")
+            && said.contains("lorakit train"),
+        "{said}"
+    );
     let cfg = lora_sdxl::JobConfig::load(&out).unwrap();
     cfg.validate(&out).unwrap();
     assert_eq!(cfg.job.trigger_word.as_deref(), Some("myakumyaku-san"));
@@ -551,6 +578,14 @@ fn init_writes_a_valid_template() {
     // no overwrite without --force
     let o = lorakit(&args);
     assert!(!o.status.success() && text(&o).1.contains("--force"));
+    // without them, it names what to edit
+    let bare = dir.path().join("bare.toml");
+    let o = lorakit(&["init", "--out", bare.to_str().unwrap()]);
+    let said = text(&o).0;
+    assert!(
+        said.contains("model.name_or_path and datasets.folder_path"),
+        "{said}"
+    );
 }
 
 /// `lora resize`: rank 2 everywhere keeps ΔW of rank-2 modules and reduces
@@ -765,4 +800,25 @@ fn model_merge_writes_a_checkpoint() {
         !o.status.success() && stderr.contains("exists; pass --force"),
         "{stderr}"
     );
+}
+
+/// Warnings go through `tracing`; when stderr is not a terminal (a pipe, a
+/// log file) they carry no colour codes.
+#[test]
+fn log_lines_have_no_colour_codes_when_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("nan.safetensors");
+    let down = tch::Tensor::from_slice(&[f32::NAN, 1.0, 2.0, 3.0]).view([1, 4]);
+    let up = tch::Tensor::ones([4, 1], (tch::Kind::Float, tch::Device::Cpu));
+    let name = "lora_unet_input_blocks_4_1_proj_in";
+    let tensors = vec![
+        (format!("{name}.lora_down.weight"), down),
+        (format!("{name}.lora_up.weight"), up),
+    ];
+    let bytes = lora_core::io::serialize(&tensors, &Default::default()).unwrap();
+    std::fs::write(&bad, bytes).unwrap();
+    let o = lorakit(&["lora", "inspect", bad.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(err.contains("NaN"), "no warning on stderr: {out}{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err:?}");
 }

@@ -1,55 +1,41 @@
 //! # lora-sdxl
 //!
-//! SDXL-family models over libtorch (via `tch`) with LoRA slots.
+//! SDXL-family models over libtorch (via `tch`) with LoRA slots, in four rooms:
 //!
-//! * [`SdxlModel::load`]: single-file checkpoints (and diffusers folders) of
-//!   SDXL 1.0 and its fine-tunes, recognised from keys and shapes
-//!   ([`SdxlConfig::base`], [`SdxlConfig::tiny`] for tests);
-//! * LoRA slots on every module kohya's LoRA/LoCon adapts
-//!   ([`targets::lora_targets`]), LoRAs attached at strengths
+//! * [`model`]: the networks and their loading — [`SdxlModel::load`] reads
+//!   single-file checkpoints (and diffusers folders) of SDXL 1.0 and its
+//!   fine-tunes, recognised from keys and shapes ([`SdxlConfig::base`],
+//!   [`SdxlConfig::tiny`] for tests); LoRA slots on every module kohya's
+//!   LoRA/LoCon adapts ([`lora_targets`]), LoRAs attached at strengths
 //!   ([`SdxlModel::attach_lora`]);
-//! * text-to-image with ComfyUI-compatible seeds ([`pipeline::txt2img`],
-//!   samplers in [`sampling`]);
-//! * LoRA training from a job file ([`train::train`], [`JobConfig`]).
+//! * [`sample`]: text-to-image with ComfyUI-compatible seeds ([`txt2img`],
+//!   samplers in [`sample::samplers`]) and comparison grids;
+//! * [`train`]: LoRA training from a job file ([`train()`], [`JobConfig`]);
+//! * [`tools`]: merging LoRAs into a checkpoint and extracting them from one.
+//!
+//! [`synthetic`] writes tiny random SDXL-architecture checkpoints in the real
+//! single-file layout for tests, examples and the demo.
 
-pub mod attention;
-pub mod checkpoint;
-pub mod clip;
-pub mod compare;
-pub mod conditioning;
-pub mod config;
 pub mod error;
-pub mod extract;
-pub mod job;
-pub mod keys;
-pub mod merge;
 pub mod model;
-pub mod nn;
-pub mod optim;
-pub mod pipeline;
-pub mod resnet;
-pub mod sampling;
-pub mod schedule;
+pub mod sample;
 pub mod synthetic;
-pub mod targets;
-pub mod tokenizer;
+pub mod tools;
 pub mod train;
-pub mod unet;
-pub mod vae;
-pub mod weights;
 
-pub use clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
-pub use conditioning::{encode_prompt, TextConditioning};
-pub use config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use error::{Result, SdxlError};
-pub use extract::{extract_lora, ExtractOptions, Extracted};
-pub use job::{JobConfig, JobError};
-pub use merge::{merge_into_checkpoint, MergeReport};
-pub use model::{detect, Detected, SdxlModel};
-pub use pipeline::{txt2img, GenerateParams};
-pub use sampling::{Sampler, SamplerSpec, SigmaSchedule};
-pub use targets::{lora_targets, Target, TargetScope};
-pub use tokenizer::ClipTokenizer;
-pub use unet::Unet;
-pub use vae::Vae;
-pub use weights::{Checkpoint, VarBuilder};
+pub use model::clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
+pub use model::conditioning::{encode_prompt, TextConditioning};
+pub use model::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+pub use model::sdxl::{detect, resolve_device, Detected, SdxlModel};
+pub use model::targets::{lora_targets, Target, TargetScope};
+pub use model::tokenizer::ClipTokenizer;
+pub use model::unet::Unet;
+pub use model::vae::Vae;
+pub use model::weights::{Checkpoint, VarBuilder};
+pub use sample::samplers::{Sampler, SamplerSpec, SigmaSchedule};
+pub use sample::txt2img::{txt2img, GenerateParams};
+pub use tools::extract::{extract_lora, ExtractOptions, Extracted};
+pub use tools::merge::{merge_into_checkpoint, MergeReport};
+pub use train::job::{JobConfig, JobError};
+pub use train::{train, TrainOptions, TrainReport};

@@ -2,9 +2,9 @@
 //! the built-in demo and for tests that need a full CLIP vocabulary (no
 //! weights can be downloaded here), and random LoRAs for them.
 
-use crate::config::SdxlConfig;
 use crate::error::Result;
-use crate::model::expected_keys;
+use crate::model::config::SdxlConfig;
+use crate::model::sdxl::expected_keys;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -34,12 +34,12 @@ pub fn write_random_checkpoint(
     tensors.push((
         format!(
             "{}text_model.embeddings.position_ids",
-            crate::keys::TE1_PREFIX
+            crate::model::keys::TE1_PREFIX
         ),
         Tensor::arange(cfg.te1.max_positions, (Kind::Int64, Device::Cpu)).unsqueeze(0),
     ));
     tensors.push((
-        format!("{}logit_scale", crate::keys::TE2_PREFIX),
+        format!("{}logit_scale", crate::model::keys::TE2_PREFIX),
         Tensor::from(4.6052f32).to_kind(kind),
     ));
     let bytes = lora_core::io::serialize(&tensors, &Default::default())?;
@@ -53,13 +53,13 @@ pub fn write_random_checkpoint(
 /// Draws from torch's global generator (seed it with `tch::manual_seed`).
 pub fn random_lora(
     cfg: &SdxlConfig,
-    scope: crate::targets::TargetScope,
+    scope: crate::model::targets::TargetScope,
     rank: i64,
     conv_rank: i64,
     up_std: f64,
 ) -> Result<lora_core::LoraSet> {
     let mut set = lora_core::LoraSet::new();
-    for t in crate::targets::lora_targets(cfg, scope) {
+    for t in crate::model::targets::lora_targets(cfg, scope) {
         let r = if t.uses_conv_rank() { conv_rank } else { rank };
         let mut a = lora_core::LoraAdapter::new(
             t.in_features,

@@ -4,7 +4,7 @@
 //! query projection (a third of OpenCLIP's fused in_proj).
 
 use lora_core::{Component, Geometry};
-use lora_sdxl::keys::weight_location;
+use lora_sdxl::model::keys::weight_location;
 use lora_sdxl::{extract_lora, lora_targets, ExtractOptions, SdxlModel, Target, TargetScope};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

@@ -2,7 +2,7 @@
 //! strength equals diffusers' `load_lora_weights` + `set_adapters`.
 
 use lora_core::{load_lora, UnknownKeys};
-use lora_sdxl::unet::vector_conditioning;
+use lora_sdxl::model::unet::vector_conditioning;
 use lora_sdxl::SdxlModel;
 use std::collections::HashMap;
 use std::path::PathBuf;

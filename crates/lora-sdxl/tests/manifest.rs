@@ -3,7 +3,7 @@
 //! is the one ComfyUI/A1111 look for.
 
 use lora_core::{Component, ModuleKey};
-use lora_sdxl::keys::weight_location;
+use lora_sdxl::model::keys::weight_location;
 use lora_sdxl::{lora_targets, SdxlConfig, TargetScope};
 use std::collections::HashMap;
 
@@ -79,7 +79,7 @@ fn base_config_implies_exactly_the_manifest() {
         .filter(|(k, _)| !k.ends_with("position_ids") && !k.ends_with("logit_scale"))
         .collect();
     want.sort();
-    let got = lora_sdxl::model::expected_keys(&SdxlConfig::base());
+    let got = lora_sdxl::model::sdxl::expected_keys(&SdxlConfig::base());
     assert_eq!(got.len(), want.len(), "key count");
     let diff: Vec<_> = got
         .iter()

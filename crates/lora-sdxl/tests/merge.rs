@@ -1,7 +1,7 @@
 //! `merge_into_checkpoint`: LoRAs baked into a single-file checkpoint.
 
 use lora_core::{LoraSet, UnknownKeys};
-use lora_sdxl::keys::weight_location;
+use lora_sdxl::model::keys::weight_location;
 use lora_sdxl::{merge_into_checkpoint, Checkpoint, SdxlModel};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};

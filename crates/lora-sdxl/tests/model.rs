@@ -1,7 +1,7 @@
 //! Whole-checkpoint loading: detection, parameter counts, and clear errors.
 
-use lora_sdxl::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
-use lora_sdxl::model::count_parameters_in;
+use lora_sdxl::model::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use lora_sdxl::model::sdxl::count_parameters_in;
 use lora_sdxl::{detect, lora_targets, Checkpoint, SdxlConfig, SdxlModel, TargetScope};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -229,7 +229,7 @@ fn prompt_encoding_rules() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("reduced vocabulary"), "{e}");
-    let ids = lora_sdxl::conditioning::token_ids(&tok, &"word ".repeat(100), 0, Device::Cpu);
+    let ids = lora_sdxl::model::conditioning::token_ids(&tok, &"word ".repeat(100), 0, Device::Cpu);
     assert_eq!(ids.size(), vec![2, 77]);
 }
 
@@ -352,18 +352,18 @@ fn random_tiny_checkpoint_with_full_vocabulary_encodes_real_prompts() {
     // the pooled vector comes from the first chunk only
     let first75 = tok_ids[..75].to_vec();
     let ids = {
-        let mut c = vec![lora_sdxl::tokenizer::BOS];
+        let mut c = vec![lora_sdxl::model::tokenizer::BOS];
         c.extend(&first75);
-        c.push(lora_sdxl::tokenizer::EOS);
+        c.push(lora_sdxl::model::tokenizer::EOS);
         c.resize(77, 0);
         tch::Tensor::from_slice(&c).view([1, 77])
     };
     let pooled0 = m.te2.forward(&ids).pooled;
     assert!((pooled0 - &long.pooled).abs().max().double_value(&[]) < 1e-5);
     // the UNet runs on that conditioning
-    let y = lora_sdxl::conditioning::y_vector(
+    let y = lora_sdxl::model::conditioning::y_vector(
         &short.pooled,
-        &lora_sdxl::conditioning::time_ids((512, 512), (0, 0), (512, 512), Device::Cpu),
+        &lora_sdxl::model::conditioning::time_ids((512, 512), (0, 0), (512, 512), Device::Cpu),
     );
     assert_eq!(y.size(), vec![1, cfg.unet.adm_in_channels]);
     let x = tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));

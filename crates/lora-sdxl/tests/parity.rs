@@ -2,8 +2,8 @@
 //! written by scripts/fixtures/tiny_sdxl.py: max |Δ| ≤ 1e-4 × std(reference), fp32 CPU.
 
 use lora_core::Component;
-use lora_sdxl::nn::Slots;
-use lora_sdxl::unet::vector_conditioning;
+use lora_sdxl::model::nn::Slots;
+use lora_sdxl::model::unet::vector_conditioning;
 use lora_sdxl::{
     Activation, Checkpoint, ClipConfig, ClipLayout, ClipTextModel, Unet, UnetConfig, Vae,
     VaeConfig, VarBuilder,

@@ -4,10 +4,10 @@
 //! full-vocabulary model.
 
 use lora_core::Prediction;
-use lora_sdxl::pipeline::{
+use lora_sdxl::model::unet::vector_conditioning;
+use lora_sdxl::sample::txt2img::{
     decode_images, initial_noise, sample_latents, txt2img, GenerateParams, PromptConditioning,
 };
-use lora_sdxl::unet::vector_conditioning;
 use lora_sdxl::{ClipTokenizer, SamplerSpec, SdxlConfig, SdxlModel};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -126,7 +126,9 @@ fn samplers_match_k_diffusion_and_diffusers() {
 #[test]
 fn sigma_lists_match_k_diffusion() {
     let r = reference();
-    let s = lora_sdxl::sampling::ModelSigmas::new(&lora_sdxl::schedule::NoiseSchedule::sdxl(false));
+    let s = lora_sdxl::sample::samplers::ModelSigmas::new(
+        &lora_sdxl::train::schedule::NoiseSchedule::sdxl(false),
+    );
     for (name, sched) in [
         ("sigmas_normal", lora_sdxl::SigmaSchedule::Normal),
         ("sigmas_karras", lora_sdxl::SigmaSchedule::Karras),

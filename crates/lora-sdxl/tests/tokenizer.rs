@@ -1,7 +1,7 @@
 //! Token ids equal OpenCLIP's tokenizer on 32 prompts (fixture from
 //! scripts/fixtures/tokenizer.py); chunking and padding rules.
 
-use lora_sdxl::tokenizer::{BOS, EOS};
+use lora_sdxl::model::tokenizer::{BOS, EOS};
 use lora_sdxl::ClipTokenizer;
 
 #[test]

@@ -1,6 +1,7 @@
 //! End-to-end training on a tiny SDXL-architecture model and a synthetic
 //! dataset: files, rotation, loss falling, exact resume, job errors.
 
+mod common;
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{JobConfig, SdxlConfig};
 use std::path::{Path, PathBuf};
@@ -20,11 +21,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let model = root.join("tiny.safetensors");
-    lora_sdxl::synthetic::write_random_checkpoint(&model, &SdxlConfig::tiny(), 11, Kind::Float)
-        .unwrap();
-    let data = root.join("data");
-    lora_data::synthetic::write_character_dataset(&data, 6, 256, 256, "myaku", 5).unwrap();
+    let (model, data) = common::tiny_model_and_dataset(&root, 6);
     Setup {
         _dir: dir,
         root,

@@ -53,7 +53,7 @@ fn full_forward_loss(m: &SdxlModel, io: &std::collections::HashMap<String, Tenso
     let o1 = m.te1.forward(&io["input_ids_1"]);
     let o2 = m.te2.forward(&io["input_ids_2"]);
     let ctx = Tensor::cat(&[&o1.penultimate, &o2.penultimate], -1);
-    let y = lora_sdxl::unet::vector_conditioning(&o2.pooled, &io["time_ids"]);
+    let y = lora_sdxl::model::unet::vector_conditioning(&o2.pooled, &io["time_ids"]);
     let eps = m.unet.forward(&io["latents"], &io["timesteps"], &ctx, &y);
     (eps - &io["latents"])
         .pow_tensor_scalar(2)
@@ -125,13 +125,31 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let mut set = LoraSet::new();
     let mut leaves = Vec::new();
     for t in lora_targets(&m.detected.config, TargetScope::ALL) {
-        let (a, down, up) = trainable(&t, 4, 0.25);
+        let (mut a, down, up) = trainable(&t, 4, 0.25);
+        // module dropout too: its draw must be replayed in the recomputation
+        a.set_dropouts(Dropouts {
+            rank_dropout: 0.25,
+            module_dropout: 0.3,
+            ..Default::default()
+        })
+        .unwrap();
         leaves.push((t.key.component, down, up));
         set.insert(t.key, a);
     }
     m.attach_lora(set, 1.0).unwrap();
     m.slots.set_training(true);
     let io = tiny_a_io();
+    // rank dropout is live: two training forwards with other seeds differ,
+    // so the equality below needs the masks replayed in the recomputation
+    let loss_at = |seed: i64| {
+        tch::manual_seed(seed);
+        tch::no_grad(|| full_forward_loss(&m, &io).double_value(&[]))
+    };
+    let (a, b) = (loss_at(5), loss_at(6));
+    assert!(
+        (a - b).abs() > 1e-7 * a.abs(),
+        "dropout is not active: {a} == {b}"
+    );
     let run = |ckpt: bool| {
         m.set_gradient_checkpointing(ckpt);
         assert_eq!(m.unet.gradient_checkpointing(), ckpt);
@@ -206,4 +224,47 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     }
     m.set_gradient_checkpointing(false);
     m.slots.set_training(false);
+}
+
+/// Attaching keeps an adapter's dropouts (the trainer sets them before
+/// attaching): the slot's adapter has them, and they act in training mode
+/// only.
+#[test]
+fn attached_adapters_keep_their_dropouts() {
+    let m = tiny_a();
+    tch::manual_seed(3);
+    let mut set = LoraSet::new();
+    let mut keys = Vec::new();
+    for t in lora_targets(&m.detected.config, TargetScope::UNET) {
+        let (mut a, _, _) = trainable(&t, 4, 0.5);
+        a.set_dropouts(Dropouts {
+            dropout: 0.1,
+            rank_dropout: 0.5,
+            module_dropout: 0.2,
+        })
+        .unwrap();
+        keys.push(t.key.clone());
+        set.insert(t.key, a);
+    }
+    m.attach_lora(set, 1.0).unwrap();
+    for k in &keys {
+        let info = m.slots.get(k).unwrap();
+        let d = info.slot.adapters()[0].dropouts();
+        assert_eq!(
+            (d.dropout, d.rank_dropout, d.module_dropout),
+            (0.1, 0.5, 0.2),
+            "{}",
+            k.kohya_name()
+        );
+    }
+    let io = tiny_a_io();
+    let loss_at = |seed: i64| {
+        tch::manual_seed(seed);
+        tch::no_grad(|| full_forward_loss(&m, &io).double_value(&[]))
+    };
+    m.slots.set_training(true);
+    let (a, b) = (loss_at(1), loss_at(2));
+    assert!((a - b).abs() > 1e-7 * a.abs(), "training: {a} == {b}");
+    m.slots.set_training(false);
+    assert_eq!(loss_at(1), loss_at(2), "eval must not drop anything");
 }

@@ -1,8 +1,8 @@
 //! Noise schedule, LR schedules, AdamW and clipping against diffusers/torch
 //! references (scripts/fixtures/training_math.py).
 
-use lora_sdxl::optim::{clip_grad_norm, AdamW};
-use lora_sdxl::schedule::{per_sample_loss, LrSchedule, NoiseSchedule};
+use lora_sdxl::train::optim::{clip_grad_norm, AdamW};
+use lora_sdxl::train::schedule::{per_sample_loss, LrSchedule, NoiseSchedule, ScheduleTables};
 use tch::{Device, Kind, Tensor};
 
 fn reference() -> serde_json::Value {
@@ -40,7 +40,7 @@ fn alphas_cumprod_match_diffusers() {
 
 #[test]
 fn noising_and_targets() {
-    let tables = NoiseSchedule::sdxl(false).tables(Device::Cpu);
+    let tables = ScheduleTables::new(&NoiseSchedule::sdxl(false), Device::Cpu);
     tch::manual_seed(1);
     let x0 = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu));
     let eps = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu));
@@ -156,7 +156,7 @@ fn adamw_and_clipping_match_torch() {
 
 #[test]
 fn adamw8bit_matches_bitsandbytes() {
-    use lora_sdxl::optim::{dynamic_map, QuantMap};
+    use lora_sdxl::train::optim::{dynamic_map, QuantMap};
     let r: std::collections::HashMap<String, Tensor> = lora_core::io::read_tensors(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/adamw8bit.safetensors"
@@ -267,4 +267,18 @@ fn optimizer_state_converts_between_fp32_and_8bit() {
     // A missing entry is named.
     let none = |_: &str| None;
     assert_eq!(c.load_state("adam", &none, 3).unwrap_err(), "adam.0.m_q");
+}
+
+/// `constant` with a warm-up runs the warm-up (as constant_with_warmup) and
+/// says so; without a warm-up it stays constant.
+#[test]
+fn constant_schedule_with_warmup_warms_up() {
+    let (s, note) = LrSchedule::for_job("constant", 10).unwrap();
+    assert_eq!(s, LrSchedule::ConstantWithWarmup);
+    assert!(note.unwrap().contains("warmup_steps = 10"));
+    assert!(s.lr(1e-4, 0, 100, 10) < 1e-5);
+    assert_eq!(s.lr(1e-4, 50, 100, 10), 1e-4);
+    let (s, note) = LrSchedule::for_job("constant", 0).unwrap();
+    assert_eq!((s, note), (LrSchedule::Constant, None));
+    assert!(LrSchedule::for_job("nope", 0).is_none());
 }

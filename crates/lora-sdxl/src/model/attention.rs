@@ -2,8 +2,8 @@
 //! projections): GroupNorm(32, 1e-6) → proj_in → N × [self-attention,
 //! cross-attention, GEGLU feed-forward] → proj_out, + residual.
 
-use crate::nn::{GroupNorm, LayerNorm, Linear, Slots};
-use crate::weights::VarBuilder;
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, Slots};
+use crate::model::weights::VarBuilder;
 use lora_core::{Component, ModuleKey};
 use tch::Tensor;
 

@@ -4,10 +4,10 @@
 //! `text_projection` applied as `x·P`). Both expose HF-style module paths for
 //! their LoRA slots (`text_model.encoder.layers.N.self_attn.q_proj`, …).
 
-use crate::checkpoint::{Checkpointing, Recompute};
-use crate::config::ClipConfig;
-use crate::nn::{LayerNorm, Linear, Slots};
-use crate::weights::VarBuilder;
+use crate::model::config::ClipConfig;
+use crate::model::grad_checkpoint::{Checkpointing, Recompute};
+use crate::model::nn::{LayerNorm, Linear, Slots};
+use crate::model::weights::VarBuilder;
 use lora_core::{Component, ModuleKey};
 use tch::{Kind, Tensor};
 

@@ -8,10 +8,10 @@
 //!   target size);
 //! * an empty negative prompt is all zeros, as SDXL does.
 
-use crate::clip::ClipTextModel;
 use crate::error::{Result, SdxlError};
-use crate::tokenizer::{ClipTokenizer, EOS};
-use crate::unet::vector_conditioning;
+use crate::model::clip::ClipTextModel;
+use crate::model::tokenizer::{ClipTokenizer, EOS};
+use crate::model::unet::vector_conditioning;
 use tch::{Device, Kind, Tensor};
 
 /// Encoded text for one prompt.
@@ -83,7 +83,7 @@ pub fn encode_batch(
         for mut c in chunks {
             while c.len() < n {
                 let mut e = [pad; 77];
-                e[0] = crate::tokenizer::BOS;
+                e[0] = crate::model::tokenizer::BOS;
                 e[1] = EOS;
                 c.push(e);
             }

@@ -195,7 +195,7 @@ impl UnetConfig {
     /// Infers the configuration from the keys and shapes of a checkpoint
     /// (`prefix` = `model.diffusion_model.`). Assumes SDXL's layout: 2 resnets
     /// per down level, GroupNorm 32, 64-channel heads.
-    pub fn infer(ck: &crate::weights::Checkpoint, prefix: &str) -> Option<Self> {
+    pub fn infer(ck: &crate::model::weights::Checkpoint, prefix: &str) -> Option<Self> {
         let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
         let conv_in = shape("input_blocks.0.0.weight")?;
         let mc = conv_in[0];
@@ -239,7 +239,7 @@ impl UnetConfig {
     }
 }
 
-fn count_blocks(ck: &crate::weights::Checkpoint, prefix: &str) -> i64 {
+fn count_blocks(ck: &crate::model::weights::Checkpoint, prefix: &str) -> i64 {
     ck.infos()
         .keys()
         .filter_map(|k| {
@@ -259,11 +259,11 @@ impl ClipConfig {
     /// `conditioner.embedders.0.transformer.` (HF layout) or
     /// `conditioner.embedders.1.model.` (OpenCLIP layout). Heads are 64 wide.
     pub fn infer(
-        ck: &crate::weights::Checkpoint,
+        ck: &crate::model::weights::Checkpoint,
         prefix: &str,
-        layout: crate::clip::ClipLayout,
+        layout: crate::model::clip::ClipLayout,
     ) -> Option<Self> {
-        use crate::clip::ClipLayout;
+        use crate::model::clip::ClipLayout;
         let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
         let (tok, pos, layer_prefix, fc1, proj) = match layout {
             ClipLayout::HuggingFace => (
@@ -297,7 +297,7 @@ impl ClipConfig {
 
 impl VaeConfig {
     /// Infers the VAE configuration from a checkpoint (`prefix` = `first_stage_model.`).
-    pub fn infer(ck: &crate::weights::Checkpoint, prefix: &str) -> Option<Self> {
+    pub fn infer(ck: &crate::model::weights::Checkpoint, prefix: &str) -> Option<Self> {
         let shape = |k: &str| ck.shape(&format!("{prefix}{k}")).map(|s| s.to_vec());
         let base = shape("encoder.conv_in.weight")?[0];
         let mut channel_mult = Vec::new();

@@ -1,7 +1,7 @@
 //! Basic layers built from a [`VarBuilder`], with LoRA slots on the Linear and
 //! Conv2d layers kohya adapts.
 
-use crate::weights::VarBuilder;
+use crate::model::weights::VarBuilder;
 use lora_core::{Geometry, LoraAdapter, ModuleKey};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

@@ -1,8 +1,8 @@
 //! LDM `ResBlock` (diffusers `ResnetBlock2D`): GroupNorm(32, 1e-5) → SiLU →
 //! conv3x3, + time embedding, GroupNorm → SiLU → conv3x3, + skip.
 
-use crate::nn::{Conv2d, GroupNorm, Linear, Slots};
-use crate::weights::VarBuilder;
+use crate::model::nn::{Conv2d, GroupNorm, Linear, Slots};
+use crate::model::weights::VarBuilder;
 use lora_core::{Component, ModuleKey};
 use tch::Tensor;
 

@@ -2,14 +2,14 @@
 //! and shapes alone, clear errors for other model families and incomplete
 //! files, and the four components with their LoRA slots.
 
-use crate::clip::{Activation, ClipLayout, ClipTextModel};
-use crate::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 use crate::error::{Result, SdxlError};
-use crate::keys::{TE1_PREFIX, TE2_HF_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
-use crate::nn::Slots;
-use crate::unet::Unet;
-use crate::vae::Vae;
-use crate::weights::{Checkpoint, VarBuilder};
+use crate::model::clip::{Activation, ClipLayout, ClipTextModel};
+use crate::model::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+use crate::model::keys::{TE1_PREFIX, TE2_HF_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::model::nn::Slots;
+use crate::model::unet::Unet;
+use crate::model::vae::Vae;
+use crate::model::weights::{Checkpoint, VarBuilder};
 use lora_core::{Component, Prediction};
 use std::path::Path;
 use std::rc::Rc;
@@ -322,113 +322,11 @@ impl SdxlModel {
     }
 }
 
-/// How a LoRA attached to a model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attached {
-    /// Modules per component.
-    pub modules: Vec<(Component, usize)>,
-}
-
 impl SdxlModel {
-    /// Attaches every module of `set` at `strength` (kohya semantics:
-    /// `W·x + strength·alpha/rank·up(down(x))`), without touching the base
-    /// weights. A module the model does not have, or whose shape does not
-    /// match, is an error naming it (a LoRA for another architecture).
-    pub fn attach_lora(&self, set: lora_core::LoraSet, strength: f64) -> Result<Attached> {
-        attach(&self.slots, set, strength, self.unet_device())
-    }
-    /// Removes every attached LoRA.
-    pub fn detach_loras(&self) {
-        self.slots.clear();
-    }
     /// Device of the UNet weights.
     pub fn unet_device(&self) -> Device {
         self.unet.device()
     }
-}
-
-/// [`SdxlModel::attach_lora`] over any slot registry.
-pub fn attach(
-    slots: &Slots,
-    set: lora_core::LoraSet,
-    strength: f64,
-    device: Device,
-) -> Result<Attached> {
-    let mut problems = Vec::new();
-    let mut counts: std::collections::BTreeMap<Component, usize> = Default::default();
-    let mut ready = Vec::new();
-    let mut set = set;
-    let keys: Vec<_> = set.iter().map(|(k, _)| k.clone()).collect();
-    for key in keys {
-        let adapter = set.remove(&key).expect("key listed above");
-        let Some(info) = slots.get(&key) else {
-            problems.push(format!(
-                "`{}` is not a module of this model",
-                key.kohya_name()
-            ));
-            continue;
-        };
-        if adapter.in_features() != info.in_features || adapter.out_features() != info.out_features
-        {
-            problems.push(format!(
-                "`{}` is {}→{} in the LoRA but {}→{} in the model",
-                key.kohya_name(),
-                adapter.in_features(),
-                adapter.out_features(),
-                info.in_features,
-                info.out_features
-            ));
-            continue;
-        }
-        let mut a = lora_core::LoraAdapter::from_weights(
-            adapter.down().to_device(device).to_kind(Kind::Float),
-            adapter.up().to_device(device).to_kind(Kind::Float),
-            Some(adapter.alpha()),
-        )?;
-        if a.geometry() != info.geometry {
-            match info.geometry {
-                lora_core::Geometry::Conv2d {
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                } if a.geometry() == lora_core::Geometry::conv(kernel[0], kernel[1]) => {
-                    a.set_conv_params(stride, padding, dilation)?;
-                }
-                _ => {
-                    problems.push(format!(
-                        "`{}`: the LoRA's kind ({:?}) does not fit the layer ({:?})",
-                        key.kohya_name(),
-                        a.geometry(),
-                        info.geometry
-                    ));
-                    continue;
-                }
-            }
-        }
-        a.set_multiplier(strength);
-        *counts.entry(key.component).or_default() += 1;
-        ready.push((info.slot, a));
-    }
-    if !problems.is_empty() {
-        return Err(SdxlError::Lora(lora_core::LoraError::Invalid(format!(
-            "the LoRA does not fit this model: {} problem(s): {}{}",
-            problems.len(),
-            problems
-                .iter()
-                .take(5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; "),
-            if problems.len() > 5 { "; …" } else { "" }
-        ))));
-    }
-    for (slot, a) in ready {
-        slot.push(a);
-    }
-    Ok(Attached {
-        modules: counts.into_iter().collect(),
-    })
 }
 
 impl SdxlModel {
@@ -458,7 +356,7 @@ impl SdxlModel {
                     ],
                     -1,
                 );
-                let y = crate::unet::vector_conditioning(&o2.pooled, &ids);
+                let y = crate::model::unet::vector_conditioning(&o2.pooled, &ids);
                 out.push((
                     "unet_eps".to_string(),
                     self.unet.forward(&lat, &t, &ctx, &y),

@@ -11,7 +11,7 @@
 //! Order is kohya's module order; SDXL base gives 722 UNet modules (788 with
 //! LoCon), 72 for text encoder 1 and 192 for text encoder 2.
 
-use crate::config::{ClipConfig, SdxlConfig, UnetConfig};
+use crate::model::config::{ClipConfig, SdxlConfig, UnetConfig};
 use lora_core::{Component, Geometry, ModuleKey};
 
 /// One adaptable layer.

@@ -1,12 +1,12 @@
 //! The SDXL UNet with the original LDM module names (`input_blocks`,
 //! `middle_block`, `output_blocks`, `time_embed`, `label_emb`, `out`).
 
-use crate::attention::SpatialTransformer;
-use crate::checkpoint::Checkpointing;
-use crate::config::UnetConfig;
-use crate::nn::{timestep_embedding, Conv2d, GroupNorm, Linear, Slots};
-use crate::resnet::ResBlock;
-use crate::weights::VarBuilder;
+use crate::model::attention::SpatialTransformer;
+use crate::model::config::UnetConfig;
+use crate::model::grad_checkpoint::Checkpointing;
+use crate::model::nn::{timestep_embedding, Conv2d, GroupNorm, Linear, Slots};
+use crate::model::resnet::ResBlock;
+use crate::model::weights::VarBuilder;
 use lora_core::{Component, ModuleKey};
 use tch::Tensor;
 
@@ -45,7 +45,7 @@ impl Block {
     }
 }
 
-impl crate::checkpoint::Recompute for Block {
+impl crate::model::grad_checkpoint::Recompute for Block {
     fn run(&self, i: &[Tensor]) -> Tensor {
         self.forward(i[0].shallow_clone(), &i[1], &i[2])
     }

@@ -2,9 +2,9 @@
 //! `quant_conv`, `post_quant_conv`). GroupNorm(32, 1e-6), single-head
 //! mid-block attention with 1x1-conv (or linear) q/k/v.
 
-use crate::config::VaeConfig;
-use crate::nn::{Conv2d, GroupNorm};
-use crate::weights::VarBuilder;
+use crate::model::config::VaeConfig;
+use crate::model::nn::{Conv2d, GroupNorm};
+use crate::model::weights::VarBuilder;
 use tch::{Kind, Tensor};
 
 #[derive(Debug)]

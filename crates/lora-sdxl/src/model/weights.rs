@@ -169,7 +169,7 @@ impl Checkpoint {
     }
 
     /// Maps a diffusers folder; keys are renamed to the single-file layout
-    /// (see [`crate::keys::diffusers_to_single_file`]).
+    /// (see [`crate::model::keys::diffusers_to_single_file`]).
     pub fn open_diffusers(dir: &Path) -> Result<Self> {
         let bad = |reason: String| SdxlError::Checkpoint {
             path: dir.to_path_buf(),
@@ -178,7 +178,7 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut infos = BTreeMap::new();
         let mut missing = Vec::new();
-        for (component, base) in crate::keys::DIFFUSERS_COMPONENTS {
+        for (component, base) in crate::model::keys::DIFFUSERS_COMPONENTS {
             let cdir = dir.join(component);
             let weight_files = diffusers_weight_files(&cdir, base)?;
             if weight_files.is_empty() {
@@ -205,7 +205,8 @@ impl Checkpoint {
                 .map(|m| m + 1)
                 .unwrap_or(0);
             for (idx, (name, kind, shape, start, end)) in raw_all {
-                let Some(key) = crate::keys::diffusers_to_single_file(component, &name, vae_levels)
+                let Some(key) =
+                    crate::model::keys::diffusers_to_single_file(component, &name, vae_levels)
                 else {
                     return Err(bad(format!("{component}: key `{name}` has no single-file equivalent (not an SDXL {component}?)")));
                 };

@@ -5,9 +5,9 @@
 //! samples and the demo.
 
 use crate::error::{Result, SdxlError};
-use crate::model::SdxlModel;
-use crate::pipeline::{txt2img, GenerateParams};
-use crate::tokenizer::ClipTokenizer;
+use crate::model::sdxl::SdxlModel;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::sample::txt2img::{txt2img, GenerateParams};
 use image::RgbImage;
 use lora_data::render::{save_png, Grid};
 use std::path::{Path, PathBuf};

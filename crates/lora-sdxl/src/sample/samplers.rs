@@ -11,9 +11,9 @@
 //!   with SDXL's "leading" spacing and `steps_offset = 1`).
 //!
 //! A *denoiser* maps `(x, σ)` to the predicted clean latent; classifier-free
-//! guidance is applied inside it (see [`crate::pipeline`]).
+//! guidance is applied inside it (see [`crate::sample::txt2img`]).
 
-use crate::schedule::{NoiseSchedule, NUM_TIMESTEPS};
+use crate::model::schedule::{NoiseSchedule, NUM_TIMESTEPS};
 use std::fmt;
 use std::str::FromStr;
 use tch::Tensor;

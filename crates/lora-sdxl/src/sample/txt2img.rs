@@ -2,7 +2,7 @@
 //! from the same noise as ComfyUI's KSampler for the same seed.
 //!
 //! ```no_run
-//! use lora_sdxl::pipeline::{txt2img, GenerateParams};
+//! use lora_sdxl::sample::txt2img::{txt2img, GenerateParams};
 //! use lora_sdxl::{ClipTokenizer, SdxlModel};
 //! # fn main() -> lora_sdxl::Result<()> {
 //! let model = SdxlModel::load("sdxl.safetensors", tch::Kind::Half, tch::Device::Cuda(0))?;
@@ -17,12 +17,12 @@
 //! # Ok(()) }
 //! ```
 
-use crate::conditioning::{encode_prompt, time_ids, y_vector};
 use crate::error::{Result, SdxlError};
-use crate::model::SdxlModel;
-use crate::sampling::{sample_ddim, sample_sigmas, ModelSigmas, Sampler, SamplerSpec};
-use crate::schedule::NoiseSchedule;
-use crate::tokenizer::ClipTokenizer;
+use crate::model::conditioning::{encode_prompt, time_ids, y_vector};
+use crate::model::schedule::NoiseSchedule;
+use crate::model::sdxl::SdxlModel;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::sample::samplers::{sample_ddim, sample_sigmas, ModelSigmas, Sampler, SamplerSpec};
 use image::RgbImage;
 use lora_core::Prediction;
 use tch::{Device, Kind, Tensor};

@@ -21,11 +21,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::clip::ClipLayout;
-use crate::keys::weight_location_in;
-use crate::model::{detect, Detected};
-use crate::targets::{lora_targets, Target, TargetScope};
-use crate::weights::Checkpoint;
+use crate::model::clip::ClipLayout;
+use crate::model::keys::weight_location_in;
+use crate::model::sdxl::{detect, Detected};
+use crate::model::targets::{lora_targets, Target, TargetScope};
+use crate::model::weights::Checkpoint;
 use crate::{Result, SdxlError};
 use lora_core::resize::{adapter_from_delta, ResizeStats};
 use lora_core::{Component, LoraSet, ModuleKey};

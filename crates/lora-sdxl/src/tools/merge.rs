@@ -21,9 +21,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::keys::weight_location_in;
-use crate::model::detect;
-use crate::weights::{Checkpoint, TensorInfo};
+use crate::model::keys::weight_location_in;
+use crate::model::sdxl::detect;
+use crate::model::weights::{Checkpoint, TensorInfo};
 use crate::{Result, SdxlError};
 use lora_core::{Geometry, LoraAdapter, LoraSet};
 use safetensors::tensor::View;

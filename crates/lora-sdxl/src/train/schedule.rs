@@ -1,72 +1,11 @@
-//! Training noise schedule, targets and loss weights (kohya-format.md §8),
-//! and learning-rate schedules.
+//! Training targets and loss weights on SDXL's noise schedule
+//! ([`NoiseSchedule`], kohya-format.md §8), and learning-rate schedules.
 //!
-//! SDXL trains on the DDPM scaled-linear schedule (β from 0.00085 to 0.012,
-//! 1000 steps), optionally rescaled to zero terminal SNR. Per-step quantities
-//! are gathered on the device from small tables, so a training step needs no
-//! host round trip.
+//! Per-step quantities are gathered on the device from small tables, so a
+//! training step needs no host round trip.
 
+pub use crate::model::schedule::{NoiseSchedule, NUM_TIMESTEPS};
 use tch::{Device, Kind, Tensor};
-
-/// Timesteps of the training schedule.
-pub const NUM_TIMESTEPS: usize = 1000;
-
-/// ᾱ_t of the schedule (host copy) and its device tables.
-#[derive(Debug)]
-pub struct NoiseSchedule {
-    alphas_cumprod: Vec<f64>,
-    /// SNR of the *original* schedule (kohya computes min-SNR weights before any ztsnr rescale).
-    snr: Vec<f64>,
-}
-
-impl NoiseSchedule {
-    /// SDXL's DDPM schedule; `zero_terminal_snr` rescales it (Lin et al. 2023).
-    pub fn sdxl(zero_terminal_snr: bool) -> Self {
-        let (b0, b1) = (0.00085f64.sqrt(), 0.012f64.sqrt());
-        let n = NUM_TIMESTEPS;
-        let mut ac = Vec::with_capacity(n);
-        let mut prod = 1.0;
-        for i in 0..n {
-            let b = b0 + (b1 - b0) * i as f64 / (n - 1) as f64;
-            prod *= 1.0 - b * b;
-            ac.push(prod);
-        }
-        let snr = ac.iter().map(|a| a / (1.0 - a)).collect();
-        if zero_terminal_snr {
-            let s: Vec<f64> = ac.iter().map(|a| a.sqrt()).collect();
-            let (first, last) = (s[0], s[n - 1]);
-            ac = s
-                .iter()
-                .map(|x| ((x - last) * first / (first - last)).powi(2))
-                .collect();
-        }
-        Self {
-            alphas_cumprod: ac,
-            snr,
-        }
-    }
-    /// ᾱ_t.
-    pub fn alphas_cumprod(&self) -> &[f64] {
-        &self.alphas_cumprod
-    }
-    /// The device tables used in a training step.
-    pub fn tables(&self, device: Device) -> ScheduleTables {
-        let t = |v: Vec<f64>| {
-            Tensor::from_slice(&v)
-                .to_kind(Kind::Float)
-                .to_device(device)
-        };
-        ScheduleTables {
-            sqrt_alpha: t(self.alphas_cumprod.iter().map(|a| a.sqrt()).collect()),
-            sqrt_one_minus: t(self
-                .alphas_cumprod
-                .iter()
-                .map(|a| (1.0 - a).sqrt())
-                .collect()),
-            snr: t(self.snr.clone()),
-        }
-    }
-}
 
 /// Per-timestep tables on the training device.
 #[derive(Debug)]
@@ -89,6 +28,20 @@ fn per_sample(table: &Tensor, t: &Tensor, like: &Tensor) -> Tensor {
 }
 
 impl ScheduleTables {
+    /// The device tables of `schedule` used in a training step.
+    pub fn new(schedule: &NoiseSchedule, device: Device) -> Self {
+        let t = |v: Vec<f64>| {
+            Tensor::from_slice(&v)
+                .to_kind(Kind::Float)
+                .to_device(device)
+        };
+        let ac = schedule.alphas_cumprod();
+        Self {
+            sqrt_alpha: t(ac.iter().map(|a| a.sqrt()).collect()),
+            sqrt_one_minus: t(ac.iter().map(|a| (1.0 - a).sqrt()).collect()),
+            snr: t(schedule.snr().to_vec()),
+        }
+    }
     /// `x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε` for integer timesteps `t` `[B]`.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Tensor {
         per_sample(&self.sqrt_alpha, t, x0) * x0 + per_sample(&self.sqrt_one_minus, t, x0) * noise
@@ -155,6 +108,22 @@ impl LrSchedule {
             "cosine" => Self::Cosine,
             "cosine_with_restarts" => Self::CosineWithRestarts,
             _ => return None,
+        })
+    }
+    /// The schedule a job runs: `constant` with `warmup_steps > 0` runs as
+    /// `constant_with_warmup` (diffusers' `constant` would silently ignore
+    /// the warm-up the user asked for); the second value says so, for the log.
+    pub fn for_job(name: &str, warmup: u64) -> Option<(Self, Option<String>)> {
+        let s = Self::parse(name)?;
+        Some(if s == Self::Constant && warmup > 0 {
+            (
+                Self::ConstantWithWarmup,
+                Some(format!(
+                    "train.warmup_steps = {warmup} with lr_scheduler = \"constant\": running \"constant_with_warmup\" (a constant schedule has no warm-up)"
+                )),
+            )
+        } else {
+            (s, None)
         })
     }
     /// The learning rate at optimizer step `step` (0-based) of `total`.

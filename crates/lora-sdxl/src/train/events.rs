@@ -1,0 +1,199 @@
+//! The event stream of a training run. The loop ([`super::run`]) knows
+//! nothing of terminals, CSV files, charts or sample grids: it emits
+//! [`Event`]s, and [`Observer`]s — the progress bar and log lines, `loss.csv`,
+//! `loss.png`, the checkpoint rotation, the in-training samples, or a library
+//! user's own (a GUI, a web page, a test) — act on them.
+//!
+//! ```no_run
+//! use lora_sdxl::train::{train_with, Event, Observer, RunView, TrainOptions};
+//! use lora_sdxl::JobConfig;
+//! use std::path::Path;
+//!
+//! struct PrintLosses;
+//! impl Observer for PrintLosses {
+//!     fn on_event(&mut self, event: &Event, _run: &RunView<'_>) -> lora_sdxl::Result<()> {
+//!         if let Event::Validation { step, loss } = event {
+//!             println!("step {step}: validation loss {loss:.4}");
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let path = Path::new("job.toml");
+//! let job = JobConfig::load(path)?;
+//! let report = train_with(&job, path, &TrainOptions::default(), vec![Box::new(PrintLosses)])?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use super::data::DatasetSummary;
+use super::job::JobConfig;
+use crate::error::Result;
+use crate::model::sdxl::SdxlModel;
+use crate::model::tokenizer::ClipTokenizer;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+/// Something that happened in a run, in the order it happened.
+///
+/// Per optimizer step the loop emits [`Event::Step`], then
+/// [`Event::Validation`] when the validation loss was measured at that step,
+/// then [`Event::Checkpoint`] when files were saved (they are on disk by
+/// then). [`Event::Samples`] is emitted by the samples observer after it
+/// rendered a round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The run is set up and about to train (from `step`; `resumed` when
+    /// continued from a saved state).
+    Started {
+        /// Optimizer steps already done.
+        step: u64,
+        /// `train.steps`.
+        total_steps: u64,
+        /// Continued from `state.safetensors`.
+        resumed: bool,
+        /// Per `[[datasets]]` folder: usable images of those found.
+        datasets: Vec<DatasetSummary>,
+        /// LoRA modules trained.
+        modules: usize,
+        /// Images trained on.
+        images: usize,
+        /// Images × repeats × resolutions.
+        samples_per_epoch: u64,
+        /// The device, e.g. `Cpu` or `Cuda(0)`.
+        device: String,
+    },
+    /// An optimizer step is done.
+    Step {
+        /// Optimizer steps done.
+        step: u64,
+        /// Mean training loss since the previous reported loss; read from the
+        /// device only every 10 steps, at saves and at the end (no host sync
+        /// on the other steps), `None` on those.
+        loss: Option<f64>,
+        /// UNet learning rate used for this step.
+        lr: f64,
+        /// Wall-clock seconds since the run started (validation, saves and
+        /// samples included), as in `loss.csv`.
+        seconds: f64,
+        /// Seconds spent in training steps alone since the run started
+        /// (validation, saving and sampling excluded): the rate of training.
+        train_seconds: f64,
+    },
+    /// The fixed-seed validation loss at `step`.
+    Validation {
+        /// Optimizer steps done (0: before training).
+        step: u64,
+        /// Mean loss over the validation images and fixed timesteps.
+        loss: f64,
+    },
+    /// A LoRA file and the resumable state were written.
+    Checkpoint {
+        /// Optimizer steps done.
+        step: u64,
+        /// The LoRA file (`<name>_<step>.safetensors`, or `<name>.safetensors`
+        /// when `last`).
+        path: PathBuf,
+        /// `state.safetensors`.
+        state: PathBuf,
+        /// The final file of a completed run.
+        last: bool,
+    },
+    /// A round of in-training samples was rendered into `dir`.
+    Samples {
+        /// Optimizer steps done.
+        step: u64,
+        /// `<run>/samples`.
+        dir: PathBuf,
+    },
+    /// Stopped before `train.steps` (stop flag / Ctrl-C); checkpoint and
+    /// state of `step` are saved.
+    Stopped {
+        /// Optimizer steps done.
+        step: u64,
+    },
+    /// `train.steps` reached.
+    Finished {
+        /// Optimizer steps done.
+        step: u64,
+    },
+}
+
+/// What observers may read of a run: the job, its folder, and the model
+/// with the LoRA under training attached (for sampling with it).
+pub struct RunView<'a> {
+    /// The job.
+    pub job: &'a JobConfig,
+    /// The job file (for messages).
+    pub job_path: &'a Path,
+    /// `<output_dir>/<name>`.
+    pub run_dir: &'a Path,
+    /// The model, LoRA attached at strength 1.
+    pub model: &'a SdxlModel,
+    /// The tokenizer.
+    pub tokenizer: &'a ClipTokenizer,
+    emitted: RefCell<Vec<Event>>,
+}
+
+impl<'a> RunView<'a> {
+    pub(crate) fn new(
+        job: &'a JobConfig,
+        job_path: &'a Path,
+        run_dir: &'a Path,
+        model: &'a SdxlModel,
+        tokenizer: &'a ClipTokenizer,
+    ) -> Self {
+        Self {
+            job,
+            job_path,
+            run_dir,
+            model,
+            tokenizer,
+            emitted: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Emits a follow-up event: every observer sees it after the current
+    /// event has been seen by all.
+    pub fn emit(&self, event: Event) {
+        self.emitted.borrow_mut().push(event);
+    }
+}
+
+/// Acts on a run's events. An error stops the run (the last checkpoint and
+/// state stay as they were).
+pub trait Observer {
+    /// Called for every event, in order.
+    fn on_event(&mut self, event: &Event, run: &RunView<'_>) -> Result<()>;
+}
+
+/// An [`Observer`] from a closure over the event alone.
+pub struct ObserveFn<F>(pub F);
+
+impl<F: FnMut(&Event)> Observer for ObserveFn<F> {
+    fn on_event(&mut self, event: &Event, _run: &RunView<'_>) -> Result<()> {
+        (self.0)(event);
+        Ok(())
+    }
+}
+
+/// The observers of a run, in the order they see each event.
+pub type Observers<'o> = Vec<Box<dyn Observer + 'o>>;
+
+/// Shows `event` to every observer, then the events they emitted.
+pub(crate) fn dispatch(
+    observers: &mut Observers<'_>,
+    view: &RunView<'_>,
+    event: Event,
+) -> Result<()> {
+    let mut queue = VecDeque::from([event]);
+    while let Some(e) = queue.pop_front() {
+        for o in observers.iter_mut() {
+            o.on_event(&e, view)?;
+        }
+        queue.extend(view.emitted.borrow_mut().drain(..));
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! A step's inputs: latents of a planned batch (VAE moments from the
+//! content-keyed latent cache, or decoded and encoded now, the next batch's
+//! images decoded on a background thread meanwhile) and its text and size
+//! conditioning (optionally from the in-memory text-embedding cache).
+
+use super::data::{terr, Sample};
+use super::run::Env;
+use crate::error::Result;
+use crate::model::conditioning::{encode_batch, time_ids};
+use lora_data::image_io::DecodeLimits;
+use lora_data::loader::{load_batch, LoadedBatch, PlannedBatch};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The caches a run keeps between steps.
+#[derive(Default)]
+pub(crate) struct Inputs {
+    /// On-disk latent cache (`cache_latents`).
+    pub cache: Option<lora_data::TensorCache>,
+    /// Latent moments already read or computed this run (by cache key).
+    pub memory: RefCell<HashMap<String, Tensor>>,
+    /// The next batch's pixels, decoded on a background thread while the
+    /// current step runs (only for batches whose latents are not cached).
+    pub prefetched: RefCell<Option<(PlannedBatch, std::thread::JoinHandle<LoadedBatch>)>>,
+    /// `cache_text_embeddings`: (context, pooled) per caption, computed once.
+    pub text_memory: RefCell<HashMap<String, (Tensor, Tensor)>>,
+    /// Identity of the VAE in latent cache keys.
+    pub vae_id: String,
+}
+
+impl Inputs {
+    /// The caches of a run of `model_path` whose files live in `run_dir`: the
+    /// latent cache under the run's output (never in the dataset), keyed by
+    /// image content, bucket, crop, flip and the VAE's identity (model file
+    /// name, size, mtime).
+    pub fn new(model_path: &Path, run_dir: &Path, cache_latents: bool) -> Self {
+        let m = std::fs::metadata(model_path).ok();
+        let mtime = m
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let vae_id = format!(
+            "{}:{}:{mtime}",
+            model_path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            m.as_ref().map(|m| m.len()).unwrap_or(0)
+        );
+        Self {
+            cache: cache_latents
+                .then(|| lora_data::TensorCache::new(run_dir.join("cache").join("latents"))),
+            vae_id,
+            ..Default::default()
+        }
+    }
+}
+
+impl Env {
+    /// Cache keys of a batch's latents (`None` without `cache_latents`).
+    fn latent_keys(&self, planned: &PlannedBatch) -> Option<Vec<String>> {
+        self.inputs.cache.as_ref().map(|_| {
+            planned
+                .items
+                .iter()
+                .map(|it| {
+                    lora_data::LatentKey {
+                        image_hash: self.data.images[it.image].content_hash.clone(),
+                        bucket: it.placement.bucket,
+                        crop: it.placement.crop,
+                        flip: it.flip,
+                        vae_id: self.inputs.vae_id.clone(),
+                    }
+                    .canonical()
+                })
+                .collect()
+        })
+    }
+
+    /// Starts decoding `planned` on a background thread unless its latents
+    /// are already cached (memory or disk) or it is already under way.
+    pub fn prefetch(&self, planned: &PlannedBatch) {
+        if let (Some(c), Some(keys)) = (&self.inputs.cache, self.latent_keys(planned)) {
+            let memory = self.inputs.memory.borrow();
+            if keys
+                .iter()
+                .all(|k| memory.contains_key(k) || c.path_for(k).exists())
+            {
+                return;
+            }
+        }
+        let mut slot = self.inputs.prefetched.borrow_mut();
+        if slot.as_ref().is_some_and(|(p, _)| p == planned) {
+            return;
+        }
+        let images = self.data.images.clone();
+        let batch = planned.clone();
+        let handle = std::thread::spawn(move || {
+            load_batch(
+                &images,
+                &batch,
+                0,
+                &DecodeLimits::default(),
+                [255, 255, 255],
+            )
+        });
+        // A stale prefetch (the plan moved on) is simply dropped when done.
+        *slot = Some((planned.clone(), handle));
+    }
+
+    /// Scaled latents of a planned batch: VAE moments (from the content-keyed
+    /// cache when `cache_latents`, else encoded now), then a seeded sample.
+    pub fn latents(&self, planned: &PlannedBatch, seed: u64) -> Result<Tensor> {
+        let keys = self.latent_keys(planned);
+        let device = self.model.unet_device();
+        let cached: Option<Vec<Tensor>> = match (&self.inputs.cache, &keys) {
+            (Some(c), Some(keys)) => keys
+                .iter()
+                .map(|k| {
+                    // memory first: after the first epoch no step re-reads the disk
+                    if let Some(t) = self.inputs.memory.borrow().get(k) {
+                        return Some(t.shallow_clone());
+                    }
+                    let t = c
+                        .get(k)
+                        .and_then(|mut m| m.remove("moments"))?
+                        .to_device(device);
+                    self.inputs
+                        .memory
+                        .borrow_mut()
+                        .insert(k.clone(), t.shallow_clone());
+                    Some(t)
+                })
+                .collect(),
+            _ => None,
+        };
+        let moments = match cached {
+            Some(m) => Tensor::stack(&m, 0).to_device(device),
+            None => {
+                let pixels = self.pixels(planned)?;
+                let (mean, logvar) = tch::no_grad(|| self.model.vae.encode_moments(&pixels));
+                let m = Tensor::cat(&[mean.to_kind(Kind::Float), logvar.to_kind(Kind::Float)], 1);
+                if let (Some(c), Some(keys)) = (&self.inputs.cache, &keys) {
+                    for (i, k) in keys.iter().enumerate() {
+                        c.put(k, &[("moments", &m.get(i as i64).to_device(Device::Cpu))])
+                            .map_err(|e| terr(e.to_string()))?;
+                        self.inputs
+                            .memory
+                            .borrow_mut()
+                            .insert(k.clone(), m.get(i as i64));
+                    }
+                }
+                m
+            }
+        };
+        Ok(tch::no_grad(|| {
+            let parts = moments.chunk(2, 1);
+            tch::manual_seed(seed as i64);
+            let z = &parts[0] + (&parts[1] * 0.5).exp() * parts[0].randn_like();
+            z * self.model.vae.config.scaling_factor
+        }))
+    }
+
+    pub fn conditioning(
+        &self,
+        planned: &PlannedBatch,
+        samples: &[Sample],
+        captions: Vec<String>,
+    ) -> Result<(Tensor, Tensor)> {
+        let device = self.model.unet_device();
+        let train_te = self.job.train.train_text_encoder;
+        let enc = || encode_batch(&self.tok, &self.model.te1, &self.model.te2, &captions);
+        let cond = if self.job.train.cache_text_embeddings && !train_te {
+            self.cached_text(&captions)?
+        } else if train_te {
+            enc()?
+        } else {
+            tch::no_grad(enc)?
+        };
+        let ids: Vec<Tensor> = planned
+            .items
+            .iter()
+            .zip(samples)
+            .map(|(it, s)| {
+                let img = &self.data.images[s.image];
+                let c =
+                    lora_data::SizeConditioning::new(img.width, img.height, &it.placement, it.flip);
+                time_ids(c.original_hw, c.crop_top_left, c.target_hw, device)
+            })
+            .collect();
+        let y = crate::model::unet::vector_conditioning(&cond.pooled, &Tensor::cat(&ids, 0));
+        Ok((cond.context, y))
+    }
+
+    /// Text conditioning from the in-memory cache (`cache_text_embeddings`):
+    /// each caption is encoded alone once; a batch of captions with different
+    /// chunk counts repeats contexts to a common length (attention over
+    /// repeated tokens is unchanged).
+    fn cached_text(
+        &self,
+        captions: &[String],
+    ) -> Result<crate::model::conditioning::TextConditioning> {
+        let mut memory = self.inputs.text_memory.borrow_mut();
+        for c in captions {
+            if !memory.contains_key(c) {
+                let e = tch::no_grad(|| {
+                    encode_batch(
+                        &self.tok,
+                        &self.model.te1,
+                        &self.model.te2,
+                        std::slice::from_ref(c),
+                    )
+                })?;
+                memory.insert(c.clone(), (e.context, e.pooled));
+            }
+        }
+        let parts: Vec<&(Tensor, Tensor)> = captions.iter().map(|c| &memory[c]).collect();
+        let len = parts.iter().fold(1, |l, (ctx, _)| {
+            let n = ctx.size()[1];
+            l / crate::sample::txt2img::gcd(l, n) * n
+        });
+        let ctx: Vec<Tensor> = parts
+            .iter()
+            .map(|(c, _)| crate::sample::txt2img::repeat_tokens(c, len))
+            .collect();
+        let pooled: Vec<Tensor> = parts.iter().map(|(_, p)| p.shallow_clone()).collect();
+        Ok(crate::model::conditioning::TextConditioning {
+            context: Tensor::cat(&ctx, 0),
+            pooled: Tensor::cat(&pooled, 0),
+        })
+    }
+
+    /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor.
+    fn pixels(&self, planned: &PlannedBatch) -> Result<Tensor> {
+        let ready = {
+            let mut slot = self.inputs.prefetched.borrow_mut();
+            match slot.take() {
+                Some((p, h)) if &p == planned => h.join().ok(),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        let lb = ready.unwrap_or_else(|| {
+            load_batch(
+                &self.data.images,
+                planned,
+                0,
+                &DecodeLimits::default(),
+                [255, 255, 255],
+            )
+        });
+        if !lb.skipped.is_empty() || lb.items.is_empty() {
+            return Err(terr(format!(
+                "could not read {}: the dataset changed during training",
+                lb.skipped.join(", ")
+            )));
+        }
+        let (w, h) = planned.bucket;
+        Ok(Tensor::from_slice(&lb.pixels)
+            .view([lb.items.len() as i64, 3, h as i64, w as i64])
+            .to_device(self.model.unet_device()))
+    }
+}

@@ -1,0 +1,248 @@
+//! Every key of the job file, once: its table, name, help text and the rule
+//! its value must follow. The unknown-key check, the value checks and the
+//! template (`lorakit init`) are all read from this table; defaults come from
+//! the sections' `Default` impls.
+
+/// What a value must be (beyond its TOML type, which serde checks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// Anything of the right type.
+    Free,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// A number (or each number of an array) in a range; `open_*` excludes
+    /// that end, an infinite end is unbounded.
+    Range {
+        /// Lower end.
+        min: f64,
+        /// Upper end.
+        max: f64,
+        /// `min` itself is not allowed.
+        open_min: bool,
+        /// `max` itself is not allowed.
+        open_max: bool,
+    },
+}
+
+const INF: f64 = f64::INFINITY;
+
+const fn closed(min: f64, max: f64) -> Rule {
+    Rule::Range {
+        min,
+        max,
+        open_min: false,
+        open_max: false,
+    }
+}
+
+/// `[0, 1)`: a probability that is never certain.
+const RATE: Rule = Rule::Range {
+    min: 0.0,
+    max: 1.0,
+    open_min: false,
+    open_max: true,
+};
+
+/// `(0, ∞)`.
+const POSITIVE: Rule = Rule::Range {
+    min: 0.0,
+    max: INF,
+    open_min: true,
+    open_max: false,
+};
+
+/// `(0, 1)`: learning rates.
+const OPEN_UNIT: Rule = Rule::Range {
+    min: 0.0,
+    max: 1.0,
+    open_min: true,
+    open_max: true,
+};
+
+/// At least 1.
+const AT_LEAST_1: Rule = closed(1.0, INF);
+
+impl Rule {
+    /// The rule as a person reads it: `one of: a | b`, `1 to 1024`, `≥ 1`.
+    pub fn describe(&self) -> Option<String> {
+        match *self {
+            Rule::Free => None,
+            Rule::OneOf(v) => Some(v.join(" | ")),
+            Rule::Range {
+                min,
+                max,
+                open_min,
+                open_max,
+            } => Some(if max == INF {
+                format!("{} {min}", if open_min { ">" } else { "≥" })
+            } else {
+                format!(
+                    "{}{min}, {max}{}",
+                    if open_min { "(" } else { "[" },
+                    if open_max { ")" } else { "]" }
+                )
+            }),
+        }
+    }
+
+    /// Whether number `v` follows a range rule (other rules: true).
+    pub fn allows_number(&self, v: f64) -> bool {
+        match *self {
+            Rule::Range {
+                min,
+                max,
+                open_min,
+                open_max,
+            } => {
+                v.is_finite()
+                    && (v > min || (!open_min && v == min))
+                    && (v < max || (!open_max && v == max))
+            }
+            _ => true,
+        }
+    }
+}
+
+/// One key of the job file.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    /// Its table (`datasets` for `[[datasets]]`).
+    pub section: &'static str,
+    /// The key.
+    pub key: &'static str,
+    /// What it does (template comment, and the start of error messages).
+    pub help: &'static str,
+    /// What its value must be.
+    pub rule: Rule,
+    /// Appended to a rule error: a typical value.
+    pub hint: &'static str,
+    /// For keys without a default (`Option`s): the value the template shows,
+    /// commented out.
+    pub example: Option<&'static str>,
+}
+
+const fn f(section: &'static str, key: &'static str, rule: Rule, help: &'static str) -> Field {
+    Field {
+        section,
+        key,
+        help,
+        rule,
+        hint: "",
+        example: None,
+    }
+}
+
+impl Field {
+    const fn hint(mut self, hint: &'static str) -> Self {
+        self.hint = hint;
+        self
+    }
+    const fn example(mut self, example: &'static str) -> Self {
+        self.example = Some(example);
+        self
+    }
+    /// `section.key`.
+    pub fn path(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+}
+
+/// The tables in file order, with the comment the template puts beside each.
+pub const SECTIONS: &[(&str, &str)] = &[
+    ("job", ""),
+    ("model", ""),
+    ("network", "kohya LoRA / LoCon"),
+    ("save", ""),
+    ("train", ""),
+    (
+        "datasets",
+        "one table per folder; add more [[datasets]] tables to mix folders",
+    ),
+    ("sample", "in-training samples (a prompts × steps grid)"),
+    ("validation", "fixed-seed validation loss"),
+];
+
+/// Timestep bounds of the DDPM schedule.
+const T: f64 = crate::model::schedule::NUM_TIMESTEPS as f64;
+
+/// Every key, in template order (one line each: a table, not formatted code).
+#[rustfmt::skip]
+/// Every key, in template order.
+pub const FIELDS: &[Field] = &[
+    f("job", "name", Rule::Free, "files: <output_dir>/<name>/<name>_<step>.safetensors"),
+    f("job", "trigger_word", Rule::Free, "inserted first in every caption; replaces [trigger] in prompts").example("\"myakumyaku-san\""),
+    f("job", "output_dir", Rule::Free, "output folder (relative to this file)"),
+    f("job", "device", Rule::Free, "\"cuda\", \"cuda:N\" or \"cpu\"; default: CUDA when available").example("\"cuda\""),
+    f("job", "seed", Rule::Free, "seed of everything random"),
+    f("model", "arch", Rule::OneOf(&["sdxl"]), "SDXL 1.0 and fine-tunes (Illustrious, Pony, NoobAI…)"),
+    f("model", "name_or_path", Rule::Free, "single-file checkpoint (.safetensors) or diffusers folder"),
+    f("model", "prediction", Rule::OneOf(&["epsilon", "v_prediction"]), "default: read from the checkpoint (v_pred key)").example("\"v_prediction\""),
+    f("model", "zero_terminal_snr", Rule::Free, "rescale the noise schedule to zero terminal SNR"),
+    f("network", "linear", closed(1.0, 1024.0), "rank of Linear and 1x1 conv modules"),
+    f("network", "linear_alpha", POSITIVE, "alpha of those (scale = alpha / rank)"),
+    f("network", "conv", closed(0.0, 1024.0), "rank of 3x3 convs (LoCon); 0 = plain LoRA"),
+    f("network", "conv_alpha", POSITIVE, "alpha of 3x3 convs"),
+    f("network", "dropout", RATE, "neuron dropout on the LoRA's hidden units (kohya network_dropout)"),
+    f("network", "rank_dropout", RATE, "drops each rank of a module's update"),
+    f("network", "module_dropout", RATE, "skips a whole module's LoRA for a step"),
+    f("save", "save_every", AT_LEAST_1, "a checkpoint every this many steps"),
+    f("save", "max_step_saves_to_keep", AT_LEAST_1, "the newest this many step files are kept"),
+    f("save", "dtype", Rule::OneOf(&["fp16", "bf16", "fp32"]), "dtype of the saved LoRA"),
+    f("train", "batch_size", closed(1.0, 256.0), "images per micro-batch"),
+    f("train", "gradient_accumulation", AT_LEAST_1, "micro-batches per optimizer step (effective batch = batch_size × this)"),
+    f("train", "steps", AT_LEAST_1, "optimizer steps"),
+    f("train", "lr", OPEN_UNIT, "UNet learning rate").hint("typical LoRA rates are 1e-5 to 1e-3"),
+    f("train", "text_encoder_lr", OPEN_UNIT, "text-encoder learning rate (default: lr)").example("7e-5"),
+    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory"),
+    f("train", "lr_scheduler", Rule::OneOf(&["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]), "learning-rate schedule"),
+    f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),
+    f("train", "weight_decay", RATE, "AdamW weight decay"),
+    f("train", "max_grad_norm", closed(0.0, INF), "gradient-norm clipping; 0 = off"),
+    f("train", "noise_offset", closed(0.0, 1.0), "noise offset").hint("0.0357 is a common value"),
+    f("train", "min_snr_gamma", POSITIVE, "min-SNR-γ loss weighting").hint("5 is the usual value").example("5.0"),
+    f("train", "loss", Rule::OneOf(&["l2", "huber"]), "loss function"),
+    f("train", "min_timestep", closed(0.0, T - 1.0), "lowest timestep drawn"),
+    f("train", "max_timestep", closed(1.0, T), "highest timestep drawn (exclusive)"),
+    f("train", "train_unet", Rule::Free, "train the UNet's LoRA"),
+    f("train", "train_text_encoder", Rule::Free, "train LoRAs on both text encoders too"),
+    f("train", "dtype", Rule::OneOf(&["bf16", "fp16", "fp32"]), "dtype of the frozen base model"),
+    f("train", "gradient_checkpointing", Rule::Free, "recompute activations in backward: far less VRAM, ~30% slower"),
+    f("train", "cache_latents", Rule::Free, "encode each image once; latents cached under the run folder"),
+    f("train", "cache_text_embeddings", Rule::Free, "encode each caption once (needs static captions and frozen text encoders)"),
+    f("datasets", "folder_path", Rule::Free, "images with same-name caption files"),
+    f("datasets", "caption_ext", Rule::Free, "caption file extension"),
+    f("datasets", "resolution", closed(256.0, 2048.0), "training resolutions, multiples of 64"),
+    f("datasets", "num_repeats", AT_LEAST_1, "times each image is seen per epoch"),
+    f("datasets", "caption_dropout_rate", RATE, "probability that a caption is dropped: it becomes the trigger word alone (empty without one)"),
+    f("datasets", "shuffle_tokens", Rule::Free, "shuffle the tags after the first keep_tokens"),
+    f("datasets", "keep_tokens", Rule::Free, "leading tags that never move (the trigger word stays first)"),
+    f("datasets", "tag_dropout_rate", RATE, "probability of dropping each free tag"),
+    f("datasets", "flip_x", Rule::Free, "random horizontal flips"),
+    f("datasets", "random_crop", Rule::Free, "random instead of centre crops"),
+    f("sample", "disable", Rule::Free, "no in-training samples"),
+    f("sample", "sample_every", AT_LEAST_1, "a round of samples every this many steps"),
+    f("sample", "prompts", Rule::Free, "[trigger] becomes the trigger word"),
+    f("sample", "negative_prompt", Rule::Free, "negative prompt"),
+    f("sample", "seed", Rule::Free, "seed of every sample"),
+    f("sample", "guidance_scale", Rule::Free, "CFG scale"),
+    f("sample", "sample_steps", AT_LEAST_1, "sampler steps"),
+    f("sample", "sampler", Rule::Free, "euler | euler_ancestral | dpmpp_2m | dpmpp_2m_karras | ddim"),
+    f("sample", "width", Rule::Free, "multiple of 8"),
+    f("sample", "height", Rule::Free, "multiple of 8"),
+    f("sample", "strength", closed(-4.0, 4.0), "LoRA strength of the samples").hint("usually 0.6 to 1.0"),
+    f("validation", "every", AT_LEAST_1, "steps between validation losses (default: save.save_every)").example("100"),
+    f("validation", "images", AT_LEAST_1, "images in the fixed validation set").example("4"),
+    f("validation", "seed", Rule::Free, "seed of its noise and timesteps (default: from job.seed)").example("1234"),
+];
+
+/// The keys valid in `section` (`""`: the top-level table names).
+pub fn keys_of(section: &str) -> Vec<&'static str> {
+    if section.is_empty() {
+        return SECTIONS.iter().map(|(s, _)| *s).collect();
+    }
+    FIELDS
+        .iter()
+        .filter(|f| f.section == section)
+        .map(|f| f.key)
+        .collect()
+}

@@ -1,0 +1,215 @@
+use super::*;
+
+#[test]
+fn template_parses_to_the_documented_defaults() {
+    let t = JobConfig::template(Some("m.safetensors"), Some("data"), Some("myakumyaku-san"));
+    let c = JobConfig::parse(Path::new("job.toml"), &t).unwrap();
+    assert_eq!(c.job.name, "myakumyaku-san");
+    assert_eq!(c.job.trigger_word.as_deref(), Some("myakumyaku-san"));
+    assert_eq!(
+        (
+            c.network.linear,
+            c.network.linear_alpha,
+            c.network.conv,
+            c.network.conv_alpha
+        ),
+        (16, 16.0, 8, 8.0)
+    );
+    assert_eq!(
+        (c.save.save_every, c.save.max_step_saves_to_keep),
+        (100, 30)
+    );
+    assert_eq!(
+        (
+            c.train.batch_size,
+            c.train.gradient_accumulation,
+            c.train.steps
+        ),
+        (2, 2, 3000)
+    );
+    assert_eq!(c.train.lr, 7e-5);
+    assert_eq!(c.datasets[0].resolution, vec![512, 768]);
+    assert!(c.sample.disable);
+    // the template's values equal the serde defaults
+    assert_eq!(c.network, NetworkSection::default());
+    assert_eq!(c.save, SaveSection::default());
+    assert_eq!(c.train, TrainSection::default());
+}
+
+#[test]
+fn unknown_keys_name_the_closest_valid_one() {
+    let e = JobConfig::parse(Path::new("job.toml"), "[train]\nlearning_rate = 1e-4\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("job.toml") && e.contains("train.learning_rate") && e.contains("unknown key"),
+        "{e}"
+    );
+    let e = JobConfig::parse(Path::new("job.toml"), "[train]\nstpes = 10\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `steps`"), "{e}");
+    let e = JobConfig::parse(Path::new("job.toml"), "[[datasets]]\nfolder = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("datasets[0].folder") && e.contains("folder_path"),
+        "{e}"
+    );
+    let e = JobConfig::parse(Path::new("job.toml"), "[netwrok]\nlinear = 4\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `network`"), "{e}");
+    let e = JobConfig::parse(Path::new("job.toml"), "[train]\nsteps = \"many\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("job.toml") && e.contains("steps"), "{e}");
+    let e = JobConfig::parse(Path::new("job.toml"), "[train\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("syntax"), "{e}");
+}
+
+#[test]
+fn values_are_validated_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    std::fs::write(&model, b"x").unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let base = JobConfig::template(model.to_str(), data.to_str(), Some("trig"));
+    let job = dir.path().join("job.toml");
+    let check = |edit: &dyn Fn(&mut JobConfig)| {
+        let mut c = JobConfig::parse(&job, &base).unwrap();
+        edit(&mut c);
+        c.validate(&job).err().map(|e| e.to_string())
+    };
+    assert_eq!(check(&|_| {}), None);
+    type Edit = Box<dyn Fn(&mut JobConfig)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|c| c.train.lr = -1e-4), "train.lr"),
+        (
+            Box::new(|c| c.model.name_or_path = "/nope.safetensors".into()),
+            "model.name_or_path",
+        ),
+        (
+            Box::new(|c| c.datasets[0].resolution = vec![500]),
+            "datasets[0].resolution",
+        ),
+        (Box::new(|c| c.datasets.clear()), "datasets"),
+        (
+            Box::new(|c| c.datasets[0].folder_path = "/no/such/dir".into()),
+            "datasets[0].folder_path",
+        ),
+        (Box::new(|c| c.network.linear = 0), "network.linear"),
+        (
+            Box::new(|c| c.train.optimizer = "sgd".into()),
+            "train.optimizer",
+        ),
+        (
+            Box::new(|c| c.train.min_timestep = 1000),
+            "train.min_timestep",
+        ),
+        (
+            Box::new(|c| c.job.device = Some("gpu".into())),
+            "job.device",
+        ),
+        (
+            Box::new(|c| {
+                c.sample.disable = false;
+                c.sample.prompts.clear();
+            }),
+            "sample.prompts",
+        ),
+        (Box::new(|c| c.save.dtype = "int8".into()), "save.dtype"),
+        (
+            Box::new(|c| {
+                c.train.cache_text_embeddings = true;
+                c.train.train_text_encoder = true;
+            }),
+            "train.cache_text_embeddings",
+        ),
+        (
+            Box::new(|c| {
+                c.train.cache_text_embeddings = true;
+                c.datasets[0].caption_dropout_rate = 0.1;
+            }),
+            "datasets[0].caption_dropout_rate",
+        ),
+    ];
+    for (edit, field) in cases {
+        let e = check(&*edit).unwrap_or_else(|| panic!("{field}: expected an error"));
+        assert!(e.contains(field) && e.contains("job.toml"), "{field}: {e}");
+    }
+}
+
+#[test]
+fn the_field_table_lists_every_key_once() {
+    use super::fields::{keys_of, FIELDS, SECTIONS};
+    // every key a job can hold (Options set so that they serialise)
+    let mut c = JobConfig::default();
+    c.job.trigger_word = Some("t".into());
+    c.job.device = Some("cpu".into());
+    c.model.prediction = Some("epsilon".into());
+    c.train.text_encoder_lr = Some(1e-4);
+    c.train.min_snr_gamma = Some(5.0);
+    c.validation = ValidationSection {
+        every: Some(1),
+        images: Some(1),
+        seed: Some(1),
+    };
+    c.datasets.push(DatasetSection::default());
+    let v = toml::Value::try_from(&c).unwrap();
+    let top: Vec<&str> = v.as_table().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut sections: Vec<&str> = SECTIONS.iter().map(|(s, _)| *s).collect();
+    sections.sort();
+    let mut top_sorted = top.clone();
+    top_sorted.sort();
+    assert_eq!(top_sorted, sections);
+    for s in top {
+        let table = match &v[s] {
+            toml::Value::Array(a) => a[0].as_table().unwrap().clone(),
+            t => t.as_table().unwrap().clone(),
+        };
+        let mut have: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
+        have.sort();
+        let mut listed = keys_of(s);
+        listed.sort();
+        assert_eq!(have, listed, "[{s}]");
+    }
+    // no key twice
+    let mut all: Vec<String> = FIELDS.iter().map(|f| f.path()).collect();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(all.len(), n);
+}
+
+#[test]
+fn the_template_shows_every_key_with_its_help_and_range() {
+    let t = JobConfig::template(None, None, None);
+    for f in super::fields::FIELDS {
+        let line = t
+            .lines()
+            .find(|l| {
+                l.trim_start_matches("# ")
+                    .starts_with(&format!("{} = ", f.key))
+                    && l.contains(f.help)
+            })
+            .unwrap_or_else(|| panic!("{} is not in the template:\n{t}", f.path()));
+        if let Some(r) = f.rule.describe() {
+            assert!(line.contains(&r), "{}: {line}", f.path());
+        }
+    }
+    // a rule's range is what validation enforces and what its message says
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    let mut c = JobConfig::parse(&job, &t).unwrap();
+    c.network.linear = 2000;
+    c.model.name_or_path = job.clone();
+    std::fs::write(&job, "x").unwrap();
+    let e = c.validate(&job).unwrap_err().to_string();
+    assert!(
+        e.contains("network.linear") && e.contains("[1, 1024]"),
+        "{e}"
+    );
+}

@@ -1,0 +1,205 @@
+//! Value checks: first every key's own rule from [`super::fields::FIELDS`]
+//! (choices and ranges), then the checks that involve files or several keys.
+
+use super::fields::{Rule, FIELDS};
+use super::{JobConfig, JobError};
+use std::path::Path;
+
+/// The first value that breaks its field's rule, as `(field path, message)`.
+fn rule_error(cfg: &JobConfig) -> Option<(String, String)> {
+    let value = toml::Value::try_from(cfg).ok()?;
+    for field in FIELDS {
+        let tables: Vec<(String, &toml::Value)> = match value.get(field.section) {
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("{}[{i}].{}", field.section, field.key), t))
+                .collect(),
+            Some(t) => vec![(field.path(), t)],
+            None => continue,
+        };
+        for (path, table) in tables {
+            let Some(v) = table.get(field.key) else {
+                continue; // an unset Option
+            };
+            if let Some(message) = check(field.rule, v) {
+                let hint = if field.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", field.hint)
+                };
+                return Some((path, format!("{message}{hint}")));
+            }
+        }
+    }
+    None
+}
+
+/// Why `v` breaks `rule`, if it does (arrays: each element).
+fn check(rule: Rule, v: &toml::Value) -> Option<String> {
+    match (rule, v) {
+        (_, toml::Value::Array(items)) => items.iter().find_map(|e| check(rule, e)),
+        (Rule::OneOf(allowed), toml::Value::String(s)) if !allowed.contains(&s.as_str()) => {
+            Some(format!("`{s}` is not one of: {}", allowed.join(", ")))
+        }
+        (Rule::Range { .. }, toml::Value::Integer(_) | toml::Value::Float(_)) => {
+            let x = v.as_float().or_else(|| v.as_integer().map(|i| i as f64))?;
+            (!rule.allows_number(x))
+                .then(|| format!("{x} must be in {}", rule.describe().unwrap_or_default()))
+        }
+        _ => None,
+    }
+}
+
+fn fail(file: &Path, field: &str, message: String) -> Result<(), JobError> {
+    Err(JobError {
+        file: file.to_path_buf(),
+        field: field.into(),
+        message,
+    })
+}
+
+impl JobConfig {
+    /// Checks every value (ranges, choices, files). Does not open the model
+    /// or scan the datasets (see the trainer for those checks).
+    pub fn validate(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        if let Some((field, message)) = rule_error(self) {
+            return err(&field, message);
+        }
+        let j = &self.job;
+        if j.name.trim().is_empty() || j.name.contains(['/', '\\']) {
+            return err(
+                "job.name",
+                "must be a non-empty file name (no slashes)".into(),
+            );
+        }
+        if let Some(d) = &j.device {
+            let ok = d == "cpu"
+                || d == "cuda"
+                || d.strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<usize>().is_ok());
+            if !ok {
+                return err(
+                    "job.device",
+                    format!("`{d}` is not `cuda`, `cuda:N` or `cpu`"),
+                );
+            }
+        }
+        if self.model.name_or_path.as_os_str().is_empty() {
+            return err(
+                "model.name_or_path",
+                "set it to your SDXL checkpoint (.safetensors) or diffusers folder".into(),
+            );
+        }
+        if !self.model.name_or_path.exists() {
+            return err(
+                "model.name_or_path",
+                format!("{} does not exist", self.model.name_or_path.display()),
+            );
+        }
+        self.validate_train(file)?;
+        self.validate_datasets(file)?;
+        self.validate_sample(file)
+    }
+
+    fn validate_train(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        let t = &self.train;
+        if t.warmup_steps > t.steps {
+            return err(
+                "train.warmup_steps",
+                format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
+            );
+        }
+        if t.min_timestep >= t.max_timestep {
+            return err(
+                "train.min_timestep",
+                format!(
+                    "need 0 ≤ min_timestep < max_timestep ≤ 1000, got {}..{}",
+                    t.min_timestep, t.max_timestep
+                ),
+            );
+        }
+        if !t.train_unet && !t.train_text_encoder {
+            return err(
+                "train.train_unet",
+                "nothing to train: enable train_unet and/or train_text_encoder".into(),
+            );
+        }
+        if t.cache_text_embeddings && t.train_text_encoder {
+            return err(
+                "train.cache_text_embeddings",
+                "cannot cache text embeddings while training the text encoders".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_datasets(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        if self.datasets.is_empty() {
+            return err(
+                "datasets",
+                "add at least one [[datasets]] table with folder_path".into(),
+            );
+        }
+        for (i, d) in self.datasets.iter().enumerate() {
+            let f = |k: &str| format!("datasets[{i}].{k}");
+            if d.folder_path.as_os_str().is_empty() || !d.folder_path.is_dir() {
+                return err(
+                    &f("folder_path"),
+                    format!("`{}` is not a folder", d.folder_path.display()),
+                );
+            }
+            if d.resolution.is_empty() {
+                return err(
+                    &f("resolution"),
+                    "give at least one resolution, e.g. [512, 768]".into(),
+                );
+            }
+            if let Some(r) = d.resolution.iter().find(|r| **r % 64 != 0) {
+                return err(
+                    &f("resolution"),
+                    format!("{r} must be a multiple of 64 between 256 and 2048"),
+                );
+            }
+            if self.train.cache_text_embeddings {
+                let dynamic = [
+                    ("caption_dropout_rate", d.caption_dropout_rate > 0.0),
+                    ("tag_dropout_rate", d.tag_dropout_rate > 0.0),
+                    ("shuffle_tokens", d.shuffle_tokens),
+                ];
+                if let Some((field, _)) = dynamic.iter().find(|(_, on)| *on) {
+                    return err(&f(field), "train.cache_text_embeddings needs static captions: set caption_dropout_rate and tag_dropout_rate to 0 and shuffle_tokens to false, or turn the cache off".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_sample(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        let s = &self.sample;
+        if let Err(e) = s.sampler.parse::<crate::sample::samplers::SamplerSpec>() {
+            return err("sample.sampler", e);
+        }
+        if let Err(crate::SdxlError::Param { name, reason }) =
+            s.generate_params("", None).validate()
+        {
+            let field = match name {
+                "steps" => "sample_steps",
+                "cfg" => "guidance_scale",
+                other => other,
+            };
+            return err(&format!("sample.{field}"), reason);
+        }
+        if !s.disable && s.prompts.is_empty() {
+            return err(
+                "sample.prompts",
+                "sampling is enabled but there are no prompts".into(),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,226 @@
+//! The training loop, top to bottom. It reads batches, runs micro-steps,
+//! updates the LoRA, measures the validation loss and saves checkpoints and
+//! state; everything else (terminal, `loss.csv`, charts, rotation, samples)
+//! happens in observers of the [`Event`]s it emits.
+
+use super::checkpoint::{save_lora, training_metadata};
+use super::events::{dispatch, Event, Observers, RunView};
+use super::run::{Run, TrainOptions, TrainReport};
+use super::state::save_state;
+use crate::error::Result;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// The training loss summed on the device between two reads, so that a
+/// step needs no host sync.
+struct LossMeter {
+    sum: Tensor,
+    n: u64,
+}
+
+impl LossMeter {
+    fn new(device: tch::Device) -> Self {
+        Self {
+            sum: Tensor::zeros([], (Kind::Float, device)),
+            n: 0,
+        }
+    }
+    fn add(&mut self, loss: &Tensor) {
+        self.sum += loss.detach();
+        self.n += 1;
+    }
+    /// Folds a gradient norm into the sum at weight 0: a NaN or Inf norm
+    /// makes the mean non-finite (0·NaN = 0·Inf = NaN), a finite one changes
+    /// nothing, and no host sync is needed to notice it at the next read.
+    fn watch(&mut self, norm: Option<Tensor>) {
+        if let Some(n) = norm {
+            self.sum += n.detach().to_kind(Kind::Float) * 0.0;
+        }
+    }
+    /// The mean since the last read (one host sync), and a reset.
+    fn take(&mut self) -> f64 {
+        let mean = self.sum.double_value(&[]) / self.n.max(1) as f64;
+        self.sum = self.sum.zeros_like();
+        self.n = 0;
+        mean
+    }
+}
+
+/// The error of a run whose loss or gradients became NaN or Inf.
+fn diverged(step: u64, loss: f64) -> crate::SdxlError {
+    super::data::terr(format!(
+        "training diverged: the loss (or a gradient norm) is {loss} by step {step}. Nothing was saved for this step; the last checkpoint and state.safetensors are kept. Lower train.lr, or use train.dtype = \"bf16\" or \"fp32\", then resume or restart"
+    ))
+}
+
+impl Run {
+    /// Trains until `train.steps`, or until `opts.stop` is set (then the
+    /// step is finished, checkpoint and state are saved, and the report says
+    /// `interrupted`). `observers` see every event, in order.
+    pub fn fit(
+        mut self,
+        observers: &mut Observers<'_>,
+        opts: &TrainOptions,
+    ) -> Result<TrainReport> {
+        let env = &self.env;
+        let (job, t) = (&env.job, &env.job.train);
+        let view = RunView::new(job, &env.job_path, &env.run_dir, &env.model, &env.tok);
+        let mut report = TrainReport {
+            step: self.pos.step,
+            interrupted: false,
+            run_dir: env.run_dir.clone(),
+            last_lora: None,
+            val_losses: Vec::new(),
+            images: env.data.images.len(),
+        };
+        dispatch(observers, &view, self.started_event())?;
+        if !self.resumed {
+            let v = env.validation_loss(&self.validation.items, self.validation.seed)?;
+            report.val_losses.push((0, v));
+            dispatch(observers, &view, Event::Validation { step: 0, loss: v })?;
+        }
+
+        let accum = t.gradient_accumulation as u64;
+        let mut meter = LossMeter::new(env.model.unet_device());
+        let mut micro = 0u64;
+        let mut train_seconds = 0.0;
+        let mut lap = Instant::now();
+        env.model.slots.set_training(true);
+        'epochs: loop {
+            let batches = env.data.epoch(self.pos.epoch, job.job.seed);
+            while self.pos.batch < batches.len() {
+                let (planned, samples) = &batches[self.pos.batch];
+                self.pos.batch += 1;
+                // decode the next batch's images while this one trains
+                if let Some((next, _)) = batches.get(self.pos.batch) {
+                    env.prefetch(next);
+                }
+                let loss = env.micro_step(planned, samples, self.pos.step * accum + micro)?;
+                (&loss / accum as f64).backward();
+                meter.add(&loss);
+                micro += 1;
+                if micro < accum {
+                    continue;
+                }
+                micro = 0;
+                let (lr, grad_norm) = self.optim.step(self.pos.step);
+                meter.watch(grad_norm);
+                self.pos.step += 1;
+                train_seconds += lap.elapsed().as_secs_f64();
+
+                // ---- after the update: report, validate, save
+                let step = self.pos.step;
+                report.step = step;
+                let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
+                let last = step >= t.steps;
+                let save = step % job.save.save_every == 0 || last || stopping;
+                let loss = (step % 10 == 0 || save).then(|| meter.take());
+                if let Some(l) = loss.filter(|l| !l.is_finite()) {
+                    // before any save: the last checkpoint and state stay good
+                    return Err(diverged(step, l));
+                }
+                let val = if step % self.validation.every == 0 || last {
+                    env.model.slots.set_training(false);
+                    let v = env.validation_loss(&self.validation.items, self.validation.seed);
+                    env.model.slots.set_training(true);
+                    Some(v?)
+                } else {
+                    None
+                };
+                let saved = if save { Some(self.save(last)?) } else { None };
+                let seconds = self.started.elapsed().as_secs_f64();
+                dispatch(
+                    observers,
+                    &view,
+                    Event::Step {
+                        step,
+                        loss,
+                        lr,
+                        seconds,
+                        train_seconds,
+                    },
+                )?;
+                if let Some(v) = val {
+                    report.val_losses.push((step, v));
+                    dispatch(observers, &view, Event::Validation { step, loss: v })?;
+                }
+                if let Some((path, state)) = saved {
+                    report.last_lora = Some(path.clone());
+                    dispatch(
+                        observers,
+                        &view,
+                        Event::Checkpoint {
+                            step,
+                            path,
+                            state,
+                            last,
+                        },
+                    )?;
+                }
+                if last {
+                    dispatch(observers, &view, Event::Finished { step })?;
+                    break 'epochs;
+                }
+                if stopping {
+                    report.interrupted = true;
+                    dispatch(observers, &view, Event::Stopped { step })?;
+                    break 'epochs;
+                }
+                lap = Instant::now();
+            }
+            self.pos.epoch += 1;
+            self.pos.batch = 0;
+        }
+        env.model.slots.set_training(false);
+        env.model.detach_loras();
+        Ok(report)
+    }
+
+    /// Writes the LoRA of the current step (`last`: the final file) and the
+    /// resumable state; returns both paths.
+    fn save(&self, last: bool) -> Result<(PathBuf, PathBuf)> {
+        let env = &self.env;
+        let md = training_metadata(
+            &env.job,
+            &env.data,
+            env.model.detected.prediction,
+            self.pos.step,
+            self.pos.epoch,
+            self.started_unix,
+            last,
+        );
+        let path = save_lora(
+            &env.job,
+            &env.run_dir,
+            &self.network,
+            self.pos.step,
+            last,
+            &md,
+        )?;
+        let state = env.run_dir.join("state.safetensors");
+        save_state(
+            &state,
+            &self.network,
+            [&self.optim.unet, &self.optim.te],
+            &self.hash,
+            self.pos,
+        )?;
+        Ok((path, state))
+    }
+
+    fn started_event(&self) -> Event {
+        let env = &self.env;
+        Event::Started {
+            step: self.pos.step,
+            total_steps: env.job.train.steps,
+            resumed: self.resumed,
+            datasets: env.data.summaries.clone(),
+            modules: self.network.leaves.len(),
+            images: env.data.images.len(),
+            samples_per_epoch: env.data.samples_per_epoch(),
+            device: format!("{:?}", env.model.unet_device()),
+        }
+    }
+}

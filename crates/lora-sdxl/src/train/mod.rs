@@ -1,0 +1,36 @@
+//! **The training room**: `lorakit train job.toml`.
+//!
+//! | concept | file |
+//! |---|---|
+//! | the job file: schema, defaults, validation, template | [`job`] |
+//! | setup: validate, load, attach the LoRA, resume ([`Run::prepare`]) | [`run`] |
+//! | the loop ([`Run::fit`]) | `loop.rs` |
+//! | one step's objective: noise, target, loss; validation loss | `step.rs` |
+//! | a step's inputs: latent cache, prefetch, text conditioning | `inputs.rs` |
+//! | datasets, epochs, the validation set | [`data`] |
+//! | the LoRA under training | `network.rs` |
+//! | AdamW / 8-bit AdamW, gradient clipping | [`optim`] |
+//! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
+//! | LoRA files and their kohya metadata | [`checkpoint`] |
+//! | `state.safetensors` (resume) | `state.rs` |
+//! | the event stream and the observer trait | [`events`] |
+//! | progress, `loss.csv`, `loss.png`, rotation, samples | [`observers`] |
+
+pub mod checkpoint;
+pub mod data;
+pub mod events;
+mod inputs;
+pub mod job;
+mod r#loop;
+mod network;
+pub mod observers;
+pub mod optim;
+pub mod run;
+pub mod schedule;
+mod state;
+mod step;
+
+pub use data::DatasetSummary;
+pub use events::{Event, ObserveFn, Observer, Observers, RunView};
+pub use observers::loss_chart::write_loss_chart;
+pub use run::{train, train_with, Run, TrainOptions, TrainReport};

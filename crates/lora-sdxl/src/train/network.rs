@@ -1,0 +1,100 @@
+//! The LoRA under training: one fp32 `down`/`up` pair of leaves per target
+//! module (kohya's LoRA / LoCon targets), attached to the model's slots.
+
+use super::job::JobConfig;
+use crate::error::Result;
+use crate::model::sdxl::SdxlModel;
+use crate::model::targets::{lora_targets, TargetScope};
+use lora_core::{Component, Dropouts, LoraAdapter, LoraSet, ModuleKey};
+use tch::{Device, Kind, Tensor};
+
+/// One trained module's parameters.
+pub(crate) struct Leaf {
+    pub key: ModuleKey,
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: f64,
+}
+
+/// The trained LoRA.
+pub(crate) struct Network {
+    pub leaves: Vec<Leaf>,
+}
+
+impl Network {
+    /// Builds kohya-initialised adapters (seeded by `job.seed`) for every
+    /// module the job trains and attaches them to `model` at strength 1.
+    pub fn attach(job: &JobConfig, model: &SdxlModel, device: Device) -> Result<Self> {
+        let n = &job.network;
+        let scope = TargetScope {
+            unet: job.train.train_unet,
+            unet_conv: job.train.train_unet && n.conv > 0,
+            te1: job.train.train_text_encoder,
+            te2: job.train.train_text_encoder,
+        };
+        tch::manual_seed(job.job.seed as i64);
+        let mut leaves = Vec::new();
+        let mut set = LoraSet::new();
+        for t in lora_targets(&model.detected.config, scope) {
+            let (rank, alpha) = if t.uses_conv_rank() {
+                (n.conv, n.conv_alpha)
+            } else {
+                (n.linear, n.linear_alpha)
+            };
+            let mut a = LoraAdapter::new(
+                t.in_features,
+                t.out_features,
+                rank,
+                Some(alpha),
+                t.geometry,
+                Kind::Float,
+                device,
+            )?;
+            let down = a.down().set_requires_grad(true);
+            let up = a.up().set_requires_grad(true);
+            a.set_weights(down.shallow_clone(), up.shallow_clone())?;
+            a.set_dropouts(Dropouts {
+                dropout: n.dropout,
+                rank_dropout: n.rank_dropout,
+                module_dropout: n.module_dropout,
+            })?;
+            leaves.push(Leaf {
+                key: t.key.clone(),
+                down,
+                up,
+                alpha,
+            });
+            set.insert(t.key, a);
+        }
+        model.attach_lora(set, 1.0)?;
+        Ok(Self { leaves })
+    }
+
+    /// The UNet's (`te = false`) or the text encoders' parameters.
+    pub fn params(&self, te: bool) -> Vec<Tensor> {
+        self.leaves
+            .iter()
+            .filter(|l| (l.key.component != Component::Unet) == te)
+            .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
+            .collect()
+    }
+
+    /// Every parameter.
+    pub fn all_params(&self) -> Vec<Tensor> {
+        let mut p = self.params(false);
+        p.extend(self.params(true));
+        p
+    }
+
+    /// A detached copy as a LoRA set (for saving).
+    pub fn to_set(&self) -> Result<LoraSet> {
+        let mut set = LoraSet::new();
+        for l in &self.leaves {
+            set.insert(
+                l.key.clone(),
+                LoraAdapter::from_weights(l.down.detach(), l.up.detach(), Some(l.alpha))?,
+            );
+        }
+        Ok(set)
+    }
+}

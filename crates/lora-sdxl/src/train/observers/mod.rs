@@ -1,0 +1,120 @@
+//! The standard observers of a run's [`Event`](super::Event)s. Each does one
+//! thing, so a library user can replace or add any of them
+//! ([`super::train_with`]).
+//!
+//! | observer | what it does |
+//! |---|---|
+//! | [`console::Console`] | progress bar on a terminal, plain log lines otherwise |
+//! | [`loss_csv::LossCsv`] | `loss.csv`: `step,loss,lr,val_loss,seconds` |
+//! | [`loss_chart::LossChart`] | `loss.png` from `loss.csv` at every checkpoint |
+//! | [`rotation::Rotation`] | keeps the newest `max_step_saves_to_keep` step files |
+//! | [`samples::Samples`] | in-training samples and `samples/grid.png` |
+
+pub mod console;
+pub mod loss_chart;
+pub mod loss_csv;
+pub mod rotation;
+pub mod samples;
+
+use super::events::{Event, Observers};
+use super::job::JobConfig;
+use std::path::Path;
+
+/// The standard observers in order: console (unless `quiet`), `loss.csv`,
+/// `loss.png` (after the CSV is written), rotation, samples (unless
+/// `sample.disable`).
+pub fn standard<'o>(job: &JobConfig, run_dir: &Path, quiet: bool) -> Observers<'o> {
+    let mut o: Observers<'o> = Vec::new();
+    if !quiet {
+        o.push(Box::new(console::Console::new()));
+    }
+    o.push(Box::new(loss_csv::LossCsv::new(run_dir.join("loss.csv"))));
+    o.push(Box::new(loss_chart::LossChart::new(
+        run_dir.join("loss.csv"),
+        run_dir.join("loss.png"),
+        format!("{}: loss by step", job.job.name),
+    )));
+    o.push(Box::new(rotation::Rotation::new(
+        job.save.max_step_saves_to_keep as usize,
+    )));
+    if !job.sample.disable {
+        o.push(Box::new(samples::Samples));
+    }
+    o
+}
+
+/// One line of the training log: a step's training loss and, when measured
+/// at the same step, its validation loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogRecord {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Mean training loss since the previous record.
+    pub loss: Option<f64>,
+    /// Learning rate.
+    pub lr: Option<f64>,
+    /// Validation loss.
+    pub val: Option<f64>,
+    /// Wall-clock seconds since the start.
+    pub seconds: f64,
+    /// Seconds of training steps alone since the start.
+    pub train_seconds: f64,
+}
+
+/// Joins [`Event::Step`] (with a loss) and the [`Event::Validation`] of the
+/// same step into one [`LogRecord`]; a validation without a logged step (step
+/// 0) is a record of its own.
+#[derive(Debug, Default)]
+pub struct LogMerger {
+    pending: Option<LogRecord>,
+    last_seconds: (f64, f64),
+}
+
+impl LogMerger {
+    /// Feeds an event; returns the records completed by it.
+    pub fn push(&mut self, event: &Event) -> Vec<LogRecord> {
+        let mut done: Vec<LogRecord> = Vec::new();
+        match *event {
+            Event::Step {
+                step,
+                loss,
+                lr,
+                seconds,
+                train_seconds,
+            } => {
+                done.extend(self.pending.take());
+                self.last_seconds = (seconds, train_seconds);
+                if loss.is_some() {
+                    self.pending = Some(LogRecord {
+                        step,
+                        loss,
+                        lr: Some(lr),
+                        val: None,
+                        seconds,
+                        train_seconds,
+                    });
+                }
+            }
+            Event::Validation { step, loss } => match self.pending.take() {
+                Some(mut r) if r.step == step => {
+                    r.val = Some(loss);
+                    done.push(r);
+                }
+                other => {
+                    done.extend(other);
+                    let (seconds, train_seconds) = self.last_seconds;
+                    done.push(LogRecord {
+                        step,
+                        loss: None,
+                        lr: None,
+                        val: Some(loss),
+                        seconds,
+                        train_seconds,
+                    });
+                }
+            },
+            _ => done.extend(self.pending.take()),
+        }
+        done
+    }
+}

@@ -1,0 +1,97 @@
+//! In-training samples: the job's `[sample]` prompts rendered with the LoRA
+//! under training (at `sample.strength`) at step 0 and every `sample_every`
+//! steps (and at the last step) into `<run>/samples/`, plus
+//! `samples/grid.png` (prompts × steps), so steps can be compared while the
+//! run goes on.
+
+use crate::error::{Result, SdxlError};
+use crate::model::sdxl::SdxlModel;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::train::data::terr;
+use crate::train::events::{Event, Observer, RunView};
+use crate::train::job::JobConfig;
+use std::path::{Path, PathBuf};
+
+/// Renders a round of samples when due and emits [`Event::Samples`].
+#[derive(Debug, Default)]
+pub struct Samples;
+
+impl Observer for Samples {
+    fn on_event(&mut self, event: &Event, run: &RunView<'_>) -> Result<()> {
+        let s = &run.job.sample;
+        let step = match *event {
+            Event::Started { resumed: false, .. } => 0,
+            Event::Step { step, .. }
+                if step % s.sample_every == 0 || step == run.job.train.steps =>
+            {
+                step
+            }
+            _ => return Ok(()),
+        };
+        let slots = &run.model.slots;
+        let training = slots.training();
+        slots.set_training(false);
+        let r = training_samples(run.job, run.model, run.tokenizer, run.run_dir, step);
+        slots.set_training(training);
+        run.emit(Event::Samples { step, dir: r? });
+        Ok(())
+    }
+}
+
+/// Renders the job's sample prompts with the LoRA under training (at
+/// `sample.strength`) into `<run>/samples/<step>_p<row>.png` and refreshes
+/// `<run>/samples/grid.png` (prompts × steps).
+fn training_samples(
+    job: &JobConfig,
+    model: &SdxlModel,
+    tok: &ClipTokenizer,
+    run_dir: &Path,
+    step: u64,
+) -> Result<PathBuf> {
+    use crate::sample::grid::{
+        parameters_text, software, training_sample_name, training_samples_grid,
+    };
+    let s = &job.sample;
+    let dir = run_dir.join("samples");
+    std::fs::create_dir_all(&dir).map_err(|e| SdxlError::io(&dir, e))?;
+    let trigger = job.job.trigger_word.as_deref();
+    let prompts: Vec<String> = s
+        .prompts
+        .iter()
+        .map(|p| s.generate_params(p, trigger).prompt)
+        .collect();
+    let model_name = job
+        .model
+        .name_or_path
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lora = crate::sample::grid::LoraUse {
+        path: PathBuf::from(format!("{}_{step:09}.safetensors", job.job.name)),
+        strength: s.strength,
+    };
+    model.slots.set_multiplier(s.strength);
+    let result = (|| -> Result<()> {
+        for (r, prompt) in s.prompts.iter().enumerate() {
+            let p = s.generate_params(prompt, trigger);
+            let img = crate::sample::txt2img::txt2img(model, tok, &p, &mut |_| {})?.remove(0);
+            let text = parameters_text(&p, &model_name, std::slice::from_ref(&lora), &[]);
+            lora_data::render::save_png(
+                dir.join(training_sample_name(step, r)),
+                &img,
+                &[("parameters", &text), ("software", &software())],
+            )
+            .map_err(|e| terr(e.to_string()))?;
+        }
+        Ok(())
+    })();
+    model.slots.set_multiplier(1.0);
+    result?;
+    let (sampler, schedule) = s.generate_params("", None).sampler.a1111_names();
+    let title = format!(
+        "{} | seed {} | {} steps | {sampler} {schedule} | CFG {} | strength {} | {}x{}",
+        job.job.name, s.seed, s.sample_steps, s.guidance_scale, s.strength, s.width, s.height
+    );
+    training_samples_grid(&dir, &prompts, &title)?;
+    Ok(dir)
+}

@@ -1,0 +1,133 @@
+//! `state.safetensors`: what `--resume` needs to continue bit-identically —
+//! the fp32 LoRA, both optimizers' moments and step counts, the position in
+//! the data (step, epoch, batch) and a hash of the settings the state depends
+//! on. Written atomically (temp file, fsync, rename).
+
+use super::data::terr;
+use super::job::JobConfig;
+use super::network::Network;
+use super::optim::AdamW;
+use crate::error::Result;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Tensor};
+
+/// Where a run is in its data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epochs completed.
+    pub epoch: u64,
+    /// Batches of the current epoch consumed.
+    pub batch: usize,
+}
+
+/// Hash of the settings a saved state depends on (ranks, alphas, targets, base model).
+pub(crate) fn shape_hash(job: &JobConfig) -> String {
+    let model_size = std::fs::metadata(&job.model.name_or_path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let n = &job.network;
+    let s = format!(
+        "v1 linear={} alpha={} conv={} conv_alpha={} unet={} te={} model={} size={}",
+        n.linear,
+        n.linear_alpha,
+        n.conv,
+        n.conv_alpha,
+        job.train.train_unet,
+        job.train.train_text_encoder,
+        job.model
+            .name_or_path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        model_size
+    );
+    lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()
+}
+
+/// Writes the state atomically.
+pub(crate) fn save_state(
+    path: &Path,
+    network: &Network,
+    opts: [&AdamW; 2],
+    hash: &str,
+    pos: Position,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for l in &network.leaves {
+        let name = l.key.kohya_name();
+        tensors.push((
+            format!("{name}.down"),
+            l.down.detach().to_device(Device::Cpu),
+        ));
+        tensors.push((format!("{name}.up"), l.up.detach().to_device(Device::Cpu)));
+    }
+    let mut md = BTreeMap::from([
+        ("lorakit.job_hash".to_string(), hash.to_string()),
+        ("lorakit.step".to_string(), pos.step.to_string()),
+        ("lorakit.epoch".to_string(), pos.epoch.to_string()),
+        ("lorakit.batch".to_string(), pos.batch.to_string()),
+    ]);
+    for (tag, opt) in ["unet", "te"].into_iter().zip(opts) {
+        tensors.extend(opt.state_tensors(&format!("adam.{tag}")));
+        md.insert(
+            format!("lorakit.adam.{tag}.steps"),
+            opt.steps_taken().to_string(),
+        );
+    }
+    let bytes = lora_core::io::serialize(&tensors, &md)?;
+    lora_core::io::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Restores the LoRA and both optimizers from `path` and returns the saved
+/// position; refuses a state saved for other network or model settings.
+pub(crate) fn restore_state(
+    path: &Path,
+    hash: &str,
+    network: &Network,
+    opts: [&mut AdamW; 2],
+    device: Device,
+) -> Result<Position> {
+    let st = lora_core::io::read_tensors(path).map_err(|e| terr(format!("--resume: {e}")))?;
+    let md = &st.metadata;
+    if md.get("lorakit.job_hash").map(String::as_str) != Some(hash) {
+        return Err(terr(format!(
+            "--resume: {} was saved for other network/model settings (rank, alpha, conv, trained parts or base model changed); start a new run (another job.name) or restore those settings",
+            path.display()
+        )));
+    }
+    let num = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| terr(format!("--resume: state lacks {k}")))
+    };
+    let pos = Position {
+        step: num("lorakit.step")?,
+        epoch: num("lorakit.epoch")?,
+        batch: num("lorakit.batch")? as usize,
+    };
+    let map: BTreeMap<String, Tensor> = st.tensors.into_iter().collect();
+    let get = |k: String| {
+        map.get(&k)
+            .map(|t| t.to_device(device))
+            .ok_or_else(|| terr(format!("--resume: state lacks `{k}`")))
+    };
+    tch::no_grad(|| -> Result<()> {
+        for l in &network.leaves {
+            let name = l.key.kohya_name();
+            l.down.shallow_clone().copy_(&get(format!("{name}.down"))?);
+            l.up.shallow_clone().copy_(&get(format!("{name}.up"))?);
+        }
+        Ok(())
+    })?;
+    for (tag, opt) in ["unet", "te"].into_iter().zip(opts) {
+        let steps = num(&format!("lorakit.adam.{tag}.steps"))?;
+        let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
+        opt.load_state(&format!("adam.{tag}"), &lookup, steps)
+            .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
+    }
+    Ok(pos)
+}

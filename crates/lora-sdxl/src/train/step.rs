@@ -1,0 +1,110 @@
+//! One training step's objective — noise, timesteps, the ε or v target, the
+//! loss and its min-SNR weighting — and the fixed-seed validation loss.
+
+use super::data::{Batch, Sample};
+use super::run::Env;
+use super::schedule::per_sample_loss;
+use crate::error::Result;
+use lora_data::caption::CaptionProcessing;
+use lora_data::loader::{derived_rng, PlannedBatch};
+use rand::Rng;
+use tch::{Kind, Tensor};
+
+impl Env {
+    /// Loss of one micro-batch (not yet divided by the accumulation).
+    pub fn micro_step(
+        &self,
+        planned: &PlannedBatch,
+        samples: &[Sample],
+        micro_id: u64,
+    ) -> Result<Tensor> {
+        let t = &self.job.train;
+        let seed = self.job.job.seed;
+        let mut rng = derived_rng(seed, &[3, micro_id]);
+        let captions: Vec<String> = planned
+            .items
+            .iter()
+            .zip(samples)
+            .map(|(_, s)| {
+                self.data.captions[s.dataset].process(&self.data.images[s.image].caption, &mut rng)
+            })
+            .collect();
+        let x0 = self.latents(planned, rng.gen())?;
+        let b = x0.size()[0];
+        let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
+        tch::manual_seed(step_seed);
+        let device = x0.device();
+        let ts = Tensor::randint_low(
+            t.min_timestep as i64,
+            t.max_timestep as i64,
+            [b],
+            (Kind::Int64, device),
+        );
+        let mut noise = x0.randn_like();
+        if t.noise_offset > 0.0 {
+            noise += Tensor::randn([b, x0.size()[1], 1, 1], (Kind::Float, device)) * t.noise_offset;
+        }
+        let noisy = self.tables.add_noise(&x0, &noise, &ts);
+        let target = if self.v_pred {
+            self.tables.v_target(&x0, &noise, &ts)
+        } else {
+            noise
+        };
+        let (context, y) = self.conditioning(planned, samples, captions)?;
+        let pred = self
+            .model
+            .unet
+            .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
+        let huber = (t.loss == "huber").then_some((&self.tables, &ts));
+        let mut per = per_sample_loss(&pred, &target, huber);
+        if let Some(g) = t.min_snr_gamma {
+            per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);
+        }
+        Ok(per.mean(Kind::Float))
+    }
+
+    /// Mean loss over the fixed validation set with fixed noise and timesteps.
+    pub fn validation_loss(&self, items: &[Batch], seed: u64) -> Result<f64> {
+        const TIMESTEPS: [i64; 5] = [100, 300, 500, 700, 900];
+        let device = self.model.unet_device();
+        // summed on the device; one host read per validation
+        let mut total = Tensor::zeros([], (Kind::Float, device));
+        for (i, (planned, samples)) in items.iter().enumerate() {
+            let caption = {
+                let s = &samples[0];
+                let p = CaptionProcessing {
+                    trigger: self.job.job.trigger_word.clone(),
+                    ..Default::default()
+                };
+                p.process(
+                    &self.data.images[s.image].caption,
+                    &mut derived_rng(seed, &[4, i as u64]),
+                )
+            };
+            tch::no_grad(|| -> Result<()> {
+                let x0 = self.latents(planned, seed ^ (i as u64 * 7919))?;
+                let (context, y) = self.conditioning(planned, samples, vec![caption])?;
+                // stratified timesteps, fixed noise
+                for (k, tv) in TIMESTEPS.iter().enumerate() {
+                    tch::manual_seed((seed as i64 & 0xffff_ffff) + (i as i64) * 16 + k as i64);
+                    let noise = x0.randn_like();
+                    let ts = Tensor::from_slice(&[*tv]).to_device(device);
+                    let noisy = self.tables.add_noise(&x0, &noise, &ts);
+                    let target = if self.v_pred {
+                        self.tables.v_target(&x0, &noise, &ts)
+                    } else {
+                        noise
+                    };
+                    let pred =
+                        self.model
+                            .unet
+                            .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
+                    total += per_sample_loss(&pred, &target, None).mean(Kind::Float);
+                }
+                Ok(())
+            })?;
+        }
+        let n = (items.len().max(1) * TIMESTEPS.len()) as f64;
+        Ok(total.double_value(&[]) / n)
+    }
+}

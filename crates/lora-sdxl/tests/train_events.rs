@@ -1,0 +1,281 @@
+//! The trainer's event stream and the settings it carries out: event order,
+//! validation cadence, the stop flag, LoRA dropouts acting in training, and
+//! `loss.csv` on resume. A tiny SDXL-architecture model and a synthetic
+//! dataset, on CPU.
+
+mod common;
+use lora_sdxl::train::{train, train_with, Event, ObserveFn, Observers, TrainOptions};
+use lora_sdxl::JobConfig;
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+/// Runs draw from torch's process-wide generator: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    job: JobConfig,
+    path: PathBuf,
+}
+
+fn setup(steps: u64, save_every: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (model, data) = common::tiny_model_and_dataset(&root, 4);
+    let path = root.join("job.toml");
+    std::fs::write(
+        &path,
+        JobConfig::template(model.to_str(), data.to_str(), Some("myaku")),
+    )
+    .unwrap();
+    let mut c = JobConfig::load(&path).unwrap();
+    c.job.name = "run".into();
+    c.job.device = Some("cpu".into());
+    c.network.linear = 4;
+    c.network.linear_alpha = 4.0;
+    c.network.conv = 2;
+    c.network.conv_alpha = 2.0;
+    c.save.save_every = save_every;
+    c.train.steps = steps;
+    c.train.batch_size = 2;
+    c.train.gradient_accumulation = 1;
+    c.train.lr = 2e-3;
+    c.train.dtype = "fp32".into();
+    c.train.gradient_checkpointing = false;
+    c.datasets[0].resolution = vec![256];
+    c.validation.images = Some(1);
+    Setup {
+        _dir: dir,
+        root,
+        job: c,
+        path,
+    }
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// Trains and returns every event seen by an extra observer.
+fn events_of(job: &JobConfig, path: &std::path::Path, opts: &TrainOptions) -> Vec<Event> {
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let observers: Observers = vec![Box::new(ObserveFn(move |e: &Event| {
+        // a checkpoint's files are on disk when it is announced
+        if let Event::Checkpoint { path, state, .. } = e {
+            assert!(path.exists() && state.exists(), "{e:?}");
+        }
+        log.borrow_mut().push(e.clone());
+    }))];
+    train_with(job, path, opts, observers).unwrap();
+    let v = seen.borrow().clone();
+    v
+}
+
+#[test]
+fn events_come_in_order_and_validation_follows_its_own_cadence() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(7, 4);
+    s.job.validation.every = Some(3);
+    let ev = events_of(&s.job, &s.path, &quiet());
+    assert!(
+        matches!(
+            ev[0],
+            Event::Started {
+                step: 0,
+                total_steps: 7,
+                resumed: false,
+                ..
+            }
+        ),
+        "{:?}",
+        ev[0]
+    );
+    // validation exactly at multiples of `every` and at the last step
+    let val: Vec<u64> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Validation { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(val, vec![0, 3, 6, 7]);
+    // one Step per optimizer step, in order; the loss is read at saves only here
+    let steps: Vec<(u64, bool)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, loss, .. } => Some((*step, loss.is_some())),
+            _ => None,
+        })
+        .collect();
+    let expect: Vec<(u64, bool)> = (1..=7).map(|s| (s, s == 4 || s == 7)).collect();
+    assert_eq!(steps, expect);
+    // per step: Step, then Validation, then Checkpoint; the run ends with Finished
+    let order: Vec<String> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, .. } if [4, 6, 7].contains(step) => Some(format!("step{step}")),
+            Event::Validation { step, .. } if *step > 0 => Some(format!("val{step}")),
+            Event::Checkpoint { step, last, .. } => Some(format!("ckpt{step}{last}")),
+            Event::Finished { step } => Some(format!("done{step}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "val3",
+            "step4",
+            "ckpt4false",
+            "step6",
+            "val6",
+            "step7",
+            "val7",
+            "ckpt7true",
+            "done7"
+        ]
+    );
+    // the CSV observer wrote the validation of step 3 although no loss was logged there
+    let csv = std::fs::read_to_string(s.root.join("output/run/loss.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("3,,,")), "{csv}");
+}
+
+#[test]
+fn the_stop_flag_ends_the_run_after_the_step_with_a_checkpoint() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(20, 100);
+    let opts = quiet();
+    let stop = opts.stop.clone();
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let observers: Observers = vec![Box::new(ObserveFn(move |e: &Event| {
+        if let Event::Step { step: 2, .. } = e {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        log.borrow_mut().push(e.clone());
+    }))];
+    let r = train_with(&s.job, &s.path, &opts, observers).unwrap();
+    assert!(r.interrupted);
+    assert_eq!(r.step, 3);
+    let ev = seen.borrow();
+    assert!(
+        matches!(ev.last(), Some(Event::Stopped { step: 3 })),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::Checkpoint {
+            step: 3,
+            last: false,
+            ..
+        }
+    )));
+    assert!(!ev.iter().any(|e| matches!(e, Event::Finished { .. })));
+}
+
+/// Network dropouts set in the job act during training: the same seed gives
+/// other weights with them than without.
+#[test]
+fn network_dropouts_change_what_is_trained() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let weights = |dropouts: bool| {
+        let mut s = setup(2, 100);
+        if dropouts {
+            s.job.network.rank_dropout = 0.5;
+            s.job.network.module_dropout = 0.3;
+        }
+        let r = train(&s.job, &s.path, &quiet()).unwrap();
+        lora_core::io::read_tensors(r.last_lora.unwrap())
+            .unwrap()
+            .tensors
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (plain, dropped) = (weights(false), weights(true));
+    let differ = plain
+        .iter()
+        .filter(|(k, t)| {
+            k.ends_with("lora_up.weight")
+                && (*t - &dropped[*k]).abs().max().double_value(&[]) > 1e-7
+        })
+        .count();
+    let ups = plain
+        .keys()
+        .filter(|k| k.ends_with("lora_up.weight"))
+        .count();
+    assert!(
+        differ * 2 > ups,
+        "only {differ} of {ups} modules trained differently with dropouts"
+    );
+}
+
+/// `--resume` after a state older than the log: the rows written after that
+/// state are dropped, so no step appears twice in `loss.csv`.
+#[test]
+fn loss_csv_has_each_step_once_after_a_resume() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(6, 4);
+    let run_dir = s.root.join("output/run");
+    let backup = s.root.join("state_at_4.safetensors");
+    let keep = backup.clone();
+    let observers: Observers = vec![Box::new(ObserveFn(move |e: &Event| {
+        if let Event::Checkpoint { step: 4, state, .. } = e {
+            std::fs::copy(state, &keep).unwrap();
+        }
+    }))];
+    train_with(&s.job, &s.path, &quiet(), observers).unwrap();
+    // as if the run had died after step 4's save: the state is step 4's, the log goes further
+    std::fs::copy(&backup, run_dir.join("state.safetensors")).unwrap();
+    let opts = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    let r = train(&s.job, &s.path, &opts).unwrap();
+    assert_eq!(r.step, 6);
+    let csv = std::fs::read_to_string(run_dir.join("loss.csv")).unwrap();
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(1).is_some_and(|loss| !loss.is_empty()))
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps, vec![4, 6], "{csv}");
+}
+
+/// A loss that turns NaN stops the run with a message naming the step, and
+/// no checkpoint of the broken weights is written.
+#[test]
+fn a_nan_loss_stops_the_run_before_saving() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(3, 1);
+    // poison the base model's output conv: every prediction is NaN
+    let model = s.job.model.name_or_path.clone();
+    let st = lora_core::io::read_tensors(&model).unwrap();
+    let tensors: Vec<(String, tch::Tensor)> = st
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if k == "model.diffusion_model.out.2.bias" {
+                t.full_like(f64::NAN)
+            } else {
+                t
+            };
+            (k, t)
+        })
+        .collect();
+    std::fs::write(
+        &model,
+        lora_core::io::serialize(&tensors, &st.metadata).unwrap(),
+    )
+    .unwrap();
+    let e = train(&s.job, &s.path, &quiet()).unwrap_err().to_string();
+    assert!(e.contains("diverged") && e.contains("step 1"), "{e}");
+    let run_dir = s.root.join("output/run");
+    assert!(!run_dir.join("run_000000001.safetensors").exists());
+    assert!(!run_dir.join("state.safetensors").exists());
+}
