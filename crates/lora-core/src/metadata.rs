@@ -167,7 +167,11 @@ impl TrainingMetadata {
         if let Some(p) = self.module_dropout {
             args.insert("module_dropout".into(), json!(py_float(p)));
         }
-        args.insert("dropout".into(), json!(self.network_dropout));
+        // kohya writes `"dropout": null` when unused; lorakit writes only
+        // what was used (no nulls for tools that parse the args as strings)
+        if let Some(p) = self.network_dropout {
+            args.insert("dropout".into(), json!(p));
+        }
         put(
             "ss_network_args",
             serde_json::Value::Object(args).to_string(),
@@ -301,6 +305,11 @@ mod tests {
         let args: serde_json::Value = serde_json::from_str(&m["ss_network_args"]).unwrap();
         assert_eq!(args["conv_dim"], "8");
         assert_eq!(args["conv_alpha"], "4.0");
-        assert!(args["dropout"].is_null());
+        assert!(args.get("dropout").is_none());
+        assert!(
+            !m["ss_network_args"].contains("null"),
+            "{}",
+            m["ss_network_args"]
+        );
     }
 }

@@ -279,3 +279,83 @@ fn a_nan_loss_stops_the_run_before_saving() {
     assert!(!run_dir.join("run_000000001.safetensors").exists());
     assert!(!run_dir.join("state.safetensors").exists());
 }
+
+/// Latents encoded in another VAE dtype are not reused: the cache key names
+/// the dtype (a bf16 run after an fp32 one in the same folder encodes anew).
+#[test]
+fn the_latent_cache_is_keyed_by_the_vae_dtype() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(1, 100);
+    let cache = s.root.join("output/run/cache/latents");
+    let count = || -> usize {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum()
+    };
+    train(&s.job, &s.path, &quiet()).unwrap();
+    let fp32 = count();
+    assert!(fp32 > 0);
+    s.job.train.dtype = "bf16".into();
+    train(&s.job, &s.path, &quiet()).unwrap();
+    assert_eq!(
+        count(),
+        2 * fp32,
+        "bf16 latents must not reuse the fp32 entries"
+    );
+}
+
+/// The saved file's metadata says what the run did, as kohya writes it.
+#[test]
+fn metadata_tells_the_truth() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(2, 100);
+    s.job.job.trigger_word = Some("zzz-trigger".into());
+    s.job.train.optimizer = "adamw8bit".into();
+    s.job.datasets[0].num_repeats = 3;
+    // a second dataset with a kohya repeat folder `2_extra` of two images
+    let extra = s.root.join("extra");
+    let sub = extra.join("2_extra");
+    std::fs::create_dir_all(&sub).unwrap();
+    let data = s.job.datasets[0].folder_path.clone();
+    let mut names: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    names.sort();
+    for n in &names[..2] {
+        std::fs::copy(data.join(n), sub.join(n)).unwrap();
+        let cap = n.replace(".png", ".txt");
+        std::fs::copy(data.join(&cap), sub.join(&cap)).unwrap();
+    }
+    let mut second = s.job.datasets[0].clone();
+    second.folder_path = extra;
+    second.num_repeats = 1;
+    s.job.datasets.push(second);
+    let r = train(&s.job, &s.path, &quiet()).unwrap();
+    let md = lora_core::io::read_tensors(r.last_lora.unwrap())
+        .unwrap()
+        .metadata;
+    assert!(
+        md["ss_optimizer"].contains("AdamW8bit"),
+        "{}",
+        md["ss_optimizer"]
+    );
+    // images × repeats: 4 × 3 + 2 × 2 (the folder's own repeat count)
+    assert_eq!(md["ss_num_train_images"], "16");
+    let tags: serde_json::Value = serde_json::from_str(&md["ss_tag_frequency"]).unwrap();
+    let keys: Vec<&String> = tags.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["2_extra", "3_data"], "{tags}");
+    // the inserted trigger is counted, once per image
+    assert_eq!(tags["3_data"]["zzz-trigger"], 4, "{tags}");
+    assert_eq!(tags["2_extra"]["zzz-trigger"], 2, "{tags}");
+    assert!(
+        !md["ss_network_args"].contains("null"),
+        "{}",
+        md["ss_network_args"]
+    );
+    // two steps into the first epoch: the final save counts one epoch run
+    assert_eq!(md["ss_steps"], "2");
+    assert_eq!(md["ss_epoch"], "1");
+}

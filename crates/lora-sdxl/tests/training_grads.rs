@@ -5,6 +5,10 @@ use lora_sdxl::{lora_targets, SdxlModel, TargetScope};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
+/// The tests draw dropout masks from torch's process-wide generator and
+/// compare seeded runs: one at a time (parallel tests would draw in between).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A trainable adapter for `t`: kohya init for down, small random up (so
 /// gradients reach both), rank dropout on; returns it and its two leaves.
 fn trainable(t: &lora_sdxl::Target, rank: i64, rank_dropout: f64) -> (LoraAdapter, Tensor, Tensor) {
@@ -62,6 +66,7 @@ fn full_forward_loss(m: &SdxlModel, io: &std::collections::HashMap<String, Tenso
 
 #[test]
 fn gradients_flow_only_into_adapters() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = tiny_a();
     tch::manual_seed(0);
     let mut set = LoraSet::new();
@@ -120,6 +125,7 @@ fn gradients_flow_only_into_adapters() {
 /// during the forward.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = tiny_a();
     tch::manual_seed(1);
     let mut set = LoraSet::new();
@@ -231,6 +237,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// only.
 #[test]
 fn attached_adapters_keep_their_dropouts() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = tiny_a();
     tch::manual_seed(3);
     let mut set = LoraSet::new();

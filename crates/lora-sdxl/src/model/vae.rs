@@ -200,6 +200,11 @@ impl Vae {
         }
     }
 
+    /// The dtype the encoder computes in.
+    pub fn kind(&self) -> tch::Kind {
+        self.enc_in.weight.kind()
+    }
+
     /// Encoder moments `(mean, logvar)` of images `[B, 3, H, W]` in `[-1, 1]`
     /// (unscaled latent space).
     pub fn encode_moments(&self, x: &Tensor) -> (Tensor, Tensor) {

@@ -7,7 +7,7 @@ use super::job::JobConfig;
 use super::network::Network;
 use crate::error::Result;
 use lora_core::{Prediction, TrainingMetadata};
-use lora_data::caption::TagStats;
+use lora_data::caption::{CaptionProcessing, TagStats};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -26,32 +26,12 @@ pub(crate) fn training_metadata(
     data: &Data,
     prediction: Prediction,
     step: u64,
-    epoch: u64,
+    (epoch, epoch_started): (u64, bool),
     started_at: f64,
     last: bool,
 ) -> TrainingMetadata {
     let name = &job.job.name;
-    let mut tags: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for (d, ds) in job.datasets.iter().enumerate() {
-        let mut st = TagStats::default();
-        for (img, _) in data
-            .images
-            .iter()
-            .zip(&data.dataset_of)
-            .filter(|(_, &x)| x == d)
-        {
-            st.add(&img.caption);
-        }
-        let folder = ds
-            .folder_path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        tags.insert(
-            format!("{}_{folder}", ds.num_repeats),
-            st.counts.into_iter().map(|(k, v)| (k, v as u64)).collect(),
-        );
-    }
+    let tags = tag_frequency(job, data);
     let res = job.datasets[0]
         .resolution
         .iter()
@@ -70,7 +50,13 @@ pub(crate) fn training_metadata(
         rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
         module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
         steps: step,
-        epoch,
+        // kohya: the 0-based epoch in progress for step saves, the number of
+        // epochs run for the final save
+        epoch: if last && epoch_started {
+            epoch + 1
+        } else {
+            epoch
+        },
         max_train_steps: Some(job.train.steps),
         learning_rate: job.train.lr,
         text_encoder_lr: job
@@ -100,10 +86,7 @@ pub(crate) fn training_metadata(
                 "ss_lr_scheduler".to_string(),
                 job.train.lr_scheduler.clone(),
             ),
-            (
-                "ss_optimizer".to_string(),
-                format!("lorakit.AdamW(weight_decay={})", job.train.weight_decay),
-            ),
+            ("ss_optimizer".to_string(), optimizer_name(job)),
             (
                 "ss_noise_offset".to_string(),
                 lora_core::metadata::py_float(job.train.noise_offset),
@@ -113,11 +96,66 @@ pub(crate) fn training_metadata(
                 lora_core::metadata::py_opt_float(job.train.min_snr_gamma),
             ),
             (
+                // kohya: images × repeats
                 "ss_num_train_images".to_string(),
-                data.images.len().to_string(),
+                data.images
+                    .iter()
+                    .map(|i| u64::from(i.repeats))
+                    .sum::<u64>()
+                    .to_string(),
             ),
         ]),
     }
+}
+
+/// `ss_optimizer`: the optimizer actually used and its arguments, kohya style
+/// (`class(k=v,…)`).
+fn optimizer_name(job: &JobConfig) -> String {
+    let class = match job.train.optimizer.as_str() {
+        "adamw8bit" => "lorakit.optim.AdamW8bit",
+        _ => "lorakit.optim.AdamW",
+    };
+    format!(
+        "{class}(weight_decay={},betas=(0.9, 0.999),eps=1e-08)",
+        lora_core::metadata::py_float(job.train.weight_decay)
+    )
+}
+
+/// `ss_tag_frequency` as kohya writes it: per dataset folder (a kohya
+/// `N_name` repeat folder by its name, images at a dataset's root as
+/// `<num_repeats>_<folder>`), each tag counted once per image, from the
+/// captions as trained — with the trigger word inserted.
+fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut stats: BTreeMap<String, TagStats> = BTreeMap::new();
+    let insert_trigger = CaptionProcessing {
+        trigger: job.job.trigger_word.clone(),
+        ..Default::default()
+    };
+    let mut no_rng = rand::rngs::mock::StepRng::new(0, 0);
+    for (img, &d) in data.images.iter().zip(&data.dataset_of) {
+        let ds = &job.datasets[d];
+        let key = if img.group == "." || img.group.is_empty() {
+            let folder = ds
+                .folder_path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{}_{folder}", ds.num_repeats)
+        } else {
+            img.group.clone()
+        };
+        let caption = insert_trigger.process(&img.caption, &mut no_rng);
+        stats.entry(key).or_default().add(&caption);
+    }
+    stats
+        .into_iter()
+        .map(|(k, st)| {
+            (
+                k,
+                st.counts.into_iter().map(|(t, n)| (t, n as u64)).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Writes the LoRA of `step` with its metadata and returns its path.

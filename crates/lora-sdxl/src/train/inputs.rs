@@ -34,8 +34,9 @@ impl Inputs {
     /// The caches of a run of `model_path` whose files live in `run_dir`: the
     /// latent cache under the run's output (never in the dataset), keyed by
     /// image content, bucket, crop, flip and the VAE's identity (model file
-    /// name, size, mtime).
-    pub fn new(model_path: &Path, run_dir: &Path, cache_latents: bool) -> Self {
+    /// name, size, mtime, and the dtype it encodes in: fp16 and fp32 latents
+    /// differ).
+    pub fn new(model_path: &Path, vae_kind: Kind, run_dir: &Path, cache_latents: bool) -> Self {
         let m = std::fs::metadata(model_path).ok();
         let mtime = m
             .as_ref()
@@ -44,7 +45,7 @@ impl Inputs {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let vae_id = format!(
-            "{}:{}:{mtime}",
+            "{}:{}:{mtime}:{vae_kind:?}",
             model_path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())

@@ -187,7 +187,7 @@ impl Run {
             &env.data,
             env.model.detected.prediction,
             self.pos.step,
-            self.pos.epoch,
+            (self.pos.epoch, self.pos.batch > 0),
             self.started_unix,
             last,
         );

@@ -232,7 +232,12 @@ impl Run {
                 .unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465),
             every: job.validation.every.unwrap_or(job.save.save_every),
         };
-        let inputs = Inputs::new(&job.model.name_or_path, &run_dir, job.train.cache_latents);
+        let inputs = Inputs::new(
+            &job.model.name_or_path,
+            model.vae.kind(),
+            &run_dir,
+            job.train.cache_latents,
+        );
         Ok(Self {
             env: Env {
                 job: job.clone(),
