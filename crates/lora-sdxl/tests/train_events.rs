@@ -359,3 +359,50 @@ fn metadata_tells_the_truth() {
     assert_eq!(md["ss_steps"], "2");
     assert_eq!(md["ss_epoch"], "1");
 }
+
+/// Without the latent cache every batch is decoded: each exactly once, and
+/// all but the first of each epoch on the prefetch thread while the step
+/// before it ran.
+#[test]
+fn each_batch_is_decoded_once_and_ahead_of_its_step() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(6, 100);
+    s.job.train.cache_latents = false;
+    let r = train(&s.job, &s.path, &quiet()).unwrap();
+    // 4 images, batch 2: 2 batches an epoch, 6 steps = 3 epochs; validation
+    // (1 image) at steps 0 and 6 is decoded in the step
+    let d = r.decode;
+    assert_eq!(d.wasted, 0, "{d:?}");
+    assert_eq!(d.ahead, 3, "{d:?}");
+    assert_eq!(d.in_step, 3 + 2, "{d:?}");
+    assert_eq!(
+        d.ahead + d.in_step,
+        6 + 2,
+        "every batch decoded once: {d:?}"
+    );
+}
+
+/// `random_crop` with `cache_latents`: crops change every epoch, so those
+/// latents are not cached (as kohya does) and the cache does not grow with
+/// the epochs; only the centre-cropped validation image is cached.
+#[test]
+fn random_crops_do_not_grow_the_latent_cache() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(8, 100);
+    let wide = s.root.join("wide");
+    lora_data::synthetic::write_character_dataset(&wide, 4, 400, 300, "myaku", 9).unwrap();
+    s.job.datasets[0].folder_path = wide;
+    s.job.datasets[0].random_crop = true;
+    let r = train(&s.job, &s.path, &quiet()).unwrap();
+    assert_eq!(r.step, 8); // 4 epochs of 2 batches
+    let cache = s.root.join("output/run/cache/latents");
+    let entries: usize = std::fs::read_dir(&cache)
+        .map(|dirs| {
+            dirs.map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert_eq!(entries, 1, "only the validation image's latents are cached");
+    // every training batch decoded (its crop is new), the validation image once
+    assert_eq!(r.decode.ahead + r.decode.in_step, 8 + 1, "{:?}", r.decode);
+}

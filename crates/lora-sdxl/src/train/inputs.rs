@@ -3,16 +3,32 @@
 //! images decoded on a background thread meanwhile) and its text and size
 //! conditioning (optionally from the in-memory text-embedding cache).
 
-use super::data::{terr, Sample};
+use super::data::{terr, Batch, Sample};
 use super::run::Env;
 use crate::error::Result;
 use crate::model::conditioning::{encode_batch, time_ids};
 use lora_data::image_io::DecodeLimits;
 use lora_data::loader::{load_batch, LoadedBatch, PlannedBatch};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::thread::JoinHandle;
 use tch::{Device, Kind, Tensor};
+
+/// Batches decoded ahead of the step that uses them.
+pub const PREFETCH_DEPTH: usize = 2;
+
+/// How a run's batches were decoded (latents not taken from the cache).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Batches decoded on the training thread, the step waiting.
+    pub in_step: u64,
+    /// Batches decoded on a background thread while an earlier step ran,
+    /// then used.
+    pub ahead: u64,
+    /// Background decodes never used (the plan moved on); 0 in a normal run.
+    pub wasted: u64,
+}
 
 /// The caches a run keeps between steps.
 #[derive(Default)]
@@ -21,9 +37,12 @@ pub(crate) struct Inputs {
     pub cache: Option<lora_data::TensorCache>,
     /// Latent moments already read or computed this run (by cache key).
     pub memory: RefCell<HashMap<String, Tensor>>,
-    /// The next batch's pixels, decoded on a background thread while the
-    /// current step runs (only for batches whose latents are not cached).
-    pub prefetched: RefCell<Option<(PlannedBatch, std::thread::JoinHandle<LoadedBatch>)>>,
+    /// Upcoming batches' pixels, decoded on background threads while the
+    /// current step runs (only batches whose latents are not cached), oldest
+    /// first, at most [`PREFETCH_DEPTH`].
+    pub prefetched: RefCell<VecDeque<(PlannedBatch, JoinHandle<LoadedBatch>)>>,
+    /// How batches were decoded.
+    pub stats: Cell<DecodeStats>,
     /// `cache_text_embeddings`: (context, pooled) per caption, computed once.
     pub text_memory: RefCell<HashMap<String, (Tensor, Tensor)>>,
     /// Identity of the VAE in latent cache keys.
@@ -62,9 +81,21 @@ impl Inputs {
 }
 
 impl Env {
-    /// Cache keys of a batch's latents (`None` without `cache_latents`).
-    fn latent_keys(&self, planned: &PlannedBatch) -> Option<Vec<String>> {
-        self.inputs.cache.as_ref().map(|_| {
+    /// Whether a batch's latents may be cached: not when its dataset draws
+    /// a random crop, which changes every epoch (kohya refuses to cache
+    /// latents then; lorakit encodes those batches at every step, so the
+    /// cache never grows with the epochs).
+    pub fn cacheable(&self, samples: &[Sample]) -> bool {
+        samples
+            .iter()
+            .all(|s| !self.data.plans[s.dataset].random_crop)
+    }
+
+    /// Cache keys of a batch's latents (`None` without `cache_latents`, or
+    /// when the batch is not `cacheable`).
+    fn latent_keys(&self, planned: &PlannedBatch, cacheable: bool) -> Option<Vec<String>> {
+        let cache = self.inputs.cache.as_ref().filter(|_| cacheable);
+        cache.map(|_| {
             planned
                 .items
                 .iter()
@@ -82,10 +113,13 @@ impl Env {
         })
     }
 
-    /// Starts decoding `planned` on a background thread unless its latents
-    /// are already cached (memory or disk) or it is already under way.
-    pub fn prefetch(&self, planned: &PlannedBatch) {
-        if let (Some(c), Some(keys)) = (&self.inputs.cache, self.latent_keys(planned)) {
+    /// Starts decoding a batch on a background thread unless its latents
+    /// are already cached (memory or disk) or it is already under way. The
+    /// queue keeps the [`PREFETCH_DEPTH`] newest; an older entry the plan
+    /// never asked for is dropped (counted as wasted).
+    pub fn prefetch(&self, (planned, samples): &Batch) {
+        let keys = self.latent_keys(planned, self.cacheable(samples));
+        if let (Some(c), Some(keys)) = (&self.inputs.cache, keys) {
             let memory = self.inputs.memory.borrow();
             if keys
                 .iter()
@@ -94,8 +128,8 @@ impl Env {
                 return;
             }
         }
-        let mut slot = self.inputs.prefetched.borrow_mut();
-        if slot.as_ref().is_some_and(|(p, _)| p == planned) {
+        let mut queue = self.inputs.prefetched.borrow_mut();
+        if queue.iter().any(|(p, _)| p == planned) {
             return;
         }
         let images = self.data.images.clone();
@@ -109,14 +143,23 @@ impl Env {
                 [255, 255, 255],
             )
         });
-        // A stale prefetch (the plan moved on) is simply dropped when done.
-        *slot = Some((planned.clone(), handle));
+        queue.push_back((planned.clone(), handle));
+        while queue.len() > PREFETCH_DEPTH {
+            queue.pop_front();
+            self.count(|s| s.wasted += 1);
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut DecodeStats)) {
+        let mut s = self.inputs.stats.get();
+        f(&mut s);
+        self.inputs.stats.set(s);
     }
 
     /// Scaled latents of a planned batch: VAE moments (from the content-keyed
     /// cache when `cache_latents`, else encoded now), then a seeded sample.
-    pub fn latents(&self, planned: &PlannedBatch, seed: u64) -> Result<Tensor> {
-        let keys = self.latent_keys(planned);
+    pub fn latents(&self, planned: &PlannedBatch, cacheable: bool, seed: u64) -> Result<Tensor> {
+        let keys = self.latent_keys(planned, cacheable);
         let device = self.model.unet_device();
         let cached: Option<Vec<Tensor>> = match (&self.inputs.cache, &keys) {
             (Some(c), Some(keys)) => keys
@@ -238,24 +281,27 @@ impl Env {
     /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor.
     fn pixels(&self, planned: &PlannedBatch) -> Result<Tensor> {
         let ready = {
-            let mut slot = self.inputs.prefetched.borrow_mut();
-            match slot.take() {
-                Some((p, h)) if &p == planned => h.join().ok(),
-                other => {
-                    *slot = other;
-                    None
-                }
+            let mut queue = self.inputs.prefetched.borrow_mut();
+            let at = queue.iter().position(|(p, _)| p == planned);
+            at.and_then(|i| queue.remove(i))
+                .and_then(|(_, h)| h.join().ok())
+        };
+        let lb = match ready {
+            Some(lb) => {
+                self.count(|s| s.ahead += 1);
+                lb
+            }
+            None => {
+                self.count(|s| s.in_step += 1);
+                load_batch(
+                    &self.data.images,
+                    planned,
+                    0,
+                    &DecodeLimits::default(),
+                    [255, 255, 255],
+                )
             }
         };
-        let lb = ready.unwrap_or_else(|| {
-            load_batch(
-                &self.data.images,
-                planned,
-                0,
-                &DecodeLimits::default(),
-                [255, 255, 255],
-            )
-        });
         if !lb.skipped.is_empty() || lb.items.is_empty() {
             return Err(terr(format!(
                 "could not read {}: the dataset changed during training",

@@ -74,6 +74,7 @@ impl Run {
             last_lora: None,
             val_losses: Vec::new(),
             images: env.data.images.len(),
+            decode: Default::default(),
         };
         dispatch(observers, &view, self.started_event())?;
         if !self.resumed {
@@ -94,7 +95,7 @@ impl Run {
                 let (planned, samples) = &batches[self.pos.batch];
                 self.pos.batch += 1;
                 // decode the next batch's images while this one trains
-                if let Some((next, _)) = batches.get(self.pos.batch) {
+                if let Some(next) = batches.get(self.pos.batch) {
                     env.prefetch(next);
                 }
                 let loss = env.micro_step(planned, samples, self.pos.step * accum + micro)?;
@@ -175,6 +176,7 @@ impl Run {
         }
         env.model.slots.set_training(false);
         env.model.detach_loras();
+        report.decode = env.inputs.stats.get();
         Ok(report)
     }
 

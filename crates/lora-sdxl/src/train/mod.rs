@@ -32,5 +32,6 @@ mod step;
 
 pub use data::DatasetSummary;
 pub use events::{Event, ObserveFn, Observer, Observers, RunView};
+pub use inputs::{DecodeStats, PREFETCH_DEPTH};
 pub use observers::loss_chart::write_loss_chart;
 pub use run::{train, train_with, Run, TrainOptions, TrainReport};

@@ -25,7 +25,7 @@ use super::job::JobConfig;
 use super::network::Network;
 use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
-use super::state::{restore_state, shape_hash, Position};
+use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
 use crate::model::sdxl::SdxlModel;
 use crate::model::tokenizer::ClipTokenizer;
@@ -64,6 +64,8 @@ pub struct TrainReport {
     pub val_losses: Vec<(u64, f64)>,
     /// Images trained on.
     pub images: usize,
+    /// How the batches whose latents were not cached were decoded.
+    pub decode: super::inputs::DecodeStats,
 }
 
 /// Runs (or resumes) the job with the standard observers (progress and log
@@ -173,6 +175,8 @@ pub struct Run {
     /// When the run started (for `seconds` and kohya's start time).
     pub(crate) started: Instant,
     pub(crate) started_unix: f64,
+    /// Held while the run exists: one run per folder.
+    _lock: RunLock,
 }
 
 impl Run {
@@ -201,11 +205,20 @@ impl Run {
         let run_dir = job.job.output_dir.join(&job.job.name);
         std::fs::create_dir_all(&run_dir).map_err(|e| SdxlError::io(&run_dir, e))?;
 
+        let lock = RunLock::take(&run_dir)?;
+        remove_stale_temp_files(&run_dir);
         let network = Network::attach(job, &model, device)?;
         let mut optim = Optimizers::new(job, &network)?;
         let hash = shape_hash(job);
-        let pos = if opts.resume {
-            let state = run_dir.join("state.safetensors");
+        let state = run_dir.join("state.safetensors");
+        let resumed = opts.resume && state.exists();
+        if opts.resume && !resumed {
+            tracing::warn!(
+                "--resume: {} does not exist yet (the run stopped before its first save): starting from step 0",
+                state.display()
+            );
+        }
+        let pos = if resumed {
             let pos = restore_state(
                 &state,
                 &hash,
@@ -232,6 +245,19 @@ impl Run {
                 .unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465),
             every: job.validation.every.unwrap_or(job.save.save_every),
         };
+        if job.train.cache_latents {
+            for (i, d) in job
+                .datasets
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.random_crop)
+            {
+                tracing::warn!(
+                    "datasets[{i}] ({}): random_crop draws a new crop every epoch, so its latents are encoded at every step instead of cached (as kohya does); set random_crop = false to cache them",
+                    d.folder_path.display()
+                );
+            }
+        }
         let inputs = Inputs::new(
             &job.model.name_or_path,
             model.vae.kind(),
@@ -253,7 +279,8 @@ impl Run {
             network,
             optim,
             pos,
-            resumed: opts.resume,
+            resumed,
+            _lock: lock,
             hash,
             validation,
             started,

@@ -131,3 +131,48 @@ pub(crate) fn restore_state(
     }
     Ok(pos)
 }
+
+/// An exclusive lock on a run folder (`<run>/.lock`, an OS file lock), held
+/// for the whole run: a second `lorakit train` on the same folder is refused
+/// instead of both writing. The OS releases it when the process ends, even
+/// when killed, so a crash never leaves a stale lock.
+#[derive(Debug)]
+pub(crate) struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` or says who has it.
+    pub fn take(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| crate::SdxlError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(terr(format!(
+                "another training run is using {} (it holds {}); wait for it to finish or stop it, or give this job another job.name",
+                run_dir.display(),
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(crate::SdxlError::io(&path, e)),
+        }
+    }
+}
+
+/// Removes temp files of atomic writes that a killed run left behind
+/// (`.<name>.<pid>.<nanos>.tmp`; never a file under a final name).
+pub(crate) fn remove_stale_temp_files(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

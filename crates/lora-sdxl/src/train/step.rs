@@ -29,7 +29,7 @@ impl Env {
                 self.data.captions[s.dataset].process(&self.data.images[s.image].caption, &mut rng)
             })
             .collect();
-        let x0 = self.latents(planned, rng.gen())?;
+        let x0 = self.latents(planned, self.cacheable(samples), rng.gen())?;
         let b = x0.size()[0];
         let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
         tch::manual_seed(step_seed);
@@ -82,7 +82,7 @@ impl Env {
                 )
             };
             tch::no_grad(|| -> Result<()> {
-                let x0 = self.latents(planned, seed ^ (i as u64 * 7919))?;
+                let x0 = self.latents(planned, true, seed ^ (i as u64 * 7919))?;
                 let (context, y) = self.conditioning(planned, samples, vec![caption])?;
                 // stratified timesteps, fixed noise
                 for (k, tv) in TIMESTEPS.iter().enumerate() {
