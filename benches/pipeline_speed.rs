@@ -90,7 +90,7 @@ fn training(dir: &Path, model: &Path, checkpointing: bool) -> f64 {
     job.train.lr = 1e-4;
     job.train.dtype = "fp32".into();
     job.datasets[0].resolution = vec![256];
-    job.train.gradient_checkpointing = checkpointing;
+    job.train.gradient_checkpointing = checkpointing.into();
     let _ = std::fs::remove_dir_all(dir.join("out"));
     let opts = TrainOptions {
         quiet: true,

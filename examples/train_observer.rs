@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     job.train.steps = 8;
     job.train.lr = 1e-3;
     job.train.dtype = "fp32".into();
-    job.train.gradient_checkpointing = false;
+    job.train.gradient_checkpointing = false.into();
     job.datasets[0].resolution = vec![256];
     job.validation.images = Some(2);
 

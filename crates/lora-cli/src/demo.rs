@@ -53,7 +53,7 @@ pub fn run(out: &Path) -> AnyResult {
     job.train.lr = 2e-3;
     job.train.dtype = "fp32".into();
     // A tiny model on CPU has memory to spare: no recomputation.
-    job.train.gradient_checkpointing = false;
+    job.train.gradient_checkpointing = false.into();
     job.datasets[0].resolution = vec![256];
     job.validation.images = Some(4);
     // Samples at step 0 and every save: prompts outside the training set

@@ -337,7 +337,7 @@ fn text_encoder_training_with_and_without_checkpointing() {
         let (mut c, path) = job(&s, name, 3, 3, 1);
         c.train.train_text_encoder = true;
         c.train.text_encoder_lr = Some(1e-3);
-        c.train.gradient_checkpointing = ckpt;
+        c.train.gradient_checkpointing = ckpt.into();
         train(&c, &path, &quiet()).unwrap();
         lora_tensors(&s.root.join(format!("out/{name}/{name}.safetensors")))
     };

@@ -43,7 +43,7 @@ fn setup(steps: u64, save_every: u64) -> Setup {
     c.train.gradient_accumulation = 1;
     c.train.lr = 2e-3;
     c.train.dtype = "fp32".into();
-    c.train.gradient_checkpointing = false;
+    c.train.gradient_checkpointing = false.into();
     c.datasets[0].resolution = vec![256];
     c.validation.images = Some(1);
     Setup {

@@ -54,6 +54,10 @@ pub struct Detected {
     pub prediction: Prediction,
     /// The `ztsnr` marker key is present (zero terminal SNR schedule).
     pub zero_terminal_snr: bool,
+    /// Where `prediction` and `zero_terminal_snr` came from: the marker
+    /// keys, a diffusers folder's `scheduler/scheduler_config.json`, or the
+    /// SDXL default (ε, no rescale) when neither says.
+    pub schedule_source: String,
     /// Keys that are not part of the four components (`position_ids`, EMA, …).
     pub extra_keys: Vec<String>,
     /// Parameter count per component.
@@ -106,6 +110,51 @@ pub fn count_parameters(ck: &Checkpoint, prefix: &str) -> u64 {
             .map(|(k, i)| (k.as_str(), i.shape.as_slice())),
         prefix,
     )
+}
+
+/// The prediction type and zero-terminal-SNR flag a checkpoint declares, and
+/// where that came from: a diffusers folder's `scheduler/scheduler_config.json`
+/// (`prediction_type`, `rescale_betas_zero_snr`), else the `v_pred` / `ztsnr`
+/// marker keys of single files, else SDXL's ε default.
+fn schedule_of(ck: &Checkpoint) -> Result<(Prediction, bool, String)> {
+    let config = ck.path().join("scheduler").join("scheduler_config.json");
+    if ck.is_folder() && config.is_file() {
+        let text = std::fs::read_to_string(&config).map_err(|e| SdxlError::io(&config, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| SdxlError::Checkpoint {
+                path: config.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?;
+        let prediction = match v.get("prediction_type").and_then(|p| p.as_str()) {
+            Some("v_prediction") => Prediction::V,
+            Some("epsilon") | None => Prediction::Epsilon,
+            Some(other) => {
+                return Err(SdxlError::Checkpoint {
+                    path: config,
+                    reason: format!(
+                        "prediction_type `{other}` is not supported (epsilon or v_prediction)"
+                    ),
+                })
+            }
+        };
+        let ztsnr = v
+            .get("rescale_betas_zero_snr")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+        return Ok((prediction, ztsnr, "scheduler/scheduler_config.json".into()));
+    }
+    let (v, z) = (ck.contains("v_pred"), ck.contains("ztsnr"));
+    let source = if v || z {
+        "the checkpoint's v_pred / ztsnr marker keys"
+    } else {
+        "the SDXL default (no v_pred / ztsnr marker)"
+    };
+    let prediction = if v {
+        Prediction::V
+    } else {
+        Prediction::Epsilon
+    };
+    Ok((prediction, z, source.into()))
 }
 
 /// Recognises the model family and, for SDXL-family files, the configuration.
@@ -220,6 +269,7 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
     for i in ck.infos().values() {
         *dtypes.entry(format!("{:?}", i.kind)).or_default() += 1;
     }
+    let (prediction, zero_terminal_snr, schedule_source) = schedule_of(ck)?;
     Ok(Detected {
         config: SdxlConfig {
             unet,
@@ -227,12 +277,9 @@ pub fn detect(ck: &Checkpoint) -> Result<Detected> {
             te2,
             vae,
         },
-        prediction: if ck.contains("v_pred") {
-            Prediction::V
-        } else {
-            Prediction::Epsilon
-        },
-        zero_terminal_snr: ck.contains("ztsnr"),
+        prediction,
+        zero_terminal_snr,
+        schedule_source,
         extra_keys,
         parameters: vec![
             (Component::Unet, count_parameters(ck, UNET_PREFIX)),

@@ -64,6 +64,9 @@ pub enum Event {
         samples_per_epoch: u64,
         /// The device, e.g. `Cpu` or `Cuda(0)`.
         device: String,
+        /// Settings chosen for this run and why (prediction type and noise
+        /// schedule and their source, gradient checkpointing, …).
+        notes: Vec<String>,
     },
     /// An optimizer step is done.
     Step {

@@ -223,6 +223,7 @@ impl Run {
             images: env.data.images.len(),
             samples_per_epoch: env.data.samples_per_epoch(),
             device: format!("{:?}", env.model.unet_device()),
+            notes: self.notes.clone(),
         }
     }
 }

@@ -27,7 +27,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
 use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
-use crate::model::sdxl::SdxlModel;
+use crate::model::sdxl::{Detected, SdxlModel};
 use crate::model::tokenizer::ClipTokenizer;
 use lora_core::Prediction;
 use std::path::{Path, PathBuf};
@@ -175,8 +175,50 @@ pub struct Run {
     /// When the run started (for `seconds` and kohya's start time).
     pub(crate) started: Instant,
     pub(crate) started_unix: f64,
+    /// Settings chosen for this run and why (for [`super::Event::Started`]).
+    pub(crate) notes: Vec<String>,
     /// Held while the run exists: one run per folder.
     _lock: RunLock,
+}
+
+/// The prediction type and zero-terminal-SNR flag of the run: the job's
+/// settings win over what the checkpoint declares; the choice and its source
+/// go into `notes`. `detected` is updated so that samples use the same.
+fn objective_of(
+    job: &JobConfig,
+    detected: &mut Detected,
+    notes: &mut Vec<String>,
+) -> (Prediction, bool) {
+    let prediction = match job.model.prediction.as_deref() {
+        Some("v_prediction") => Prediction::V,
+        Some(_) => Prediction::Epsilon,
+        None => detected.prediction,
+    };
+    let ztsnr = job
+        .model
+        .zero_terminal_snr
+        .unwrap_or(detected.zero_terminal_snr);
+    let from = |set_in_job: bool| {
+        if set_in_job {
+            "the job".to_string()
+        } else {
+            detected.schedule_source.clone()
+        }
+    };
+    notes.push(format!(
+        "{} prediction (from {}), zero terminal SNR {} (from {})",
+        if prediction == Prediction::V {
+            "v"
+        } else {
+            "epsilon"
+        },
+        from(job.model.prediction.is_some()),
+        if ztsnr { "on" } else { "off" },
+        from(job.model.zero_terminal_snr.is_some()),
+    ));
+    detected.prediction = prediction;
+    detected.zero_terminal_snr = ztsnr;
+    (prediction, ztsnr)
 }
 
 impl Run {
@@ -192,16 +234,23 @@ impl Run {
             .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
         let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);
         let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
-        let prediction = match job.model.prediction.as_deref() {
-            Some("v_prediction") => Prediction::V,
-            Some(_) => Prediction::Epsilon,
-            None => model.detected.prediction,
-        };
-        model.set_gradient_checkpointing(job.train.gradient_checkpointing);
-        // The job's settings win over the checkpoint's markers (samples use them too).
-        model.detected.prediction = prediction;
-        model.detected.zero_terminal_snr |= job.model.zero_terminal_snr;
-        let schedule = NoiseSchedule::sdxl(model.detected.zero_terminal_snr);
+        let mut notes = Vec::new();
+        let (prediction, ztsnr) = objective_of(job, &mut model.detected, &mut notes);
+        let (checkpointing, why) = job.train.gradient_checkpointing.resolve(
+            "train.gradient_checkpointing",
+            device.is_cuda(),
+            if device.is_cuda() {
+                "on for CUDA (far less VRAM)"
+            } else {
+                "off on CPU (memory is not the limit there, and recomputing made steps 1.15-1.26x slower)"
+            },
+        );
+        notes.push(format!(
+            "gradient checkpointing {} ({why})",
+            if checkpointing { "on" } else { "off" }
+        ));
+        model.set_gradient_checkpointing(checkpointing);
+        let schedule = NoiseSchedule::sdxl(ztsnr);
         let run_dir = job.job.output_dir.join(&job.job.name);
         std::fs::create_dir_all(&run_dir).map_err(|e| SdxlError::io(&run_dir, e))?;
 
@@ -280,6 +329,7 @@ impl Run {
             optim,
             pos,
             resumed,
+            notes,
             _lock: lock,
             hash,
             validation,

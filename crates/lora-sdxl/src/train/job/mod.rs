@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+mod auto;
 pub mod fields;
 mod keys;
 mod template;
@@ -20,6 +21,7 @@ mod template;
 mod tests;
 mod validate;
 
+pub use auto::AutoBool;
 pub use keys::closest;
 
 /// A validation or parse problem, naming the file and the field.
@@ -72,8 +74,9 @@ pub struct ModelSection {
     pub name_or_path: PathBuf,
     /// `epsilon` or `v_prediction`; default from the checkpoint.
     pub prediction: Option<String>,
-    /// Rescale the schedule to zero terminal SNR.
-    pub zero_terminal_snr: bool,
+    /// Rescale the schedule to zero terminal SNR; default: what the
+    /// checkpoint declares (`ztsnr` key or the folder's scheduler config).
+    pub zero_terminal_snr: Option<bool>,
 }
 
 impl Default for ModelSection {
@@ -82,7 +85,7 @@ impl Default for ModelSection {
             arch: "sdxl".into(),
             name_or_path: PathBuf::new(),
             prediction: None,
-            zero_terminal_snr: false,
+            zero_terminal_snr: None,
         }
     }
 }
@@ -184,9 +187,10 @@ pub struct TrainSection {
     /// Dtype of the frozen base: `bf16`, `fp16`, `fp32`.
     pub dtype: String,
     /// Recompute the UNet blocks' (and, when trained, the text encoders'
-    /// layers') activations in backward instead of keeping them (default on,
-    /// as in AI Toolkit): much less memory, more compute.
-    pub gradient_checkpointing: bool,
+    /// layers') activations in backward instead of keeping them: much less
+    /// memory, more compute. `"auto"` (default): on for CUDA (as AI Toolkit
+    /// does), off on CPU, where memory is not the limit.
+    pub gradient_checkpointing: AutoBool,
     /// Encode images once and cache the latents.
     pub cache_latents: bool,
     /// Cache text-encoder outputs (needs static captions and frozen encoders).
@@ -214,7 +218,7 @@ impl Default for TrainSection {
             train_unet: true,
             train_text_encoder: false,
             dtype: "bf16".into(),
-            gradient_checkpointing: true,
+            gradient_checkpointing: AutoBool::Auto,
             cache_latents: true,
             cache_text_embeddings: false,
         }

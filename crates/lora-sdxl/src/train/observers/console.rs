@@ -65,6 +65,7 @@ impl Console {
             images,
             samples_per_epoch,
             device,
+            notes,
         } = event
         else {
             return;
@@ -85,6 +86,9 @@ impl Console {
             "training {modules} LoRA modules on {images} image(s): {samples_per_epoch} samples per epoch (images × repeats × resolutions), batch {} × accumulation {}, {total_steps} steps, {} on {device}",
             t.batch_size, t.gradient_accumulation, t.dtype
         );
+        for n in notes {
+            println!("{n}");
+        }
         self.total = *total_steps;
         self.last = (*step, 0.0);
         self.bar = std::io::IsTerminal::is_terminal(&std::io::stdout()).then(|| {

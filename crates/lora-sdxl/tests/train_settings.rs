@@ -1,0 +1,199 @@
+//! Settings the trainer resolves when a run starts, and their effect:
+//! prediction type and zero-terminal-SNR schedule (job, diffusers scheduler
+//! config or marker keys), and `gradient_checkpointing = "auto"`.
+
+mod common;
+use lora_sdxl::train::{train_with, Event, Observer, Observers, RunView, TrainOptions};
+use lora_sdxl::JobConfig;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Runs draw from torch's process-wide generator: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn job_for(root: &Path, model: &Path, data: &Path) -> (JobConfig, PathBuf) {
+    let path = root.join("job.toml");
+    std::fs::write(
+        &path,
+        JobConfig::template(model.to_str(), data.to_str(), Some("myaku")),
+    )
+    .unwrap();
+    let mut c = JobConfig::load(&path).unwrap();
+    c.job.device = Some("cpu".into());
+    c.network.linear = 2;
+    c.network.conv = 0;
+    c.train.steps = 1;
+    c.train.batch_size = 1;
+    c.train.gradient_accumulation = 1;
+    c.train.dtype = "fp32".into();
+    c.datasets[0].resolution = vec![256];
+    c.validation.images = Some(1);
+    (c, path)
+}
+
+/// What a run said when it started, and the model's checkpointing then.
+#[derive(Default)]
+struct Start {
+    notes: Vec<String>,
+    checkpointing: Option<bool>,
+    val0: Option<f64>,
+}
+
+struct Watch(Rc<RefCell<Start>>);
+
+impl Observer for Watch {
+    fn on_event(&mut self, e: &Event, run: &RunView<'_>) -> lora_sdxl::Result<()> {
+        let mut s = self.0.borrow_mut();
+        match e {
+            Event::Started { notes, .. } => {
+                s.notes = notes.clone();
+                s.checkpointing = Some(run.model.unet.gradient_checkpointing());
+            }
+            Event::Validation { step: 0, loss } => s.val0 = Some(*loss),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn start_of(job: &JobConfig, path: &Path) -> Start {
+    let seen = Rc::new(RefCell::new(Start::default()));
+    let opts = TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let observers: Observers = vec![Box::new(Watch(seen.clone()))];
+    train_with(job, path, &opts, observers).unwrap();
+    let s = std::mem::take(&mut *seen.borrow_mut());
+    s
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A diffusers folder's `scheduler/scheduler_config.json` declares
+/// v-prediction and zero terminal SNR; without one, a folder is ε.
+#[test]
+fn a_folders_scheduler_config_sets_prediction_and_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_a_diffusers");
+    let vpred = dir.path().join("vpred");
+    copy_dir(&fixture, &vpred);
+    std::fs::create_dir_all(vpred.join("scheduler")).unwrap();
+    std::fs::write(
+        vpred.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction", "rescale_betas_zero_snr": true}"#,
+    )
+    .unwrap();
+    let m = lora_sdxl::SdxlModel::load(&vpred, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    assert_eq!(m.detected.prediction, lora_core::Prediction::V);
+    assert!(m.detected.zero_terminal_snr);
+    assert_eq!(
+        m.detected.schedule_source,
+        "scheduler/scheduler_config.json"
+    );
+    let plain = lora_sdxl::SdxlModel::load(&fixture, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    assert_eq!(plain.detected.prediction, lora_core::Prediction::Epsilon);
+    assert!(!plain.detected.zero_terminal_snr);
+}
+
+/// The checkpoint's markers set the objective unless the job says otherwise
+/// (`model.zero_terminal_snr = false` overrides a `ztsnr` marker); the
+/// run's notes say which and from where, and the validation loss shows the
+/// objective really changed.
+#[test]
+fn the_job_overrides_the_checkpoints_prediction_and_schedule() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    // the same weights with NoobAI-style v_pred and ztsnr marker keys
+    let marked = dir.path().join("marked.safetensors");
+    let st = lora_core::io::read_tensors(&plain).unwrap();
+    let mut tensors = st.tensors;
+    tensors.push(("v_pred".into(), tch::Tensor::from_slice(&[0f32])));
+    tensors.push(("ztsnr".into(), tch::Tensor::from_slice(&[0f32])));
+    std::fs::write(
+        &marked,
+        lora_core::io::serialize(&tensors, &st.metadata).unwrap(),
+    )
+    .unwrap();
+
+    let (mut job, path) = job_for(dir.path(), &marked, &data);
+    let markers = start_of(&job, &path);
+    assert!(
+        markers.notes[0]
+            .contains("v prediction (from the checkpoint's v_pred / ztsnr marker keys)")
+            && markers.notes[0].contains("zero terminal SNR on"),
+        "{:?}",
+        markers.notes
+    );
+    job.model.zero_terminal_snr = Some(false);
+    let overridden = start_of(&job, &path);
+    assert!(
+        overridden.notes[0].contains("zero terminal SNR off (from the job)"),
+        "{:?}",
+        overridden.notes
+    );
+    // the same objective set in the job on the unmarked file
+    let (mut job, path) = job_for(dir.path(), &plain, &data);
+    let default = start_of(&job, &path);
+    assert!(
+        default.notes[0].contains("epsilon prediction (from the SDXL default"),
+        "{:?}",
+        default.notes
+    );
+    job.model.prediction = Some("v_prediction".into());
+    let v_in_job = start_of(&job, &path);
+    let v = |s: &Start| s.val0.unwrap();
+    assert!(
+        (v(&overridden) - v(&v_in_job)).abs() < 1e-9,
+        "same objective, same loss: {} vs {}",
+        v(&overridden),
+        v(&v_in_job)
+    );
+    assert!(
+        (v(&markers) - v(&overridden)).abs() > 1e-6,
+        "ztsnr had no effect"
+    );
+    assert!(
+        (v(&v_in_job) - v(&default)).abs() > 1e-6,
+        "v-prediction had no effect"
+    );
+}
+
+/// `gradient_checkpointing = "auto"` (the default) is off on CPU and says
+/// why; `true` turns it on.
+#[test]
+fn auto_gradient_checkpointing_is_off_on_cpu_and_says_why() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    let (mut job, path) = job_for(dir.path(), &model, &data);
+    assert_eq!(job.train.gradient_checkpointing, Default::default()); // "auto" in the template
+    let auto = start_of(&job, &path);
+    assert_eq!(auto.checkpointing, Some(false));
+    assert!(
+        auto.notes
+            .iter()
+            .any(|n| n.contains("gradient checkpointing off") && n.contains("\"auto\": off on CPU")),
+        "{:?}",
+        auto.notes
+    );
+    job.train.gradient_checkpointing = true.into();
+    let on = start_of(&job, &path);
+    assert_eq!(on.checkpointing, Some(true));
+    assert!(on
+        .notes
+        .iter()
+        .any(|n| n.contains("gradient checkpointing on (train.gradient_checkpointing = true)")));
+}
