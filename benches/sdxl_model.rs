@@ -59,7 +59,7 @@ fn write_full_size(path: &Path) {
         off += n;
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let tmp = path.with_extension("tmp");

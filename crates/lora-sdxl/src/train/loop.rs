@@ -116,13 +116,13 @@ impl Run {
                 report.step = step;
                 let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
                 let last = step >= t.steps;
-                let save = step % job.save.save_every == 0 || last || stopping;
-                let loss = (step % 10 == 0 || save).then(|| meter.take());
+                let save = step.is_multiple_of(job.save.save_every) || last || stopping;
+                let loss = (step.is_multiple_of(10) || save).then(|| meter.take());
                 if let Some(l) = loss.filter(|l| !l.is_finite()) {
                     // before any save: the last checkpoint and state stay good
                     return Err(diverged(step, l));
                 }
-                let val = if step % self.validation.every == 0 || last {
+                let val = if step.is_multiple_of(self.validation.every) || last {
                     env.model.slots.set_training(false);
                     let v = env.validation_loss(&self.validation.items, self.validation.seed);
                     env.model.slots.set_training(true);

@@ -22,7 +22,7 @@ impl Observer for Samples {
         let step = match *event {
             Event::Started { resumed: false, .. } => 0,
             Event::Step { step, .. }
-                if step % s.sample_every == 0 || step == run.job.train.steps =>
+                if step.is_multiple_of(s.sample_every) || step == run.job.train.steps =>
             {
                 step
             }
