@@ -16,10 +16,12 @@
 //! | attaching LoRAs to the slots | [`lora`] |
 //! | the modules kohya's LoRA / LoCon adapts | [`targets`] |
 //! | CLIP tokenizer, text and size conditioning | [`tokenizer`], [`conditioning`] |
+//! | training captions as kohya encodes them (`max_token_length`) | [`captions`] |
 //! | the DDPM noise schedule (σs for samplers, targets for training) | [`schedule`] |
 //! | gradient checkpointing through the C++ shim | [`grad_checkpoint`] |
 
 pub mod attention;
+pub mod captions;
 pub mod clip;
 pub mod conditioning;
 pub mod config;

@@ -88,6 +88,13 @@ pub(crate) fn training_metadata(
             ),
             ("ss_optimizer".to_string(), optimizer_name(job)),
             (
+                "ss_max_token_length".to_string(),
+                match job.train.max_token_length {
+                    75 => "None".to_string(),
+                    n => n.to_string(),
+                },
+            ),
+            (
                 "ss_noise_offset".to_string(),
                 lora_core::metadata::py_float(job.train.noise_offset),
             ),

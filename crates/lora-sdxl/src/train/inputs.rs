@@ -6,7 +6,8 @@
 use super::data::{terr, Batch, Sample};
 use super::run::Env;
 use crate::error::Result;
-use crate::model::conditioning::{encode_batch, time_ids};
+use crate::model::captions::encode_captions;
+use crate::model::conditioning::{time_ids, TextConditioning};
 use lora_data::image_io::DecodeLimits;
 use lora_data::loader::{load_batch, LoadedBatch, PlannedBatch};
 use std::cell::{Cell, RefCell};
@@ -217,7 +218,16 @@ impl Env {
     ) -> Result<(Tensor, Tensor)> {
         let device = self.model.unet_device();
         let train_te = self.job.train.train_text_encoder;
-        let enc = || encode_batch(&self.tok, &self.model.te1, &self.model.te2, &captions);
+        let max_tokens = self.job.train.max_token_length;
+        let enc = || {
+            encode_captions(
+                &self.tok,
+                &self.model.te1,
+                &self.model.te2,
+                &captions,
+                max_tokens,
+            )
+        };
         let cond = if self.job.train.cache_text_embeddings && !train_te {
             self.cached_text(&captions)?
         } else if train_te {
@@ -241,38 +251,34 @@ impl Env {
     }
 
     /// Text conditioning from the in-memory cache (`cache_text_embeddings`):
-    /// each caption is encoded alone once; a batch of captions with different
-    /// chunk counts repeats contexts to a common length (attention over
-    /// repeated tokens is unchanged).
-    fn cached_text(
-        &self,
-        captions: &[String],
-    ) -> Result<crate::model::conditioning::TextConditioning> {
+    /// each caption is encoded alone once. Every caption has the same
+    /// length (`max_token_length`), so the batch is a plain concatenation and
+    /// equals what encoding the batch at once gives.
+    fn cached_text(&self, captions: &[String]) -> Result<TextConditioning> {
+        let max_tokens = self.job.train.max_token_length;
         let mut memory = self.inputs.text_memory.borrow_mut();
         for c in captions {
             if !memory.contains_key(c) {
                 let e = tch::no_grad(|| {
-                    encode_batch(
+                    encode_captions(
                         &self.tok,
                         &self.model.te1,
                         &self.model.te2,
                         std::slice::from_ref(c),
+                        max_tokens,
                     )
                 })?;
                 memory.insert(c.clone(), (e.context, e.pooled));
             }
         }
-        let parts: Vec<&(Tensor, Tensor)> = captions.iter().map(|c| &memory[c]).collect();
-        let len = parts.iter().fold(1, |l, (ctx, _)| {
-            let n = ctx.size()[1];
-            l / crate::sample::txt2img::gcd(l, n) * n
-        });
-        let ctx: Vec<Tensor> = parts
+        let (ctx, pooled): (Vec<Tensor>, Vec<Tensor>) = captions
             .iter()
-            .map(|(c, _)| crate::sample::txt2img::repeat_tokens(c, len))
-            .collect();
-        let pooled: Vec<Tensor> = parts.iter().map(|(_, p)| p.shallow_clone()).collect();
-        Ok(crate::model::conditioning::TextConditioning {
+            .map(|c| {
+                let (x, p) = &memory[c];
+                (x.shallow_clone(), p.shallow_clone())
+            })
+            .unzip();
+        Ok(TextConditioning {
             context: Tensor::cat(&ctx, 0),
             pooled: Tensor::cat(&pooled, 0),
         })

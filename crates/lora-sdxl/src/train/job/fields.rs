@@ -10,6 +10,8 @@ pub enum Rule {
     Free,
     /// One of these strings.
     OneOf(&'static [&'static str]),
+    /// One of these integers.
+    OneOfInt(&'static [i64]),
     /// A number (or each number of an array) in a range; `open_*` excludes
     /// that end, an infinite end is unbounded.
     Range {
@@ -68,6 +70,12 @@ impl Rule {
         match *self {
             Rule::Free => None,
             Rule::OneOf(v) => Some(v.join(" | ")),
+            Rule::OneOfInt(v) => Some(
+                v.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ),
             Rule::Range {
                 min,
                 max,
@@ -208,6 +216,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "dtype", Rule::OneOf(&["bf16", "fp16", "fp32"]), "dtype of the frozen base model"),
     f("train", "gradient_checkpointing", Rule::Free, "true | false | \"auto\": recompute activations in backward (far less VRAM, ~30% slower); auto = on for CUDA, off on CPU"),
     f("train", "cache_latents", Rule::Free, "encode each image once; latents cached under the run folder"),
+    f("train", "max_token_length", Rule::OneOfInt(&[75, 150, 225]), "caption tokens used (kohya's max_token_length): 75 truncates; 150/225 use 2/3 CLIP chunks"),
     f("train", "cache_text_embeddings", Rule::Free, "encode each caption once (needs static captions and frozen text encoders)"),
     f("datasets", "folder_path", Rule::Free, "images with same-name caption files"),
     f("datasets", "caption_ext", Rule::Free, "caption file extension"),

@@ -195,6 +195,9 @@ pub struct TrainSection {
     pub cache_latents: bool,
     /// Cache text-encoder outputs (needs static captions and frozen encoders).
     pub cache_text_embeddings: bool,
+    /// Caption tokens seen (kohya's `max_token_length`): 75 truncates to one
+    /// CLIP chunk; 150 or 225 use 2 or 3 chunks for every caption.
+    pub max_token_length: usize,
 }
 
 impl Default for TrainSection {
@@ -221,6 +224,7 @@ impl Default for TrainSection {
             gradient_checkpointing: AutoBool::Auto,
             cache_latents: true,
             cache_text_embeddings: false,
+            max_token_length: 75,
         }
     }
 }

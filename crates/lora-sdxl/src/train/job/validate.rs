@@ -42,6 +42,12 @@ fn check(rule: Rule, v: &toml::Value) -> Option<String> {
         (Rule::OneOf(allowed), toml::Value::String(s)) if !allowed.contains(&s.as_str()) => {
             Some(format!("`{s}` is not one of: {}", allowed.join(", ")))
         }
+        (Rule::OneOfInt(allowed), toml::Value::Integer(i)) if !allowed.contains(i) => {
+            Some(format!(
+                "{i} is not one of: {}",
+                rule.describe().unwrap_or_default().replace(" | ", ", ")
+            ))
+        }
         (Rule::Range { .. }, toml::Value::Integer(_) | toml::Value::Float(_)) => {
             let x = v.as_float().or_else(|| v.as_integer().map(|i| i as f64))?;
             (!rule.allows_number(x))
