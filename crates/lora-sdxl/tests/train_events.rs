@@ -406,3 +406,26 @@ fn random_crops_do_not_grow_the_latent_cache() {
     // every training batch decoded (its crop is new), the validation image once
     assert_eq!(r.decode.ahead + r.decode.in_step, 8 + 1, "{:?}", r.decode);
 }
+
+/// With in-training samples on, a step's loss and its validation loss still
+/// share one `loss.csv` row (the samples rendered in between do not split it).
+#[test]
+fn samples_do_not_split_a_steps_log_row() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(2, 2);
+    s.job.sample.disable = false;
+    s.job.sample.sample_every = 2;
+    s.job.sample.prompts = vec!["[trigger], beach".into()];
+    s.job.sample.sample_steps = 1;
+    s.job.sample.width = 64;
+    s.job.sample.height = 64;
+    let ev = events_of(&s.job, &s.path, &quiet());
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::Samples { step: 2, .. })));
+    let csv = std::fs::read_to_string(s.root.join("output/run/loss.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().filter(|l| l.starts_with("2,")).collect();
+    assert_eq!(rows.len(), 1, "{csv}");
+    let cols: Vec<&str> = rows[0].split(',').collect();
+    assert!(!cols[1].is_empty() && !cols[3].is_empty(), "{csv}");
+}

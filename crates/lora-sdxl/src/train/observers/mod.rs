@@ -113,6 +113,9 @@ impl LogMerger {
                     });
                 }
             },
+            // samples rendered at a step come between its Step and its
+            // Validation: they do not end the step's record
+            Event::Samples { .. } => {}
             _ => done.extend(self.pending.take()),
         }
         done
