@@ -143,6 +143,17 @@ fn events_come_in_order_and_validation_follows_its_own_cadence() {
     // the CSV observer wrote the validation of step 3 although no loss was logged there
     let csv = std::fs::read_to_string(s.root.join("output/run/loss.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("3,,,")), "{csv}");
+    // the step-0 validation row says when it was measured (after loading)
+    let secs0: f64 = csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .rsplit(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs0 > 0.0, "{csv}");
 }
 
 #[test]

@@ -50,7 +50,7 @@ impl Observer for Watch {
                 s.notes = notes.clone();
                 s.checkpointing = Some(run.model.unet.gradient_checkpointing());
             }
-            Event::Validation { step: 0, loss } => s.val0 = Some(*loss),
+            Event::Validation { step: 0, loss, .. } => s.val0 = Some(*loss),
             _ => {}
         }
         Ok(())

@@ -91,6 +91,8 @@ pub enum Event {
         step: u64,
         /// Mean loss over the validation images and fixed timesteps.
         loss: f64,
+        /// Wall-clock seconds since the run started, when it was measured.
+        seconds: f64,
     },
     /// A LoRA file and the resumable state were written.
     Checkpoint {

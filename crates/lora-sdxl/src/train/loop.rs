@@ -80,7 +80,16 @@ impl Run {
         if !self.resumed {
             let v = env.validation_loss(&self.validation.items, self.validation.seed)?;
             report.val_losses.push((0, v));
-            dispatch(observers, &view, Event::Validation { step: 0, loss: v })?;
+            let seconds = self.started.elapsed().as_secs_f64();
+            dispatch(
+                observers,
+                &view,
+                Event::Validation {
+                    step: 0,
+                    loss: v,
+                    seconds,
+                },
+            )?;
         }
 
         let accum = t.gradient_accumulation as u64;
@@ -145,7 +154,15 @@ impl Run {
                 )?;
                 if let Some(v) = val {
                     report.val_losses.push((step, v));
-                    dispatch(observers, &view, Event::Validation { step, loss: v })?;
+                    dispatch(
+                        observers,
+                        &view,
+                        Event::Validation {
+                            step,
+                            loss: v,
+                            seconds,
+                        },
+                    )?;
                 }
                 if let Some((path, state)) = saved {
                     report.last_lora = Some(path.clone());

@@ -67,6 +67,7 @@ pub struct LogRecord {
 #[derive(Debug, Default)]
 pub struct LogMerger {
     pending: Option<LogRecord>,
+    /// (seconds, train_seconds) of the last step.
     last_seconds: (f64, f64),
 }
 
@@ -95,14 +96,18 @@ impl LogMerger {
                     });
                 }
             }
-            Event::Validation { step, loss } => match self.pending.take() {
+            Event::Validation {
+                step,
+                loss,
+                seconds,
+            } => match self.pending.take() {
                 Some(mut r) if r.step == step => {
                     r.val = Some(loss);
                     done.push(r);
                 }
                 other => {
                     done.extend(other);
-                    let (seconds, train_seconds) = self.last_seconds;
+                    let train_seconds = self.last_seconds.1;
                     done.push(LogRecord {
                         step,
                         loss: None,
