@@ -213,7 +213,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "max_timestep", closed(1.0, T), "highest timestep drawn (exclusive)"),
     f("train", "train_unet", Rule::Free, "train the UNet's LoRA"),
     f("train", "train_text_encoder", Rule::Free, "train LoRAs on both text encoders too"),
-    f("train", "dtype", Rule::OneOf(&["bf16", "fp16", "fp32"]), "dtype of the frozen base model"),
+    f("train", "dtype", Rule::OneOf(&["bf16", "fp32"]), "dtype of the frozen base model").hint("fp16 is refused: without loss scaling, which lorakit does not have yet, gradients through an fp16 UNet underflow and the LoRA learns little; bf16 has fp32's range"),
     f("train", "gradient_checkpointing", Rule::Free, "true | false | \"auto\": recompute activations in backward (far less VRAM, ~30% slower); auto = on for CUDA, off on CPU"),
     f("train", "cache_latents", Rule::Free, "encode each image once; latents cached under the run folder"),
     f("train", "max_token_length", Rule::OneOfInt(&[75, 150, 225]), "caption tokens used (kohya's max_token_length): 75 truncates; 150/225 use 2/3 CLIP chunks"),

@@ -122,6 +122,7 @@ fn values_are_validated_with_the_field_named() {
             "sample.prompts",
         ),
         (Box::new(|c| c.save.dtype = "int8".into()), "save.dtype"),
+        (Box::new(|c| c.train.dtype = "fp16".into()), "underflow"),
         (
             Box::new(|c| {
                 c.train.cache_text_embeddings = true;
@@ -151,6 +152,7 @@ fn the_field_table_lists_every_key_once() {
     c.job.trigger_word = Some("t".into());
     c.job.device = Some("cpu".into());
     c.model.prediction = Some("epsilon".into());
+    c.model.zero_terminal_snr = Some(true);
     c.train.text_encoder_lr = Some(1e-4);
     c.train.min_snr_gamma = Some(5.0);
     c.validation = ValidationSection {
