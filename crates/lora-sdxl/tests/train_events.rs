@@ -24,13 +24,7 @@ fn setup(steps: u64, save_every: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let (model, data) = common::tiny_model_and_dataset(&root, 4);
-    let path = root.join("job.toml");
-    std::fs::write(
-        &path,
-        JobConfig::template(model.to_str(), data.to_str(), Some("myaku")),
-    )
-    .unwrap();
-    let mut c = JobConfig::load(&path).unwrap();
+    let (mut c, path) = common::template_job(&root, &model, &data);
     c.job.name = "run".into();
     c.job.device = Some("cpu".into());
     c.network.linear = 4;

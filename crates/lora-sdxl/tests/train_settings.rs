@@ -13,13 +13,7 @@ use std::rc::Rc;
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn job_for(root: &Path, model: &Path, data: &Path) -> (JobConfig, PathBuf) {
-    let path = root.join("job.toml");
-    std::fs::write(
-        &path,
-        JobConfig::template(model.to_str(), data.to_str(), Some("myaku")),
-    )
-    .unwrap();
-    let mut c = JobConfig::load(&path).unwrap();
+    let (mut c, path) = common::template_job(root, model, data);
     c.job.device = Some("cpu".into());
     c.network.linear = 2;
     c.network.conv = 0;
