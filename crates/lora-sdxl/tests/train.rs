@@ -85,6 +85,7 @@ fn trains_saves_rotates_and_learns() {
     assert_eq!(
         files,
         vec![
+            ".lock",
             "cache",
             "job.toml",
             "loss.csv",

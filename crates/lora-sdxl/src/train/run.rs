@@ -16,7 +16,8 @@
 //! `max_step_saves_to_keep` kept), `<name>.safetensors` at the end,
 //! `state.safetensors` (fp32 LoRA, optimizer moments, position, job hash),
 //! `loss.csv` (`step,loss,lr,val_loss,seconds`), `loss.png`, `job.toml` (the
-//! job used).
+//! job used), `.lock` (the OS lock of the running process; it stays as an
+//! empty file, and holds nothing once the process has ended).
 
 use super::data::{terr, Batch, Data};
 use super::events::Observers;
