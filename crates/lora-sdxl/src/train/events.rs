@@ -12,7 +12,7 @@
 //! struct PrintLosses;
 //! impl Observer for PrintLosses {
 //!     fn on_event(&mut self, event: &Event, _run: &RunView<'_>) -> lora_sdxl::Result<()> {
-//!         if let Event::Validation { step, loss } = event {
+//!         if let Event::Validation { step, loss, .. } = event {
 //!             println!("step {step}: validation loss {loss:.4}");
 //!         }
 //!         Ok(())
