@@ -178,31 +178,46 @@ pub struct CaptionProcessing {
 }
 
 impl CaptionProcessing {
-    /// Processes one caption for one sample at one step. Order: caption
-    /// dropout → `[trigger]` replacement → trigger insertion → shuffle of the
-    /// free tags → tag dropout → join with `", "`. The trigger never moves and
-    /// is never dropped.
-    pub fn process<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
-        let trigger = self
-            .trigger
+    /// The trigger word, trimmed (`None` when unset or blank).
+    fn trigger_word(&self) -> Option<&str> {
+        self.trigger
             .as_deref()
             .map(str::trim)
-            .filter(|t| !t.is_empty());
-        if self.caption_dropout_rate > 0.0 && rng.gen::<f64>() < self.caption_dropout_rate {
-            // a dropped caption keeps the trigger (as AI Toolkit does), so the
-            // trigger alone learns the concept; without one it is empty
-            return trigger.unwrap_or_default().to_string();
-        }
-        let text = match trigger {
-            Some(t) => caption.replace("[trigger]", t),
-            None => caption.replace("[trigger]", ""),
-        };
-        let mut tags = split_tags(&text);
+            .filter(|t| !t.is_empty())
+    }
+
+    /// The caption's tags before any random step: `[trigger]` replaced and
+    /// the trigger inserted first when missing.
+    fn base_tags(&self, caption: &str) -> Vec<String> {
+        let trigger = self.trigger_word();
+        let mut tags = split_tags(&caption.replace("[trigger]", trigger.unwrap_or("")));
         if let Some(t) = trigger {
             if !has_tag(&tags, t) {
                 tags.insert(0, t.to_string());
             }
         }
+        tags
+    }
+
+    /// The caption as trained without dropout or shuffling (for the fixed
+    /// validation set and `ss_tag_frequency`): [`Self::process`]'s first
+    /// steps only.
+    pub fn base(&self, caption: &str) -> String {
+        join_tags(&self.base_tags(caption))
+    }
+
+    /// Processes one caption for one sample at one step. Order: caption
+    /// dropout → `[trigger]` replacement → trigger insertion → shuffle of the
+    /// free tags → tag dropout → join with `", "`. The trigger never moves and
+    /// is never dropped.
+    pub fn process<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
+        let trigger = self.trigger_word();
+        if self.caption_dropout_rate > 0.0 && rng.gen::<f64>() < self.caption_dropout_rate {
+            // a dropped caption keeps the trigger (as AI Toolkit does), so the
+            // trigger alone learns the concept; without one it is empty
+            return trigger.unwrap_or_default().to_string();
+        }
+        let mut tags = self.base_tags(caption);
         let keep = self.keep_tokens.min(tags.len());
         // positions after `keep` that hold something other than the trigger
         let free: Vec<usize> = (keep..tags.len())
@@ -345,6 +360,9 @@ mod tests {
             ..all.clone()
         };
         assert_eq!(with_trigger.process("a, b", &mut rng), "myakumyaku-san");
+        // the base caption: trigger inserted, nothing random
+        assert_eq!(with_trigger.base("a, [trigger]"), "a, myakumyaku-san");
+        assert_eq!(with_trigger.base("a, b"), "myakumyaku-san, a, b");
         let tags = CaptionProcessing {
             trigger: Some("t".into()),
             tag_dropout_rate: 0.999_999,

@@ -138,7 +138,6 @@ fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<Stri
         trigger: job.job.trigger_word.clone(),
         ..Default::default()
     };
-    let mut no_rng = rand::rngs::mock::StepRng::new(0, 0);
     for (img, &d) in data.images.iter().zip(&data.dataset_of) {
         let ds = &job.datasets[d];
         let key = if img.group == "." || img.group.is_empty() {
@@ -151,7 +150,7 @@ fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<Stri
         } else {
             img.group.clone()
         };
-        let caption = insert_trigger.process(&img.caption, &mut no_rng);
+        let caption = insert_trigger.base(&img.caption);
         stats.entry(key).or_default().add(&caption);
     }
     stats

@@ -70,17 +70,11 @@ impl Env {
         // summed on the device; one host read per validation
         let mut total = Tensor::zeros([], (Kind::Float, device));
         for (i, (planned, samples)) in items.iter().enumerate() {
-            let caption = {
-                let s = &samples[0];
-                let p = CaptionProcessing {
-                    trigger: self.job.job.trigger_word.clone(),
-                    ..Default::default()
-                };
-                p.process(
-                    &self.data.images[s.image].caption,
-                    &mut derived_rng(seed, &[4, i as u64]),
-                )
-            };
+            let caption = CaptionProcessing {
+                trigger: self.job.job.trigger_word.clone(),
+                ..Default::default()
+            }
+            .base(&self.data.images[samples[0].image].caption);
             tch::no_grad(|| -> Result<()> {
                 let x0 = self.latents(planned, true, seed ^ (i as u64 * 7919))?;
                 let (context, y) = self.conditioning(planned, samples, vec![caption])?;
