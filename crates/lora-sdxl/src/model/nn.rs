@@ -113,6 +113,15 @@ impl Slots {
     pub fn training(&self) -> bool {
         self.training.get()
     }
+    /// Runs `f` with training mode off (no dropouts), then restores the mode
+    /// it had: for validation and samples in the middle of training.
+    pub fn in_eval<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.training();
+        self.set_training(false);
+        let out = f();
+        self.set_training(was);
+        out
+    }
 }
 
 // Out-of-place adds keep autograd graphs simple when training through slots.

@@ -132,9 +132,9 @@ impl Run {
                     return Err(diverged(step, l));
                 }
                 let val = if step.is_multiple_of(self.validation.every) || last {
-                    env.model.slots.set_training(false);
-                    let v = env.validation_loss(&self.validation.items, self.validation.seed);
-                    env.model.slots.set_training(true);
+                    let v = env.model.slots.in_eval(|| {
+                        env.validation_loss(&self.validation.items, self.validation.seed)
+                    });
                     Some(v?)
                 } else {
                     None

@@ -28,12 +28,11 @@ impl Observer for Samples {
             }
             _ => return Ok(()),
         };
-        let slots = &run.model.slots;
-        let training = slots.training();
-        slots.set_training(false);
-        let r = training_samples(run.job, run.model, run.tokenizer, run.run_dir, step);
-        slots.set_training(training);
-        run.emit(Event::Samples { step, dir: r? });
+        let dir = run
+            .model
+            .slots
+            .in_eval(|| training_samples(run.job, run.model, run.tokenizer, run.run_dir, step))?;
+        run.emit(Event::Samples { step, dir });
         Ok(())
     }
 }
