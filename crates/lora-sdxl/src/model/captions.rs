@@ -16,10 +16,10 @@
 //! ([`super::conditioning::encode_batch`]).
 
 use super::clip::ClipTextModel;
-use super::conditioning::{check_vocabulary, TextConditioning};
+use super::conditioning::{check_vocabulary, encode_chunks, TextConditioning};
 use super::tokenizer::{ClipTokenizer, BOS, CHUNK, EOS};
 use crate::error::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The lengths kohya accepts for `max_token_length`.
 pub const MAX_TOKEN_LENGTHS: [usize; 3] = [75, 150, 225];
@@ -80,17 +80,8 @@ pub fn encode_captions(
             .view([b * n, 77])
             .to_device(device)
     };
-    let o1 = te1.forward(&ids(EOS));
-    let o2 = te2.forward(&ids(0));
-    let states = Tensor::cat(
-        &[
-            o1.penultimate.to_kind(Kind::Float),
-            o2.penultimate.to_kind(Kind::Float),
-        ],
-        -1,
-    );
-    let h = states.size()[2];
-    let states = states.view([b, n, 77, h]);
+    let (states, pooled) = encode_chunks(te1, te2, &ids(EOS), &ids(0), b, n);
+    let h = states.size()[3];
     let context = if n == 1 {
         states.select(1, 0)
     } else {
@@ -101,8 +92,6 @@ pub fn encode_captions(
         let last = states.select(1, n - 1).narrow(1, 76, 1);
         Tensor::cat(&[first, middle, last], 1)
     };
-    let p = o2.pooled.size()[1];
-    let pooled = o2.pooled.to_kind(Kind::Float).view([b, n, p]).select(1, 0);
     Ok(TextConditioning { context, pooled })
 }
 

@@ -85,20 +85,36 @@ pub fn encode_batch(
     };
     let ids1 = ids(EOS, c1);
     let ids2 = ids(0, prompts.iter().map(|p| tok.chunks(p, 0)).collect());
-    let o1 = te1.forward(&ids1);
-    let o2 = te2.forward(&ids2);
     let n = n as i64;
-    let context = Tensor::cat(
+    let (states, pooled) = encode_chunks(te1, te2, &ids1, &ids2, b, n);
+    let context = states.reshape([b, n * 77, h1 + h2]);
+    Ok(TextConditioning { context, pooled })
+}
+
+/// Both encoders over `b · n` 77-token chunks (`ids1` for CLIP-L, `ids2`
+/// for bigG, `[b·n, 77]`): the concatenated penultimate states
+/// `[b, n, 77, h1 + h2]` and chunk 0's pooled vector `[b, p]`, in fp32.
+pub(crate) fn encode_chunks(
+    te1: &ClipTextModel,
+    te2: &ClipTextModel,
+    ids1: &Tensor,
+    ids2: &Tensor,
+    b: i64,
+    n: i64,
+) -> (Tensor, Tensor) {
+    let o1 = te1.forward(ids1);
+    let o2 = te2.forward(ids2);
+    let states = Tensor::cat(
         &[
             o1.penultimate.to_kind(Kind::Float),
             o2.penultimate.to_kind(Kind::Float),
         ],
         -1,
-    )
-    .reshape([b, n * 77, h1 + h2]);
+    );
+    let h = states.size()[2];
     let p = o2.pooled.size()[1];
     let pooled = o2.pooled.to_kind(Kind::Float).view([b, n, p]).select(1, 0);
-    Ok(TextConditioning { context, pooled })
+    (states.view([b, n, 77, h]), pooled)
 }
 
 /// Refuses text encoders whose vocabulary cannot hold CLIP's token ids
