@@ -81,6 +81,18 @@ impl Inputs {
     }
 }
 
+/// Decodes a planned batch's images (white behind transparency, the
+/// default size limits), on whichever thread calls it.
+fn decode(images: &[lora_data::ImageEntry], planned: &PlannedBatch) -> LoadedBatch {
+    load_batch(
+        images,
+        planned,
+        0,
+        &DecodeLimits::default(),
+        [255, 255, 255],
+    )
+}
+
 impl Env {
     /// Whether a batch's latents may be cached: not when its dataset draws
     /// a random crop, which changes every epoch (kohya refuses to cache
@@ -135,15 +147,7 @@ impl Env {
         }
         let images = self.data.images.clone();
         let batch = planned.clone();
-        let handle = std::thread::spawn(move || {
-            load_batch(
-                &images,
-                &batch,
-                0,
-                &DecodeLimits::default(),
-                [255, 255, 255],
-            )
-        });
+        let handle = std::thread::spawn(move || decode(&images, &batch));
         queue.push_back((planned.clone(), handle));
         while queue.len() > PREFETCH_DEPTH {
             queue.pop_front();
@@ -299,13 +303,7 @@ impl Env {
             }
             None => {
                 self.count(|s| s.in_step += 1);
-                load_batch(
-                    &self.data.images,
-                    planned,
-                    0,
-                    &DecodeLimits::default(),
-                    [255, 255, 255],
-                )
+                decode(&self.data.images, planned)
             }
         };
         if !lb.skipped.is_empty() || lb.items.is_empty() {

@@ -11,6 +11,18 @@ use rand::Rng;
 use tch::{Kind, Tensor};
 
 impl Env {
+    /// `x₀` noised to timesteps `ts` and the training target: the noise (ε)
+    /// or the velocity (v-prediction).
+    fn noised(&self, x0: &Tensor, noise: Tensor, ts: &Tensor) -> (Tensor, Tensor) {
+        let noisy = self.tables.add_noise(x0, &noise, ts);
+        let target = if self.v_pred {
+            self.tables.v_target(x0, &noise, ts)
+        } else {
+            noise
+        };
+        (noisy, target)
+    }
+
     /// Loss of one micro-batch (not yet divided by the accumulation).
     pub fn micro_step(
         &self,
@@ -44,12 +56,7 @@ impl Env {
         if t.noise_offset > 0.0 {
             noise += Tensor::randn([b, x0.size()[1], 1, 1], (Kind::Float, device)) * t.noise_offset;
         }
-        let noisy = self.tables.add_noise(&x0, &noise, &ts);
-        let target = if self.v_pred {
-            self.tables.v_target(&x0, &noise, &ts)
-        } else {
-            noise
-        };
+        let (noisy, target) = self.noised(&x0, noise, &ts);
         let (context, y) = self.conditioning(planned, samples, captions)?;
         let pred = self
             .model
@@ -83,12 +90,7 @@ impl Env {
                     tch::manual_seed((seed as i64 & 0xffff_ffff) + (i as i64) * 16 + k as i64);
                     let noise = x0.randn_like();
                     let ts = Tensor::from_slice(&[*tv]).to_device(device);
-                    let noisy = self.tables.add_noise(&x0, &noise, &ts);
-                    let target = if self.v_pred {
-                        self.tables.v_target(&x0, &noise, &ts)
-                    } else {
-                        noise
-                    };
+                    let (noisy, target) = self.noised(&x0, noise, &ts);
                     let pred =
                         self.model
                             .unet
