@@ -20,6 +20,18 @@ pub fn checkpoint_path(run_dir: &Path, name: &str, step: u64, last: bool) -> Pat
     }
 }
 
+/// The step of a step checkpoint of run `name` from its file name
+/// (`<name>_<step:09>.safetensors`, the inverse of [`checkpoint_path`]);
+/// `None` for any other file, the final `<name>.safetensors` included.
+pub fn checkpoint_step_of(file_name: &str, name: &str) -> Option<u64> {
+    file_name
+        .strip_prefix(name)?
+        .strip_prefix('_')?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
 /// kohya's training metadata for a LoRA saved at `step`.
 pub(crate) fn training_metadata(
     job: &JobConfig,
@@ -177,4 +189,28 @@ pub(crate) fn save_lora(
     let path = checkpoint_path(run_dir, &job.job.name, step, last);
     network.to_set()?.save(&path, kind, &md.to_map())?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_round_trip() {
+        let dir = Path::new("out");
+        let name_of = |p: PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+        let f = name_of(checkpoint_path(dir, "run", 300, false));
+        assert_eq!(f, "run_000000300.safetensors");
+        assert_eq!(checkpoint_step_of(&f, "run"), Some(300));
+        // the final file, another run's files and other files are not step files
+        assert_eq!(
+            checkpoint_step_of(&name_of(checkpoint_path(dir, "run", 300, true)), "run"),
+            None
+        );
+        assert_eq!(
+            checkpoint_step_of("run2_000000001.safetensors", "run"),
+            None
+        );
+        assert_eq!(checkpoint_step_of("state.safetensors", "run"), None);
+    }
 }

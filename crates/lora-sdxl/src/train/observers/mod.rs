@@ -67,8 +67,8 @@ pub struct LogRecord {
 #[derive(Debug, Default)]
 pub struct LogMerger {
     pending: Option<LogRecord>,
-    /// (seconds, train_seconds) of the last step.
-    last_seconds: (f64, f64),
+    /// Training seconds of the last step (for a validation-only record).
+    last_train_seconds: f64,
 }
 
 impl LogMerger {
@@ -84,7 +84,7 @@ impl LogMerger {
                 train_seconds,
             } => {
                 done.extend(self.pending.take());
-                self.last_seconds = (seconds, train_seconds);
+                self.last_train_seconds = train_seconds;
                 if loss.is_some() {
                     self.pending = Some(LogRecord {
                         step,
@@ -107,7 +107,7 @@ impl LogMerger {
                 }
                 other => {
                     done.extend(other);
-                    let train_seconds = self.last_seconds.1;
+                    let train_seconds = self.last_train_seconds;
                     done.push(LogRecord {
                         step,
                         loss: None,

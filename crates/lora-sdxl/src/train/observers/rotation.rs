@@ -3,6 +3,7 @@
 //! not by file times). The final `<name>.safetensors` is never removed.
 
 use crate::error::Result;
+use crate::train::checkpoint::checkpoint_step_of;
 use crate::train::events::{Event, Observer, RunView};
 use std::path::PathBuf;
 
@@ -24,18 +25,12 @@ impl Observer for Rotation {
         let Event::Checkpoint { last: false, .. } = event else {
             return Ok(());
         };
-        let prefix = format!("{}_", run.job.job.name);
         let dir = run.run_dir;
         let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
             .map_err(|e| crate::SdxlError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter_map(|p| {
-                let f = p.file_name()?.to_str()?;
-                let s = f
-                    .strip_prefix(&prefix)?
-                    .strip_suffix(".safetensors")?
-                    .parse::<u64>()
-                    .ok()?;
+                let s = checkpoint_step_of(p.file_name()?.to_str()?, &run.job.job.name)?;
                 Some((s, p))
             })
             .collect();
