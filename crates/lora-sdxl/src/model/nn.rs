@@ -302,3 +302,22 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0);
     Tensor::cat(&[args.cos(), args.sin()], -1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_eval_turns_training_off_and_restores_it() {
+        let s = Slots::default();
+        s.set_training(true);
+        assert!(!s.in_eval(|| s.training()));
+        assert!(
+            s.training(),
+            "training mode must come back after a validation"
+        );
+        s.set_training(false);
+        s.in_eval(|| ());
+        assert!(!s.training());
+    }
+}
