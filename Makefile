@@ -7,7 +7,7 @@
 CARGO ?= cargo
 DEMO_OUT ?= output/demo
 
-.PHONY: all setup build demo test lint bench fixtures clean
+.PHONY: all setup build demo test lint bench fixtures toy-world docs-images clean
 
 all: build
 
@@ -36,6 +36,23 @@ bench: setup
 fixtures: setup
 	.venv/bin/python -m pip install -q safetensors diffusers numpy
 	.venv/bin/python scripts/fixtures/lora_formats.py
+
+# Rebuild the toy-world base model from nothing (about 40 min on 2 CPU cores;
+# deterministic for its seed and thread count): scenes, captions and text
+# embeddings from lorakit, then VAE and UNet trained by the script.
+toy-world: setup
+	.venv/bin/python -m pip install -q safetensors diffusers numpy
+	$(CARGO) run --release --example toy_world_data -- --out target/toy_world
+	.venv/bin/python scripts/fixtures/toy_world.py target/toy_world crates/lora-sdxl/assets/toy_world.safetensors
+
+# The README's pictures: the demo's step grid and loss chart.
+docs-images: build
+	rm -rf target/docs-demo
+	./target/release/lorakit demo --out target/docs-demo
+	mkdir -p docs
+	cp target/docs-demo/demo/samples/grid.png docs/demo_grid.png
+	cp target/docs-demo/demo/loss.png docs/demo_loss.png
+	cp target/docs-demo/demo/scores.txt docs/demo_scores.txt
 
 clean:
 	$(CARGO) clean

@@ -10,7 +10,9 @@
 //! * [`buckets`]: kohya's aspect buckets, never-upscale assignment and SDXL's
 //!   size/crop conditioning from the actual crop;
 //! * [`loader`]: seeded epoch plans and a parallel prefetching batch loader;
-//! * [`cache`]: content-keyed latent / text-embedding caches.
+//! * [`cache`]: content-keyed latent / text-embedding caches;
+//! * [`toy_world`]: the procedural picture world of the toy base model, its
+//!   demo character and a detector for both.
 
 pub mod buckets;
 pub mod cache;
@@ -22,6 +24,7 @@ pub mod loader;
 pub mod render;
 pub mod scan;
 pub mod synthetic;
+pub mod toy_world;
 
 pub use buckets::{Bucket, BucketSpec, CropMode, Placement, SizeConditioning};
 pub use cache::{LatentKey, TensorCache, TextKey};

@@ -1,20 +1,27 @@
-//! A small synthetic dataset for the built-in demo and tests: a recognisable
-//! "character" (a round orange body with two eyes and a blue hat) in varied
-//! positions, sizes, poses and backgrounds, with booru-style tag captions
-//! that start with a trigger word.
+//! A small synthetic dataset for the built-in demo and tests: the toy
+//! world's "character" (a round orange body with two eyes and a blue hat,
+//! see [`crate::toy_world`]) in varied positions, sizes, poses and
+//! backgrounds, with booru-style tag captions that start with a trigger word
+//! and — as the walkthrough teaches — name only what is *not* the character
+//! (size, position, pose, background).
 
 use crate::error::{DataError, Result};
-use image::{Rgb, RgbImage};
+use crate::toy_world::{render_character, Background, Character};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
-const BACKGROUNDS: &[(&str, [u8; 3])] = &[
-    ("white background", [240, 240, 235]),
-    ("blue background", [70, 110, 200]),
-    ("green background", [80, 160, 90]),
-    ("pink background", [230, 150, 190]),
-    ("grey background", [128, 128, 128]),
+/// The backgrounds the dataset uses; [`HELD_OUT_BACKGROUNDS`] never appear
+/// in it, so samples on them show whether the LoRA generalises.
+pub const DATASET_BACKGROUNDS: [Background; 4] = [
+    Background::White,
+    Background::Grass,
+    Background::Pink,
+    Background::Grey,
 ];
+
+/// Toy-world backgrounds that are not in the dataset.
+pub const HELD_OUT_BACKGROUNDS: [Background; 3] =
+    [Background::Sky, Background::Night, Background::Beach];
 
 /// Writes `n` images (`w × h` PNG) and captions into `dir`; returns the file stems.
 pub fn write_character_dataset(
@@ -29,42 +36,10 @@ pub fn write_character_dataset(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut stems = Vec::new();
     for i in 0..n {
-        let (bg_name, bg) = BACKGROUNDS[rng.gen_range(0..BACKGROUNDS.len())];
-        let scale: f32 = rng.gen_range(0.22..0.38);
-        let r = scale * w.min(h) as f32;
-        let cx = rng.gen_range(r..(w as f32 - r));
-        let cy = rng.gen_range(r * 1.3..(h as f32 - r));
-        let looking_left = rng.gen_bool(0.5);
-        let mut img = RgbImage::from_fn(w, h, |_, y| {
-            // subtle vertical gradient on the background
-            let t = y as f32 / h as f32;
-            Rgb(bg.map(|c| (c as f32 * (0.85 + 0.15 * t)) as u8))
-        });
-        for (x, y, px) in img.enumerate_pixels_mut() {
-            let (dx, dy) = (x as f32 - cx, y as f32 - cy);
-            let d = (dx * dx + dy * dy).sqrt();
-            if d < r {
-                *px = Rgb([235, 140, 40]); // body
-            }
-            // hat: a triangle above the body
-            let top = cy - r * 1.35;
-            if (y as f32) > top && (y as f32) < cy - r * 0.8 && dx.abs() < (y as f32 - top) * 0.7 {
-                *px = Rgb([40, 60, 170]);
-            }
-            let eye_dx = if looking_left { -r * 0.2 } else { r * 0.2 };
-            for ex in [-r * 0.35, r * 0.35] {
-                let (ex, ey) = (cx + ex + eye_dx, cy - r * 0.15);
-                let e = ((x as f32 - ex).powi(2) + (y as f32 - ey).powi(2)).sqrt();
-                if e < r * 0.16 {
-                    *px = Rgb([255, 255, 255]);
-                }
-                if e < r * 0.08 {
-                    *px = Rgb([20, 20, 20]);
-                }
-            }
-        }
-        let size_tag = if scale > 0.3 { "close-up" } else { "full body" };
-        let pose = if looking_left {
+        let bg = DATASET_BACKGROUNDS[rng.gen_range(0..DATASET_BACKGROUNDS.len())];
+        let c = Character::random(&mut rng);
+        let img = render_character(bg, &c, w, h);
+        let pose = if c.looking_left {
             "looking to the side"
         } else {
             "looking at viewer"
@@ -75,8 +50,12 @@ pub fn write_character_dataset(
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let caption =
-            format!("{trigger}, solo, round body, blue hat, {pose}, {size_tag}, {bg_name}");
+        let caption = format!(
+            "{trigger}, {}, {}, {pose}, {}",
+            c.size_tag(),
+            c.position_tag(),
+            bg.name()
+        );
         let cpath = dir.join(format!("{stem}.txt"));
         std::fs::write(&cpath, caption).map_err(|e| DataError::io(&cpath, e))?;
         stems.push(stem);

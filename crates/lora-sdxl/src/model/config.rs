@@ -191,6 +191,19 @@ impl SdxlConfig {
     }
 }
 
+impl SdxlConfig {
+    /// The toy-world base (`crates/lora-sdxl/assets/toy_world.safetensors`,
+    /// built by `make toy-world`): [`SdxlConfig::tiny`]'s text encoders and
+    /// VAE with one transformer per attention level (a smaller file), trained
+    /// at 64 px on [`lora_data::toy_world`].
+    pub fn toy_world() -> Self {
+        let mut c = Self::tiny();
+        c.unet.transformer_depth = vec![0, 1, 1];
+        c.unet.transformer_depth_middle = 1;
+        c
+    }
+}
+
 impl UnetConfig {
     /// Infers the configuration from the keys and shapes of a checkpoint
     /// (`prefix` = `model.diffusion_model.`). Assumes SDXL's layout: 2 resnets
