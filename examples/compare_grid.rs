@@ -3,16 +3,16 @@
 //!
 //! ```text
 //! cargo run --release --example compare_grid -- --model sdxl.safetensors --lora my_lora.safetensors [--out DIR]
-//! cargo run --release --example compare_grid            # no arguments: a tiny random model and LoRA (CPU)
+//! cargo run --release --example compare_grid            # no arguments: the toy-world base and a character LoRA trained on it (CPU, about a minute)
 //! ```
 
 use lorakit::core::LoraSet;
 use lorakit::sdxl::sample::grid::{render_grid, Column, GridRequest, LoraUse};
 use lorakit::sdxl::sample::txt2img::{txt2img, GenerateParams};
-use lorakit::sdxl::{ClipTokenizer, SdxlConfig, SdxlModel, TargetScope};
+use lorakit::sdxl::{ClipTokenizer, SdxlModel};
 use lorakit::tch::Device;
 use lorakit::Kind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[path = "common/mod.rs"]
 mod common;
@@ -26,14 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (model_path, lora_path, size, steps) = match (arg(&args, "--model"), arg(&args, "--lora")) {
         (Some(m), Some(l)) => (PathBuf::from(m), PathBuf::from(l), 1024, 25),
         _ => {
-            // A tiny SDXL-architecture model and a random LoRA for it.
-            let m = out.join("tiny_sdxl.safetensors");
-            let cfg = SdxlConfig::tiny();
-            lorakit::sdxl::synthetic::write_random_checkpoint(&m, &cfg, 5, Kind::Float)?;
-            let set = lorakit::sdxl::synthetic::random_lora(&cfg, TargetScope::UNET, 4, 4, 0.05)?;
-            let l = out.join("random_lora.safetensors");
-            set.save(&l, Kind::Half, &Default::default())?;
-            (m, l, 256, 12)
+            // The toy-world base and a LoRA of the demo character, trained here.
+            let model = lorakit::sdxl::toy_world::asset_path();
+            (model.clone(), train_character_lora(&model, &out)?, 64, 20)
         }
     };
     let kind = if device.is_cuda() {
@@ -44,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = SdxlModel::load(&model_path, kind, device)?;
     let tok = ClipTokenizer::new();
     let base = GenerateParams {
-        negative: "blurry, lowres".into(),
+        negative: String::new(),
         steps,
         cfg: 6.0,
         sampler: "dpmpp_2m_karras".parse()?,
@@ -57,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // One image with the LoRA at 0.8 (attached without touching base weights).
     model.attach_lora(LoraSet::load(&lora_path)?, 0.8)?;
     let params = GenerateParams {
-        prompt: "1girl, solo, beach, looking at viewer".into(),
+        prompt: "myakumyaku-san, large, in the center, sky".into(),
         ..base.clone()
     };
     let img = txt2img(&model, &tok, &params, &mut |i| {
@@ -79,8 +74,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let prompts = vec![
-        "1girl, solo, beach, looking at viewer".to_string(),
-        "1girl, sitting, city at night".to_string(),
+        "myakumyaku-san, large, in the center, beach".to_string(),
+        "myakumyaku-san, small, on the right, night".to_string(),
     ];
     let grid = render_grid(
         &model,
@@ -101,4 +96,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         grid.grid.display()
     );
     Ok(())
+}
+
+/// Trains the demo's character LoRA (150 steps) on the toy base into `out`.
+fn train_character_lora(model: &Path, out: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    use lorakit::sdxl::toy_world::{character_job, TRIGGER};
+    let data = out.join("dataset");
+    lorakit::data::synthetic::write_character_dataset(&data, 16, 64, 64, TRIGGER, 2026)?;
+    let job_path = out.join("job.toml");
+    let mut job = character_job(&job_path, model, &data, out)?;
+    job.train.steps = 150;
+    job.save.save_every = 150;
+    job.sample.disable = true;
+    eprintln!(
+        "training a character LoRA on the toy-world base ({} steps)…",
+        job.train.steps
+    );
+    let report = lorakit::sdxl::train(&job, &job_path, &Default::default())?;
+    Ok(report.last_lora.ok_or("the run saved no LoRA")?)
 }

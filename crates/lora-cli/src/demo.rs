@@ -1,105 +1,125 @@
 //! `lorakit demo`: the main job on an embedded default, with no downloads.
 //!
-//! Writes into the output folder a synthetic dataset (a round orange
-//! "character" with a blue hat in varied poses and backgrounds, tag captions
-//! with the trigger `myakumyaku-san`), a tiny SDXL-architecture base model in
-//! the real single-file layout (random weights), and the job file it uses;
-//! trains a LoRA on CPU, saving checkpoints, a fixed-seed validation loss,
-//! the loss chart and a step-comparison grid of samples; and prints where
-//! everything is. The base model is random, so the LoRA
-//! learns this dataset's noise-prediction task, not a picture-making skill.
+//! Writes into the output folder the toy-world base model (embedded in the
+//! binary: a tiny SDXL-architecture checkpoint trained on a procedural
+//! world of shapes and backgrounds, see `lora_sdxl::toy_world`), a dataset
+//! of a character it has never seen (a round orange body with a blue hat,
+//! trigger `myakumyaku-san`, captions naming only what is not the
+//! character) and the job file; trains a LoRA on CPU with checkpoints, a
+//! fixed-seed validation loss, the loss chart and a prompts × steps grid at
+//! strength 0.8 (the trigger on backgrounds not in the dataset, and one
+//! prompt without it); then scores every checkpoint with the toy-world
+//! detector over several seeds and prints whether the character appears
+//! with the trigger and not without it.
 
 use crate::AnyResult;
-use lora_core::{load_lora, LoraSummary, UnknownKeys};
+use lora_core::{load_lora, LoraSet, LoraSummary, UnknownKeys};
+use lora_sdxl::sample::txt2img::GenerateParams;
+use lora_sdxl::toy_world::{character_job, character_rate, detect, TRIGGER};
+use lora_sdxl::train::checkpoint::checkpoint_path;
 use lora_sdxl::train::{train, TrainOptions};
-use lora_sdxl::{JobConfig, SdxlConfig};
+use lora_sdxl::{ClipTokenizer, JobConfig, SdxlModel};
 use std::path::Path;
 use std::time::Instant;
 
-pub const TRIGGER: &str = "myakumyaku-san";
+/// The toy-world base (`make toy-world` rebuilds it).
+const TOY_WORLD: &[u8] = include_bytes!("../../lora-sdxl/assets/toy_world.safetensors");
+
+/// Seeds per prompt when scoring a checkpoint.
+const SEEDS: usize = 8;
 
 pub fn run(out: &Path) -> AnyResult {
     let t0 = Instant::now();
     std::fs::create_dir_all(out)?;
     let data = out.join("dataset");
-    println!("[1/4] synthetic dataset → {}", data.display());
-    lora_data::synthetic::write_character_dataset(&data, 12, 256, 256, TRIGGER, 2026)?;
-    let model = out.join("tiny_sdxl.safetensors");
+    println!("[1/5] character dataset → {}", data.display());
+    lora_data::synthetic::write_character_dataset(&data, 16, 64, 64, TRIGGER, 2026)?;
+    let model = out.join("toy_world.safetensors");
     println!(
-        "[2/4] tiny SDXL-architecture model (random weights, real single-file layout) → {}",
+        "[2/5] toy-world base model (tiny SDXL architecture, trained on shapes and backgrounds; it has never seen the character) → {}",
         model.display()
     );
-    lora_sdxl::synthetic::write_random_checkpoint(
-        &model,
-        &SdxlConfig::tiny(),
-        1128,
-        tch::Kind::Half,
-    )?;
+    lora_core::io::write_atomic(&model, TOY_WORLD)?;
 
     let job_path = out.join("job.toml");
-    let mut job = JobConfig::parse(
-        &job_path,
-        &JobConfig::template(model.to_str(), data.to_str(), Some(TRIGGER)),
-    )?;
-    job.job.name = "demo".into();
-    job.job.output_dir = out.to_path_buf();
-    job.job.device = Some("cpu".into());
-    job.network.linear = 8;
-    job.network.linear_alpha = 8.0;
-    job.network.conv = 4;
-    job.network.conv_alpha = 4.0;
-    job.save.save_every = 10;
-    job.train.steps = 40;
-    job.train.lr = 2e-3;
-    job.train.dtype = "fp32".into();
-    // A tiny model on CPU has memory to spare: no recomputation.
-    job.train.gradient_checkpointing = false.into();
-    job.datasets[0].resolution = vec![256];
-    job.validation.images = Some(4);
-    // Samples at step 0 and every save: prompts outside the training set
-    // (other backgrounds and poses), fixed seed, as users check checkpoints.
-    job.sample.disable = false;
-    job.sample.sample_every = 10;
-    job.sample.prompts = vec![
-        "[trigger], solo, full body, beach".into(),
-        "[trigger], solo, looking at viewer, city at night".into(),
-    ];
-    job.sample.negative_prompt = "blurry".into();
-    job.sample.sampler = "dpmpp_2m_karras".into();
-    job.sample.sample_steps = 10;
-    job.sample.guidance_scale = 5.0;
-    job.sample.width = 256;
-    job.sample.height = 256;
-    job.sample.strength = 1.0;
+    let job = character_job(&job_path, &model, &data, out)?;
+    let (steps, every) = (job.train.steps, job.save.save_every);
     lora_core::io::write_atomic(&job_path, toml::to_string(&job)?.as_bytes())?;
     println!(
-        "[3/4] training with {} (40 steps, batch 2 × accumulation 2, CPU)",
+        "[3/5] training with {} ({steps} steps, batch 2 × accumulation 2, 64 px, CPU)",
         job_path.display()
     );
+    let t_train = Instant::now();
     let report = train(&job, &job_path, &TrainOptions::default())?;
+    let train_s = t_train.elapsed().as_secs_f64();
 
-    println!("[4/4] result");
+    println!("[4/5] validation loss");
     let v = &report.val_losses;
     let curve: Vec<String> = v.iter().map(|(s, l)| format!("{s}: {l:.4}")).collect();
-    println!("      validation loss by step: {}", curve.join(", "));
-    if let (Some(first), Some(last)) = (v.first(), v.last()) {
-        println!(
-            "      falls by {:.1}% from step {} to step {}",
-            100.0 * (first.1 - last.1) / first.1,
-            first.0,
-            last.0
-        );
-    }
+    println!("      by step: {}", curve.join(", "));
     let final_lora = report.run_dir.join("demo.safetensors");
     print!(
         "{}",
         LoraSummary::new(&load_lora(&final_lora, UnknownKeys::Reject)?)
     );
+
+    println!("[5/5] does the character appear? (toy-world detector, {SEEDS} seeds per prompt, strength 0.8)");
+    let table = score_checkpoints(&job, &model, &report.run_dir, steps, every)?;
+    print!("{table}");
+    lora_core::io::write_atomic(report.run_dir.join("scores.txt"), table.as_bytes())?;
     println!(
-        "\ndone in {:.0} s. Everything is in {}:\n  dataset/            the synthetic images and captions\n  tiny_sdxl.safetensors  the base model\n  job.toml            the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/               checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, loss.png, state.safetensors\n  demo/samples/grid.png  the step-comparison grid (prompts × steps; the base model is random, so images are noise)",
+        "\ndone in {:.0} s ({train_s:.0} s training). Everything is in {}:\n  dataset/               the character images and captions\n  toy_world.safetensors  the base model\n  job.toml               the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/                  checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, loss.png, scores.txt, state.safetensors\n  demo/samples/grid.png  prompts × steps at a fixed seed (compare: lorakit grid --model {} --lora demo/demo_*.safetensors …)",
         t0.elapsed().as_secs_f64(),
         out.display(),
-        job_path.display()
+        job_path.display(),
+        model.display()
     );
     Ok(())
+}
+
+/// Scores the base (step 0) and every checkpoint: the share of samples with
+/// the character, for the trigger prompts and for the prompt without it.
+fn score_checkpoints(
+    job: &JobConfig,
+    model_path: &Path,
+    run_dir: &Path,
+    steps: u64,
+    every: u64,
+) -> AnyResult<String> {
+    let model = SdxlModel::load(model_path, tch::Kind::Float, tch::Device::Cpu)?;
+    let tok = ClipTokenizer::new();
+    let s = &job.sample;
+    let params: Vec<GenerateParams> = s
+        .prompts
+        .iter()
+        .map(|p| s.generate_params(p, Some(TRIGGER)))
+        .collect();
+    let mut table = format!(
+        "      {:>5}  {:>22}  {:>30}\n",
+        "step", "character with trigger", "character / square without it"
+    );
+    for step in (0..=steps).step_by(every as usize) {
+        model.detach_loras();
+        if step > 0 {
+            let path = checkpoint_path(run_dir, &job.job.name, step, step == steps);
+            model.attach_lora(LoraSet::load(&path)?, s.strength)?;
+        }
+        let mut with = Vec::new();
+        for p in &params[..3] {
+            with.extend(detect(&model, &tok, p, SEEDS)?);
+        }
+        let without = detect(&model, &tok, &params[3], SEEDS)?;
+        let green = without
+            .iter()
+            .filter(|a| a.colour.is_some_and(|c| c.0 == "green"))
+            .count();
+        table += &format!(
+            "      {step:>5}  {:>21.0}%  {:>18.0}% / {:>3.0}% green\n",
+            100.0 * character_rate(&with),
+            100.0 * character_rate(&without),
+            100.0 * green as f64 / SEEDS as f64
+        );
+    }
+    model.detach_loras();
+    Ok(table)
 }

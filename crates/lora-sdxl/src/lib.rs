@@ -21,6 +21,7 @@ pub mod model;
 pub mod sample;
 pub mod synthetic;
 pub mod tools;
+pub mod toy_world;
 pub mod train;
 
 pub use error::{Result, SdxlError};

@@ -220,7 +220,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "cache_text_embeddings", Rule::Free, "encode each caption once (needs static captions and frozen text encoders)"),
     f("datasets", "folder_path", Rule::Free, "images with same-name caption files"),
     f("datasets", "caption_ext", Rule::Free, "caption file extension"),
-    f("datasets", "resolution", closed(256.0, 2048.0), "training resolutions, multiples of 64"),
+    f("datasets", "resolution", closed(64.0, 2048.0), "training resolutions, multiples of 64 (SDXL: 512–1024; 64 for the toy-world base)"),
     f("datasets", "num_repeats", AT_LEAST_1, "times each image is seen per epoch"),
     f("datasets", "caption_dropout_rate", RATE, "probability that a caption is dropped: it becomes the trigger word alone (empty without one)"),
     f("datasets", "shuffle_tokens", Rule::Free, "shuffle the tags after the first keep_tokens"),

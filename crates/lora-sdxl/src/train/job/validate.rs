@@ -167,7 +167,7 @@ impl JobConfig {
             if let Some(r) = d.resolution.iter().find(|r| **r % 64 != 0) {
                 return err(
                     &f("resolution"),
-                    format!("{r} must be a multiple of 64 between 256 and 2048"),
+                    format!("{r} must be a multiple of 64 between 64 and 2048"),
                 );
             }
             if self.train.cache_text_embeddings {
