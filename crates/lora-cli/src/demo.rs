@@ -57,6 +57,14 @@ pub fn run(out: &Path) -> AnyResult {
     let v = &report.val_losses;
     let curve: Vec<String> = v.iter().map(|(s, l)| format!("{s}: {l:.4}")).collect();
     println!("      by step: {}", curve.join(", "));
+    if let (Some(first), Some(last)) = (v.first(), v.last()) {
+        println!(
+            "      falls by {:.1}% from step {} to step {}",
+            100.0 * (first.1 - last.1) / first.1,
+            first.0,
+            last.0
+        );
+    }
     let final_lora = report.run_dir.join("demo.safetensors");
     print!(
         "{}",
@@ -68,7 +76,7 @@ pub fn run(out: &Path) -> AnyResult {
     print!("{table}");
     lora_core::io::write_atomic(report.run_dir.join("scores.txt"), table.as_bytes())?;
     println!(
-        "\ndone in {:.0} s ({train_s:.0} s training). Everything is in {}:\n  dataset/               the character images and captions\n  toy_world.safetensors  the base model\n  job.toml               the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/                  checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, loss.png, scores.txt, state.safetensors\n  demo/samples/grid.png  prompts × steps at a fixed seed (compare: lorakit grid --model {} --lora demo/demo_*.safetensors …)",
+        "\ndone in {:.0} s ({train_s:.0} s training). Everything is in {}:\n  dataset/               the character images and captions\n  toy_world.safetensors  the base model\n  job.toml               the job (run it again: lorakit train {} --resume after raising train.steps)\n  demo/                  checkpoints demo_<step>.safetensors, final demo.safetensors, loss.csv, loss.png, scores.txt, state.safetensors\n  demo/samples/grid.png  prompts × steps at a fixed seed (compare more seeds: lorakit grid --model {} --loras demo/demo_*.safetensors --width 64 --height 64 --steps 20 --cfg 5 --strength 0.8 --with-base --prompt …)",
         t0.elapsed().as_secs_f64(),
         out.display(),
         job_path.display(),

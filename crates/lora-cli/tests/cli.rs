@@ -152,32 +152,36 @@ fn demo_trains_saves_samples_and_compares() {
     let run = dir.path().join("demo");
     for f in [
         "demo.safetensors",
-        "demo_000000010.safetensors",
-        "demo_000000030.safetensors",
+        "demo_000000050.safetensors",
+        "demo_000000250.safetensors",
         "loss.csv",
         "loss.png",
+        "scores.txt",
         "state.safetensors",
         "samples/000000000_p00.png",
-        "samples/000000040_p01.png",
+        "samples/000000300_p03.png",
     ] {
         assert!(run.join(f).exists(), "{f} missing: {out}");
     }
-    // The in-training grid: 2 prompts × 5 sample rounds (steps 0..=40 by 10).
+    // The in-training grid: 4 prompts × 7 sample rounds (steps 0..=300 by 50) of 64 px.
     let grid = image::open(run.join("samples/grid.png")).unwrap();
     assert!(
-        grid.width() > 5 * 256 && grid.height() > 2 * 256,
+        grid.width() > 7 * 64 && grid.height() > 4 * 64,
         "{:?}",
         (grid.width(), grid.height())
     );
-    let p = png_parameters(&run.join("samples/000000020_p01.png"));
+    let p = png_parameters(&run.join("samples/000000100_p01.png"));
     assert!(
-        p.starts_with("myakumyaku-san, solo, looking at viewer, city at night <lora:demo_000000020:1>\nNegative prompt: blurry\nSteps: 10, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 42, Size: 256x256"),
+        p.starts_with("myakumyaku-san, small, on the left, night <lora:demo_000000100:0.8>\nNegative prompt: \nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 42, Size: 64x64, Model: toy_world"),
         "{p}"
     );
     assert!(
         dir.path().join("job.toml").exists() && dir.path().join("dataset/char_000.png").exists()
     );
-    assert!(out.contains("validation loss by step: 0: "), "{out}");
+    assert!(out.contains("by step: 0: "), "{out}");
+    // one score row per checkpoint and the base
+    let scores = std::fs::read_to_string(run.join("scores.txt")).unwrap();
+    assert_eq!(scores.lines().count(), 1 + 7, "{scores}");
     // the validation loss falls clearly
     let pct: f64 = out
         .lines()
@@ -203,7 +207,7 @@ fn demo_trains_saves_samples_and_compares() {
     );
 
     // `lorakit sample` with the final LoRA: PNG with A1111 parameters.
-    let model = dir.path().join("tiny_sdxl.safetensors");
+    let model = dir.path().join("toy_world.safetensors");
     let samples = dir.path().join("s");
     let lora_arg = format!("{}:0.8", run.join("demo.safetensors").display());
     let common = [
@@ -237,7 +241,7 @@ fn demo_trains_saves_samples_and_compares() {
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("00001-7.png"), "{out}");
     let p = png_parameters(&samples.join("00000-7.png"));
-    assert!(p.starts_with("myakumyaku-san, beach <lora:demo:0.8>\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 7, Size: 64x64, Model: tiny_sdxl, Lora hashes: \"demo: "), "{p}");
+    assert!(p.starts_with("myakumyaku-san, beach <lora:demo:0.8>\nNegative prompt: \nSteps: 3, Sampler: Euler, Schedule type: Normal, CFG scale: 7, Seed: 7, Size: 64x64, Model: toy_world, Lora hashes: \"demo: "), "{p}");
     assert!(
         p.ends_with(&format!("Version: lorakit {}", env!("CARGO_PKG_VERSION"))),
         "{p}"
@@ -251,13 +255,13 @@ fn demo_trains_saves_samples_and_compares() {
         "# test prompts\nmyakumyaku-san, beach\n\nmyakumyaku-san, snow\n",
     )
     .unwrap();
-    let c30 = run.join("demo_000000030.safetensors");
-    let c10 = run.join("demo_000000010.safetensors");
+    let c150 = run.join("demo_000000150.safetensors");
+    let c50 = run.join("demo_000000050.safetensors");
     let mut args = vec![
         "grid",
         "--loras",
-        c30.to_str().unwrap(),
-        c10.to_str().unwrap(),
+        c150.to_str().unwrap(),
+        c50.to_str().unwrap(),
         "--strengths",
         "0.5,1",
         "--with-base",
@@ -278,10 +282,10 @@ fn demo_trains_saves_samples_and_compares() {
         .map(|c| {
             let label = [
                 "no_LoRA",
-                "step_10___0.5",
-                "step_10___1",
-                "step_30___0.5",
-                "step_30___1",
+                "step_50___0.5",
+                "step_50___1",
+                "step_150___0.5",
+                "step_150___1",
             ][c];
             format!("c{c:02}_{label}_p01.png")
         })
@@ -289,7 +293,7 @@ fn demo_trains_saves_samples_and_compares() {
     for n in &names {
         assert!(grid_dir.join(n).exists(), "{n} missing");
     }
-    assert!(png_parameters(&grid_dir.join(&names[3])).contains("<lora:demo_000000030:0.5>"));
+    assert!(png_parameters(&grid_dir.join(&names[3])).contains("<lora:demo_000000150:0.5>"));
     assert!(!png_parameters(&grid_dir.join(&names[0])).contains("<lora:"));
     let g = image::open(grid_dir.join("grid.png")).unwrap();
     assert!(g.width() > 5 * 64 && g.height() > 2 * 64);
@@ -299,7 +303,7 @@ fn demo_trains_saves_samples_and_compares() {
         "--model",
         model.to_str().unwrap(),
         "--loras",
-        c10.to_str().unwrap(),
+        c50.to_str().unwrap(),
         "--device",
         "cpu",
         "--width",

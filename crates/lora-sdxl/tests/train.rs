@@ -109,7 +109,12 @@ fn trains_saves_rotates_and_learns() {
     assert_eq!(l.format, lora_core::LoraFormat::Kohya);
     assert_eq!(l.metadata["ss_steps"], "12");
     assert_eq!(l.metadata["modelspec.trigger_phrase"], "myaku");
-    assert!(l.metadata["ss_tag_frequency"].contains("round body"));
+    // tag counts per folder, the trigger in each of the 6 captions
+    let tags: serde_json::Value = serde_json::from_str(&l.metadata["ss_tag_frequency"]).unwrap();
+    assert!(
+        tags.as_object().unwrap().values().any(|f| f["myaku"] == 6),
+        "{tags}"
+    );
     let csv = std::fs::read_to_string(dir.join("loss.csv")).unwrap();
     assert!(
         csv.starts_with("step,loss,lr,val_loss,seconds\n0,,,"),
