@@ -14,6 +14,7 @@
 
 use crate::AnyResult;
 use lora_core::{load_lora, LoraSet, LoraSummary, UnknownKeys};
+use lora_data::toy_world::Analysis;
 use lora_sdxl::sample::txt2img::GenerateParams;
 use lora_sdxl::toy_world::{character_job, character_rate, detect, TRIGGER};
 use lora_sdxl::train::checkpoint::checkpoint_path;
@@ -103,8 +104,8 @@ fn score_checkpoints(
         .map(|p| s.generate_params(p, Some(TRIGGER)))
         .collect();
     let mut table = format!(
-        "      {:>5}  {:>22}  {:>30}\n",
-        "step", "character with trigger", "character / square without it"
+        "      {:>5}  {:>28}  {:>36}\n",
+        "step", "with trigger: body / character", "without: body / character / green square"
     );
     for step in (0..=steps).step_by(every as usize) {
         model.detach_loras();
@@ -121,9 +122,14 @@ fn score_checkpoints(
             .iter()
             .filter(|a| a.colour.is_some_and(|c| c.0 == "green"))
             .count();
+        let body = |seen: &[Analysis]| {
+            100.0 * seen.iter().filter(|a| a.has_body()).count() as f64 / seen.len() as f64
+        };
         table += &format!(
-            "      {step:>5}  {:>21.0}%  {:>18.0}% / {:>3.0}% green\n",
+            "      {step:>5}  {:>18.0}% / {:>6.0}%  {:>16.0}% / {:>6.0}% / {:>6.0}%\n",
+            body(&with),
             100.0 * character_rate(&with),
+            body(&without),
             100.0 * character_rate(&without),
             100.0 * green as f64 / SEEDS as f64
         );

@@ -130,7 +130,7 @@ fn a_short_lora_run_teaches_the_characters_body_without_bleed() {
             .flat_map(|p| detect(model, &tok, p, SEEDS).unwrap())
             .collect()
     };
-    let body = |a: &Analysis| a.body >= 0.03;
+    let body = Analysis::has_body;
     let before = with_trigger(&model);
     model
         .attach_lora(LoraSet::load(&lora).unwrap(), s.strength)

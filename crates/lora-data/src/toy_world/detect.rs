@@ -37,6 +37,12 @@ impl Analysis {
         (self.body / 0.05).min(1.0) * (self.hat / 0.01).min(1.0)
     }
 
+    /// The character's body is there (at least 3 % of the image): what a
+    /// short LoRA run teaches first, before the hat's colour.
+    pub fn has_body(&self) -> bool {
+        self.body >= 0.03
+    }
+
     /// The character is there: a score of at least 0.5.
     pub fn has_character(&self) -> bool {
         self.character_score() >= 0.5
