@@ -16,7 +16,7 @@ use crate::AnyResult;
 use lora_core::{load_lora, LoraSet, LoraSummary, UnknownKeys};
 use lora_data::toy_world::Analysis;
 use lora_sdxl::sample::txt2img::GenerateParams;
-use lora_sdxl::toy_world::{character_job, character_rate, detect, TRIGGER};
+use lora_sdxl::toy_world::{character_job, character_rate, detect, share, TRIGGER};
 use lora_sdxl::train::checkpoint::checkpoint_path;
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{ClipTokenizer, JobConfig, SdxlModel};
@@ -118,20 +118,14 @@ fn score_checkpoints(
             with.extend(detect(&model, &tok, p, SEEDS)?);
         }
         let without = detect(&model, &tok, &params[3], SEEDS)?;
-        let green = without
-            .iter()
-            .filter(|a| a.colour.is_some_and(|c| c.0 == "green"))
-            .count();
-        let body = |seen: &[Analysis]| {
-            100.0 * seen.iter().filter(|a| a.has_body()).count() as f64 / seen.len() as f64
-        };
+        let green = share(&without, |a| a.colour.is_some_and(|c| c.0 == "green"));
         table += &format!(
             "      {step:>5}  {:>18.0}% / {:>6.0}%  {:>16.0}% / {:>6.0}% / {:>6.0}%\n",
-            body(&with),
+            100.0 * share(&with, Analysis::has_body),
             100.0 * character_rate(&with),
-            body(&without),
+            100.0 * share(&without, Analysis::has_body),
             100.0 * character_rate(&without),
-            100.0 * green as f64 / SEEDS as f64
+            100.0 * green
         );
     }
     model.detach_loras();

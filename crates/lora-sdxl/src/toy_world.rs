@@ -122,7 +122,13 @@ pub fn detect(
     Ok(images.iter().map(analyse).collect())
 }
 
+/// The share of `seen` for which `f` holds (0 for none seen), e.g.
+/// `share(&seen, Analysis::has_character)`.
+pub fn share(seen: &[Analysis], f: impl Fn(&Analysis) -> bool) -> f64 {
+    seen.iter().filter(|a| f(a)).count() as f64 / seen.len().max(1) as f64
+}
+
 /// The share of `seen` with the demo character.
 pub fn character_rate(seen: &[Analysis]) -> f64 {
-    seen.iter().filter(|a| a.has_character()).count() as f64 / seen.len().max(1) as f64
+    share(seen, Analysis::has_character)
 }

@@ -9,7 +9,7 @@
 use lora_core::LoraSet;
 use lora_data::toy_world::{Analysis, Background};
 use lora_sdxl::toy_world::{
-    asset_path, character_job, character_rate, detect, params, GRID_PROMPTS, TRIGGER,
+    asset_path, character_job, character_rate, detect, params, share, GRID_PROMPTS, TRIGGER,
 };
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{ClipTokenizer, SdxlModel};
@@ -27,10 +27,6 @@ const BODY_AFTER: f64 = 0.4;
 
 fn base() -> SdxlModel {
     SdxlModel::load(asset_path(), tch::Kind::Float, tch::Device::Cpu).unwrap()
-}
-
-fn share(seen: &[Analysis], f: impl Fn(&Analysis) -> bool) -> f64 {
-    seen.iter().filter(|a| f(a)).count() as f64 / seen.len() as f64
 }
 
 #[test]

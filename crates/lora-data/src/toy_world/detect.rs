@@ -81,8 +81,7 @@ pub fn analyse(img: &RgbImage) -> Analysis {
     let mut counts = vec![0usize; COLOURS.len()];
     let (mut body, mut body_y) = (0usize, 0f64);
     let mut hats: Vec<u32> = Vec::new();
-    for (x, y, p) in img.enumerate_pixels() {
-        let _ = x;
+    for (_, y, p) in img.enumerate_pixels() {
         let p = p.0;
         if dist2(p, background.row_colour(y, h)) <= FOREGROUND {
             continue;
