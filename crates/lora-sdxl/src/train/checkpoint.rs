@@ -130,14 +130,12 @@ pub(crate) fn training_metadata(
 /// `ss_optimizer`: the optimizer actually used and its arguments, kohya style
 /// (`class(k=v,…)`).
 fn optimizer_name(job: &JobConfig) -> String {
-    let class = match job.train.optimizer.as_str() {
-        "adamw8bit" => "lorakit.optim.AdamW8bit",
-        _ => "lorakit.optim.AdamW",
-    };
-    format!(
-        "{class}(weight_decay={},betas=(0.9, 0.999),eps=1e-08)",
-        lora_core::metadata::py_float(job.train.weight_decay)
-    )
+    let t = &job.train;
+    match crate::train::optim::OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, t.weight_decay)
+    {
+        Ok(args) => args.describe(t.weight_decay),
+        Err(_) => t.optimizer.clone(), // a validated job always parses
+    }
 }
 
 /// `ss_tag_frequency` as kohya writes it: per dataset folder (a kohya

@@ -222,7 +222,7 @@ impl Run {
         save_state(
             &state,
             &self.network,
-            [&self.optim.unet, &self.optim.te],
+            self.optim.opt.as_ref(),
             &self.hash,
             self.pos,
         )?;

@@ -24,7 +24,7 @@ use super::events::Observers;
 use super::inputs::Inputs;
 use super::job::JobConfig;
 use super::network::Network;
-use super::optim::{clip_grad_norm, AdamW};
+use super::optim::{clip_grad_norm, Optimizer, OptimizerArgs};
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
 use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
@@ -102,10 +102,9 @@ pub(crate) struct Env {
     pub inputs: Inputs,
 }
 
-/// Both optimizers (UNet, text encoders) and the LR schedule.
+/// The optimizer over both groups (UNet, text encoders) and the LR schedule.
 pub(crate) struct Optimizers {
-    pub unet: AdamW,
-    pub te: AdamW,
+    pub opt: Box<dyn Optimizer>,
     params: Vec<Tensor>,
     schedule: LrSchedule,
     lr: f64,
@@ -116,21 +115,25 @@ pub(crate) struct Optimizers {
 }
 
 impl Optimizers {
-    fn new(job: &JobConfig, network: &Network) -> Result<Self> {
+    fn new(job: &JobConfig, network: &Network, notes: &mut Vec<String>) -> Result<Self> {
         let t = &job.train;
         let (schedule, note) = LrSchedule::for_job(&t.lr_scheduler, t.warmup_steps)
             .ok_or_else(|| terr("bad lr_scheduler"))?;
         if let Some(note) = note {
             tracing::warn!("{note}");
         }
-        let make = if t.optimizer == "adamw8bit" {
-            AdamW::new_8bit
-        } else {
-            AdamW::new
-        };
+        let args = OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, t.weight_decay)
+            .map_err(|(k, m)| terr(format!("train.optimizer_args.{k}: {m}")))?;
+        if let Some(note) = args.note() {
+            tracing::warn!("{note}");
+            notes.push(note);
+        }
+        let groups = vec![
+            ("unet".to_string(), network.params(false)),
+            ("te".to_string(), network.params(true)),
+        ];
         Ok(Self {
-            unet: make(network.params(false), 0.9, 0.999, 1e-8, t.weight_decay),
-            te: make(network.params(true), 0.9, 0.999, 1e-8, t.weight_decay),
+            opt: args.build(t.weight_decay, groups),
             params: network.all_params(),
             schedule,
             lr: t.lr,
@@ -149,10 +152,8 @@ impl Optimizers {
             (self.max_grad_norm > 0.0).then(|| clip_grad_norm(&self.params, self.max_grad_norm));
         let lr = self.schedule.lr(self.lr, step, self.total, self.warmup);
         let lr_te = self.schedule.lr(self.te_lr, step, self.total, self.warmup);
-        self.unet.step(lr);
-        self.te.step(lr_te);
-        self.unet.zero_grad();
-        self.te.zero_grad();
+        self.opt.step(&[lr, lr_te]);
+        self.opt.zero_grad();
         (lr, norm)
     }
 }
@@ -258,7 +259,7 @@ impl Run {
         let lock = RunLock::take(&run_dir)?;
         remove_stale_temp_files(&run_dir);
         let network = Network::attach(job, &model, device)?;
-        let mut optim = Optimizers::new(job, &network)?;
+        let mut optim = Optimizers::new(job, &network, &mut notes)?;
         let hash = shape_hash(job);
         let state = run_dir.join("state.safetensors");
         let resumed = opts.resume && state.exists();
@@ -269,13 +270,7 @@ impl Run {
             );
         }
         let pos = if resumed {
-            let pos = restore_state(
-                &state,
-                &hash,
-                &network,
-                [&mut optim.unet, &mut optim.te],
-                device,
-            )?;
+            let pos = restore_state(&state, &hash, &network, optim.opt.as_mut(), device)?;
             if pos.step >= job.train.steps {
                 return Err(terr(format!(
                     "--resume: the run already reached step {} of train.steps = {}; raise train.steps to extend it",

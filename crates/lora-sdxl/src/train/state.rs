@@ -6,7 +6,7 @@
 use super::data::terr;
 use super::job::JobConfig;
 use super::network::Network;
-use super::optim::AdamW;
+use super::optim::Optimizer;
 use crate::error::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -51,7 +51,7 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
 pub(crate) fn save_state(
     path: &Path,
     network: &Network,
-    opts: [&AdamW; 2],
+    opt: &dyn Optimizer,
     hash: &str,
     pos: Position,
 ) -> Result<()> {
@@ -70,13 +70,12 @@ pub(crate) fn save_state(
         ("lorakit.epoch".to_string(), pos.epoch.to_string()),
         ("lorakit.batch".to_string(), pos.batch.to_string()),
     ]);
-    for (tag, opt) in ["unet", "te"].into_iter().zip(opts) {
-        tensors.extend(opt.state_tensors(&format!("adam.{tag}")));
-        md.insert(
-            format!("lorakit.adam.{tag}.steps"),
-            opt.steps_taken().to_string(),
-        );
-    }
+    tensors.extend(opt.state_tensors());
+    md.insert("lorakit.optimizer".into(), opt.family().into());
+    md.insert(
+        "lorakit.optimizer.steps".into(),
+        opt.steps_taken().to_string(),
+    );
     let bytes = lora_core::io::serialize(&tensors, &md)?;
     lora_core::io::write_atomic(path, &bytes)?;
     Ok(())
@@ -88,7 +87,7 @@ pub(crate) fn restore_state(
     path: &Path,
     hash: &str,
     network: &Network,
-    opts: [&mut AdamW; 2],
+    opt: &mut dyn Optimizer,
     device: Device,
 ) -> Result<Position> {
     let st = lora_core::io::read_tensors(path).map_err(|e| terr(format!("--resume: {e}")))?;
@@ -123,12 +122,19 @@ pub(crate) fn restore_state(
         }
         Ok(())
     })?;
-    for (tag, opt) in ["unet", "te"].into_iter().zip(opts) {
-        let steps = num(&format!("lorakit.adam.{tag}.steps"))?;
-        let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
-        opt.load_state(&format!("adam.{tag}"), &lookup, steps)
-            .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
+    let family = md.get("lorakit.optimizer").map_or("adam", String::as_str);
+    if family != opt.family() {
+        return Err(terr(format!(
+            "--resume: {} holds a {family} state but train.optimizer is now {}; restore train.optimizer or start a new run (another job.name)",
+            path.display(),
+            opt.family()
+        )));
     }
+    // States written before the optimizer choice kept AdamW's count per group.
+    let steps = num("lorakit.optimizer.steps").or_else(|_| num("lorakit.adam.unet.steps"))?;
+    let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
+    opt.load_state(&lookup, steps)
+        .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
     Ok(pos)
 }
 

@@ -53,12 +53,12 @@ const POSITIVE: Rule = Rule::Range {
     open_max: false,
 };
 
-/// `(0, 1)`: learning rates.
-const OPEN_UNIT: Rule = Rule::Range {
+/// `(0, 10]`: learning rates (Prodigy's is 1.0).
+const LEARNING_RATE: Rule = Rule::Range {
     min: 0.0,
-    max: 1.0,
+    max: 10.0,
     open_min: true,
-    open_max: true,
+    open_max: false,
 };
 
 /// At least 1.
@@ -199,12 +199,13 @@ pub const FIELDS: &[Field] = &[
     f("train", "batch_size", closed(1.0, 256.0), "images per micro-batch"),
     f("train", "gradient_accumulation", AT_LEAST_1, "micro-batches per optimizer step (effective batch = batch_size × this)"),
     f("train", "steps", AT_LEAST_1, "optimizer steps"),
-    f("train", "lr", OPEN_UNIT, "UNet learning rate").hint("typical LoRA rates are 1e-5 to 1e-3"),
-    f("train", "text_encoder_lr", OPEN_UNIT, "text-encoder learning rate (default: lr)").example("7e-5"),
-    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory"),
+    f("train", "lr", LEARNING_RATE, "UNet learning rate").hint("typical LoRA rates are 1e-5 to 1e-3 for adamw and adafactor, 3-10x lower for lion, 1.0 for prodigy"),
+    f("train", "text_encoder_lr", LEARNING_RATE, "text-encoder learning rate (default: lr)").example("7e-5"),
+    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory; lion: sign updates, one moment; prodigy: estimates its own step size (lr = 1.0); adafactor: factored second moments, least memory"),
+    f("train", "optimizer_args", Rule::Free, "the optimizer's own settings, as its package names them: adamw betas, eps; lion betas; prodigy betas, beta3, eps, decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p; adafactor eps, clip_threshold, decay_rate, beta1, scale_parameter, relative_step (default true: train.lr unused), warmup_init").example("{ d_coef = 1.0, use_bias_correction = true, safeguard_warmup = true }"),
     f("train", "lr_scheduler", Rule::OneOf(&["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]), "learning-rate schedule"),
     f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),
-    f("train", "weight_decay", RATE, "AdamW weight decay"),
+    f("train", "weight_decay", RATE, "weight decay (decoupled, scaled by the step size) of every optimizer"),
     f("train", "max_grad_norm", closed(0.0, INF), "gradient-norm clipping; 0 = off"),
     f("train", "noise_offset", closed(0.0, 1.0), "noise offset").hint("0.0357 is a common value"),
     f("train", "min_snr_gamma", POSITIVE, "min-SNR-γ loss weighting").hint("5 is the usual value").example("5.0"),

@@ -160,8 +160,12 @@ pub struct TrainSection {
     pub lr: f64,
     /// Text-encoder learning rate (default: `lr`).
     pub text_encoder_lr: Option<f64>,
-    /// `adamw` or `adamw8bit`.
+    /// `adamw`, `adamw8bit`, `lion`, `prodigy` or `adafactor`.
     pub optimizer: String,
+    /// The optimizer's own settings (`[train.optimizer_args]`), named as
+    /// its reference package names them (see [`crate::train::optim`]).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub optimizer_args: std::collections::BTreeMap<String, toml::Value>,
     /// `constant`, `constant_with_warmup`, `cosine`, `linear`, `cosine_with_restarts`.
     pub lr_scheduler: String,
     /// Warm-up steps.
@@ -209,6 +213,7 @@ impl Default for TrainSection {
             lr: 7e-5,
             text_encoder_lr: None,
             optimizer: "adamw".into(),
+            optimizer_args: Default::default(),
             lr_scheduler: "constant".into(),
             warmup_steps: 0,
             weight_decay: 0.01,

@@ -155,6 +155,7 @@ fn the_field_table_lists_every_key_once() {
     c.model.zero_terminal_snr = Some(true);
     c.train.text_encoder_lr = Some(1e-4);
     c.train.min_snr_gamma = Some(5.0);
+    c.train.optimizer_args = [("betas".to_string(), toml::Value::from(vec![0.9, 0.999]))].into();
     c.validation = ValidationSection {
         every: Some(1),
         images: Some(1),

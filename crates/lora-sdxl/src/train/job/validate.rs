@@ -127,6 +127,29 @@ impl JobConfig {
                 ),
             );
         }
+        let args = crate::train::optim::OptimizerArgs::parse(
+            &t.optimizer,
+            &t.optimizer_args,
+            t.weight_decay,
+        )
+        .map_err(|(k, m)| JobError {
+            file: file.to_path_buf(),
+            field: format!("train.optimizer_args.{k}"),
+            message: m,
+        })?;
+        let prodigy = matches!(args, crate::train::optim::OptimizerArgs::Prodigy(_));
+        if !prodigy && t.lr >= 0.1 {
+            return err(
+                "train.lr",
+                format!("{} is far too high for {} (typical LoRA rates are 1e-5 to 1e-3; 1.0 is Prodigy's rate: train.optimizer = \"prodigy\")", t.lr, t.optimizer),
+            );
+        }
+        if prodigy && t.train_text_encoder && t.text_encoder_lr.is_some_and(|r| r != t.lr) {
+            return err(
+                "train.text_encoder_lr",
+                "prodigy estimates one step size for the UNet and the text encoders together, so their rates must be equal: leave text_encoder_lr unset".into(),
+            );
+        }
         if !t.train_unet && !t.train_text_encoder {
             return err(
                 "train.train_unet",

@@ -1,9 +1,10 @@
-//! AdamW over raw tensors (decoupled weight decay, as `torch.optim.AdamW`),
-//! its 8-bit variant (bitsandbytes' `AdamW8bit`: blockwise dynamic
-//! quantisation of both moments), and gradient-norm clipping, all without
-//! host synchronisation.
+//! AdamW over raw tensors (decoupled weight decay, as `torch.optim.AdamW`)
+//! and its 8-bit variant (bitsandbytes' `AdamW8bit`: blockwise dynamic
+//! quantisation of both moments).
 
-use tch::{Kind, Tensor};
+use super::quant8::{QuantMap, Quantized, MIN_8BIT_SIZE};
+use super::{check, ptr, PerParam};
+use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
@@ -19,160 +20,6 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut std::ffi::c_char;
-    fn lorakit_clip_grad_norm(
-        params: *mut *mut C_tensor,
-        n: i64,
-        max_norm: f64,
-        total: *mut *mut C_tensor,
-    ) -> *mut std::ffi::c_char;
-    fn lorakit_clear_grads(params: *mut *mut C_tensor, n: i64);
-    fn lorakit_free(p: *mut std::ffi::c_char);
-}
-
-fn ptr(t: &Tensor) -> *mut C_tensor {
-    t.as_ptr() as *mut C_tensor
-}
-
-/// Turns a shim error message into a panic with it (these calls only fail on
-/// programming errors such as mismatched devices).
-fn check(err: *mut std::ffi::c_char, what: &str) {
-    if !err.is_null() {
-        // SAFETY: the shim returns a malloc'ed C string or null.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { lorakit_free(err) };
-        panic!("{what}: {msg}");
-    }
-}
-
-/// bitsandbytes' block size for 8-bit optimizer states.
-pub const BLOCK_SIZE: i64 = 256;
-/// Parameters smaller than this keep fp32 states (bitsandbytes' `min_8bit_size`).
-pub const MIN_8BIT_SIZE: i64 = 4096;
-
-/// bitsandbytes' dynamic quantisation map (`create_dynamic_map`, 7 exponent
-/// bits, 8 bits): 256 sorted values in [-1, 1] (signed) or [0, 1] (unsigned),
-/// dense near zero.
-pub fn dynamic_map(signed: bool) -> Tensor {
-    let (total_bits, max_exp) = (8i32, 7i32);
-    let non_sign = total_bits - 1;
-    let additional = 2i64.pow((non_sign - max_exp) as u32) - 1;
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    // bitsandbytes multiplies a float32 tensor by a Python float: the product
-    // is computed in f32.
-    let means = |items: i64| -> Vec<f32> {
-        let b = Tensor::linspace(0.1, 1.0, items, (Kind::Float, tch::Device::Cpu));
-        let m = (b.narrow(0, 0, items - 1) + b.narrow(0, 1, items - 1)) / 2.0;
-        Vec::<f32>::try_from(&m).expect("float tensor")
-    };
-    let mut last_scale = 1.0f32;
-    for i in 0..max_exp {
-        let items = if signed {
-            2i64.pow((i + non_sign - max_exp) as u32) + 1
-        } else {
-            2i64.pow((i + non_sign - max_exp + 1) as u32) + 1
-        };
-        let scale = 10f64.powf(f64::from(-(max_exp - 1) + i)) as f32;
-        last_scale = scale;
-        for m in means(items) {
-            data.push(scale * m);
-            if signed {
-                data.push(-scale * m);
-            }
-        }
-    }
-    if additional > 0 {
-        for m in means(additional + 1) {
-            data.push(last_scale * m);
-            if signed {
-                data.push(-last_scale * m);
-            }
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    // Unsigned maps have fewer items: pad with zeros as bitsandbytes does.
-    while data.len() < 256 {
-        data.push(0.0);
-    }
-    data.sort_by(f32::total_cmp);
-    Tensor::from_slice(&data)
-}
-
-/// A tensor stored as 8-bit codes of a quantisation map with one absmax per
-/// block of [`BLOCK_SIZE`] elements (of the flattened tensor).
-#[derive(Debug)]
-pub struct Quantized {
-    /// Codes, `uint8`, the tensor's shape.
-    pub codes: Tensor,
-    /// Absmax per block, fp32.
-    pub absmax: Tensor,
-}
-
-fn blocks(n: i64) -> i64 {
-    (n + BLOCK_SIZE - 1) / BLOCK_SIZE
-}
-
-/// Per-element absmax of each element's block (`[n]`).
-fn expand_blocks(per_block: &Tensor, n: i64) -> Tensor {
-    per_block
-        .repeat_interleave_self_int(BLOCK_SIZE, 0, None)
-        .narrow(0, 0, n)
-}
-
-impl Quantized {
-    /// Zeros of `shape` on `device`.
-    pub fn zeros(shape: &[i64], device: tch::Device) -> Self {
-        let n: i64 = shape.iter().product();
-        Self {
-            codes: Tensor::zeros(shape, (Kind::Uint8, device)),
-            absmax: Tensor::zeros([blocks(n)], (Kind::Float, device)),
-        }
-    }
-}
-
-/// A quantisation map (256 sorted codes) and the midpoints between them.
-#[derive(Debug)]
-pub struct QuantMap {
-    code: Tensor,
-    bounds: Tensor,
-}
-
-impl QuantMap {
-    /// bitsandbytes' dynamic map ([`dynamic_map`]) on `device`.
-    pub fn dynamic(signed: bool, device: tch::Device) -> Self {
-        let code = dynamic_map(signed).to_device(device);
-        let bounds = (code.narrow(0, 0, 255) + code.narrow(0, 1, 255)) / 2.0;
-        Self { code, bounds }
-    }
-    /// Blockwise quantisation (bitsandbytes: scale by 1/absmax, clamp to
-    /// [-1, 1], nearest code via the midpoints between codes).
-    pub fn quantize(&self, x: &Tensor) -> Quantized {
-        let flat = x.to_kind(Kind::Float).reshape([-1]);
-        let n = flat.size()[0];
-        let nb = blocks(n);
-        let padded = flat.constant_pad_nd([0, nb * BLOCK_SIZE - n]);
-        let absmax = padded
-            .view([nb, BLOCK_SIZE])
-            .abs()
-            .amax([1].as_slice(), false);
-        let inv = absmax.clamp_min(1e-38).reciprocal();
-        let scaled = (flat * expand_blocks(&inv, n)).clamp(-1.0, 1.0);
-        let codes = scaled
-            .bucketize(&self.bounds, true, false)
-            .to_kind(Kind::Uint8)
-            .view(x.size().as_slice());
-        Quantized { codes, absmax }
-    }
-    /// Back to fp32.
-    pub fn dequantize(&self, q: &Quantized) -> Tensor {
-        let n = q.codes.numel() as i64;
-        let values = self
-            .code
-            .index_select(0, &q.codes.reshape([-1]).to_kind(Kind::Int64));
-        (values * expand_blocks(&q.absmax, n)).view(q.codes.size().as_slice())
-    }
 }
 
 /// One parameter's moments: fp32, or 8-bit blockwise.
@@ -340,13 +187,6 @@ impl AdamW {
             check(err, "fused AdamW");
         }
     }
-    /// Drops the parameters' gradients (`grad = None`): the next backward
-    /// writes fresh ones instead of accumulating into zeroed buffers.
-    pub fn zero_grad(&mut self) {
-        let mut ps: Vec<*mut C_tensor> = self.params.iter().map(ptr).collect();
-        // SAFETY: live tensors owned by `self`.
-        unsafe { lorakit_clear_grads(ps.as_mut_ptr(), ps.len() as i64) };
-    }
     /// The state as named CPU tensors under `prefix`: `{prefix}.{i}.m` /
     /// `.v` (fp32) or `.m_q` / `.m_absmax` / `.v_q` / `.v_absmax` (8-bit).
     pub fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
@@ -438,28 +278,25 @@ impl AdamW {
     }
 }
 
-/// Scales gradients so their global L2 norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`), returning the norm before clipping as a
-/// 0-dim tensor (read it only when you need it: that is a host sync).
-pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
-    let mut with_grad: Vec<*mut C_tensor> = params
-        .iter()
-        .filter(|p| p.grad().defined())
-        .map(ptr)
-        .collect();
-    if with_grad.is_empty() {
-        return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+impl PerParam for AdamW {
+    fn step(&mut self, lr: f64) {
+        AdamW::step(self, lr)
     }
-    let mut total: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: live tensors for the call; the shim hands back an owned tensor.
-    let err = unsafe {
-        lorakit_clip_grad_norm(
-            with_grad.as_mut_ptr(),
-            with_grad.len() as i64,
-            max_norm,
-            &mut total,
-        )
-    };
-    check(err, "gradient clipping");
-    unsafe { Tensor::from_ptr(total) }
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        AdamW::state_tensors(self, prefix)
+    }
+    fn load_state(
+        &mut self,
+        prefix: &str,
+        get: &dyn Fn(&str) -> Option<Tensor>,
+        steps: u64,
+    ) -> Result<(), String> {
+        AdamW::load_state(self, prefix, get, steps)
+    }
 }
