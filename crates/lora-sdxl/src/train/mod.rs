@@ -9,7 +9,8 @@
 //! | a step's inputs: latent cache, prefetch, text conditioning | `inputs.rs` |
 //! | datasets, epochs, the validation set | [`data`] |
 //! | the LoRA under training | `network.rs` |
-//! | AdamW / 8-bit AdamW, gradient clipping | [`optim`] |
+//! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
+//! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
 //! | LoRA files and their kohya metadata | [`checkpoint`] |
 //! | `state.safetensors` (resume) | `state.rs` |
@@ -23,6 +24,7 @@ mod inputs;
 pub mod job;
 mod r#loop;
 mod network;
+pub mod noise;
 pub mod observers;
 pub mod optim;
 pub mod run;

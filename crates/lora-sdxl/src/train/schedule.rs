@@ -60,6 +60,16 @@ impl ScheduleTables {
             clipped / snr
         }
     }
+    /// kohya's debiased-estimation weights `[B]` (`debiased_estimation_loss`):
+    /// `1/√snr` (ε) or `1/(snr+1)` (v), with the SNR capped at 1000 (t = 0).
+    pub fn debiased_weights(&self, t: &Tensor, v_prediction: bool) -> Tensor {
+        let snr = self.snr.index_select(0, t).clamp_max(1000.0);
+        if v_prediction {
+            (snr + 1.0).reciprocal()
+        } else {
+            snr.rsqrt()
+        }
+    }
 }
 
 /// Per-sample loss `[B]` (mean over C, H, W) in fp32: `l2` or kohya's SNR-scheduled

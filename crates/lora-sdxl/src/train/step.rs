@@ -2,6 +2,7 @@
 //! loss and its min-SNR weighting — and the fixed-seed validation loss.
 
 use super::data::{Batch, Sample};
+use super::noise::{input_noise, training_noise};
 use super::run::Env;
 use super::schedule::per_sample_loss;
 use crate::error::Result;
@@ -11,10 +12,11 @@ use rand::Rng;
 use tch::{Kind, Tensor};
 
 impl Env {
-    /// `x₀` noised to timesteps `ts` and the training target: the noise (ε)
-    /// or the velocity (v-prediction).
-    fn noised(&self, x0: &Tensor, noise: Tensor, ts: &Tensor) -> (Tensor, Tensor) {
-        let noisy = self.tables.add_noise(x0, &noise, ts);
+    /// `x₀` noised to timesteps `ts` with `input` noise and the training
+    /// target: the noise (ε) or the velocity (v-prediction) of `noise`
+    /// (they differ with `ip_noise_gamma`).
+    fn noised(&self, x0: &Tensor, input: &Tensor, noise: Tensor, ts: &Tensor) -> (Tensor, Tensor) {
+        let noisy = self.tables.add_noise(x0, input, ts);
         let target = if self.v_pred {
             self.tables.v_target(x0, &noise, ts)
         } else {
@@ -52,11 +54,9 @@ impl Env {
             [b],
             (Kind::Int64, device),
         );
-        let mut noise = x0.randn_like();
-        if t.noise_offset > 0.0 {
-            noise += Tensor::randn([b, x0.size()[1], 1, 1], (Kind::Float, device)) * t.noise_offset;
-        }
-        let (noisy, target) = self.noised(&x0, noise, &ts);
+        let noise = training_noise(t, &x0, &mut rng);
+        let input = input_noise(t, &noise);
+        let (noisy, target) = self.noised(&x0, &input, noise, &ts);
         let (context, y) = self.conditioning(planned, samples, captions)?;
         let pred = self
             .model
@@ -66,6 +66,9 @@ impl Env {
         let mut per = per_sample_loss(&pred, &target, huber);
         if let Some(g) = t.min_snr_gamma {
             per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);
+        }
+        if t.debiased_estimation_loss {
+            per = &per * self.tables.debiased_weights(&ts, self.v_pred);
         }
         Ok(per.mean(Kind::Float))
     }
@@ -90,7 +93,7 @@ impl Env {
                     tch::manual_seed((seed as i64 & 0xffff_ffff) + (i as i64) * 16 + k as i64);
                     let noise = x0.randn_like();
                     let ts = Tensor::from_slice(&[*tv]).to_device(device);
-                    let (noisy, target) = self.noised(&x0, noise, &ts);
+                    let (noisy, target) = self.noised(&x0, &noise, noise.shallow_clone(), &ts);
                     let pred =
                         self.model
                             .unet

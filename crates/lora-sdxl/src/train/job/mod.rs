@@ -176,6 +176,16 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Noise offset.
     pub noise_offset: f64,
+    /// kohya's multi-resolution (pyramid) noise: levels (0 = off).
+    pub multires_noise_iterations: u32,
+    /// Weight of each coarser pyramid level (kohya's default 0.3).
+    pub multires_noise_discount: f64,
+    /// Input perturbation noise γ (kohya's `ip_noise_gamma`; 0 = off).
+    pub ip_noise_gamma: f64,
+    /// Draw the perturbation's strength from [0, γ) each step.
+    pub ip_noise_gamma_random_strength: bool,
+    /// kohya's debiased-estimation loss weighting.
+    pub debiased_estimation_loss: bool,
     /// Min-SNR-γ weighting.
     pub min_snr_gamma: Option<f64>,
     /// `l2` or `huber`.
@@ -219,6 +229,11 @@ impl Default for TrainSection {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             noise_offset: 0.0,
+            multires_noise_iterations: 0,
+            multires_noise_discount: 0.3,
+            ip_noise_gamma: 0.0,
+            ip_noise_gamma_random_strength: false,
+            debiased_estimation_loss: false,
             min_snr_gamma: None,
             loss: "l2".into(),
             min_timestep: 0,

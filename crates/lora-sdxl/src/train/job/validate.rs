@@ -150,6 +150,18 @@ impl JobConfig {
                 "prodigy estimates one step size for the UNet and the text encoders together, so their rates must be equal: leave text_encoder_lr unset".into(),
             );
         }
+        if t.multires_noise_iterations > 0 && t.noise_offset > 0.0 {
+            return err(
+                "train.multires_noise_iterations",
+                "kohya uses multires noise only without a noise offset, so one of them would have no effect: set noise_offset = 0 or multires_noise_iterations = 0".into(),
+            );
+        }
+        if t.ip_noise_gamma_random_strength && t.ip_noise_gamma == 0.0 {
+            return err(
+                "train.ip_noise_gamma_random_strength",
+                "has no effect while ip_noise_gamma = 0: set ip_noise_gamma (e.g. 0.1)".into(),
+            );
+        }
         if !t.train_unet && !t.train_text_encoder {
             return err(
                 "train.train_unet",

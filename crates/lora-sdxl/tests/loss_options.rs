@@ -1,0 +1,133 @@
+//! kohya's loss and noise options against sd-scripts' formulas (fixture:
+//! `scripts/fixtures/noise_loss.py`), and in a real run: each one changes
+//! what is trained, and contradictory settings are refused.
+
+mod common;
+use lora_sdxl::train::noise::multires_noise;
+use lora_sdxl::train::schedule::{NoiseSchedule, ScheduleTables};
+use lora_sdxl::train::{train, TrainOptions};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+fn fixture() -> HashMap<String, Tensor> {
+    lora_core::io::read_tensors(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/noise_loss.safetensors"
+    ))
+    .unwrap()
+    .tensors
+    .into_iter()
+    .collect()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    ((&a - &b).abs() / b.abs().clamp_min(1e-12))
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn debiased_estimation_weights_match_kohya() {
+    let f = fixture();
+    let tables = ScheduleTables::new(&NoiseSchedule::sdxl(false), Device::Cpu);
+    let ts = &f["debiased.timesteps"];
+    let eps = tables.debiased_weights(ts, false);
+    let v = tables.debiased_weights(ts, true);
+    assert!(max_rel(&eps, &f["debiased.eps"]) < 1e-5, "{eps}");
+    assert!(max_rel(&v, &f["debiased.v"]) < 1e-5, "{v}");
+}
+
+#[test]
+fn multires_noise_matches_kohyas_pyramid() {
+    let f = fixture();
+    let factors: Vec<f64> = Vec::<f64>::try_from(&f["multires.factors"]).unwrap();
+    let mut level = 0;
+    let mut draw = |shape: &[i64]| {
+        let t = f[&format!("multires.draw.{level}")].shallow_clone();
+        assert_eq!(t.size(), shape, "level {level}");
+        level += 1;
+        t
+    };
+    let out = multires_noise(&f["multires.noise"], 0.3, &factors, &mut draw);
+    let d = (&out - &f["multires.out"]).abs().max().double_value(&[]);
+    assert!(d < 1e-5, "max difference {d}");
+    assert_eq!(level, factors.len(), "stops at the first 1-pixel side");
+}
+
+#[test]
+fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (model, data) = common::tiny_model_and_dataset(root, 4);
+    let run = |name: &str, edit: &dyn Fn(&mut lora_sdxl::JobConfig)| {
+        let (mut c, path) = common::template_job(root, &model, &data);
+        c.job.name = name.into();
+        c.job.device = Some("cpu".into());
+        c.job.output_dir = root.join("out");
+        c.network.linear = 4;
+        c.network.linear_alpha = 4.0;
+        c.train.steps = 2;
+        c.train.batch_size = 2;
+        c.train.gradient_accumulation = 1;
+        c.train.lr = 1e-3;
+        c.train.dtype = "fp32".into();
+        c.save.dtype = "fp32".into();
+        c.datasets[0].resolution = vec![256];
+        edit(&mut c);
+        let opts = TrainOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        train(&c, &path, &opts).map(|r| {
+            let mut t = lora_core::io::read_tensors(r.last_lora.unwrap())
+                .unwrap()
+                .tensors;
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        })
+    };
+    let plain = run("plain", &|_| {}).unwrap();
+    let again = run("again", &|_| {}).unwrap();
+    let same = |a: &[(String, Tensor)], b: &[(String, Tensor)]| {
+        a.iter().zip(b).all(|((_, x), (_, y))| x.equal(y))
+    };
+    assert!(
+        same(&plain, &again),
+        "the same job must train the same LoRA"
+    );
+    let options: [(&str, &dyn Fn(&mut lora_sdxl::JobConfig)); 4] = [
+        ("debiased", &|c| c.train.debiased_estimation_loss = true),
+        ("multires", &|c| c.train.multires_noise_iterations = 6),
+        ("ip_noise", &|c| c.train.ip_noise_gamma = 0.1),
+        ("ip_noise_random", &|c| {
+            c.train.ip_noise_gamma = 0.1;
+            c.train.ip_noise_gamma_random_strength = true;
+        }),
+    ];
+    let mut trained = Vec::new();
+    for (name, edit) in options {
+        let lora = run(name, edit).unwrap();
+        assert!(!same(&plain, &lora), "{name} had no effect on the LoRA");
+        trained.push(lora);
+    }
+    assert!(
+        !same(&trained[2], &trained[3]),
+        "random strength had no effect"
+    );
+
+    let e = run("both", &|c| {
+        c.train.noise_offset = 0.05;
+        c.train.multires_noise_iterations = 6;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.multires_noise_iterations"), "{e}");
+    let e = run("random_alone", &|c| {
+        c.train.ip_noise_gamma_random_strength = true
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ip_noise_gamma"), "{e}");
+}
