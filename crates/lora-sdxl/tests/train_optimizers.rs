@@ -206,3 +206,70 @@ fn optimizer_settings_are_checked_when_the_job_is_read() {
     let (field, _) = check("adafactor", 1e-3, &[("relative_step", 1.into())]).unwrap();
     assert_eq!(field, "train.optimizer_args.relative_step");
 }
+
+#[test]
+fn loraplus_gives_the_up_matrices_a_higher_rate() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::tiny_model_and_dataset(root, 2);
+    // One AdamW step from up = 0 moves every element by the rate: lr · sign(g).
+    let largest = |name: &str, ratio: Option<f64>, part: &str| {
+        let (mut c, path) = job(root, name, "adamw", 1e-4, &[]);
+        c.train.steps = 1;
+        c.train.weight_decay = 0.0;
+        c.train.loraplus_lr_ratio = ratio;
+        let r = train(&c, &path, &quiet()).unwrap();
+        let lora = lora_core::load_lora(
+            r.last_lora.as_ref().unwrap(),
+            lora_core::UnknownKeys::Reject,
+        )
+        .unwrap();
+        let m = weights(r.last_lora.as_ref().unwrap())
+            .iter()
+            .filter(|(k, _)| k.ends_with(part))
+            .map(|(_, t)| t.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        (m, lora.metadata["ss_loraplus_lr_ratio"].clone())
+    };
+    let (up, md) = largest("plain", None, "lora_up.weight");
+    assert!((up - 1e-4).abs() < 1e-6, "{up}");
+    assert_eq!(md, "None");
+    let (up, md) = largest("plus", Some(16.0), "lora_up.weight");
+    assert!(
+        (up - 16e-4).abs() < 1e-5,
+        "LoRA+ up matrices moved {up}, not 16 × 1e-4"
+    );
+    assert_eq!(md, "16.0");
+    // The down matrices keep the base rate. Their gradient is 0 while up = 0,
+    // so their first AdamW move (step 2) is ≤ lr per element in both runs
+    // (from the same initial weights): they differ by at most 2 · lr, not 16×.
+    let two_steps = |name: &str, ratio: Option<f64>| {
+        let (mut c, path) = job(root, name, "adamw", 1e-4, &[]);
+        c.train.steps = 2;
+        c.train.weight_decay = 0.0;
+        c.train.loraplus_lr_ratio = ratio;
+        let r = train(&c, &path, &quiet()).unwrap();
+        weights(r.last_lora.as_ref().unwrap())
+    };
+    let (plain, plus) = (
+        two_steps("down_plain", None),
+        two_steps("down_plus", Some(16.0)),
+    );
+    let mut compared = 0;
+    for ((k, x), (_, y)) in plain.iter().zip(&plus) {
+        if k.ends_with("lora_down.weight") {
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(d <= 2e-4 + 1e-7, "{k}: down matrices moved {d} apart");
+            compared += 1;
+        }
+    }
+    assert!(compared > 0);
+    let (c, path) = {
+        let (mut c, p) = job(root, "prodigy_plus", "prodigy", 1.0, &[]);
+        c.train.loraplus_lr_ratio = Some(16.0);
+        (c, p)
+    };
+    let e = c.validate(&path).unwrap_err();
+    assert_eq!(e.field, "train.loraplus_lr_ratio");
+}

@@ -115,6 +115,35 @@ pub(crate) fn training_metadata(
                 lora_core::metadata::py_opt_float(job.train.min_snr_gamma),
             ),
             (
+                "ss_multires_noise_iterations".to_string(),
+                match job.train.multires_noise_iterations {
+                    0 => "None".to_string(),
+                    n => n.to_string(),
+                },
+            ),
+            (
+                "ss_multires_noise_discount".to_string(),
+                lora_core::metadata::py_float(job.train.multires_noise_discount),
+            ),
+            (
+                "ss_ip_noise_gamma".to_string(),
+                lora_core::metadata::py_opt_float(
+                    (job.train.ip_noise_gamma > 0.0).then_some(job.train.ip_noise_gamma),
+                ),
+            ),
+            (
+                "ss_ip_noise_gamma_random_strength".to_string(),
+                py_bool(job.train.ip_noise_gamma_random_strength),
+            ),
+            (
+                "ss_debiased_estimation".to_string(),
+                py_bool(job.train.debiased_estimation_loss),
+            ),
+            (
+                "ss_loraplus_lr_ratio".to_string(),
+                lora_core::metadata::py_opt_float(job.train.loraplus_lr_ratio),
+            ),
+            (
                 // kohya: images × repeats
                 "ss_num_train_images".to_string(),
                 data.images
@@ -125,6 +154,10 @@ pub(crate) fn training_metadata(
             ),
         ]),
     }
+}
+
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.to_string()
 }
 
 /// `ss_optimizer`: the optimizer actually used and its arguments, kohya style

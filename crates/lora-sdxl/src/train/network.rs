@@ -79,6 +79,17 @@ impl Network {
             .collect()
     }
 
+    /// The UNet's (`te = false`) or the text encoders' `(down, up)` matrices
+    /// apart (LoRA+ gives the up matrices a higher rate).
+    pub fn params_split(&self, te: bool) -> (Vec<Tensor>, Vec<Tensor>) {
+        let mine =
+            || (self.leaves.iter()).filter(move |l| (l.key.component != Component::Unet) == te);
+        (
+            mine().map(|l| l.down.shallow_clone()).collect(),
+            mine().map(|l| l.up.shallow_clone()).collect(),
+        )
+    }
+
     /// Every parameter.
     pub fn all_params(&self) -> Vec<Tensor> {
         let mut p = self.params(false);

@@ -105,6 +105,8 @@ pub(crate) struct Env {
 /// The optimizer over both groups (UNet, text encoders) and the LR schedule.
 pub(crate) struct Optimizers {
     pub opt: Box<dyn Optimizer>,
+    /// Per optimizer group: text-encoder rate (else the UNet's) and its factor.
+    factors: Vec<(bool, f64)>,
     params: Vec<Tensor>,
     schedule: LrSchedule,
     lr: f64,
@@ -128,12 +130,32 @@ impl Optimizers {
             tracing::warn!("{note}");
             notes.push(note);
         }
-        let groups = vec![
-            ("unet".to_string(), network.params(false)),
-            ("te".to_string(), network.params(true)),
-        ];
+        // (name, text encoder?, rate factor) per group; LoRA+ splits off the up matrices.
+        let (groups, factors) = match t.loraplus_lr_ratio {
+            None => (
+                vec![
+                    ("unet".to_string(), network.params(false)),
+                    ("te".to_string(), network.params(true)),
+                ],
+                vec![(false, 1.0), (true, 1.0)],
+            ),
+            Some(ratio) => {
+                let (unet_down, unet_up) = network.params_split(false);
+                let (te_down, te_up) = network.params_split(true);
+                (
+                    vec![
+                        ("unet".to_string(), unet_down),
+                        ("unet_up".to_string(), unet_up),
+                        ("te".to_string(), te_down),
+                        ("te_up".to_string(), te_up),
+                    ],
+                    vec![(false, 1.0), (false, ratio), (true, 1.0), (true, ratio)],
+                )
+            }
+        };
         Ok(Self {
             opt: args.build(t.weight_decay, groups),
+            factors,
             params: network.all_params(),
             schedule,
             lr: t.lr,
@@ -152,7 +174,11 @@ impl Optimizers {
             (self.max_grad_norm > 0.0).then(|| clip_grad_norm(&self.params, self.max_grad_norm));
         let lr = self.schedule.lr(self.lr, step, self.total, self.warmup);
         let lr_te = self.schedule.lr(self.te_lr, step, self.total, self.warmup);
-        self.opt.step(&[lr, lr_te]);
+        let mut lrs = [0.0; 4]; // at most 4 groups (LoRA+: down/up × UNet/TE)
+        for (slot, &(te, f)) in lrs.iter_mut().zip(&self.factors) {
+            *slot = if te { lr_te } else { lr } * f;
+        }
+        self.opt.step(&lrs[..self.factors.len()]);
         self.opt.zero_grad();
         (lr, norm)
     }

@@ -29,7 +29,7 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
         .map(|m| m.len())
         .unwrap_or(0);
     let n = &job.network;
-    let s = format!(
+    let mut s = format!(
         "v1 linear={} alpha={} conv={} conv_alpha={} unet={} te={} model={} size={}",
         n.linear,
         n.linear_alpha,
@@ -44,6 +44,9 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
             .unwrap_or_default(),
         model_size
     );
+    if job.train.loraplus_lr_ratio.is_some() {
+        s.push_str(" loraplus"); // its optimizer groups differ
+    }
     lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()
 }
 
@@ -94,7 +97,7 @@ pub(crate) fn restore_state(
     let md = &st.metadata;
     if md.get("lorakit.job_hash").map(String::as_str) != Some(hash) {
         return Err(terr(format!(
-            "--resume: {} was saved for other network/model settings (rank, alpha, conv, trained parts or base model changed); start a new run (another job.name) or restore those settings",
+            "--resume: {} was saved for other network/model settings (rank, alpha, conv, trained parts, LoRA+ on or off, or base model changed); start a new run (another job.name) or restore those settings",
             path.display()
         )));
     }

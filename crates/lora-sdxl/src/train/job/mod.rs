@@ -186,6 +186,9 @@ pub struct TrainSection {
     pub ip_noise_gamma_random_strength: bool,
     /// kohya's debiased-estimation loss weighting.
     pub debiased_estimation_loss: bool,
+    /// LoRA+ (kohya's `loraplus_lr_ratio`): the up matrices learn this many
+    /// times faster than the down matrices.
+    pub loraplus_lr_ratio: Option<f64>,
     /// Min-SNR-γ weighting.
     pub min_snr_gamma: Option<f64>,
     /// `l2` or `huber`.
@@ -234,6 +237,7 @@ impl Default for TrainSection {
             ip_noise_gamma: 0.0,
             ip_noise_gamma_random_strength: false,
             debiased_estimation_loss: false,
+            loraplus_lr_ratio: None,
             min_snr_gamma: None,
             loss: "l2".into(),
             min_timestep: 0,

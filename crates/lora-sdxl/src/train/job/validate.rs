@@ -144,6 +144,12 @@ impl JobConfig {
                 format!("{} is far too high for {} (typical LoRA rates are 1e-5 to 1e-3; 1.0 is Prodigy's rate: train.optimizer = \"prodigy\")", t.lr, t.optimizer),
             );
         }
+        if prodigy && t.loraplus_lr_ratio.is_some() {
+            return err(
+                "train.loraplus_lr_ratio",
+                "prodigy takes one rate for every parameter, and LoRA+ needs a higher one for the up matrices: remove loraplus_lr_ratio or use another optimizer".into(),
+            );
+        }
         if prodigy && t.train_text_encoder && t.text_encoder_lr.is_some_and(|r| r != t.lr) {
             return err(
                 "train.text_encoder_lr",
