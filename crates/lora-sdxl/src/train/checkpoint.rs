@@ -3,6 +3,7 @@
 //! and `modelspec.*` metadata (written atomically by `LoraSet::save`).
 
 use super::data::Data;
+use super::ema::Ema;
 use super::job::JobConfig;
 use super::network::Network;
 use crate::error::Result;
@@ -212,13 +213,23 @@ pub(crate) fn save_lora(
     job: &JobConfig,
     run_dir: &Path,
     network: &Network,
+    ema: Option<&Ema>,
     step: u64,
     last: bool,
     md: &TrainingMetadata,
 ) -> Result<PathBuf> {
     let kind = lora_core::io::kind_from_name(&job.save.dtype).unwrap_or(tch::Kind::Float);
     let path = checkpoint_path(run_dir, &job.job.name, step, last);
-    network.to_set()?.save(&path, kind, &md.to_map())?;
+    let mut meta = md.to_map();
+    if let Some(e) = ema {
+        meta.insert(
+            "lorakit.ema_decay".into(),
+            lora_core::metadata::py_float(e.decay),
+        );
+    }
+    network
+        .to_set(ema.map(Ema::weights))?
+        .save(&path, kind, &meta)?;
     Ok(path)
 }
 

@@ -214,6 +214,7 @@ impl Run {
             &env.job,
             &env.run_dir,
             &self.network,
+            self.optim.ema.as_ref(),
             self.pos.step,
             last,
             &md,
@@ -223,6 +224,7 @@ impl Run {
             &state,
             &self.network,
             self.optim.opt.as_ref(),
+            self.optim.ema.as_ref(),
             &self.hash,
             self.pos,
         )?;

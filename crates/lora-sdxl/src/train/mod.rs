@@ -12,6 +12,7 @@
 //! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
 //! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
+//! | the EMA of the LoRA weights | [`ema`] |
 //! | LoRA files and their kohya metadata | [`checkpoint`] |
 //! | `state.safetensors` (resume) | `state.rs` |
 //! | the event stream and the observer trait | [`events`] |
@@ -19,6 +20,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod ema;
 pub mod events;
 mod inputs;
 pub mod job;

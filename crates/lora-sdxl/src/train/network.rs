@@ -97,13 +97,25 @@ impl Network {
         p
     }
 
-    /// A detached copy as a LoRA set (for saving).
-    pub fn to_set(&self) -> Result<LoraSet> {
+    /// Every leaf's `[down, up]`, in leaf order (what [`super::ema::Ema`] averages).
+    pub fn leaf_params(&self) -> Vec<Tensor> {
+        (self.leaves.iter())
+            .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
+            .collect()
+    }
+
+    /// A detached copy as a LoRA set (for saving): the trained weights, or
+    /// `weights` given in [`Self::leaf_params`] order (the EMA).
+    pub fn to_set(&self, weights: Option<&[Tensor]>) -> Result<LoraSet> {
         let mut set = LoraSet::new();
-        for l in &self.leaves {
+        for (i, l) in self.leaves.iter().enumerate() {
+            let (down, up) = match weights {
+                Some(w) => (w[2 * i].detach(), w[2 * i + 1].detach()),
+                None => (l.down.detach(), l.up.detach()),
+            };
             set.insert(
                 l.key.clone(),
-                LoraAdapter::from_weights(l.down.detach(), l.up.detach(), Some(l.alpha))?,
+                LoraAdapter::from_weights(down, up, Some(l.alpha))?,
             );
         }
         Ok(set)

@@ -20,6 +20,7 @@
 //! empty file, and holds nothing once the process has ended).
 
 use super::data::{terr, Batch, Data};
+use super::ema::Ema;
 use super::events::Observers;
 use super::inputs::Inputs;
 use super::job::JobConfig;
@@ -105,6 +106,9 @@ pub(crate) struct Env {
 /// The optimizer over both groups (UNet, text encoders) and the LR schedule.
 pub(crate) struct Optimizers {
     pub opt: Box<dyn Optimizer>,
+    /// The average of the weights (`train.ema_decay`) and what it averages.
+    pub ema: Option<Ema>,
+    leaf_params: Vec<Tensor>,
     /// Per optimizer group: text-encoder rate (else the UNet's) and its factor.
     factors: Vec<(bool, f64)>,
     params: Vec<Tensor>,
@@ -155,6 +159,10 @@ impl Optimizers {
         };
         Ok(Self {
             opt: args.build(t.weight_decay, groups),
+            ema: t
+                .ema_decay
+                .map(|d| Ema::new(&network.leaf_params(), d, t.ema_power)),
+            leaf_params: network.leaf_params(),
             factors,
             params: network.all_params(),
             schedule,
@@ -179,6 +187,9 @@ impl Optimizers {
             *slot = if te { lr_te } else { lr } * f;
         }
         self.opt.step(&lrs[..self.factors.len()]);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.leaf_params);
+        }
         self.opt.zero_grad();
         (lr, norm)
     }
@@ -296,7 +307,14 @@ impl Run {
             );
         }
         let pos = if resumed {
-            let pos = restore_state(&state, &hash, &network, optim.opt.as_mut(), device)?;
+            let pos = restore_state(
+                &state,
+                &hash,
+                &network,
+                optim.opt.as_mut(),
+                optim.ema.as_mut(),
+                device,
+            )?;
             if pos.step >= job.train.steps {
                 return Err(terr(format!(
                     "--resume: the run already reached step {} of train.steps = {}; raise train.steps to extend it",

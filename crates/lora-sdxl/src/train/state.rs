@@ -4,6 +4,7 @@
 //! on. Written atomically (temp file, fsync, rename).
 
 use super::data::terr;
+use super::ema::Ema;
 use super::job::JobConfig;
 use super::network::Network;
 use super::optim::Optimizer;
@@ -55,6 +56,7 @@ pub(crate) fn save_state(
     path: &Path,
     network: &Network,
     opt: &dyn Optimizer,
+    ema: Option<&Ema>,
     hash: &str,
     pos: Position,
 ) -> Result<()> {
@@ -74,6 +76,11 @@ pub(crate) fn save_state(
         ("lorakit.batch".to_string(), pos.batch.to_string()),
     ]);
     tensors.extend(opt.state_tensors());
+    if let Some(e) = ema {
+        let cpu = e.weights().iter().map(|t| t.to_device(Device::Cpu));
+        tensors.extend(cpu.enumerate().map(|(i, t)| (format!("ema.{i}"), t)));
+        md.insert("lorakit.ema.steps".into(), e.steps().to_string());
+    }
     md.insert("lorakit.optimizer".into(), opt.family().into());
     md.insert(
         "lorakit.optimizer.steps".into(),
@@ -91,6 +98,7 @@ pub(crate) fn restore_state(
     hash: &str,
     network: &Network,
     opt: &mut dyn Optimizer,
+    ema: Option<&mut Ema>,
     device: Device,
 ) -> Result<Position> {
     let st = lora_core::io::read_tensors(path).map_err(|e| terr(format!("--resume: {e}")))?;
@@ -138,6 +146,19 @@ pub(crate) fn restore_state(
     let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
     opt.load_state(&lookup, steps)
         .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
+    if let Some(e) = ema {
+        match md.get("lorakit.ema.steps").and_then(|v| v.parse::<u64>().ok()) {
+            Some(n) => {
+                let shadow = (0..e.weights().len())
+                    .map(|i| get(format!("ema.{i}")))
+                    .collect::<Result<Vec<_>>>()?;
+                e.restore(shadow, n);
+            }
+            None => tracing::warn!(
+                "--resume: the state has no EMA (train.ema_decay was off): the average starts at the resumed weights"
+            ),
+        }
+    }
     Ok(pos)
 }
 

@@ -214,6 +214,8 @@ pub const FIELDS: &[Field] = &[
     f("train", "ip_noise_gamma_random_strength", Rule::Free, "draw the perturbation strength from [0, ip_noise_gamma) each step"),
     f("train", "debiased_estimation_loss", Rule::Free, "kohya's debiased estimation: weight each sample's loss by 1/√SNR (ε) or 1/(SNR+1) (v)"),
     f("train", "loraplus_lr_ratio", closed(1.0, 256.0), "LoRA+: the up matrices' rate is this many times train.lr (and text_encoder_lr)").hint("16 is the paper's value").example("16.0"),
+    f("train", "ema_decay", closed(0.0, 1.0), "EMA of the LoRA weights (diffusers EMAModel); the saved files hold the average").hint("0.999 for long runs; the average lags about 1/(1 − decay) steps").example("0.999"),
+    f("train", "ema_power", POSITIVE, "EMA power warm-up: decay = min(ema_decay, 1 − (1 + step)^−power)").example("0.6667"),
     f("train", "min_snr_gamma", POSITIVE, "min-SNR-γ loss weighting").hint("5 is the usual value").example("5.0"),
     f("train", "loss", Rule::OneOf(&["l2", "huber"]), "loss function"),
     f("train", "min_timestep", closed(0.0, T - 1.0), "lowest timestep drawn"),

@@ -189,6 +189,12 @@ pub struct TrainSection {
     /// LoRA+ (kohya's `loraplus_lr_ratio`): the up matrices learn this many
     /// times faster than the down matrices.
     pub loraplus_lr_ratio: Option<f64>,
+    /// EMA of the LoRA weights (diffusers' `EMAModel` decay); the saved
+    /// files hold the average. Off when unset.
+    pub ema_decay: Option<f64>,
+    /// EMA power warm-up (diffusers' `use_ema_warmup`, `power`; 2/3 is
+    /// its default); without it the decay ramps as (1 + k)/(10 + k).
+    pub ema_power: Option<f64>,
     /// Min-SNR-γ weighting.
     pub min_snr_gamma: Option<f64>,
     /// `l2` or `huber`.
@@ -238,6 +244,8 @@ impl Default for TrainSection {
             ip_noise_gamma_random_strength: false,
             debiased_estimation_loss: false,
             loraplus_lr_ratio: None,
+            ema_decay: None,
+            ema_power: None,
             min_snr_gamma: None,
             loss: "l2".into(),
             min_timestep: 0,

@@ -168,6 +168,12 @@ impl JobConfig {
                 "has no effect while ip_noise_gamma = 0: set ip_noise_gamma (e.g. 0.1)".into(),
             );
         }
+        if t.ema_power.is_some() && t.ema_decay.is_none() {
+            return err(
+                "train.ema_power",
+                "has no effect without train.ema_decay: set ema_decay (e.g. 0.999) or remove ema_power".into(),
+            );
+        }
         if !t.train_unet && !t.train_text_encoder {
             return err(
                 "train.train_unet",
