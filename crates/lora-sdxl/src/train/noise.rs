@@ -41,7 +41,7 @@ pub fn multires_noise(
 ) -> Tensor {
     let s = noise.size();
     let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
-    let mut out = noise.shallow_clone();
+    let mut out = noise.copy();
     for (i, r) in factors.iter().enumerate() {
         let scale = r.powi(i as i32);
         let (hn, wn) = (
@@ -50,7 +50,7 @@ pub fn multires_noise(
         );
         let low = draw(&[b, c, hn, wn]).to_device(noise.device());
         let up = low.upsample_bilinear2d([h, w], false, None, None);
-        out = out + up * discount.powi(i as i32);
+        out += up * discount.powi(i as i32);
         if hn == 1 || wn == 1 {
             break;
         }
