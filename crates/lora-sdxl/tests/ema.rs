@@ -41,32 +41,14 @@ fn files_hold_the_average_and_a_resumed_run_continues_it() {
     let root = dir.path();
     let (model, data) = common::tiny_model_and_dataset(root, 4);
     let job = |name: &str, steps: u64| {
-        let (mut c, path) = common::template_job(root, &model, &data);
-        c.job.name = name.into();
-        c.job.device = Some("cpu".into());
-        c.job.output_dir = root.join("out");
-        c.network.linear = 4;
-        c.network.linear_alpha = 4.0;
+        let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
         c.train.steps = steps;
-        c.train.batch_size = 2;
-        c.train.gradient_accumulation = 1;
-        c.train.lr = 1e-3;
-        c.train.dtype = "fp32".into();
         c.train.ema_decay = Some(0.9);
-        c.save.dtype = "fp32".into();
         c.save.save_every = 3;
-        c.datasets[0].resolution = vec![256];
         (c, path)
     };
-    let quiet = TrainOptions {
-        quiet: true,
-        ..Default::default()
-    };
-    let sorted = |p: &std::path::Path| {
-        let mut t = lora_core::io::read_tensors(p).unwrap().tensors;
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        t
-    };
+    let quiet = common::quiet();
+    let sorted = common::sorted_tensors;
     let (c, path) = job("straight", 6);
     let r = train(&c, &path, &quiet).unwrap();
     let file = sorted(r.last_lora.as_ref().unwrap());

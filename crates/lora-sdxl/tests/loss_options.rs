@@ -5,9 +5,12 @@
 mod common;
 use lora_sdxl::train::noise::multires_noise;
 use lora_sdxl::train::schedule::{NoiseSchedule, ScheduleTables};
-use lora_sdxl::train::{train, TrainOptions};
+use lora_sdxl::train::train;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
+
+/// A change to a job.
+type Edit = dyn Fn(&mut lora_sdxl::JobConfig);
 
 fn fixture() -> HashMap<String, Tensor> {
     lora_core::io::read_tensors(concat!(
@@ -61,32 +64,11 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let (model, data) = common::tiny_model_and_dataset(root, 4);
-    let run = |name: &str, edit: &dyn Fn(&mut lora_sdxl::JobConfig)| {
-        let (mut c, path) = common::template_job(root, &model, &data);
-        c.job.name = name.into();
-        c.job.device = Some("cpu".into());
-        c.job.output_dir = root.join("out");
-        c.network.linear = 4;
-        c.network.linear_alpha = 4.0;
-        c.train.steps = 2;
-        c.train.batch_size = 2;
-        c.train.gradient_accumulation = 1;
-        c.train.lr = 1e-3;
-        c.train.dtype = "fp32".into();
-        c.save.dtype = "fp32".into();
-        c.datasets[0].resolution = vec![256];
+    let run = |name: &str, edit: &Edit| {
+        let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
         edit(&mut c);
-        let opts = TrainOptions {
-            quiet: true,
-            ..Default::default()
-        };
-        train(&c, &path, &opts).map(|r| {
-            let mut t = lora_core::io::read_tensors(r.last_lora.unwrap())
-                .unwrap()
-                .tensors;
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            t
-        })
+        train(&c, &path, &common::quiet())
+            .map(|r| common::sorted_tensors(r.last_lora.as_ref().unwrap()))
     };
     let plain = run("plain", &|_| {}).unwrap();
     let again = run("again", &|_| {}).unwrap();
@@ -97,7 +79,7 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
         same(&plain, &again),
         "the same job must train the same LoRA"
     );
-    let options: [(&str, &dyn Fn(&mut lora_sdxl::JobConfig)); 4] = [
+    let options: [(&str, &Edit); 4] = [
         ("debiased", &|c| c.train.debiased_estimation_loss = true),
         ("multires", &|c| c.train.multires_noise_iterations = 6),
         ("ip_noise", &|c| c.train.ip_noise_gamma = 0.1),

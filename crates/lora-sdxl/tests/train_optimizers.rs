@@ -30,40 +30,17 @@ fn job(
     args: &[(&str, toml::Value)],
 ) -> (JobConfig, PathBuf) {
     let (model, data) = (root.join("tiny.safetensors"), root.join("data"));
-    let (mut c, path) = common::template_job(root, &model, &data);
-    c.job.name = name.into();
-    c.job.device = Some("cpu".into());
-    c.job.output_dir = root.join("out");
-    c.network.linear = 4;
-    c.network.linear_alpha = 4.0;
+    let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
     c.save.save_every = 4;
-    c.save.dtype = "fp32".into();
     c.train.steps = 8;
-    c.train.batch_size = 2;
-    c.train.gradient_accumulation = 1;
-    c.train.dtype = "fp32".into();
     c.train.optimizer = optimizer.into();
     c.train.lr = lr;
     c.train.optimizer_args = args
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect::<BTreeMap<_, _>>();
-    c.datasets[0].resolution = vec![256];
     c.validation.images = Some(2);
     (c, path)
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
-
-fn weights(p: &Path) -> Vec<(String, tch::Tensor)> {
-    let mut t = lora_core::io::read_tensors(p).unwrap().tensors;
-    t.sort_by(|a, b| a.0.cmp(&b.0));
-    t
 }
 
 #[test]
@@ -116,7 +93,7 @@ fn lion_prodigy_and_adafactor_train_name_themselves_and_resume() {
     for (name, optimizer, lr, args, described, state_key) in runs {
         let (mut c, path) = job(root, name, optimizer, lr, args);
         c.train.steps = steps(optimizer);
-        let r = train(&c, &path, &quiet()).unwrap();
+        let r = train(&c, &path, &common::quiet()).unwrap();
         assert_eq!(r.step, c.train.steps);
         let v: Vec<f64> = r.val_losses.iter().map(|(_, v)| *v).collect();
         eprintln!("{name}: validation {v:?}");
@@ -147,7 +124,7 @@ fn lion_prodigy_and_adafactor_train_name_themselves_and_resume() {
             state.tensors.iter().any(|(k, _)| k == state_key),
             "{name}: state lacks {state_key}"
         );
-        finals.push(weights(r.last_lora.as_ref().unwrap()));
+        finals.push(common::sorted_tensors(r.last_lora.as_ref().unwrap()));
     }
     // Different optimizers give different LoRAs from the same seed and data.
     for (i, a) in finals.iter().enumerate() {
@@ -160,14 +137,17 @@ fn lion_prodigy_and_adafactor_train_name_themselves_and_resume() {
     // Prodigy: 8 steps, then --resume to 16, equals the straight run.
     let (mut c, path) = job(root, "prodigy_resumed", "prodigy", 1.0, &[]);
     c.train.steps = 8;
-    train(&c, &path, &quiet()).unwrap();
+    train(&c, &path, &common::quiet()).unwrap();
     c.train.steps = 16;
     let resumed = TrainOptions {
         resume: true,
-        ..quiet()
+        ..common::quiet()
     };
     let r = train(&c, &path, &resumed).unwrap();
-    let (a, b) = (weights(r.last_lora.as_ref().unwrap()), &finals[1]);
+    let (a, b) = (
+        common::sorted_tensors(r.last_lora.as_ref().unwrap()),
+        &finals[1],
+    );
     assert!(
         a.iter()
             .zip(b)
@@ -219,13 +199,13 @@ fn loraplus_gives_the_up_matrices_a_higher_rate() {
         c.train.steps = 1;
         c.train.weight_decay = 0.0;
         c.train.loraplus_lr_ratio = ratio;
-        let r = train(&c, &path, &quiet()).unwrap();
+        let r = train(&c, &path, &common::quiet()).unwrap();
         let lora = lora_core::load_lora(
             r.last_lora.as_ref().unwrap(),
             lora_core::UnknownKeys::Reject,
         )
         .unwrap();
-        let m = weights(r.last_lora.as_ref().unwrap())
+        let m = common::sorted_tensors(r.last_lora.as_ref().unwrap())
             .iter()
             .filter(|(k, _)| k.ends_with(part))
             .map(|(_, t)| t.abs().max().double_value(&[]))
@@ -249,8 +229,8 @@ fn loraplus_gives_the_up_matrices_a_higher_rate() {
         c.train.steps = 2;
         c.train.weight_decay = 0.0;
         c.train.loraplus_lr_ratio = ratio;
-        let r = train(&c, &path, &quiet()).unwrap();
-        weights(r.last_lora.as_ref().unwrap())
+        let r = train(&c, &path, &common::quiet()).unwrap();
+        common::sorted_tensors(r.last_lora.as_ref().unwrap())
     };
     let (plain, plus) = (
         two_steps("down_plain", None),

@@ -32,3 +32,41 @@ pub fn template_job(root: &Path, model: &Path, data: &Path) -> (JobConfig, PathB
     .unwrap();
     (JobConfig::load(&path).unwrap(), path)
 }
+
+/// A quick CPU job on `model`/`data` named `name`: rank 4 (no LoCon), fp32,
+/// 256 px, batch 2 without accumulation, 2 steps at lr 1e-3, fp32 files,
+/// under `root/out`.
+#[allow(dead_code)]
+pub fn small_cpu_job(root: &Path, model: &Path, data: &Path, name: &str) -> (JobConfig, PathBuf) {
+    let (mut c, path) = template_job(root, model, data);
+    c.job.name = name.into();
+    c.job.device = Some("cpu".into());
+    c.job.output_dir = root.join("out");
+    c.network.linear = 4;
+    c.network.linear_alpha = 4.0;
+    c.train.steps = 2;
+    c.train.batch_size = 2;
+    c.train.gradient_accumulation = 1;
+    c.train.lr = 1e-3;
+    c.train.dtype = "fp32".into();
+    c.save.dtype = "fp32".into();
+    c.datasets[0].resolution = vec![256];
+    (c, path)
+}
+
+/// Training options without console output.
+#[allow(dead_code)]
+pub fn quiet() -> lora_sdxl::train::TrainOptions {
+    lora_sdxl::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+/// A safetensors file's tensors sorted by name.
+#[allow(dead_code)]
+pub fn sorted_tensors(p: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut t = lora_core::io::read_tensors(p).unwrap().tensors;
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}

@@ -88,6 +88,7 @@ impl Adafactor {
     ///
     /// ```no_run
     /// use lora_sdxl::train::optim::adafactor::{Adafactor, AdafactorConfig};
+    /// use lora_sdxl::train::optim::PerParam;
     /// let w = tch::Tensor::ones([4, 8], tch::kind::FLOAT_CPU).set_requires_grad(true);
     /// let mut opt = Adafactor::new(vec![w.shallow_clone()], AdafactorConfig::fixed_lr());
     /// (&w * &w).sum(tch::Kind::Float).backward();
@@ -126,9 +127,11 @@ impl Adafactor {
             step: 0,
         }
     }
+}
 
+impl PerParam for Adafactor {
     /// One update; `lr` is ignored with `relative_step`.
-    pub fn step(&mut self, lr: f64) {
+    fn step(&mut self, lr: f64) {
         self.step += 1;
         let c = &self.cfg;
         let t = self.step as f64;
@@ -187,12 +190,6 @@ impl Adafactor {
                 let _ = p.g_sub_(&update);
             }
         });
-    }
-}
-
-impl PerParam for Adafactor {
-    fn step(&mut self, lr: f64) {
-        Adafactor::step(self, lr)
     }
     fn steps_taken(&self) -> u64 {
         self.step

@@ -31,7 +31,7 @@ impl Lion {
     /// package's defaults are β = (0.9, 0.99), no weight decay.
     ///
     /// ```no_run
-    /// use lora_sdxl::train::optim::Lion;
+    /// use lora_sdxl::train::optim::{Lion, PerParam};
     /// let w = tch::Tensor::zeros([4, 4], tch::kind::FLOAT_CPU).set_requires_grad(true);
     /// let mut opt = Lion::new(vec![w.shallow_clone()], 0.9, 0.99, 0.0);
     /// (&w * 2.0).sum(tch::Kind::Float).backward();
@@ -48,9 +48,11 @@ impl Lion {
             weight_decay,
         }
     }
+}
 
+impl PerParam for Lion {
     /// One update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
+    fn step(&mut self, lr: f64) {
         self.step += 1;
         let (b1, b2, wd) = (self.beta1, self.beta2, self.weight_decay);
         tch::no_grad(|| {
@@ -66,12 +68,6 @@ impl Lion {
                 let _ = m.g_mul_scalar_(b2).g_add_(&(&g * (1.0 - b2)));
             }
         });
-    }
-}
-
-impl PerParam for Lion {
-    fn step(&mut self, lr: f64) {
-        Lion::step(self, lr)
     }
     fn steps_taken(&self) -> u64 {
         self.step
