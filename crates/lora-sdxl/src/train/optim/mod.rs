@@ -18,11 +18,11 @@ pub mod lion;
 pub mod prodigy;
 pub mod quant8;
 
-pub use adafactor::Adafactor;
+pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::AdamW;
 pub use args::{build, OptimizerArgs};
 pub use lion::Lion;
-pub use prodigy::Prodigy;
+pub use prodigy::{Prodigy, ProdigyConfig};
 pub use quant8::{dynamic_map, QuantMap, Quantized, BLOCK_SIZE, MIN_8BIT_SIZE};
 
 /// What the trainer drives: one optimizer over named parameter groups.
