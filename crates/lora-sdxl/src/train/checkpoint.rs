@@ -134,11 +134,11 @@ pub(crate) fn training_metadata(
             ),
             (
                 "ss_ip_noise_gamma_random_strength".to_string(),
-                py_bool(job.train.ip_noise_gamma_random_strength),
+                lora_core::metadata::py_bool(job.train.ip_noise_gamma_random_strength),
             ),
             (
                 "ss_debiased_estimation".to_string(),
-                py_bool(job.train.debiased_estimation_loss),
+                lora_core::metadata::py_bool(job.train.debiased_estimation_loss),
             ),
             (
                 "ss_loraplus_lr_ratio".to_string(),
@@ -155,10 +155,6 @@ pub(crate) fn training_metadata(
             ),
         ]),
     }
-}
-
-fn py_bool(b: bool) -> String {
-    if b { "True" } else { "False" }.to_string()
 }
 
 /// `ss_optimizer`: the optimizer actually used and its arguments, kohya style

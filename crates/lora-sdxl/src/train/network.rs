@@ -90,22 +90,17 @@ impl Network {
         )
     }
 
-    /// Every parameter.
+    /// Every leaf's `[down, up]` in leaf order (the UNet's leaves first, as
+    /// [`lora_targets`] lists them), which is also the order of `params(false)`
+    /// followed by `params(true)`.
     pub fn all_params(&self) -> Vec<Tensor> {
-        let mut p = self.params(false);
-        p.extend(self.params(true));
-        p
-    }
-
-    /// Every leaf's `[down, up]`, in leaf order (what [`super::ema::Ema`] averages).
-    pub fn leaf_params(&self) -> Vec<Tensor> {
         (self.leaves.iter())
             .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
             .collect()
     }
 
     /// A detached copy as a LoRA set (for saving): the trained weights, or
-    /// `weights` given in [`Self::leaf_params`] order (the EMA).
+    /// `weights` given in [`Self::all_params`] order (the EMA).
     pub fn to_set(&self, weights: Option<&[Tensor]>) -> Result<LoraSet> {
         let mut set = LoraSet::new();
         for (i, l) in self.leaves.iter().enumerate() {

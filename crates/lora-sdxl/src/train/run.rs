@@ -106,9 +106,8 @@ pub(crate) struct Env {
 /// The optimizer over both groups (UNet, text encoders) and the LR schedule.
 pub(crate) struct Optimizers {
     pub opt: Box<dyn Optimizer>,
-    /// The average of the weights (`train.ema_decay`) and what it averages.
+    /// The average of `params` (`train.ema_decay`).
     pub ema: Option<Ema>,
-    leaf_params: Vec<Tensor>,
     /// Per optimizer group: text-encoder rate (else the UNet's) and its factor.
     factors: Vec<(bool, f64)>,
     params: Vec<Tensor>,
@@ -161,8 +160,7 @@ impl Optimizers {
             opt: args.build(t.weight_decay, groups),
             ema: t
                 .ema_decay
-                .map(|d| Ema::new(&network.leaf_params(), d, t.ema_power)),
-            leaf_params: network.leaf_params(),
+                .map(|d| Ema::new(&network.all_params(), d, t.ema_power)),
             factors,
             params: network.all_params(),
             schedule,
@@ -188,7 +186,7 @@ impl Optimizers {
         }
         self.opt.step(&lrs[..self.factors.len()]);
         if let Some(ema) = &mut self.ema {
-            ema.update(&self.leaf_params);
+            ema.update(&self.params);
         }
         self.opt.zero_grad();
         (lr, norm)

@@ -241,7 +241,7 @@ impl OptimizerArgs {
     /// Python-style values.
     pub fn describe(&self, weight_decay: f64) -> String {
         let f = lora_core::metadata::py_float;
-        let b = |x: bool| if x { "True" } else { "False" };
+        let b = lora_core::metadata::py_bool;
         let pair = |p: (f64, f64)| format!("({}, {})", f(p.0), f(p.1));
         let wd = f(weight_decay);
         match self {
