@@ -3,7 +3,7 @@
 //! must give the same weights, and a state saved halfway and restored must
 //! continue exactly. Fixture: `scripts/fixtures/optimizers.py`.
 
-use lora_sdxl::train::optim::{Optimizer, OptimizerArgs};
+use lora_sdxl::train::optim::{clear_grads, Optimizer, OptimizerArgs};
 use std::collections::{BTreeMap, HashMap};
 use tch::{Kind, Tensor};
 
@@ -81,7 +81,7 @@ fn replay(
         }
         let lr = case.lrs[step];
         opt.step(&[lr, lr * case.te_factor]);
-        opt.zero_grad();
+        clear_grads(params);
     }
 }
 

@@ -25,7 +25,7 @@ use super::events::Observers;
 use super::inputs::Inputs;
 use super::job::JobConfig;
 use super::network::Network;
-use super::optim::{clip_grad_norm, Optimizer, OptimizerArgs};
+use super::optim::{clear_grads, clip_grad_norm, Optimizer, OptimizerArgs};
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
 use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
@@ -188,7 +188,7 @@ impl Optimizers {
         if let Some(ema) = &mut self.ema {
             ema.update(&self.params);
         }
-        self.opt.zero_grad();
+        clear_grads(&self.params);
         (lr, norm)
     }
 }

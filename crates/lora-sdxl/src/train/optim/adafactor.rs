@@ -194,9 +194,6 @@ impl PerParam for Adafactor {
     fn steps_taken(&self) -> u64 {
         self.step
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
     fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
         let mut out = Vec::new();

@@ -285,9 +285,6 @@ impl PerParam for AdamW {
     fn steps_taken(&self) -> u64 {
         self.step
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
     fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         AdamW::state_tensors(self, prefix)
     }

@@ -72,9 +72,6 @@ impl PerParam for Lion {
     fn steps_taken(&self) -> u64 {
         self.step
     }
-    fn params(&self) -> &[Tensor] {
-        &self.params
-    }
     fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         (self.exp_avg.iter().enumerate())
             .map(|(i, m)| (format!("{prefix}.{i}.m"), m.to_device(tch::Device::Cpu)))

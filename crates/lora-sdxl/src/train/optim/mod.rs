@@ -28,10 +28,9 @@ pub use quant8::{dynamic_map, QuantMap, Quantized, BLOCK_SIZE, MIN_8BIT_SIZE};
 /// What the trainer drives: one optimizer over named parameter groups.
 pub trait Optimizer: std::fmt::Debug {
     /// One update; `lrs[g]` is group `g`'s (scheduled) learning rate.
-    /// Parameters without a gradient are skipped.
+    /// Parameters without a gradient are skipped. (The caller drops the
+    /// gradients afterwards, for all groups at once: [`clear_grads`].)
     fn step(&mut self, lrs: &[f64]);
-    /// Drops every parameter's gradient (`grad = None`).
-    fn zero_grad(&mut self);
     /// Updates taken so far.
     fn steps_taken(&self) -> u64;
     /// The state as named CPU tensors (names are the optimizer's own). On
@@ -57,8 +56,6 @@ pub trait PerParam: std::fmt::Debug {
     fn step(&mut self, lr: f64);
     /// Updates taken so far.
     fn steps_taken(&self) -> u64;
-    /// The parameters.
-    fn params(&self) -> &[Tensor];
     /// The state under `prefix`.
     fn state_tensors(&self, prefix: &str) -> Vec<(String, Tensor)>;
     /// Restores the state under `prefix`.
@@ -88,11 +85,6 @@ impl<T: PerParam> Optimizer for Groups<T> {
     fn step(&mut self, lrs: &[f64]) {
         for ((_, o), lr) in self.groups.iter_mut().zip(lrs) {
             o.step(*lr);
-        }
-    }
-    fn zero_grad(&mut self) {
-        for (_, o) in &self.groups {
-            clear_grads(o.params());
         }
     }
     fn steps_taken(&self) -> u64 {

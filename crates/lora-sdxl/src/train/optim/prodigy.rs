@@ -24,7 +24,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{clear_grads, Optimizer};
+use super::Optimizer;
 
 /// Prodigy's settings (the package's keyword arguments).
 #[derive(Debug, Clone, PartialEq)]
@@ -243,12 +243,6 @@ impl Optimizer for Prodigy {
     fn step(&mut self, lrs: &[f64]) {
         self.steps += 1;
         tch::no_grad(|| self.update(lrs));
-    }
-    fn zero_grad(&mut self) {
-        for g in &self.groups {
-            let ps: Vec<Tensor> = g.iter().map(|s| s.p.shallow_clone()).collect();
-            clear_grads(&ps);
-        }
     }
     fn steps_taken(&self) -> u64 {
         self.steps
