@@ -154,11 +154,9 @@ impl PerParam for Adafactor {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                let alpha = if c.scale_parameter {
-                    rms(p).clamp_min(c.eps.1) * rel
-                } else {
-                    Tensor::from(rel).to_kind(Kind::Float).to_device(p.device())
-                };
+                // The step size: a tensor when scaled by the weights' RMS, else
+                // the host number itself (no host-to-device copy per parameter).
+                let scaled = c.scale_parameter.then(|| rms(p).clamp_min(c.eps.1) * rel);
                 let sq = &g * &g + c.eps.0;
                 let mut update = match second {
                     Second::Factored { row, col } => {
@@ -178,14 +176,21 @@ impl PerParam for Adafactor {
                     }
                 };
                 update = &update / (rms(&update) / c.clip_threshold).clamp_min(1.0);
-                update *= &alpha;
+                update = match &scaled {
+                    Some(alpha) => update * alpha,
+                    None => update * rel,
+                };
                 if let (Some(b1), Some(m)) = (c.beta1, first.as_mut()) {
                     *m = &*m * b1 + &update * (1.0 - b1);
                     update = m.shallow_clone();
                 }
                 let mut p = p.shallow_clone();
                 if c.weight_decay != 0.0 {
-                    let _ = p.g_sub_(&(&p * (&alpha * c.weight_decay)));
+                    let decay = match &scaled {
+                        Some(alpha) => &p * (alpha * c.weight_decay),
+                        None => &p * (rel * c.weight_decay),
+                    };
+                    let _ = p.g_sub_(&decay);
                 }
                 let _ = p.g_sub_(&update);
             }

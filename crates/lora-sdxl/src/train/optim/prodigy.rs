@@ -154,26 +154,23 @@ impl Prodigy {
         let lr = lrs.iter().cloned().fold(0.0, f64::max);
         let f32 = |t: &Tensor| t.to_kind(Kind::Float);
         let d = self.d.shallow_clone();
-        let bc = if c.use_bias_correction {
+        // Computed from the device's k: no host-to-device copy (a sync on CUDA).
+        let dlr = if c.use_bias_correction {
             let k1 = &self.k + 1.0;
-            let pow = |b: f64| {
-                Tensor::from(b)
-                    .to_kind(Kind::Double)
-                    .to_device(k1.device())
-                    .pow(&k1)
-            };
-            (pow(b2).g_mul_scalar(-1.0) + 1.0).sqrt() / (pow(b1).g_mul_scalar(-1.0) + 1.0)
+            let pow = |b: f64| Tensor::pow_scalar(b, &k1);
+            &d * lr * (pow(b2).g_mul_scalar(-1.0) + 1.0).sqrt() / (pow(b1).g_mul_scalar(-1.0) + 1.0)
         } else {
-            Tensor::from(1.0).to_kind(Kind::Double)
-        }
-        .to_device(d.device());
-        let dlr = &d * lr * bc;
+            &d * lr
+        };
         let ratio = (&d / c.d0) * &dlr; // (d/d₀)·dlr
         let s_alpha = if c.safeguard_warmup {
             (&d / c.d0) * &d
         } else {
             ratio.shallow_clone()
         };
+        // The per-parameter factors, once per step.
+        let (m_alpha, v_alpha) = (f32(&(&d * (1.0 - b1))), f32(&(&d * &d * (1.0 - b2))));
+        let s_alpha = f32(&s_alpha);
         let mut numerator = &self.numerator * b3;
         let mut denom = d.zeros_like();
         for (group, &group_lr) in self.groups.iter_mut().zip(lrs) {
@@ -197,11 +194,10 @@ impl Prodigy {
                     let sg = Self::sliced(&g, c.slice_p);
                     let dot = sg.dot(&(&*p0 - Self::sliced(&slot.p, c.slice_p)));
                     numerator += &ratio * dot.to_kind(Kind::Double);
-                    slot.exp_avg = &slot.exp_avg * b1 + &g * f32(&(&d * (1.0 - b1)));
+                    slot.exp_avg = &slot.exp_avg * b1 + &g * &m_alpha;
                     // addcmul's order, v + (value · g) · g.
-                    slot.exp_avg_sq =
-                        &slot.exp_avg_sq * b2 + &g * f32(&(&d * &d * (1.0 - b2))) * &g;
-                    slot.s = &slot.s * b3 + sg * f32(&s_alpha);
+                    slot.exp_avg_sq = &slot.exp_avg_sq * b2 + &g * &v_alpha * &g;
+                    slot.s = &slot.s * b3 + sg * &s_alpha;
                     denom += slot.s.abs().sum(Kind::Float).to_kind(Kind::Double);
                 }
             }
@@ -220,18 +216,18 @@ impl Prodigy {
         self.d_max = d_max.where_self(&live, &self.d_max);
         self.numerator = numerator.where_self(&live, &self.numerator);
         self.k = (&self.k + 1.0).where_self(&live, &self.k);
-        let step_d = f32(&self.d);
+        let eps_d = f32(&self.d) * c.eps;
         let dlr = f32(&dlr.where_scalarother(&live, 0.0));
-        let neg_dlr = -&dlr;
+        let (neg_dlr, decay) = (-&dlr, &dlr * c.weight_decay);
         for slot in self.groups.iter_mut().flatten() {
             let g = slot.p.grad();
             if !g.defined() {
                 continue;
             }
             let mut p = slot.p.shallow_clone();
-            let denom = slot.exp_avg_sq.sqrt() + &step_d * c.eps;
+            let denom = slot.exp_avg_sq.sqrt() + &eps_d;
             if c.weight_decay != 0.0 && c.decouple {
-                let _ = p.g_sub_(&(&p * (&dlr * c.weight_decay)));
+                let _ = p.g_sub_(&(&p * &decay));
             }
             // addcdiv's order, p + (−dlr · m) / denom: the same roundings as the package.
             let _ = p.g_add_(&(&slot.exp_avg * &neg_dlr / denom));
