@@ -98,6 +98,16 @@ fn files_hold_the_average_and_a_resumed_run_continues_it() {
         "a resumed EMA run differs from the straight one"
     );
 
+    // ema_power reaches the average: a warmed-up average is another file.
+    let (mut c, path) = job("power", 6);
+    c.train.ema_power = Some(2.0 / 3.0);
+    let r = train(&c, &path, &common::quiet()).unwrap();
+    let powered = sorted(r.last_lora.as_ref().unwrap());
+    assert!(
+        !file.iter().zip(&powered).all(|((_, x), (_, y))| x.equal(y)),
+        "ema_power had no effect on the saved average"
+    );
+
     let (mut c, path) = job("power_alone", 2);
     c.train.ema_decay = None;
     c.train.ema_power = Some(0.67);

@@ -79,9 +79,13 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
         same(&plain, &again),
         "the same job must train the same LoRA"
     );
-    let options: [(&str, &Edit); 4] = [
+    let options: [(&str, &Edit); 5] = [
         ("debiased", &|c| c.train.debiased_estimation_loss = true),
         ("multires", &|c| c.train.multires_noise_iterations = 6),
+        ("multires_discount", &|c| {
+            c.train.multires_noise_iterations = 6;
+            c.train.multires_noise_discount = 0.8;
+        }),
         ("ip_noise", &|c| c.train.ip_noise_gamma = 0.1),
         ("ip_noise_random", &|c| {
             c.train.ip_noise_gamma = 0.1;
@@ -95,8 +99,12 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
         trained.push(lora);
     }
     assert!(
-        !same(&trained[2], &trained[3]),
+        !same(&trained[3], &trained[4]),
         "random strength had no effect"
+    );
+    assert!(
+        !same(&trained[1], &trained[2]),
+        "multires_noise_discount had no effect"
     );
 
     let e = run("both", &|c| {
