@@ -204,3 +204,23 @@ fn optimizer_args_errors_name_the_key_and_the_choices() {
     .unwrap();
     assert!(fixed.note().is_none());
 }
+
+#[test]
+fn prodigy_ignores_the_rate_of_a_group_without_parameters() {
+    use lora_sdxl::train::optim::{Prodigy, ProdigyConfig};
+    // UNet-only training: the text-encoder group is empty, whatever its rate.
+    let run = |te_lr: f64| {
+        let w = Tensor::ones([3, 3], tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let mut opt = Prodigy::new(
+            vec![vec![w.shallow_clone()], vec![]],
+            ProdigyConfig::default(),
+        );
+        for _ in 0..3 {
+            (&w * &w).sum(Kind::Float).backward();
+            opt.step(&[1.0, te_lr]);
+            clear_grads(&[w.shallow_clone()]);
+        }
+        w.detach()
+    };
+    assert!(run(1e-4).equal(&run(1.0)));
+}

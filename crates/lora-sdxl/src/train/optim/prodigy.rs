@@ -151,7 +151,11 @@ impl Prodigy {
         let c = &self.cfg;
         let (b1, b2) = c.betas;
         let b3 = c.beta3.unwrap_or(b2.sqrt());
-        let lr = lrs.iter().cloned().fold(0.0, f64::max);
+        // Groups without parameters (text encoders not trained) take no part,
+        // as they are absent from a kohya run.
+        let lr = (self.groups.iter().zip(lrs))
+            .filter(|(g, _)| !g.is_empty())
+            .fold(0.0, |m, (_, &r)| f64::max(m, r));
         let f32 = |t: &Tensor| t.to_kind(Kind::Float);
         let d = self.d.shallow_clone();
         // Computed from the device's k: no host-to-device copy (a sync on CUDA).
@@ -174,7 +178,7 @@ impl Prodigy {
         let mut numerator = &self.numerator * b3;
         let mut denom = d.zeros_like();
         for (group, &group_lr) in self.groups.iter_mut().zip(lrs) {
-            if group_lr != lr && group_lr != 0.0 {
+            if !group.is_empty() && group_lr != lr && group_lr != 0.0 {
                 panic!(
                     "Prodigy: groups may only differ by a rate of 0 (checked when the job is read)"
                 );
