@@ -1,4 +1,4 @@
-//! kohya's loss and noise options against sd-scripts' formulas (fixture:
+//! kohya's loss and noise options (and OneTrainer's timestep distributions) against sd-scripts' formulas (fixture:
 //! `scripts/fixtures/noise_loss.py`), and in a real run: each one changes
 //! what is trained, and contradictory settings are refused.
 
@@ -79,7 +79,7 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
         same(&plain, &again),
         "the same job must train the same LoRA"
     );
-    let options: [(&str, &Edit); 5] = [
+    let options: [(&str, &Edit); 8] = [
         ("debiased", &|c| c.train.debiased_estimation_loss = true),
         ("multires", &|c| c.train.multires_noise_iterations = 6),
         ("multires_discount", &|c| {
@@ -91,6 +91,14 @@ fn each_option_changes_the_trained_lora_and_contradictions_are_refused() {
             c.train.ip_noise_gamma = 0.1;
             c.train.ip_noise_gamma_random_strength = true;
         }),
+        ("sigmoid_timesteps", &|c| {
+            c.train.timestep_sampling = "sigmoid".into();
+            c.train.sigmoid_scale = Some(5.0);
+        }),
+        ("logit_normal_timesteps", &|c| {
+            c.train.timestep_sampling = "logit_normal".into()
+        }),
+        ("timestep_shift", &|c| c.train.timestep_shift = 3.0),
     ];
     let mut trained = Vec::new();
     for (name, edit) in options {

@@ -141,6 +141,22 @@ pub(crate) fn training_metadata(
                 lora_core::metadata::py_bool(job.train.debiased_estimation_loss),
             ),
             (
+                "ss_timestep_sampling".to_string(),
+                job.train.timestep_sampling.clone(),
+            ),
+            (
+                "ss_sigmoid_scale".to_string(),
+                lora_core::metadata::py_float(job.train.sigmoid_scale.unwrap_or(0.0)),
+            ),
+            (
+                "lorakit.sigmoid_bias".to_string(),
+                lora_core::metadata::py_float(job.train.sigmoid_bias),
+            ),
+            (
+                "lorakit.timestep_shift".to_string(),
+                lora_core::metadata::py_float(job.train.timestep_shift),
+            ),
+            (
                 "ss_loraplus_lr_ratio".to_string(),
                 lora_core::metadata::py_opt_float(job.train.loraplus_lr_ratio),
             ),

@@ -12,6 +12,7 @@
 //! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
 //! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
+//! | timestep distributions (uniform, sigmoid, logit-normal, shift) | [`timesteps`] |
 //! | the EMA of the LoRA weights | [`ema`] |
 //! | LoRA files and their kohya metadata | [`checkpoint`] |
 //! | `state.safetensors` (resume) | `state.rs` |
@@ -33,6 +34,7 @@ pub mod run;
 pub mod schedule;
 mod state;
 mod step;
+pub mod timesteps;
 
 pub use data::DatasetSummary;
 pub use events::{Event, ObserveFn, Observer, Observers, RunView};

@@ -48,12 +48,7 @@ impl Env {
         let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
         tch::manual_seed(step_seed);
         let device = x0.device();
-        let ts = Tensor::randint_low(
-            t.min_timestep as i64,
-            t.max_timestep as i64,
-            [b],
-            (Kind::Int64, device),
-        );
+        let ts = self.timesteps.sample(b, device);
         let noise = training_noise(t, &x0, &mut rng);
         let input = input_noise(t, &noise);
         let (noisy, target) = self.noised(&x0, &input, noise, &ts);

@@ -203,6 +203,16 @@ pub struct TrainSection {
     pub min_timestep: u32,
     /// Highest timestep drawn (exclusive).
     pub max_timestep: u32,
+    /// `uniform`, `sigmoid` or `logit_normal` (see [`crate::train::timesteps`]).
+    pub timestep_sampling: String,
+    /// OneTrainer's `noising_weight`: the sigmoid's steepness, or the
+    /// logit-normal's standard deviation minus 1.
+    pub sigmoid_scale: Option<f64>,
+    /// OneTrainer's `noising_bias`: moves the sigmoid's centre, or the
+    /// logit-normal's mean.
+    pub sigmoid_bias: f64,
+    /// OneTrainer's `timestep_shift` (1 = none; > 1 draws noisier steps).
+    pub timestep_shift: f64,
     /// Train the UNet LoRA.
     pub train_unet: bool,
     /// Train text-encoder LoRAs.
@@ -250,6 +260,10 @@ impl Default for TrainSection {
             loss: "l2".into(),
             min_timestep: 0,
             max_timestep: 1000,
+            timestep_sampling: "uniform".into(),
+            sigmoid_scale: None,
+            sigmoid_bias: 0.0,
+            timestep_shift: 1.0,
             train_unet: true,
             train_text_encoder: false,
             dtype: "bf16".into(),

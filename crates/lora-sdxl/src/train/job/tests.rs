@@ -158,6 +158,7 @@ fn the_field_table_lists_every_key_once() {
     c.train.loraplus_lr_ratio = Some(16.0);
     c.train.ema_decay = Some(0.999);
     c.train.ema_power = Some(0.67);
+    c.train.sigmoid_scale = Some(5.0);
     c.train.optimizer_args = [("betas".to_string(), toml::Value::from(vec![0.9, 0.999]))].into();
     c.validation = ValidationSection {
         every: Some(1),

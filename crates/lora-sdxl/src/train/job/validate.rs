@@ -168,6 +168,7 @@ impl JobConfig {
                 "has no effect while ip_noise_gamma = 0: set ip_noise_gamma (e.g. 0.1)".into(),
             );
         }
+        self.validate_timesteps(file)?;
         if t.ema_power.is_some() && t.ema_decay.is_none() {
             return err(
                 "train.ema_power",
@@ -187,6 +188,27 @@ impl JobConfig {
             );
         }
         Ok(())
+    }
+
+    /// `timestep_sampling`'s parameters must each change the distribution.
+    fn validate_timesteps(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        let t = &self.train;
+        match t.timestep_sampling.as_str() {
+            "sigmoid" if t.sigmoid_scale.unwrap_or(0.0) == 0.0 => err(
+                "train.sigmoid_scale",
+                "timestep_sampling = \"sigmoid\" needs a non-zero sigmoid_scale (a flat sigmoid is uniform): set e.g. sigmoid_scale = 5.0".into(),
+            ),
+            "logit_normal" if t.sigmoid_scale.is_some_and(|s| s <= -1.0) => err(
+                "train.sigmoid_scale",
+                "the logit-normal's standard deviation is sigmoid_scale + 1, so it must be above -1 (0 gives a standard normal)".into(),
+            ),
+            "uniform" if t.sigmoid_scale.is_some() || t.sigmoid_bias != 0.0 => err(
+                if t.sigmoid_scale.is_some() { "train.sigmoid_scale" } else { "train.sigmoid_bias" },
+                "has no effect with timestep_sampling = \"uniform\": set timestep_sampling = \"sigmoid\" or \"logit_normal\", or remove it".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn validate_datasets(&self, file: &Path) -> Result<(), JobError> {

@@ -1,0 +1,130 @@
+//! Which timesteps a training step draws (`train.timestep_sampling`), as
+//! OneTrainer's `timestep_distribution` defines them:
+//!
+//! - `uniform`: every timestep in `[min_timestep, max_timestep)` equally;
+//! - `logit_normal`: `sigmoid(N(sigmoid_bias, sigmoid_scale + 1))` scaled to
+//!   the range (SD3's logit-normal; OneTrainer's `noising_bias` /
+//!   `noising_weight + 1`);
+//! - `sigmoid`: a discrete distribution over the range with weights
+//!   `sigmoid(sigmoid_scale · (x − (sigmoid_bias + 0.5)))`, `x` in `[0, 1]`
+//!   — more high-noise steps for a positive scale.
+//!
+//! `timestep_shift` (OneTrainer's `timestep_shift`, 1 = none) warps the draws
+//! by `t ↦ T·s·t / ((s − 1)·t + T)`, toward noise for `s > 1`; like
+//! OneTrainer it is applied after the range, so with `max_timestep < 1000` a
+//! shift above 1 reaches past it. The distribution does not depend on the
+//! prediction type: ε and v models draw alike.
+//!
+//! Draws stay on the device (no host round trip per step).
+
+use super::job::TrainSection;
+use super::schedule::NUM_TIMESTEPS;
+use tch::{Device, Kind, Tensor};
+
+/// `train.timestep_sampling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSampling {
+    /// Uniform over the range.
+    Uniform,
+    /// Discrete sigmoid-weighted.
+    Sigmoid,
+    /// Logit-normal.
+    LogitNormal,
+}
+
+impl TimestepSampling {
+    /// From the job file's name (`None` for an unknown one).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "uniform" => Self::Uniform,
+            "sigmoid" => Self::Sigmoid,
+            "logit_normal" => Self::LogitNormal,
+            _ => return None,
+        })
+    }
+}
+
+/// Draws a step's timesteps.
+#[derive(Debug)]
+pub struct TimestepSampler {
+    kind: TimestepSampling,
+    min: i64,
+    max: i64,
+    shift: f64,
+    scale: f64,
+    bias: f64,
+    /// `sigmoid`: the weights of `min..max` on the device.
+    weights: Option<Tensor>,
+}
+
+impl TimestepSampler {
+    /// The sampler of a job's `[train]` on `device`.
+    pub fn new(t: &TrainSection, device: Device) -> Self {
+        let kind =
+            TimestepSampling::parse(&t.timestep_sampling).unwrap_or(TimestepSampling::Uniform);
+        let (min, max) = (i64::from(t.min_timestep), i64::from(t.max_timestep));
+        let scale = t.sigmoid_scale.unwrap_or(0.0);
+        let bias = t.sigmoid_bias;
+        let shift = t.timestep_shift;
+        let weights = (kind == TimestepSampling::Sigmoid)
+            .then(|| sigmoid_weights(max - min, scale, bias, shift).to_device(device));
+        Self {
+            kind,
+            min,
+            max,
+            shift,
+            scale,
+            bias,
+            weights,
+        }
+    }
+
+    /// `b` timesteps (`Int64` on `device`), drawn with torch's generator.
+    pub fn sample(&self, b: i64, device: Device) -> Tensor {
+        let opts = (Kind::Float, device);
+        match self.kind {
+            // the plain draw, unchanged from before the option existed
+            TimestepSampling::Uniform if self.shift == 1.0 => {
+                Tensor::randint_low(self.min, self.max, [b], (Kind::Int64, device))
+            }
+            TimestepSampling::Uniform => self.from_unit(&Tensor::rand([b], opts)),
+            TimestepSampling::LogitNormal => {
+                let normal = Tensor::randn([b], opts) * (self.scale + 1.0) + self.bias;
+                self.from_unit(&normal.sigmoid())
+            }
+            TimestepSampling::Sigmoid => match &self.weights {
+                Some(w) => w.multinomial(b, true) + self.min,
+                None => unreachable!("`new` builds the weights of a sigmoid sampler"),
+            },
+        }
+    }
+
+    /// OneTrainer's continuous path: `u ∈ [0, 1)` ↦ `min + u·(max − min)`,
+    /// shifted, truncated to an integer (and kept inside the schedule).
+    pub fn from_unit(&self, u: &Tensor) -> Tensor {
+        let t = u * (self.max - self.min) as f64 + self.min as f64;
+        let n = NUM_TIMESTEPS as f64;
+        let shifted = if self.shift == 1.0 {
+            t
+        } else {
+            (&t * (n * self.shift)) / (&t * (self.shift - 1.0) + n)
+        };
+        shifted
+            .to_kind(Kind::Int64)
+            .clamp(0, NUM_TIMESTEPS as i64 - 1)
+    }
+}
+
+/// The `sigmoid` distribution's weights over `n` timesteps (OneTrainer's
+/// discrete path, in fp32 as it computes them): on `x = linspace(0, 1, n)`
+/// moved by the inverse shift `x / (s − s·x + x)`, the sigmoid is evaluated
+/// at that point shifted once more (as OneTrainer does) and multiplied by the
+/// inverse shift's derivative `s / (s + x − s·x)²`, the width of a shifted
+/// bucket. Unnormalised (`multinomial` normalises).
+pub fn sigmoid_weights(n: i64, scale: f64, bias: f64, shift: f64) -> Tensor {
+    let inverse = |x: &Tensor| x / (x * (1.0 - shift) + shift);
+    let x = Tensor::linspace(0.0, 1.0, n, (Kind::Float, Device::Cpu));
+    let moved = inverse(&x);
+    let derivative = (&x * (1.0 - shift) + shift).square().reciprocal() * shift;
+    ((inverse(&moved) - (bias + 0.5)) * scale).sigmoid() * derivative
+}

@@ -1,0 +1,173 @@
+//! Timestep distributions against OneTrainer's formulas (fixture:
+//! `scripts/fixtures/timesteps.py`): the sigmoid weights, the continuous
+//! path with its shift, and the sampler's draws; bad settings are refused.
+
+mod common;
+use lora_sdxl::train::job::TrainSection;
+use lora_sdxl::train::timesteps::{sigmoid_weights, TimestepSampler};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+fn fixture() -> HashMap<String, Tensor> {
+    lora_core::io::read_tensors(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/timesteps.safetensors"
+    ))
+    .unwrap()
+    .tensors
+    .into_iter()
+    .collect()
+}
+
+fn params(f: &HashMap<String, Tensor>, key: &str) -> Vec<f64> {
+    Vec::<f64>::try_from(&f[key]).unwrap()
+}
+
+fn section(kind: &str, edit: impl FnOnce(&mut TrainSection)) -> TrainSection {
+    let mut t = TrainSection {
+        timestep_sampling: kind.into(),
+        ..Default::default()
+    };
+    edit(&mut t);
+    t
+}
+
+#[test]
+fn sigmoid_weights_match_onetrainer() {
+    let f = fixture();
+    for i in 0..4 {
+        let p = params(&f, &format!("sigmoid.{i}.params"));
+        let want = &f[&format!("sigmoid.{i}.weights")];
+        let got = sigmoid_weights(1000, p[0], p[1], p[2]);
+        let rel = ((&got - want).abs() / want.abs().clamp_min(1e-12))
+            .max()
+            .double_value(&[]);
+        assert!(rel < 1e-5, "setting {p:?}: max relative error {rel}");
+    }
+}
+
+#[test]
+fn the_continuous_path_and_its_shift_match_onetrainer() {
+    let f = fixture();
+    let u = &f["continuous.u"];
+    for i in 0..3 {
+        let p = params(&f, &format!("continuous.{i}.params"));
+        let t = section("uniform", |t| {
+            t.min_timestep = p[0] as u32;
+            t.max_timestep = p[1] as u32;
+            t.timestep_shift = p[2];
+        });
+        let got = TimestepSampler::new(&t, Device::Cpu).from_unit(u);
+        let want = &f[&format!("continuous.{i}.timesteps")];
+        let differ = got.ne_tensor(want).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(
+            differ, 0,
+            "setting {p:?}: {differ} of 4096 timesteps differ"
+        );
+    }
+}
+
+fn draws(t: &TrainSection) -> Tensor {
+    tch::manual_seed(3);
+    let ts = TimestepSampler::new(t, Device::Cpu).sample(200_000, Device::Cpu);
+    assert_eq!(ts.kind(), Kind::Int64);
+    ts.to_kind(Kind::Double)
+}
+
+#[test]
+fn the_sampler_draws_each_distribution() {
+    let f = fixture();
+    let mean = |t: &Tensor| t.mean(Kind::Double).double_value(&[]);
+    let std = |t: &Tensor| t.std(true).double_value(&[]);
+
+    let uniform = draws(&section("uniform", |_| {}));
+    assert!((mean(&uniform) - 499.5).abs() < 3.0, "{}", mean(&uniform));
+    let ranged = draws(&section("uniform", |t| {
+        t.min_timestep = 200;
+        t.max_timestep = 300;
+    }));
+    assert_eq!(ranged.min().double_value(&[]), 200.0);
+    assert_eq!(ranged.max().double_value(&[]), 299.0);
+    let shifted = draws(&section("uniform", |t| t.timestep_shift = 3.0));
+    // E[3t/(2t/1000 + 1)] over t ~ U(0, 1000), minus ~0.5 for truncation
+    let expected = 1000.0 * 1.5 * (1.0 - 3f64.ln() / 2.0) - 0.5;
+    assert!(
+        (mean(&shifted) - expected).abs() < 3.0,
+        "{} vs {expected}",
+        mean(&shifted)
+    );
+
+    for i in 0..2 {
+        let p = params(&f, &format!("logit_normal.{i}.params"));
+        let ts = draws(&section("logit_normal", |t| {
+            t.sigmoid_scale = Some(p[0]);
+            t.sigmoid_bias = p[1];
+        }));
+        let (m, s) = (mean(&ts), std(&ts));
+        let (want_m, want_s) = (
+            params(&f, &format!("logit_normal.{i}.mean"))[0],
+            params(&f, &format!("logit_normal.{i}.std"))[0],
+        );
+        assert!(
+            (m - want_m).abs() < 3.0,
+            "logit-normal {p:?}: mean {m} vs {want_m}"
+        );
+        assert!(
+            (s - want_s).abs() < 3.0,
+            "logit-normal {p:?}: std {s} vs {want_s}"
+        );
+    }
+
+    for i in 0..4 {
+        let p = params(&f, &format!("sigmoid.{i}.params"));
+        let ts = draws(&section("sigmoid", |t| {
+            t.sigmoid_scale = Some(p[0]);
+            t.sigmoid_bias = p[1];
+            t.timestep_shift = p[2];
+        }));
+        let w = f[&format!("sigmoid.{i}.weights")].to_kind(Kind::Double);
+        let idx = Tensor::arange(1000, (Kind::Double, Device::Cpu));
+        let want = ((&w * idx).sum(Kind::Double) / w.sum(Kind::Double)).double_value(&[]);
+        assert!(
+            (mean(&ts) - want).abs() < 3.0,
+            "sigmoid {p:?}: mean {} vs {want}",
+            mean(&ts)
+        );
+    }
+}
+
+#[test]
+fn settings_without_effect_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    let check = |edit: &dyn Fn(&mut TrainSection), field: &str| {
+        let (mut c, path) = common::small_cpu_job(dir.path(), &model, &data, "t");
+        edit(&mut c.train);
+        let e = c.validate(&path).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    };
+    check(
+        &|t| t.timestep_sampling = "sigmoid".into(),
+        "train.sigmoid_scale",
+    );
+    check(
+        &|t| {
+            t.timestep_sampling = "sigmoid".into();
+            t.sigmoid_scale = Some(0.0);
+        },
+        "train.sigmoid_scale",
+    );
+    check(&|t| t.sigmoid_scale = Some(2.0), "train.sigmoid_scale");
+    check(&|t| t.sigmoid_bias = 0.2, "train.sigmoid_bias");
+    check(
+        &|t| {
+            t.timestep_sampling = "logit_normal".into();
+            t.sigmoid_scale = Some(-1.0);
+        },
+        "train.sigmoid_scale",
+    );
+    check(
+        &|t| t.timestep_sampling = "cosmap".into(),
+        "train.timestep_sampling",
+    );
+}
