@@ -3,6 +3,7 @@
 use crate::AnyResult;
 use clap::{Args, Subcommand};
 use lora_data::caption::{edit_captions, TagStats};
+use lora_data::masks::MaskSource;
 use lora_data::{check_dataset, CaptionEdit, CheckOptions, ScanOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,16 +45,30 @@ pub enum DatasetCommand {
         /// Training resolutions, comma-separated (default: the job's, else 512,768).
         #[arg(long, value_delimiter = ',')]
         resolution: Option<Vec<u32>>,
-        /// Take the resolutions and the trigger word from this job file (its
-        /// [[datasets]] entry for DIR, else its first one).
+        /// Check loss masks: a folder of same-name mask images (each must
+        /// exist and have its image's size).
+        #[arg(long)]
+        mask_path: Option<PathBuf>,
+        /// Check alpha-channel loss masks (images without alpha are reported).
+        #[arg(long, conflicts_with = "mask_path")]
+        alpha_mask: bool,
+        /// Take the resolutions, the trigger word and the masks from this
+        /// job file (its [[datasets]] entry for DIR, else its first one).
         #[arg(long)]
         job: Option<std::path::PathBuf>,
     },
 }
 
-/// The resolutions and trigger of `dir`'s `[[datasets]]` entry in a job file
-/// (the first entry when none names `dir`).
-fn from_job(job: &std::path::Path, dir: &std::path::Path) -> AnyResult<(Vec<u32>, Option<String>)> {
+/// What `dataset check` takes from a job file.
+struct FromJob {
+    resolution: Vec<u32>,
+    trigger: Option<String>,
+    mask: Option<MaskSource>,
+}
+
+/// The resolutions, trigger and masks of `dir`'s `[[datasets]]` entry in a
+/// job file (the first entry when none names `dir`).
+fn from_job(job: &std::path::Path, dir: &std::path::Path) -> AnyResult<FromJob> {
     let cfg = lora_sdxl::JobConfig::load(job)?;
     let same = |p: &std::path::Path| match (p.canonicalize(), dir.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -65,7 +80,19 @@ fn from_job(job: &std::path::Path, dir: &std::path::Path) -> AnyResult<(Vec<u32>
         .find(|d| same(&d.folder_path))
         .or(cfg.datasets.first())
         .ok_or_else(|| format!("{}: the job has no [[datasets]] table", job.display()))?;
-    Ok((ds.resolution.clone(), cfg.job.trigger_word.clone()))
+    Ok(FromJob {
+        resolution: ds.resolution.clone(),
+        trigger: cfg.job.trigger_word.clone(),
+        mask: mask_source(ds.mask_path.clone(), ds.alpha_mask),
+    })
+}
+
+fn mask_source(mask_path: Option<PathBuf>, alpha_mask: bool) -> Option<MaskSource> {
+    match (mask_path, alpha_mask) {
+        (Some(folder), _) => Some(MaskSource::Folder(folder)),
+        (None, true) => Some(MaskSource::Alpha),
+        (None, false) => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,24 +150,36 @@ pub fn dataset(cmd: DatasetCommand) -> AnyResult<ExitCode> {
             folder,
             trigger,
             resolution,
+            mask_path,
+            alpha_mask,
             job,
         } => {
-            let (job_res, job_trigger) = match &job {
-                Some(j) => {
-                    let (r, t) = from_job(j, &folder.dir)?;
-                    (Some(r), t)
-                }
-                None => (None, None),
+            let from = match &job {
+                Some(j) => Some(from_job(j, &folder.dir)?),
+                None => None,
+            };
+            let (job_res, job_trigger, job_mask) = match from {
+                Some(f) => (Some(f.resolution), f.trigger, f.mask),
+                None => (None, None, None),
             };
             let resolution = resolution.or(job_res).unwrap_or_else(|| vec![512, 768]);
             let trigger = trigger.or(job_trigger);
+            let mask = mask_source(mask_path, alpha_mask).or(job_mask);
             if let Some(r) = resolution.iter().find(|r| **r == 0 || **r % 64 != 0) {
                 return Err(format!("--resolution {r}: resolutions must be positive multiples of 64 (e.g. 512,768,1024)").into());
+            }
+            if let Some(MaskSource::Folder(m)) = &mask {
+                if !m.is_dir() {
+                    return Err(format!("--mask-path {}: not a folder", m.display()).into());
+                }
             }
             let report = check_dataset(
                 &folder.dir,
                 &CheckOptions {
-                    scan: folder.scan_options(),
+                    scan: ScanOptions {
+                        mask,
+                        ..folder.scan_options()
+                    },
                     trigger,
                     resolutions: resolution,
                 },

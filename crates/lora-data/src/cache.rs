@@ -32,6 +32,9 @@ pub struct LatentKey {
     pub flip: bool,
     /// Identity of the VAE (e.g. a hash of its weights or of the checkpoint file).
     pub vae_id: String,
+    /// Identity of the image's loss mask ([`crate::masks::Mask::cache_id`]),
+    /// when it has one: the entry then holds the mask too.
+    pub mask: Option<String>,
 }
 
 impl LatentKey {
@@ -48,7 +51,11 @@ impl LatentKey {
             self.crop.height,
             self.flip,
             self.vae_id
-        )
+        ) + &self
+            .mask
+            .as_ref()
+            .map(|m| format!(" mask={m}"))
+            .unwrap_or_default()
     }
 }
 
@@ -158,6 +165,7 @@ mod tests {
             },
             flip: false,
             vae_id: vae.into(),
+            mask: None,
         }
     }
 
@@ -177,6 +185,13 @@ mod tests {
         let mut flipped = key("aaa", "vae1");
         flipped.flip = true;
         assert!(cache.get(&flipped.canonical()).is_none());
+        // a mask (or another mask) is another entry
+        let mut masked = key("aaa", "vae1");
+        masked.mask = Some("m1".into());
+        assert!(cache.get(&masked.canonical()).is_none());
+        cache.put(&masked.canonical(), &[("latent", &t)]).unwrap();
+        masked.mask = Some("m2".into());
+        assert!(cache.get(&masked.canonical()).is_none());
         // a corrupt entry is a miss, then rewritten
         std::fs::write(cache.path_for(&k), b"garbage").unwrap();
         assert!(cache.get(&k).is_none());

@@ -4,7 +4,7 @@
 use crate::buckets::Placement;
 use crate::error::{DataError, Result};
 use fast_image_resize as fr;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
 use std::io::Cursor;
 use std::path::Path;
@@ -90,6 +90,12 @@ fn decoder_for<'a>(path: &Path, bytes: &'a [u8]) -> Result<impl ImageDecoder + '
     reader.into_decoder().map_err(|e| image_err(path, e))
 }
 
+/// Whether the file's pixels have an alpha channel (from the header; false
+/// when it cannot be read).
+pub fn has_alpha(path: &Path, bytes: &[u8]) -> bool {
+    decoder_for(path, bytes).is_ok_and(|d| d.color_type().has_alpha())
+}
+
 /// Reads the header: size after EXIF orientation. Enforces `limits`.
 pub fn probe(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<ImageInfo> {
     let mut dec = decoder_for(path, bytes)?;
@@ -126,6 +132,11 @@ pub fn decode_rgb(
     limits: &DecodeLimits,
     background: [u8; 3],
 ) -> Result<RgbImage> {
+    Ok(to_rgb(decode(path, bytes, limits)?, background))
+}
+
+/// Decodes in the file's own pixel mode, EXIF orientation applied.
+pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage> {
     let mut dec = decoder_for(path, bytes)?;
     let (w, h) = dec.dimensions();
     check_limits(path, w, h, limits)?;
@@ -134,10 +145,11 @@ pub fn decode_rgb(
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(dec).map_err(|e| image_err(path, e))?;
     img.apply_orientation(o);
-    Ok(to_rgb(img, background))
+    Ok(img)
 }
 
-fn to_rgb(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
+/// 8-bit RGB with alpha composited over `bg`.
+pub fn to_rgb(img: DynamicImage, bg: [u8; 3]) -> RgbImage {
     if !img.color().has_alpha() {
         return img.into_rgb8();
     }
@@ -164,18 +176,32 @@ pub fn content_hash(bytes: &[u8]) -> String {
 /// Resizes the placement's crop box of `img` to the bucket size (Lanczos3,
 /// anti-aliased when shrinking), optionally mirrored. Returns packed RGB8.
 pub fn resize_crop(img: &RgbImage, p: &Placement, flip: bool) -> Result<RgbImage> {
+    resize_crop_any(img, fr::PixelType::U8x3, p, flip)
+}
+
+/// [`resize_crop`] of a one-channel image (a loss mask): the same crop,
+/// filter and flip, so mask and image stay aligned.
+pub fn resize_crop_gray(img: &GrayImage, p: &Placement, flip: bool) -> Result<GrayImage> {
+    resize_crop_any(img, fr::PixelType::U8, p, flip)
+}
+
+fn resize_crop_any<P: image::Pixel<Subpixel = u8>>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    kind: fr::PixelType,
+    p: &Placement,
+    flip: bool,
+) -> Result<image::ImageBuffer<P, Vec<u8>>> {
     let (bw, bh) = p.bucket;
-    let src =
-        fr::images::ImageRef::new(img.width(), img.height(), img.as_raw(), fr::PixelType::U8x3)
-            .map_err(|e| DataError::Invalid(format!("resize source: {e}")))?;
-    let mut dst = fr::images::Image::new(bw, bh, fr::PixelType::U8x3);
+    let src = fr::images::ImageRef::new(img.width(), img.height(), img.as_raw(), kind)
+        .map_err(|e| DataError::Invalid(format!("resize source: {e}")))?;
+    let mut dst = fr::images::Image::new(bw, bh, kind);
     let opts = fr::ResizeOptions::new()
         .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3))
         .crop(p.crop.left, p.crop.top, p.crop.width, p.crop.height);
     fr::Resizer::new()
         .resize(&src, &mut dst, &opts)
         .map_err(|e| DataError::Invalid(format!("resize: {e}")))?;
-    let mut out = RgbImage::from_raw(bw, bh, dst.into_vec())
+    let mut out = image::ImageBuffer::from_raw(bw, bh, dst.into_vec())
         .ok_or_else(|| DataError::Invalid("resize output size".into()))?;
     if flip {
         image::imageops::flip_horizontal_in_place(&mut out);

@@ -10,6 +10,8 @@
 //! * [`buckets`]: kohya's aspect buckets, never-upscale assignment and SDXL's
 //!   size/crop conditioning from the actual crop;
 //! * [`loader`]: seeded epoch plans and a parallel prefetching batch loader;
+//! * [`masks`]: loss masks from mask files or alpha channels, aligned with
+//!   their images' crops;
 //! * [`cache`]: content-keyed latent / text-embedding caches;
 //! * [`toy_world`]: the procedural picture world of the toy base model, its
 //!   demo character and a detector for both.
@@ -21,6 +23,7 @@ pub mod check;
 pub mod error;
 pub mod image_io;
 pub mod loader;
+pub mod masks;
 pub mod render;
 pub mod scan;
 pub mod synthetic;

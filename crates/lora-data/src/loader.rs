@@ -146,23 +146,37 @@ pub struct LoadedBatch {
     pub bucket: Bucket,
     /// Pixels, `B·3·H·W` floats.
     pub pixels: Vec<f32>,
+    /// Loss masks, `B·H·W` weights in `[0, 1]`, when any image of the batch
+    /// has one ([`crate::masks`]; an image without one weighs 1 everywhere).
+    pub masks: Option<Vec<f32>>,
     /// Per-sample data, in the order of `pixels`.
     pub items: Vec<LoadedItem>,
     /// Images that failed to load (skipped, each logged with its file name).
     pub skipped: Vec<String>,
 }
 
-/// Loads one planned item's pixels.
+/// One planned item's pixels (`3·H·W`) and, when the image has one, its
+/// loss mask (`H·W`), cropped and flipped alike.
 pub fn load_item(
     img: &ImageEntry,
     item: &PlannedItem,
     limits: &DecodeLimits,
     background: [u8; 3],
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let bytes = std::fs::read(&img.path).map_err(|e| crate::error::DataError::io(&img.path, e))?;
     let rgb = decode_rgb(&img.path, &bytes, limits, background)?;
     let out = resize_crop(&rgb, &item.placement, item.flip)?;
-    Ok(to_chw_f32(&out))
+    let mask = match &img.mask {
+        Some(m) => Some(crate::masks::load_mask(
+            img,
+            m,
+            &item.placement,
+            item.flip,
+            limits,
+        )?),
+        None => None,
+    };
+    Ok((to_chw_f32(&out), mask))
 }
 
 /// Loads a planned batch, decoding its images in parallel.
@@ -173,7 +187,7 @@ pub fn load_batch(
     limits: &DecodeLimits,
     background: [u8; 3],
 ) -> LoadedBatch {
-    let results: Vec<(PlannedItem, Result<Vec<f32>>)> = batch
+    let results: Vec<_> = batch
         .items
         .par_iter()
         .map(|it| {
@@ -184,14 +198,17 @@ pub fn load_batch(
         })
         .collect();
     let (w, h) = batch.bucket;
-    let mut pixels = Vec::with_capacity(results.len() * 3 * (w * h) as usize);
+    let plane = (w * h) as usize;
+    let mut pixels = Vec::with_capacity(results.len() * 3 * plane);
+    let mut masks: Vec<Option<Vec<f32>>> = Vec::new();
     let mut items = Vec::new();
     let mut skipped = Vec::new();
     for (it, r) in results {
         let img = &images[it.image];
         match r {
-            Ok(px) => {
+            Ok((px, mask)) => {
                 pixels.extend_from_slice(&px);
+                masks.push(mask);
                 items.push(LoadedItem {
                     image: it.image,
                     conditioning: SizeConditioning::new(
@@ -210,10 +227,17 @@ pub fn load_batch(
             }
         }
     }
+    let masks = masks.iter().any(Option::is_some).then(|| {
+        masks
+            .into_iter()
+            .flat_map(|m| m.unwrap_or_else(|| vec![1.0; plane]))
+            .collect()
+    });
     LoadedBatch {
         index,
         bucket: batch.bucket,
         pixels,
+        masks,
         items,
         skipped,
     }

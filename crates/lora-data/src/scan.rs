@@ -33,6 +33,8 @@ pub struct ScanOptions {
     pub limits: DecodeLimits,
     /// Fully decode every image (finds truncated/corrupt files).
     pub verify: bool,
+    /// Loss masks (`None`: unmasked).
+    pub mask: Option<crate::masks::MaskSource>,
 }
 
 impl Default for ScanOptions {
@@ -44,6 +46,7 @@ impl Default for ScanOptions {
             background: [255, 255, 255],
             limits: DecodeLimits::default(),
             verify: true,
+            mask: None,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct ImageEntry {
     pub file_size: u64,
     /// Repeat folder name (`10_myaku`) or `.` for the root; used for `ss_tag_frequency`.
     pub group: String,
+    /// Its loss mask ([`ScanOptions::mask`]).
+    pub mask: Option<crate::masks::Mask>,
 }
 
 /// How bad a problem is.
@@ -254,6 +259,18 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
                     return Probed { entry: None, problems: vec![err(strip_path(&e, path))] };
                 }
             }
+            let mask = match &opts.mask {
+                None => None,
+                Some(source) => {
+                    let has_alpha = crate::image_io::has_alpha(path, &bytes);
+                    let (mask, problem) = crate::masks::resolve_mask(source, &r, (info.width, info.height), has_alpha, &opts.limits);
+                    match problem {
+                        Some(p) if p.severity == Severity::Error => return Probed { entry: None, problems: vec![p] },
+                        p => problems.extend(p),
+                    }
+                    mask
+                }
+            };
             let caption_path = caption_for(path);
             let caption = match &caption_path {
                 None => {
@@ -296,6 +313,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
                     content_hash: content_hash(&bytes),
                     file_size: bytes.len() as u64,
                     group: group.clone(),
+                    mask,
                 }),
                 problems,
             }

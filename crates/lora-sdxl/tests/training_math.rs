@@ -59,9 +59,9 @@ fn noising_and_targets() {
     let snr0 = tables.snr.double_value(&[0]);
     assert!((w.double_value(&[0]) - 5.0 / snr0).abs() < 1e-6);
     assert!((w.double_value(&[2]) - 1.0).abs() < 1e-6);
-    let l2 = per_sample_loss(&xt, &x0, None);
+    let l2 = per_sample_loss(&xt, &x0, None, None);
     assert_eq!(l2.size(), vec![3]);
-    let huber = per_sample_loss(&xt, &x0, Some((&tables, &t)));
+    let huber = per_sample_loss(&xt, &x0, Some((&tables, &t)), None);
     assert!(
         bool::try_from(huber.le_tensor(&l2).all()).unwrap(),
         "huber ≤ l2 for c < 1"

@@ -7,6 +7,7 @@ use super::job::JobConfig;
 use crate::error::{Result, SdxlError};
 use lora_data::caption::CaptionProcessing;
 use lora_data::loader::{derived_rng, plan_epoch, PlannedBatch};
+use lora_data::masks::MaskSource;
 use lora_data::{ImageEntry, PlanConfig, ScanOptions, Severity};
 use rand::Rng;
 use std::path::PathBuf;
@@ -69,6 +70,11 @@ impl Data {
                 &ScanOptions {
                     caption_ext: ds.caption_ext.clone(),
                     num_repeats: ds.num_repeats,
+                    mask: match (&ds.mask_path, ds.alpha_mask) {
+                        (Some(folder), _) => Some(MaskSource::Folder(folder.clone())),
+                        (None, true) => Some(MaskSource::Alpha),
+                        (None, false) => None,
+                    },
                     ..Default::default()
                 },
             )

@@ -5,6 +5,7 @@
 
 use super::data::{terr, Batch, Sample};
 use super::run::Env;
+use super::schedule::latent_mask;
 use crate::error::Result;
 use crate::model::captions::encode_captions;
 use crate::model::conditioning::{time_ids, TextConditioning};
@@ -31,13 +32,31 @@ pub struct DecodeStats {
     pub wasted: u64,
 }
 
+/// One image's VAE encoding as the latent cache keeps it.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    /// Mean and log-variance, `[8, h, w]`.
+    pub moments: Tensor,
+    /// Its loss mask on the latent grid, `[1, h, w]`.
+    pub mask: Option<Tensor>,
+}
+
+impl Clone for Encoded {
+    fn clone(&self) -> Self {
+        Self {
+            moments: self.moments.shallow_clone(),
+            mask: self.mask.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
 /// The caches a run keeps between steps.
 #[derive(Default)]
 pub(crate) struct Inputs {
     /// On-disk latent cache (`cache_latents`).
     pub cache: Option<lora_data::TensorCache>,
-    /// Latent moments already read or computed this run (by cache key).
-    pub memory: RefCell<HashMap<String, Tensor>>,
+    /// Encodings already read or computed this run (by cache key).
+    pub memory: RefCell<HashMap<String, Encoded>>,
     /// Upcoming batches' pixels, decoded on background threads while the
     /// current step runs (only batches whose latents are not cached), oldest
     /// first, at most [`PREFETCH_DEPTH`].
@@ -119,6 +138,10 @@ impl Env {
                         crop: it.placement.crop,
                         flip: it.flip,
                         vae_id: self.inputs.vae_id.clone(),
+                        mask: self.data.images[it.image]
+                            .mask
+                            .as_ref()
+                            .map(|m| m.cache_id()),
                     }
                     .canonical()
                 })
@@ -161,57 +184,91 @@ impl Env {
         self.inputs.stats.set(s);
     }
 
-    /// Scaled latents of a planned batch: VAE moments (from the content-keyed
-    /// cache when `cache_latents`, else encoded now), then a seeded sample.
-    pub fn latents(&self, planned: &PlannedBatch, cacheable: bool, seed: u64) -> Result<Tensor> {
+    /// One image's cached encoding: from memory, else from the disk cache
+    /// (then kept in memory: after the first epoch no step re-reads the disk).
+    fn cached_entry(&self, cache: &lora_data::TensorCache, key: &str) -> Option<Encoded> {
+        if let Some(e) = self.inputs.memory.borrow().get(key) {
+            return Some(e.clone());
+        }
+        let device = self.model.unet_device();
+        let mut stored = cache.get(key)?;
+        let e = Encoded {
+            moments: stored.remove("moments")?.to_device(device),
+            mask: stored.remove("mask").map(|m| m.to_device(device)),
+        };
+        self.inputs
+            .memory
+            .borrow_mut()
+            .insert(key.to_string(), e.clone());
+        Some(e)
+    }
+
+    /// Encodes a planned batch now (VAE moments, masks on the latent grid)
+    /// and stores each image's encoding in the caches when they are on.
+    fn encode_now(&self, planned: &PlannedBatch, keys: Option<&[String]>) -> Result<Vec<Encoded>> {
+        let (pixels, masks) = self.pixels(planned)?;
+        let (mean, logvar) = tch::no_grad(|| self.model.vae.encode_moments(&pixels));
+        let m = Tensor::cat(&[mean.to_kind(Kind::Float), logvar.to_kind(Kind::Float)], 1);
+        let s = m.size();
+        let masks = masks.map(|x| latent_mask(&x, s[2], s[3]));
+        let entries: Vec<Encoded> = (0..s[0])
+            .map(|i| Encoded {
+                moments: m.get(i),
+                mask: masks.as_ref().map(|x| x.get(i)),
+            })
+            .collect();
+        if let (Some(c), Some(keys)) = (&self.inputs.cache, keys) {
+            for (e, k) in entries.iter().zip(keys) {
+                let cpu = |t: &Tensor| t.to_device(Device::Cpu);
+                let (moments, mask) = (cpu(&e.moments), e.mask.as_ref().map(cpu));
+                let mut stored = vec![("moments", &moments)];
+                stored.extend(mask.as_ref().map(|m| ("mask", m)));
+                c.put(k, &stored).map_err(|e| terr(e.to_string()))?;
+                self.inputs.memory.borrow_mut().insert(k.clone(), e.clone());
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Scaled latents of a planned batch and, when its images have loss
+    /// masks, the masks on the latent grid `[B, 1, h, w]`: VAE moments (from
+    /// the content-keyed cache when `cache_latents`, else encoded now), then
+    /// a seeded sample.
+    pub fn latents(
+        &self,
+        planned: &PlannedBatch,
+        cacheable: bool,
+        seed: u64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let keys = self.latent_keys(planned, cacheable);
         let device = self.model.unet_device();
-        let cached: Option<Vec<Tensor>> = match (&self.inputs.cache, &keys) {
-            (Some(c), Some(keys)) => keys
-                .iter()
-                .map(|k| {
-                    // memory first: after the first epoch no step re-reads the disk
-                    if let Some(t) = self.inputs.memory.borrow().get(k) {
-                        return Some(t.shallow_clone());
-                    }
-                    let t = c
-                        .get(k)
-                        .and_then(|mut m| m.remove("moments"))?
-                        .to_device(device);
-                    self.inputs
-                        .memory
-                        .borrow_mut()
-                        .insert(k.clone(), t.shallow_clone());
-                    Some(t)
-                })
-                .collect(),
+        let cached: Option<Vec<Encoded>> = match (&self.inputs.cache, &keys) {
+            (Some(c), Some(keys)) => keys.iter().map(|k| self.cached_entry(c, k)).collect(),
             _ => None,
         };
-        let moments = match cached {
-            Some(m) => Tensor::stack(&m, 0).to_device(device),
-            None => {
-                let pixels = self.pixels(planned)?;
-                let (mean, logvar) = tch::no_grad(|| self.model.vae.encode_moments(&pixels));
-                let m = Tensor::cat(&[mean.to_kind(Kind::Float), logvar.to_kind(Kind::Float)], 1);
-                if let (Some(c), Some(keys)) = (&self.inputs.cache, &keys) {
-                    for (i, k) in keys.iter().enumerate() {
-                        c.put(k, &[("moments", &m.get(i as i64).to_device(Device::Cpu))])
-                            .map_err(|e| terr(e.to_string()))?;
-                        self.inputs
-                            .memory
-                            .borrow_mut()
-                            .insert(k.clone(), m.get(i as i64));
-                    }
-                }
-                m
-            }
+        let entries = match cached {
+            Some(e) => e,
+            None => self.encode_now(planned, keys.as_deref())?,
         };
-        Ok(tch::no_grad(|| {
+        let moments: Vec<&Tensor> = entries.iter().map(|e| &e.moments).collect();
+        let moments = Tensor::stack(&moments, 0).to_device(device);
+        let mask = entries.iter().any(|e| e.mask.is_some()).then(|| {
+            let m: Vec<Tensor> = entries
+                .iter()
+                .map(|e| match &e.mask {
+                    Some(m) => m.shallow_clone(),
+                    None => e.moments.ones_like().narrow(0, 0, 1),
+                })
+                .collect();
+            Tensor::stack(&m, 0).to_device(device)
+        });
+        let z = tch::no_grad(|| {
             let parts = moments.chunk(2, 1);
             tch::manual_seed(seed as i64);
             let z = &parts[0] + (&parts[1] * 0.5).exp() * parts[0].randn_like();
             z * self.model.vae.config.scaling_factor
-        }))
+        });
+        Ok((z, mask))
     }
 
     pub fn conditioning(
@@ -288,8 +345,9 @@ impl Env {
         })
     }
 
-    /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor.
-    fn pixels(&self, planned: &PlannedBatch) -> Result<Tensor> {
+    /// Loads a planned batch's pixels as a `[B, 3, H, W]` tensor, and its
+    /// loss masks as `[B, 1, H, W]` when it has any.
+    fn pixels(&self, planned: &PlannedBatch) -> Result<(Tensor, Option<Tensor>)> {
         let ready = {
             let mut queue = self.inputs.prefetched.borrow_mut();
             let at = queue.iter().position(|(p, _)| p == planned);
@@ -313,8 +371,15 @@ impl Env {
             )));
         }
         let (w, h) = planned.bucket;
-        Ok(Tensor::from_slice(&lb.pixels)
-            .view([lb.items.len() as i64, 3, h as i64, w as i64])
-            .to_device(self.model.unet_device()))
+        let (b, device) = (lb.items.len() as i64, self.model.unet_device());
+        let pixels = Tensor::from_slice(&lb.pixels)
+            .view([b, 3, h as i64, w as i64])
+            .to_device(device);
+        let masks = lb.masks.map(|m| {
+            Tensor::from_slice(&m)
+                .view([b, 1, h as i64, w as i64])
+                .to_device(device)
+        });
+        Ok((pixels, masks))
     }
 }

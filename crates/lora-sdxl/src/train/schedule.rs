@@ -72,12 +72,22 @@ impl ScheduleTables {
     }
 }
 
+/// A loss mask `[B, 1, H, W]` (image resolution) on the latent grid
+/// `h × w`, averaged over each cell (torch's `interpolate(mode="area")`, as
+/// kohya's `apply_masked_loss` resizes it).
+pub fn latent_mask(mask: &Tensor, h: i64, w: i64) -> Tensor {
+    mask.to_kind(Kind::Float).adaptive_avg_pool2d([h, w])
+}
+
 /// Per-sample loss `[B]` (mean over C, H, W) in fp32: `l2` or kohya's SNR-scheduled
-/// Huber `2c(√(d²+c²) − c)` with `c = (1−0.1)/(1+σ_t)² + 0.1`.
+/// Huber `2c(√(d²+c²) − c)` with `c = (1−0.1)/(1+σ_t)² + 0.1`; with a latent
+/// `mask` `[B, 1, h, w]` each element is weighted by it before the mean
+/// (kohya's masked loss: not renormalised by the mask's area).
 pub fn per_sample_loss(
     pred: &Tensor,
     target: &Tensor,
     huber: Option<(&ScheduleTables, &Tensor)>,
+    mask: Option<&Tensor>,
 ) -> Tensor {
     let d = pred.to_kind(Kind::Float) - target.to_kind(Kind::Float);
     let elem = match huber {
@@ -88,6 +98,10 @@ pub fn per_sample_loss(
             let c: Tensor = (1.0 - 0.1) / (sigma + 1.0).square() + 0.1;
             ((d.square() + c.square()).sqrt() - &c) * (c * 2.0)
         }
+    };
+    let elem = match mask {
+        Some(m) => elem * m,
+        None => elem,
     };
     let dims: Vec<i64> = (1..elem.dim() as i64).collect();
     elem.mean_dim(dims.as_slice(), false, Kind::Float)

@@ -43,7 +43,7 @@ impl Env {
                 self.data.captions[s.dataset].process(&self.data.images[s.image].caption, &mut rng)
             })
             .collect();
-        let x0 = self.latents(planned, self.cacheable(samples), rng.gen())?;
+        let (x0, mask) = self.latents(planned, self.cacheable(samples), rng.gen())?;
         let b = x0.size()[0];
         let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
         tch::manual_seed(step_seed);
@@ -58,7 +58,7 @@ impl Env {
             .unet
             .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
         let huber = (t.loss == "huber").then_some((&self.tables, &ts));
-        let mut per = per_sample_loss(&pred, &target, huber);
+        let mut per = per_sample_loss(&pred, &target, huber, mask.as_ref());
         if let Some(g) = t.min_snr_gamma {
             per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);
         }
@@ -81,7 +81,7 @@ impl Env {
             }
             .base(&self.data.images[samples[0].image].caption);
             tch::no_grad(|| -> Result<()> {
-                let x0 = self.latents(planned, true, seed ^ (i as u64 * 7919))?;
+                let (x0, mask) = self.latents(planned, true, seed ^ (i as u64 * 7919))?;
                 let (context, y) = self.conditioning(planned, samples, vec![caption])?;
                 // stratified timesteps, fixed noise
                 for (k, tv) in TIMESTEPS.iter().enumerate() {
@@ -93,7 +93,7 @@ impl Env {
                         self.model
                             .unet
                             .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
-                    total += per_sample_loss(&pred, &target, None).mean(Kind::Float);
+                    total += per_sample_loss(&pred, &target, None, mask.as_ref()).mean(Kind::Float);
                 }
                 Ok(())
             })?;

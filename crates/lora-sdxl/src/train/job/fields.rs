@@ -241,6 +241,8 @@ pub const FIELDS: &[Field] = &[
     f("datasets", "tag_dropout_rate", RATE, "probability of dropping each free tag"),
     f("datasets", "flip_x", Rule::Free, "random horizontal flips"),
     f("datasets", "random_crop", Rule::Free, "random instead of centre crops"),
+    f("datasets", "mask_path", Rule::Free, "masked loss (kohya's): a folder of same-name mask images (white = learn, grey = partly, black = ignore; the red channel, same size as the image)").example("\"masks\""),
+    f("datasets", "alpha_mask", Rule::Free, "masked loss from each image's alpha channel (opaque = learn, transparent = ignore)"),
     f("sample", "disable", Rule::Free, "no in-training samples"),
     f("sample", "sample_every", AT_LEAST_1, "a round of samples every this many steps"),
     f("sample", "prompts", Rule::Free, "[trigger] becomes the trigger word"),

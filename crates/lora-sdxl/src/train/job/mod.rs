@@ -299,6 +299,11 @@ pub struct DatasetSection {
     pub flip_x: bool,
     /// Random instead of centre crops.
     pub random_crop: bool,
+    /// Folder of loss masks with the images' names (kohya's masked loss:
+    /// white = learned, black = ignored).
+    pub mask_path: Option<PathBuf>,
+    /// The images' alpha channels are their loss masks.
+    pub alpha_mask: bool,
 }
 
 impl Default for DatasetSection {
@@ -314,6 +319,8 @@ impl Default for DatasetSection {
             tag_dropout_rate: 0.0,
             flip_x: false,
             random_crop: false,
+            mask_path: None,
+            alpha_mask: false,
         }
     }
 }
@@ -458,6 +465,9 @@ impl JobConfig {
         fix(&mut cfg.job.output_dir);
         for d in &mut cfg.datasets {
             fix(&mut d.folder_path);
+            if let Some(m) = &mut d.mask_path {
+                fix(m);
+            }
         }
         Ok(cfg)
     }

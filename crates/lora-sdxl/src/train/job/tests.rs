@@ -165,7 +165,10 @@ fn the_field_table_lists_every_key_once() {
         images: Some(1),
         seed: Some(1),
     };
-    c.datasets.push(DatasetSection::default());
+    c.datasets.push(DatasetSection {
+        mask_path: Some("masks".into()),
+        ..Default::default()
+    });
     let v = toml::Value::try_from(&c).unwrap();
     let top: Vec<&str> = v.as_table().unwrap().keys().map(|k| k.as_str()).collect();
     let mut sections: Vec<&str> = SECTIONS.iter().map(|(s, _)| *s).collect();

@@ -239,6 +239,14 @@ impl JobConfig {
                     format!("{r} must be a multiple of 64 between 64 and 2048"),
                 );
             }
+            if let Some(m) = &d.mask_path {
+                if d.alpha_mask {
+                    return err(&f("alpha_mask"), "a dataset takes its masks from mask_path or from the alpha channel, not both: remove one".into());
+                }
+                if !m.is_dir() {
+                    return err(&f("mask_path"), format!("`{}` is not a folder (it holds one mask image per training image, same names)", m.display()));
+                }
+            }
             if self.train.cache_text_embeddings {
                 let dynamic = [
                     ("caption_dropout_rate", d.caption_dropout_rate > 0.0),
