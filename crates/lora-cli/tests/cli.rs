@@ -487,6 +487,61 @@ fn dataset_check_exit_codes() {
 }
 
 #[test]
+fn dataset_check_reports_missing_and_mis_sized_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let masks = dir.path().join("masks");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&masks).unwrap();
+    small_dataset(&data);
+    image::GrayImage::new(640, 640)
+        .save(masks.join("img0.png"))
+        .unwrap();
+    image::GrayImage::new(400, 300)
+        .save(masks.join("img1.png"))
+        .unwrap();
+    let (d, m) = (data.to_str().unwrap(), masks.to_str().unwrap());
+    let o = lorakit(&["dataset", "check", d, "--mask-path", m]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("images:      1 usable of 3"), "{out}");
+    assert!(
+        out.contains("error   img1.png: its mask")
+            && out.contains("400×300 but the image is 800×600"),
+        "{out}"
+    );
+    assert!(
+        out.contains("error   img2.png: no mask in mask_path"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("img0.png: its mask") && !out.contains("img0.png: no mask"),
+        "{out}"
+    );
+    // the job's mask_path, relative to the job file
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "[[datasets]]\nfolder_path = \"data\"\nmask_path = \"masks\"\n",
+    )
+    .unwrap();
+    let o = lorakit(&["dataset", "check", d, "--job", job.to_str().unwrap()]);
+    let (out, _) = text(&o);
+    assert!(
+        o.status.code() == Some(1) && out.contains("img2.png: no mask"),
+        "{out}"
+    );
+    // alpha masks: opaque RGB images are reported, training stays possible
+    let o = lorakit(&["dataset", "check", d, "--alpha-mask"]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("warning img0.png: alpha_mask is on but the image has no alpha channel"),
+        "{out}"
+    );
+}
+
+#[test]
 fn caption_commands() {
     let dir = tempfile::tempdir().unwrap();
     small_dataset(dir.path());
