@@ -40,6 +40,7 @@ fixtures: setup
 	.venv/bin/python scripts/fixtures/optimizers.py crates/lora-sdxl/tests/fixtures/optimizers.safetensors
 	.venv/bin/python scripts/fixtures/noise_loss.py crates/lora-sdxl/tests/fixtures/noise_loss.safetensors
 	.venv/bin/python scripts/fixtures/timesteps.py crates/lora-sdxl/tests/fixtures/timesteps.safetensors
+	.venv/bin/python scripts/fixtures/blocks.py crates/lora-sdxl/tests/fixtures/blocks.safetensors
 	.venv/bin/python scripts/fixtures/ema.py crates/lora-sdxl/tests/fixtures/ema.safetensors
 
 # Rebuild the toy-world base model from nothing (about 40 min on 2 CPU cores;

@@ -93,6 +93,7 @@ fn rust_pipeline(dir: &Path) -> (f64, usize) {
             };
             load_item(img, &item, &DecodeLimits::default(), [255; 3])
                 .unwrap()
+                .0
                 .len()
         })
         .sum();

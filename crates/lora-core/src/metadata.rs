@@ -35,6 +35,9 @@ pub struct TrainingMetadata {
     pub rank_dropout: Option<f64>,
     /// module_dropout network arg.
     pub module_dropout: Option<f64>,
+    /// Further `ss_network_args` entries as kohya writes them (block-wise
+    /// `block_dims`, `down_lr_weight`, …), each value a string.
+    pub network_args: Vec<(String, String)>,
     /// Global step at save time (`ss_steps`).
     pub steps: u64,
     /// Epoch at save time (`ss_epoch`).
@@ -171,6 +174,9 @@ impl TrainingMetadata {
         // what was used (no nulls for tools that parse the args as strings)
         if let Some(p) = self.network_dropout {
             args.insert("dropout".into(), json!(p));
+        }
+        for (k, v) in &self.network_args {
+            args.insert(k.clone(), json!(v));
         }
         put(
             "ss_network_args",

@@ -62,6 +62,7 @@ pub(crate) fn training_metadata(
         network_dropout: (n.dropout > 0.0).then_some(n.dropout),
         rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
         module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
+        network_args: crate::train::blocks::BlockPlan::network_args(n, &job.train),
         steps: step,
         // kohya: the 0-based epoch in progress for step saves, the number of
         // epochs run for the final save

@@ -9,6 +9,7 @@
 //! | a step's inputs: latent cache, prefetch, text conditioning | `inputs.rs` |
 //! | datasets, epochs, the validation set | [`data`] |
 //! | the LoRA under training | `network.rs` |
+//! | block-wise ranks and learning rates | [`blocks`] |
 //! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
 //! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
@@ -19,6 +20,7 @@
 //! | the event stream and the observer trait | [`events`] |
 //! | progress, `loss.csv`, `loss.png`, rotation, samples | [`observers`] |
 
+pub mod blocks;
 pub mod checkpoint;
 pub mod data;
 pub mod ema;

@@ -1,6 +1,7 @@
 //! The LoRA under training: one fp32 `down`/`up` pair of leaves per target
 //! module (kohya's LoRA / LoCon targets), attached to the model's slots.
 
+use super::blocks::{block_index, BlockPlan};
 use super::job::JobConfig;
 use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
@@ -16,6 +17,13 @@ pub(crate) struct Leaf {
     pub alpha: f64,
 }
 
+impl Leaf {
+    /// Its kohya block index (UNet leaves; 0 outside the blocks).
+    pub fn block(&self) -> usize {
+        block_index(&self.key.path).unwrap_or(0)
+    }
+}
+
 /// The trained LoRA.
 pub(crate) struct Network {
     pub leaves: Vec<Leaf>,
@@ -26,9 +34,15 @@ impl Network {
     /// module the job trains and attaches them to `model` at strength 1.
     pub fn attach(job: &JobConfig, model: &SdxlModel, device: Device) -> Result<Self> {
         let n = &job.network;
+        let plan = BlockPlan::new(n, &job.train)
+            .map_err(|(field, m)| super::data::terr(format!("{field}: {m}")))?;
+        let conv = match &plan {
+            Some(p) => p.conv_dims.iter().any(|&d| d > 0),
+            None => n.conv > 0,
+        };
         let scope = TargetScope {
             unet: job.train.train_unet,
-            unet_conv: job.train.train_unet && n.conv > 0,
+            unet_conv: job.train.train_unet && conv,
             te1: job.train.train_text_encoder,
             te2: job.train.train_text_encoder,
         };
@@ -36,11 +50,16 @@ impl Network {
         let mut leaves = Vec::new();
         let mut set = LoraSet::new();
         for t in lora_targets(&model.detected.config, scope) {
-            let (rank, alpha) = if t.uses_conv_rank() {
-                (n.conv, n.conv_alpha)
-            } else {
-                (n.linear, n.linear_alpha)
+            let (rank, alpha) = match &plan {
+                Some(p) if t.key.component == Component::Unet => {
+                    p.rank(&t.key.path, t.uses_conv_rank())
+                }
+                _ if t.uses_conv_rank() => (n.conv, n.conv_alpha),
+                _ => (n.linear, n.linear_alpha),
             };
+            if rank == 0 {
+                continue; // a block without LoRA (block_dims or a zero rate weight)
+            }
             let mut a = LoraAdapter::new(
                 t.in_features,
                 t.out_features,
@@ -70,24 +89,30 @@ impl Network {
         Ok(Self { leaves })
     }
 
-    /// The UNet's (`te = false`) or the text encoders' parameters.
-    pub fn params(&self, te: bool) -> Vec<Tensor> {
-        self.leaves
-            .iter()
-            .filter(|l| (l.key.component != Component::Unet) == te)
-            .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
-            .collect()
+    /// The parameters of the leaves `pick` selects, as one optimizer group
+    /// (`[down, up]` per leaf) or, with `split` (LoRA+ gives the up
+    /// matrices a higher rate), two: the down matrices, then the up ones.
+    pub fn group_params(&self, pick: impl Fn(&Leaf) -> bool, split: bool) -> Vec<Vec<Tensor>> {
+        let mine = || self.leaves.iter().filter(|l| pick(l));
+        if split {
+            vec![
+                mine().map(|l| l.down.shallow_clone()).collect(),
+                mine().map(|l| l.up.shallow_clone()).collect(),
+            ]
+        } else {
+            vec![mine()
+                .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
+                .collect()]
+        }
     }
 
-    /// The UNet's (`te = false`) or the text encoders' `(down, up)` matrices
-    /// apart (LoRA+ gives the up matrices a higher rate).
-    pub fn params_split(&self, te: bool) -> (Vec<Tensor>, Vec<Tensor>) {
-        let mine =
-            || (self.leaves.iter()).filter(move |l| (l.key.component != Component::Unet) == te);
-        (
-            mine().map(|l| l.down.shallow_clone()).collect(),
-            mine().map(|l| l.up.shallow_clone()).collect(),
-        )
+    /// The kohya block indices of the UNet's leaves, ascending, once each.
+    pub fn unet_blocks(&self) -> Vec<usize> {
+        let set: std::collections::BTreeSet<usize> = (self.leaves.iter())
+            .filter(|l| l.key.component == Component::Unet)
+            .map(Leaf::block)
+            .collect();
+        set.into_iter().collect()
     }
 
     /// Every leaf's `[down, up]` in leaf order (the UNet's leaves first, as

@@ -19,19 +19,20 @@
 //! job used), `.lock` (the OS lock of the running process; it stays as an
 //! empty file, and holds nothing once the process has ended).
 
+use super::blocks::BlockPlan;
 use super::data::{terr, Batch, Data};
 use super::ema::Ema;
 use super::events::Observers;
 use super::inputs::Inputs;
 use super::job::JobConfig;
-use super::network::Network;
+use super::network::{Leaf, Network};
 use super::optim::{clear_grads, clip_grad_norm, Optimizer, OptimizerArgs};
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
 use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
 use crate::model::sdxl::{Detected, SdxlModel};
 use crate::model::tokenizer::ClipTokenizer;
-use lora_core::Prediction;
+use lora_core::{Component, Prediction};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -110,7 +111,9 @@ pub(crate) struct Optimizers {
     /// The average of `params` (`train.ema_decay`).
     pub ema: Option<Ema>,
     /// Per optimizer group: text-encoder rate (else the UNet's) and its factor.
-    factors: Vec<(bool, f64)>,
+    factors: Vec<Factor>,
+    /// Each group's rate of the current step (kept: no allocation per step).
+    lrs: Vec<f64>,
     params: Vec<Tensor>,
     schedule: LrSchedule,
     lr: f64,
@@ -134,34 +137,17 @@ impl Optimizers {
             tracing::warn!("{note}");
             notes.push(note);
         }
-        // (name, text encoder?, rate factor) per group; LoRA+ splits off the up matrices.
-        let (groups, factors) = match t.loraplus_lr_ratio {
-            None => (
-                vec![
-                    ("unet".to_string(), network.params(false)),
-                    ("te".to_string(), network.params(true)),
-                ],
-                vec![(false, 1.0), (true, 1.0)],
-            ),
-            Some(ratio) => {
-                let (unet_down, unet_up) = network.params_split(false);
-                let (te_down, te_up) = network.params_split(true);
-                (
-                    vec![
-                        ("unet".to_string(), unet_down),
-                        ("unet_up".to_string(), unet_up),
-                        ("te".to_string(), te_down),
-                        ("te_up".to_string(), te_up),
-                    ],
-                    vec![(false, 1.0), (false, ratio), (true, 1.0), (true, ratio)],
-                )
-            }
-        };
+        for note in BlockPlan::notes(t) {
+            tracing::warn!("{note}");
+            notes.push(note);
+        }
+        let (groups, factors) = param_groups(job, network)?;
         Ok(Self {
             opt: args.build(t.weight_decay, groups),
             ema: t
                 .ema_decay
                 .map(|d| Ema::new(&network.all_params(), d, t.ema_power)),
+            lrs: vec![0.0; factors.len()],
             factors,
             params: network.all_params(),
             schedule,
@@ -181,17 +167,68 @@ impl Optimizers {
             (self.max_grad_norm > 0.0).then(|| clip_grad_norm(&self.params, self.max_grad_norm));
         let lr = self.schedule.lr(self.lr, step, self.total, self.warmup);
         let lr_te = self.schedule.lr(self.te_lr, step, self.total, self.warmup);
-        let mut lrs = [0.0; 4]; // at most 4 groups (LoRA+: down/up × UNet/TE)
-        for (slot, &(te, f)) in lrs.iter_mut().zip(&self.factors) {
+        for (slot, &(te, f)) in self.lrs.iter_mut().zip(&self.factors) {
             *slot = if te { lr_te } else { lr } * f;
         }
-        self.opt.step(&lrs[..self.factors.len()]);
+        self.opt.step(&self.lrs);
         if let Some(ema) = &mut self.ema {
             ema.update(&self.params);
         }
         clear_grads(&self.params);
         (lr, norm)
     }
+}
+
+/// An optimizer group: its name and parameters.
+type Group = (String, Vec<Tensor>);
+/// Per group: whether it takes the text-encoder rate, and its factor.
+type Factor = (bool, f64);
+
+/// The optimizer groups of a run and, per group, whether it takes the
+/// text-encoder rate and its factor on that rate: the UNet (one group per
+/// block with block-wise rates, each weighted) and the text encoders;
+/// LoRA+ splits each into down and up matrices (`…_up`, rate × ratio).
+fn param_groups(job: &JobConfig, network: &Network) -> Result<(Vec<Group>, Vec<Factor>)> {
+    let t = &job.train;
+    let plan = BlockPlan::new(&job.network, t).map_err(|(f, m)| terr(format!("{f}: {m}")))?;
+    let ratio = t.loraplus_lr_ratio;
+    let (mut groups, mut factors) = (Vec::new(), Vec::new());
+    let mut add = |name: String, te: bool, f: f64, params: Vec<Vec<Tensor>>| {
+        let mut parts = params.into_iter();
+        groups.push((name.clone(), parts.next().unwrap_or_default()));
+        factors.push((te, f));
+        if let (Some(up), Some(r)) = (parts.next(), ratio) {
+            groups.push((format!("{name}_up"), up));
+            factors.push((te, f * r));
+        }
+    };
+    let unet = |l: &Leaf| l.key.component == Component::Unet;
+    match plan.as_ref().and_then(|p| p.lr_weights) {
+        None => add(
+            "unet".into(),
+            false,
+            1.0,
+            network.group_params(unet, ratio.is_some()),
+        ),
+        Some(w) => {
+            for b in network.unet_blocks() {
+                let pick = |l: &Leaf| unet(l) && l.block() == b;
+                add(
+                    format!("unet_block{b}"),
+                    false,
+                    w[b],
+                    network.group_params(pick, ratio.is_some()),
+                );
+            }
+        }
+    }
+    add(
+        "te".into(),
+        true,
+        1.0,
+        network.group_params(|l| !unet(l), ratio.is_some()),
+    );
+    Ok((groups, factors))
 }
 
 /// The fixed validation set and when to measure it.

@@ -48,6 +48,10 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
     if job.train.loraplus_lr_ratio.is_some() {
         s.push_str(" loraplus"); // its optimizer groups differ
     }
+    // block-wise ranks change the modules, block rates the groups
+    for (k, v) in crate::train::blocks::BlockPlan::network_args(n, &job.train) {
+        s.push_str(&format!(" {k}={v}"));
+    }
     lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()
 }
 

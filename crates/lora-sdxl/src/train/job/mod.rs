@@ -108,6 +108,15 @@ pub struct NetworkSection {
     pub rank_dropout: f64,
     /// Module dropout.
     pub module_dropout: f64,
+    /// Per-block ranks of Linear / 1x1 modules (23 values, kohya's
+    /// `block_dims`; see [`crate::train::blocks`]).
+    pub block_dims: Option<Vec<i64>>,
+    /// Per-block alphas of those.
+    pub block_alphas: Option<Vec<f64>>,
+    /// Per-block ranks of 3x3 convs.
+    pub conv_block_dims: Option<Vec<i64>>,
+    /// Per-block alphas of those.
+    pub conv_block_alphas: Option<Vec<f64>>,
 }
 
 impl Default for NetworkSection {
@@ -120,6 +129,10 @@ impl Default for NetworkSection {
             dropout: 0.0,
             rank_dropout: 0.0,
             module_dropout: 0.0,
+            block_dims: None,
+            block_alphas: None,
+            conv_block_dims: None,
+            conv_block_alphas: None,
         }
     }
 }
@@ -195,6 +208,14 @@ pub struct TrainSection {
     /// EMA power warm-up (diffusers' `use_ema_warmup`, `power`; 2/3 is
     /// its default); without it the decay ramps as (1 + k)/(10 + k).
     pub ema_power: Option<f64>,
+    /// Learning-rate weights of `input_blocks.0–8` (kohya's `down_lr_weight`).
+    pub down_lr_weight: Option<crate::train::blocks::BlockWeights>,
+    /// Learning-rate weights of `middle_block.0–2`.
+    pub mid_lr_weight: Option<Vec<f64>>,
+    /// Learning-rate weights of `output_blocks.0–8`.
+    pub up_lr_weight: Option<crate::train::blocks::BlockWeights>,
+    /// Block weights at or below this are 0 (no LoRA in that block).
+    pub block_lr_zero_threshold: f64,
     /// Min-SNR-γ weighting.
     pub min_snr_gamma: Option<f64>,
     /// `l2` or `huber`.
@@ -256,6 +277,10 @@ impl Default for TrainSection {
             loraplus_lr_ratio: None,
             ema_decay: None,
             ema_power: None,
+            down_lr_weight: None,
+            mid_lr_weight: None,
+            up_lr_weight: None,
+            block_lr_zero_threshold: 0.0,
             min_snr_gamma: None,
             loss: "l2".into(),
             min_timestep: 0,

@@ -159,6 +159,13 @@ fn the_field_table_lists_every_key_once() {
     c.train.ema_decay = Some(0.999);
     c.train.ema_power = Some(0.67);
     c.train.sigmoid_scale = Some(5.0);
+    c.train.down_lr_weight = Some(crate::train::blocks::BlockWeights::Preset("sine".into()));
+    c.train.mid_lr_weight = Some(vec![1.0; 3]);
+    c.train.up_lr_weight = Some(crate::train::blocks::BlockWeights::List(vec![1.0; 9]));
+    c.network.block_dims = Some(vec![4; 23]);
+    c.network.block_alphas = Some(vec![4.0; 23]);
+    c.network.conv_block_dims = Some(vec![4; 23]);
+    c.network.conv_block_alphas = Some(vec![4.0; 23]);
     c.train.optimizer_args = [("betas".to_string(), toml::Value::from(vec![0.9, 0.999]))].into();
     c.validation = ValidationSection {
         every: Some(1),

@@ -150,6 +150,30 @@ impl JobConfig {
                 "prodigy takes one rate for every parameter, and LoRA+ needs a higher one for the up matrices: remove loraplus_lr_ratio or use another optimizer".into(),
             );
         }
+        let plan =
+            crate::train::blocks::BlockPlan::new(&self.network, t).map_err(|(field, m)| {
+                JobError {
+                    file: file.to_path_buf(),
+                    field: field.into(),
+                    message: m,
+                }
+            })?;
+        if prodigy && plan.as_ref().is_some_and(|p| p.lr_weights.is_some()) {
+            return err(
+                "train.down_lr_weight",
+                "prodigy takes one rate for every parameter, so block learning-rate weights would change its estimate rather than the blocks' rates: remove down/mid/up_lr_weight or use another optimizer".into(),
+            );
+        }
+        if plan
+            .as_ref()
+            .is_some_and(|p| p.dims.iter().chain(&p.conv_dims).all(|&d| d == 0))
+            && !t.train_text_encoder
+        {
+            return err(
+                "network.block_dims",
+                "every block's rank (or rate weight) is 0, so there is nothing to train: give some blocks a rank".into(),
+            );
+        }
         if prodigy && t.train_text_encoder && t.text_encoder_lr.is_some_and(|r| r != t.lr) {
             return err(
                 "train.text_encoder_lr",
