@@ -79,21 +79,36 @@ pub fn epoch_len(images: &[ImageEntry], resolutions: usize) -> u64 {
     images.iter().map(|i| i.repeats as u64).sum::<u64>() * resolutions as u64
 }
 
+/// An epoch's items before batching, by (resolution, bucket).
+pub type ItemGroups = BTreeMap<(u32, Bucket), Vec<PlannedItem>>;
+
 /// Plans epoch `epoch` (0-based) deterministically.
 pub fn plan_epoch(images: &[ImageEntry], cfg: &PlanConfig, epoch: u64) -> Vec<PlannedBatch> {
-    let mut rng = derived_rng(cfg.seed, &[1, epoch]);
+    let mut rng = epoch_rng(cfg, epoch);
+    let groups = plan_items(images, cfg, &mut rng);
+    batch_groups(groups, cfg.batch_size, &mut rng)
+}
+
+/// The generator of epoch `epoch` of a plan (for [`plan_items`] and then
+/// [`batch_groups`], in that order).
+pub fn epoch_rng(cfg: &PlanConfig, epoch: u64) -> ChaCha8Rng {
+    derived_rng(cfg.seed, &[1, epoch])
+}
+
+/// Every image × repeats × resolution placed in its bucket (crop and flip
+/// drawn from `rng`), grouped by (resolution, bucket).
+pub fn plan_items(images: &[ImageEntry], cfg: &PlanConfig, rng: &mut ChaCha8Rng) -> ItemGroups {
     let mode = if cfg.random_crop {
         CropMode::Random
     } else {
         CropMode::Centre
     };
-    let mut groups: BTreeMap<(u32, Bucket), Vec<PlannedItem>> = BTreeMap::new();
+    let mut groups = ItemGroups::new();
     for &res in &cfg.resolutions {
         let buckets = BucketSpec::for_resolution(res).buckets();
         for (i, img) in images.iter().enumerate() {
             for _ in 0..img.repeats.max(1) {
-                let Some(placement) = assign(&buckets, img.width, img.height, mode, &mut rng)
-                else {
+                let Some(placement) = assign(&buckets, img.width, img.height, mode, rng) else {
                     continue;
                 };
                 let flip = cfg.flip_x && rng.gen::<bool>();
@@ -109,10 +124,21 @@ pub fn plan_epoch(images: &[ImageEntry], cfg: &PlanConfig, epoch: u64) -> Vec<Pl
             }
         }
     }
-    let bs = cfg.batch_size.max(1);
+    groups
+}
+
+/// Batches of `batch_size` from each group (a batch never mixes buckets; a
+/// group's last batch may be short), groups shuffled inside, batch order
+/// shuffled.
+pub fn batch_groups(
+    groups: ItemGroups,
+    batch_size: usize,
+    rng: &mut ChaCha8Rng,
+) -> Vec<PlannedBatch> {
+    let bs = batch_size.max(1);
     let mut batches = Vec::new();
     for ((_, bucket), mut items) in groups {
-        items.shuffle(&mut rng);
+        items.shuffle(rng);
         for chunk in items.chunks(bs) {
             batches.push(PlannedBatch {
                 bucket,
@@ -120,7 +146,7 @@ pub fn plan_epoch(images: &[ImageEntry], cfg: &PlanConfig, epoch: u64) -> Vec<Pl
             });
         }
     }
-    batches.shuffle(&mut rng);
+    batches.shuffle(rng);
     batches
 }
 

@@ -164,11 +164,17 @@ pub(crate) fn training_metadata(
             (
                 // kohya: images × repeats
                 "ss_num_train_images".to_string(),
-                data.images
-                    .iter()
-                    .map(|i| u64::from(i.repeats))
+                (data.images.iter().enumerate())
+                    .filter(|(i, _)| !data.is_reg[data.dataset_of[*i]])
+                    .map(|(_, img)| u64::from(img.repeats))
                     .sum::<u64>()
                     .to_string(),
+            ),
+            // kohya: reg images × their repeats, before the balance
+            ("ss_num_reg_images".to_string(), data.reg_images.to_string()),
+            (
+                "ss_prior_loss_weight".to_string(),
+                lora_core::metadata::py_float(job.train.prior_loss_weight),
             ),
         ]),
     }

@@ -91,6 +91,8 @@ pub enum Event {
         step: u64,
         /// Mean loss over the validation images and fixed timesteps.
         loss: f64,
+        /// The same over regularisation images (jobs with `is_reg` datasets).
+        reg_loss: Option<f64>,
         /// Wall-clock seconds since the run started, when it was measured.
         seconds: f64,
     },

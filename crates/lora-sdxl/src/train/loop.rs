@@ -73,13 +73,14 @@ impl Run {
             run_dir: env.run_dir.clone(),
             last_lora: None,
             val_losses: Vec::new(),
+            reg_val_losses: Vec::new(),
             images: env.data.images.len(),
             decode: Default::default(),
         };
         dispatch(observers, &view, self.started_event())?;
         if !self.resumed {
-            let v = env.validation_loss(&self.validation.items, self.validation.seed)?;
-            report.val_losses.push((0, v));
+            let (v, reg) = self.validate()?;
+            report.record_validation(0, v, reg);
             let seconds = self.started.elapsed().as_secs_f64();
             dispatch(
                 observers,
@@ -87,6 +88,7 @@ impl Run {
                 Event::Validation {
                     step: 0,
                     loss: v,
+                    reg_loss: reg,
                     seconds,
                 },
             )?;
@@ -132,10 +134,7 @@ impl Run {
                     return Err(diverged(step, l));
                 }
                 let val = if step.is_multiple_of(self.validation.every) || last {
-                    let v = env.model.slots.in_eval(|| {
-                        env.validation_loss(&self.validation.items, self.validation.seed)
-                    });
-                    Some(v?)
+                    Some(env.model.slots.in_eval(|| self.validate())?)
                 } else {
                     None
                 };
@@ -152,14 +151,15 @@ impl Run {
                         train_seconds,
                     },
                 )?;
-                if let Some(v) = val {
-                    report.val_losses.push((step, v));
+                if let Some((v, reg)) = val {
+                    report.record_validation(step, v, reg);
                     dispatch(
                         observers,
                         &view,
                         Event::Validation {
                             step,
                             loss: v,
+                            reg_loss: reg,
                             seconds,
                         },
                     )?;
@@ -229,6 +229,19 @@ impl Run {
             self.pos,
         )?;
         Ok((path, state))
+    }
+
+    /// The validation loss of the train images and, with regularisation
+    /// datasets, of the reg images.
+    fn validate(&self) -> Result<(f64, Option<f64>)> {
+        let (env, v) = (&self.env, &self.validation);
+        let train = env.validation_loss(&v.items, v.seed)?;
+        let reg = if v.reg_items.is_empty() {
+            None
+        } else {
+            Some(env.validation_loss(&v.reg_items, v.seed)?)
+        };
+        Ok((train, reg))
     }
 
     fn started_event(&self) -> Event {

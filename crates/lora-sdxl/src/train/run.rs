@@ -65,10 +65,20 @@ pub struct TrainReport {
     pub last_lora: Option<PathBuf>,
     /// Validation losses `(step, loss)`.
     pub val_losses: Vec<(u64, f64)>,
+    /// Validation losses of the regularisation images `(step, loss)` (jobs
+    /// with `is_reg` datasets).
+    pub reg_val_losses: Vec<(u64, f64)>,
     /// Images trained on.
     pub images: usize,
     /// How the batches whose latents were not cached were decoded.
     pub decode: super::inputs::DecodeStats,
+}
+
+impl TrainReport {
+    pub(crate) fn record_validation(&mut self, step: u64, loss: f64, reg: Option<f64>) {
+        self.val_losses.push((step, loss));
+        self.reg_val_losses.extend(reg.map(|r| (step, r)));
+    }
 }
 
 /// Runs (or resumes) the job with the standard observers (progress and log
@@ -234,6 +244,8 @@ fn param_groups(job: &JobConfig, network: &Network) -> Result<(Vec<Group>, Vec<F
 /// The fixed validation set and when to measure it.
 pub(crate) struct Validation {
     pub items: Vec<Batch>,
+    /// The same for the first regularisation dataset (empty without).
+    pub reg_items: Vec<Batch>,
     pub seed: u64,
     pub every: u64,
 }
@@ -362,8 +374,12 @@ impl Run {
             Position::default()
         };
         let _ = std::fs::copy(job_path, run_dir.join("job.toml"));
+        let n = job.validation.images.unwrap_or(4).max(1);
         let validation = Validation {
-            items: data.validation_set(job.validation.images.unwrap_or(4).max(1)),
+            items: data.validation_set(n, data.first_dataset(false).unwrap_or(0)),
+            reg_items: (data.first_dataset(true))
+                .map(|d| data.validation_set(n, d))
+                .unwrap_or_default(),
             seed: job
                 .validation
                 .seed

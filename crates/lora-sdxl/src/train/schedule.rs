@@ -107,6 +107,21 @@ pub fn per_sample_loss(
     elem.mean_dim(dims.as_slice(), false, Kind::Float)
 }
 
+/// The batch loss from per-sample losses `[B]` whose last `reg` samples are
+/// regularisation images weighted by `prior_loss_weight` (kohya:
+/// `(loss * loss_weights).mean()`), without building a weight tensor on the
+/// host (no copy to the device per step).
+pub fn batch_loss(per: &Tensor, reg: usize, prior_loss_weight: f64) -> Tensor {
+    let b = per.size()[0];
+    let reg = (reg as i64).min(b);
+    if reg == 0 {
+        return per.mean(Kind::Float);
+    }
+    let train = per.narrow(0, 0, b - reg).sum(Kind::Float);
+    let prior = per.narrow(0, b - reg, reg).sum(Kind::Float) * prior_loss_weight;
+    (train + prior) / b as f64
+}
+
 /// Learning-rate schedules (diffusers `get_scheduler` semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LrSchedule {
@@ -169,5 +184,21 @@ impl LrSchedule {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regularisation_samples_are_weighted_as_kohya_weights_them() {
+        let per = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 5.0]);
+        let weights = Tensor::from_slice(&[1.0f32, 1.0, 0.3, 0.3]);
+        let want = (&per * &weights).mean(Kind::Float).double_value(&[]);
+        let got = batch_loss(&per, 2, 0.3).double_value(&[]);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert_eq!(batch_loss(&per, 0, 0.3).double_value(&[]), 2.75);
+        assert!((batch_loss(&per, 4, 2.0).double_value(&[]) - 5.5).abs() < 1e-6);
     }
 }

@@ -4,7 +4,7 @@
 use super::data::{Batch, Sample};
 use super::noise::{input_noise, training_noise};
 use super::run::Env;
-use super::schedule::per_sample_loss;
+use super::schedule::{batch_loss, per_sample_loss};
 use crate::error::Result;
 use lora_data::caption::CaptionProcessing;
 use lora_data::loader::{derived_rng, PlannedBatch};
@@ -65,7 +65,9 @@ impl Env {
         if t.debiased_estimation_loss {
             per = &per * self.tables.debiased_weights(&ts, self.v_pred);
         }
-        Ok(per.mean(Kind::Float))
+        // regularisation samples come last in a batch
+        let reg = self.data.reg_count(samples);
+        Ok(batch_loss(&per, reg, t.prior_loss_weight))
     }
 
     /// Mean loss over the fixed validation set with fixed noise and timesteps.

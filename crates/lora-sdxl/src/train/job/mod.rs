@@ -216,6 +216,8 @@ pub struct TrainSection {
     pub up_lr_weight: Option<crate::train::blocks::BlockWeights>,
     /// Block weights at or below this are 0 (no LoRA in that block).
     pub block_lr_zero_threshold: f64,
+    /// Loss weight of regularisation samples (kohya's `prior_loss_weight`).
+    pub prior_loss_weight: f64,
     /// Min-SNR-γ weighting.
     pub min_snr_gamma: Option<f64>,
     /// `l2` or `huber`.
@@ -281,6 +283,7 @@ impl Default for TrainSection {
             mid_lr_weight: None,
             up_lr_weight: None,
             block_lr_zero_threshold: 0.0,
+            prior_loss_weight: 1.0,
             min_snr_gamma: None,
             loss: "l2".into(),
             min_timestep: 0,
@@ -329,6 +332,9 @@ pub struct DatasetSection {
     pub mask_path: Option<PathBuf>,
     /// The images' alpha channels are their loss masks.
     pub alpha_mask: bool,
+    /// Regularisation images (kohya's `is_reg`): the class without the
+    /// character, mixed into the batches with weight `train.prior_loss_weight`.
+    pub is_reg: bool,
 }
 
 impl Default for DatasetSection {
@@ -346,6 +352,7 @@ impl Default for DatasetSection {
             random_crop: false,
             mask_path: None,
             alpha_mask: false,
+            is_reg: false,
         }
     }
 }

@@ -243,6 +243,19 @@ impl JobConfig {
                 "add at least one [[datasets]] table with folder_path".into(),
             );
         }
+        let reg = self.datasets.iter().filter(|d| d.is_reg).count();
+        if reg == self.datasets.len() {
+            return err(
+                "datasets",
+                "every [[datasets]] entry is is_reg = true: add the character's images as a dataset without is_reg".into(),
+            );
+        }
+        if reg == 0 && self.train.prior_loss_weight != 1.0 {
+            return err(
+                "train.prior_loss_weight",
+                "has no effect without regularisation images: add a [[datasets]] entry with is_reg = true, or remove it".into(),
+            );
+        }
         for (i, d) in self.datasets.iter().enumerate() {
             let f = |k: &str| format!("datasets[{i}].{k}");
             if d.folder_path.as_os_str().is_empty() || !d.folder_path.is_dir() {

@@ -35,7 +35,11 @@ impl Console {
     fn record(&mut self, r: &LogRecord) {
         let (Some(loss), Some(lr)) = (r.loss, r.lr) else {
             if let Some(v) = r.val {
-                self.line(format!("step {}: validation loss {v:.5}", r.step));
+                let reg = r
+                    .val_reg
+                    .map(|x| format!(" (reg {x:.5})"))
+                    .unwrap_or_default();
+                self.line(format!("step {}: validation loss {v:.5}{reg}", r.step));
             }
             return;
         };
@@ -51,7 +55,10 @@ impl Console {
             self.total,
             r.val
                 .map(|v| format!(", validation loss {v:.5}"))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + &r.val_reg
+                    .map(|x| format!(" (reg {x:.5})"))
+                    .unwrap_or_default(),
         ));
     }
 

@@ -3,7 +3,8 @@
 //! fixed-seed validation loss when measured at that step, and wall-clock
 //! seconds since the run started). On `--resume`, rows after the resumed
 //! step (written after the last saved state) are dropped, so no step appears
-//! twice.
+//! twice. A job with regularisation images has a sixth column,
+//! `val_reg_loss`, their validation loss.
 
 use super::{LogMerger, LogRecord};
 use crate::error::{Result, SdxlError};
@@ -12,12 +13,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const HEADER: &str = "step,loss,lr,val_loss,seconds\n";
+const HEADER_REG: &str = "step,loss,lr,val_loss,seconds,val_reg_loss\n";
 
 /// Writes `loss.csv`.
 #[derive(Debug)]
 pub struct LossCsv {
     path: PathBuf,
     merger: LogMerger,
+    /// The job has regularisation images (the sixth column).
+    reg: bool,
 }
 
 impl LossCsv {
@@ -26,14 +30,16 @@ impl LossCsv {
         Self {
             path,
             merger: LogMerger::default(),
+            reg: false,
         }
     }
 
     /// Starts the file: a fresh header, or on resume the rows up to `step`.
     fn start(&self, resumed: bool, step: u64) -> Result<()> {
+        let header = if self.reg { HEADER_REG } else { HEADER };
         let kept = match std::fs::read_to_string(&self.path) {
             Ok(old) if resumed => {
-                let mut kept = String::from(HEADER);
+                let mut kept = String::from(header);
                 for line in old.lines().skip(1) {
                     let row_step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
                     if row_step.is_some_and(|s| s <= step) {
@@ -43,23 +49,27 @@ impl LossCsv {
                 }
                 kept
             }
-            _ => HEADER.to_string(),
+            _ => header.to_string(),
         };
         lora_core::io::write_atomic(&self.path, kept.as_bytes())?;
         Ok(())
     }
 }
 
-fn append(path: &Path, r: &LogRecord) -> Result<()> {
+fn append(path: &Path, r: &LogRecord, reg: bool) -> Result<()> {
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6e}")).unwrap_or_default();
-    let line = format!(
-        "{},{},{},{},{:.2}\n",
+    let mut line = format!(
+        "{},{},{},{},{:.2}",
         r.step,
         f(r.loss),
         f(r.lr),
         f(r.val),
         r.seconds
     );
+    if reg {
+        line = format!("{line},{}", f(r.val_reg));
+    }
+    line.push('\n');
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -70,12 +80,13 @@ fn append(path: &Path, r: &LogRecord) -> Result<()> {
 }
 
 impl Observer for LossCsv {
-    fn on_event(&mut self, event: &Event, _run: &RunView<'_>) -> Result<()> {
+    fn on_event(&mut self, event: &Event, run: &RunView<'_>) -> Result<()> {
         if let Event::Started { resumed, step, .. } = *event {
+            self.reg = run.job.datasets.iter().any(|d| d.is_reg);
             self.start(resumed, step)?;
         }
         for r in self.merger.push(event) {
-            append(&self.path, &r)?;
+            append(&self.path, &r, self.reg)?;
         }
         Ok(())
     }

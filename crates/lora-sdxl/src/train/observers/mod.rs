@@ -5,7 +5,7 @@
 //! | observer | what it does |
 //! |---|---|
 //! | [`console::Console`] | progress bar on a terminal, plain log lines otherwise |
-//! | [`loss_csv::LossCsv`] | `loss.csv`: `step,loss,lr,val_loss,seconds` |
+//! | [`loss_csv::LossCsv`] | `loss.csv`: `step,loss,lr,val_loss,seconds` (`,val_reg_loss` with regularisation images) |
 //! | [`loss_chart::LossChart`] | `loss.png` from `loss.csv` at every checkpoint |
 //! | [`rotation::Rotation`] | keeps the newest `max_step_saves_to_keep` step files |
 //! | [`samples::Samples`] | in-training samples and `samples/grid.png` |
@@ -55,6 +55,8 @@ pub struct LogRecord {
     pub lr: Option<f64>,
     /// Validation loss.
     pub val: Option<f64>,
+    /// Validation loss of the regularisation images.
+    pub val_reg: Option<f64>,
     /// Wall-clock seconds since the start.
     pub seconds: f64,
     /// Seconds of training steps alone since the start.
@@ -91,6 +93,7 @@ impl LogMerger {
                         loss,
                         lr: Some(lr),
                         val: None,
+                        val_reg: None,
                         seconds,
                         train_seconds,
                     });
@@ -99,10 +102,12 @@ impl LogMerger {
             Event::Validation {
                 step,
                 loss,
+                reg_loss,
                 seconds,
             } => match self.pending.take() {
                 Some(mut r) if r.step == step => {
                     r.val = Some(loss);
+                    r.val_reg = reg_loss;
                     done.push(r);
                 }
                 other => {
@@ -113,6 +118,7 @@ impl LogMerger {
                         loss: None,
                         lr: None,
                         val: Some(loss),
+                        val_reg: reg_loss,
                         seconds,
                         train_seconds,
                     });
