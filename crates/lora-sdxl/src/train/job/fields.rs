@@ -205,7 +205,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "steps", AT_LEAST_1, "optimizer steps"),
     f("train", "lr", LEARNING_RATE, "UNet learning rate").hint("typical LoRA rates are 1e-5 to 1e-3 for adamw and adafactor, 3-10x lower for lion, 1.0 for prodigy"),
     f("train", "text_encoder_lr", LEARNING_RATE, "text-encoder learning rate (default: lr)").example("7e-5"),
-    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory; lion: sign updates, one moment; prodigy: estimates its own step size (lr = 1.0); adafactor: factored second moments, least memory"),
+    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory; lion: sign updates, one moment (lion8bit: bitsandbytes' Lion8bit, 8-bit momentum); prodigy: estimates its own step size (lr = 1.0); adafactor: factored second moments, least memory"),
     f("train", "optimizer_args", Rule::Free, "the optimizer's own settings, as its package names them: adamw betas, eps; lion betas; prodigy betas, beta3, eps, decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p; adafactor eps, clip_threshold, decay_rate, beta1, scale_parameter, relative_step (default true: train.lr unused), warmup_init").example("{ d_coef = 1.0, use_bias_correction = true, safeguard_warmup = true }"),
     f("train", "lr_scheduler", Rule::OneOf(&["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]), "learning-rate schedule"),
     f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),

@@ -173,7 +173,7 @@ pub struct TrainSection {
     pub lr: f64,
     /// Text-encoder learning rate (default: `lr`).
     pub text_encoder_lr: Option<f64>,
-    /// `adamw`, `adamw8bit`, `lion`, `prodigy` or `adafactor`.
+    /// `adamw`, `adamw8bit`, `lion`, `lion8bit`, `prodigy` or `adafactor`.
     pub optimizer: String,
     /// The optimizer's own settings (`[train.optimizer_args]`), named as
     /// its reference package names them (see [`crate::train::optim`]).

@@ -21,8 +21,10 @@ pub enum OptimizerArgs {
         /// ε.
         eps: f64,
     },
-    /// `lion`: β.
+    /// `lion` / `lion8bit`: β.
     Lion {
+        /// 8-bit momentum.
+        eightbit: bool,
         /// β₁, β₂.
         betas: (f64, f64),
     },
@@ -39,7 +41,7 @@ pub type ArgError = (String, String);
 fn known(name: &str) -> &'static [&'static str] {
     match name {
         "adamw" | "adamw8bit" => &["betas", "eps"],
-        "lion" => &["betas"],
+        "lion" | "lion8bit" => &["betas"],
         "prodigy" => &[
             "betas",
             "beta3",
@@ -146,7 +148,8 @@ impl OptimizerArgs {
                 betas: r.pair("betas", (0.9, 0.999), beta)?,
                 eps: r.num("eps", 1e-8, positive)?,
             },
-            "lion" => Self::Lion {
+            "lion" | "lion8bit" => Self::Lion {
+                eightbit: name == "lion8bit",
                 betas: r.pair("betas", (0.9, 0.99), beta)?,
             },
             "prodigy" => Self::Prodigy(ProdigyConfig {
@@ -216,10 +219,11 @@ impl OptimizerArgs {
                     .collect();
                 Box::new(Groups::new("adam", g))
             }
-            Self::Lion { betas } => {
+            Self::Lion { eightbit, betas } => {
+                let make = if *eightbit { Lion::new_8bit } else { Lion::new };
                 let g = groups
                     .into_iter()
-                    .map(|(n, p)| (n, Lion::new(p, betas.0, betas.1, weight_decay)))
+                    .map(|(n, p)| (n, make(p, betas.0, betas.1, weight_decay)))
                     .collect();
                 Box::new(Groups::new("lion", g))
             }
@@ -251,9 +255,11 @@ impl OptimizerArgs {
                 pair(*betas),
                 f(*eps)
             ),
-            Self::Lion { betas } => {
-                format!("lorakit.optim.Lion(weight_decay={wd},betas={})", pair(*betas))
-            }
+            Self::Lion { eightbit, betas } => format!(
+                "lorakit.optim.{}(weight_decay={wd},betas={})",
+                if *eightbit { "Lion8bit" } else { "Lion" },
+                pair(*betas)
+            ),
             Self::Prodigy(c) => format!(
                 "lorakit.optim.Prodigy(weight_decay={wd},betas={},beta3={},eps={},decouple={},use_bias_correction={},safeguard_warmup={},d0={},d_coef={},growth_rate={},slice_p={})",
                 pair(c.betas),
