@@ -38,6 +38,9 @@ fixtures: setup
 	.venv/bin/python scripts/fixtures/lora_formats.py
 	.venv/bin/python -m pip install -q prodigyopt==1.1.2 lion-pytorch==0.2.5 transformers
 	.venv/bin/python scripts/fixtures/optimizers.py crates/lora-sdxl/tests/fixtures/optimizers.safetensors
+	.venv/bin/python -m pip install -q --no-deps bitsandbytes==0.50.2
+	.venv/bin/python scripts/fixtures/adamw8bit.py
+	.venv/bin/python scripts/fixtures/lion8bit.py
 	.venv/bin/python scripts/fixtures/noise_loss.py crates/lora-sdxl/tests/fixtures/noise_loss.safetensors
 	.venv/bin/python scripts/fixtures/timesteps.py crates/lora-sdxl/tests/fixtures/timesteps.safetensors
 	.venv/bin/python scripts/fixtures/blocks.py crates/lora-sdxl/tests/fixtures/blocks.safetensors

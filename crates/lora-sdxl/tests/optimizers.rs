@@ -244,39 +244,70 @@ fn lion8bit_matches_bitsandbytes() {
     let args = OptimizerArgs::parse("lion8bit", &BTreeMap::new(), 0.1).unwrap();
     let mut opt = args.build(
         0.1,
-        vec![("unet".into(), params.iter().map(|p| p.shallow_clone()).collect())],
+        vec![(
+            "unet".into(),
+            params.iter().map(|p| p.shallow_clone()).collect(),
+        )],
     );
     for k in 0..6 {
         for (p, n) in params.iter().zip(names) {
-            (p * &r[&format!("grad_{k}_{n}")]).sum(Kind::Float).backward();
+            (p * &r[&format!("grad_{k}_{n}")])
+                .sum(Kind::Float)
+                .backward();
         }
         opt.step(&[1e-3]);
         clear_grads(&params);
         for (p, n) in params.iter().zip(names) {
-            let d = (p.detach() - &r[&format!("p{}_{n}", k + 1)]).abs().max().double_value(&[]);
+            let d = (p.detach() - &r[&format!("p{}_{n}", k + 1)])
+                .abs()
+                .max()
+                .double_value(&[]);
             // a flipped sign would move a weight by 2·lr = 2e-3
             assert!(d < 1e-6, "step {k} {n}: max |Δ| {d:.3e}");
         }
     }
     let state = opt.state_tensors();
     let get = |k: &str| &state.iter().find(|(n, _)| n == k).unwrap().1;
-    assert!(get("lion.unet.0.m_q").equal(&r["state1_big"]), "8-bit codes differ");
-    let d = (get("lion.unet.0.m_absmax") - &r["absmax1_big"]).abs().max().double_value(&[]);
+    assert!(
+        get("lion.unet.0.m_q").equal(&r["state1_big"]),
+        "8-bit codes differ"
+    );
+    let d = (get("lion.unet.0.m_absmax") - &r["absmax1_big"])
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(d < 1e-7, "absmax differs by {d}");
-    assert!(state.iter().any(|(n, t)| n == "lion.unet.1.m" && t.kind() == Kind::Float));
+    assert!(state
+        .iter()
+        .any(|(n, t)| n == "lion.unet.1.m" && t.kind() == Kind::Float));
 
     // a lion8bit state resumes as lion (momentum expanded) and back
     let load = |name: &str| {
-        let ps: Vec<Tensor> = params.iter().map(|p| p.detach().copy().set_requires_grad(true)).collect();
+        let ps: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.detach().copy().set_requires_grad(true))
+            .collect();
         let mut o = OptimizerArgs::parse(name, &BTreeMap::new(), 0.1)
             .unwrap()
             .build(0.1, vec![("unet".into(), ps)]);
-        o.load_state(&|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone()), 6)
-            .unwrap();
+        o.load_state(
+            &|k| {
+                state
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, t)| t.shallow_clone())
+            },
+            6,
+        )
+        .unwrap();
         o.state_tensors()
     };
     let plain = load("lion");
-    assert!(plain.iter().any(|(n, t)| n == "lion.unet.0.m" && t.size() == [40, 130]));
+    assert!(plain
+        .iter()
+        .any(|(n, t)| n == "lion.unet.0.m" && t.size() == [40, 130]));
     let back = load("lion8bit");
-    assert!(back.iter().any(|(n, t)| n == "lion.unet.0.m_q" && t.equal(&r["state1_big"])));
+    assert!(back
+        .iter()
+        .any(|(n, t)| n == "lion.unet.0.m_q" && t.equal(&r["state1_big"])));
 }

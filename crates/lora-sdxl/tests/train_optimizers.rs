@@ -165,6 +165,46 @@ fn lion_prodigy_and_adafactor_train_name_themselves_and_resume() {
     );
 }
 
+/// 8-bit Lion in a run: rank 32 gives up matrices of 4096 elements and
+/// more, whose momenta are 8-bit in the state; the run trains and says so.
+/// (Its maths against bitsandbytes: `tests/optimizers.rs`.)
+#[test]
+fn lion8bit_trains_with_8bit_momenta() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    common::tiny_model_and_dataset(root, 6);
+    let (mut c, path) = job(root, "lion8bit", "lion8bit", 1e-3, &[]);
+    c.network.linear = 32;
+    c.network.linear_alpha = 32.0;
+    let r = train(&c, &path, &common::quiet()).unwrap();
+    let v: Vec<f64> = r.val_losses.iter().map(|(_, v)| *v).collect();
+    assert!(
+        v[v.len() - 1] < v[0] * 0.97,
+        "validation loss did not fall: {v:?}"
+    );
+    let meta = lora_core::io::read_tensors(r.last_lora.as_ref().unwrap())
+        .unwrap()
+        .metadata;
+    assert!(
+        meta["ss_optimizer"].contains("lorakit.optim.Lion8bit("),
+        "{}",
+        meta["ss_optimizer"]
+    );
+    let state = lora_core::io::read_tensors(r.run_dir.join("state.safetensors")).unwrap();
+    let q8 = state
+        .tensors
+        .iter()
+        .filter(|(k, t)| k.ends_with(".m_q") && t.kind() == tch::Kind::Uint8)
+        .count();
+    let f32 = state
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("lion.") && k.ends_with(".m"))
+        .count();
+    assert!(q8 > 0 && f32 > 0, "8-bit momenta {q8}, fp32 momenta {f32}");
+}
+
 #[test]
 fn optimizer_settings_are_checked_when_the_job_is_read() {
     let dir = tempfile::tempdir().unwrap();

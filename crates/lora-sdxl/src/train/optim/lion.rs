@@ -61,7 +61,13 @@ impl Lion {
         Self::build(params, beta1, beta2, weight_decay, true)
     }
 
-    fn build(params: Vec<Tensor>, beta1: f64, beta2: f64, weight_decay: f64, eightbit: bool) -> Self {
+    fn build(
+        params: Vec<Tensor>,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eightbit: bool,
+    ) -> Self {
         let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
         let exp_avg = (params.iter())
             .map(|p| {
