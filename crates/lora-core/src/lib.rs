@@ -10,6 +10,8 @@
 //! * [`load_lora`]: reads kohya, AI Toolkit and diffusers/PEFT files and
 //!   normalises them to one [`LoraSet`]; unknown keys are reported by name.
 //! * [`LoraSummary`]: what `lorakit lora inspect` prints.
+//! * [`LycoAdapter`]: LyCORIS' LoHa and LoKr (their maths, initialisation
+//!   and file tensors; not yet wired into sets, files or training).
 //! * [`resize_set`]: rank reduction by truncated SVD (kohya's `resize_lora`),
 //!   fixed or per-module ranks ([`RankRule`]); [`adapter_from_delta`]: a LoRA
 //!   from a weight difference (extraction from two checkpoints).
@@ -31,6 +33,7 @@ pub mod error;
 pub mod formats;
 pub mod inspect;
 pub mod io;
+pub mod lycoris;
 pub mod metadata;
 pub mod naming;
 pub mod resize;
@@ -40,6 +43,7 @@ pub use adapter::{Dropouts, Geometry, LoraAdapter};
 pub use error::{LoraError, Result};
 pub use formats::{load_lora, LoadedLora, LoraFormat, UnknownKeys};
 pub use inspect::LoraSummary;
+pub use lycoris::{factorization, LycoAdapter};
 pub use metadata::{Prediction, TrainingMetadata};
 pub use naming::{Component, ModuleKey};
 pub use resize::{adapter_from_delta, resize_set, RankRule, ResizeOptions, ResizeStats};

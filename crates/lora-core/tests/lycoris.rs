@@ -1,0 +1,153 @@
+//! LoHa and LoKr against the `lycoris-lora` package (fixture:
+//! `scripts/fixtures/lycoris_modules.py`): `factorization`, ΔW and the
+//! forward from the tensors LyCORIS saves, and fresh adapters with the keys,
+//! shapes and zero factors LyCORIS creates.
+
+use lora_core::{factorization, Geometry, LycoAdapter};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+struct Case {
+    name: String,
+    algo: String,
+    inp: i64,
+    out: i64,
+    kernel: Option<i64>,
+    rank: i64,
+    alpha: f64,
+    factor: i64,
+    decompose_both: bool,
+    scale: f64,
+    keys: Vec<String>,
+}
+
+fn fixture() -> (Vec<Case>, HashMap<String, Tensor>) {
+    let f = lora_core::io::read_tensors(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lycoris.safetensors"
+    ))
+    .unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&f.metadata["cases"]).unwrap();
+    let cases = cases
+        .iter()
+        .map(|c| Case {
+            name: c["case"].as_str().unwrap().into(),
+            algo: c["algo"].as_str().unwrap().into(),
+            inp: c["in"].as_i64().unwrap(),
+            out: c["out"].as_i64().unwrap(),
+            kernel: c["kernel"].as_i64(),
+            rank: c["rank"].as_i64().unwrap(),
+            alpha: c["alpha"].as_f64().unwrap(),
+            factor: c["factor"].as_i64().unwrap_or(-1),
+            decompose_both: c["decompose_both"].as_bool().unwrap(),
+            scale: c["scale"].as_f64().unwrap(),
+            keys: (c["keys"].as_array().unwrap().iter())
+                .map(|k| k.as_str().unwrap().to_string())
+                .collect(),
+        })
+        .collect();
+    (cases, f.tensors.into_iter().collect())
+}
+
+fn geometry(c: &Case) -> Geometry {
+    c.kernel.map_or(Geometry::Linear, |k| Geometry::conv(k, k))
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[]).max(1e-12)
+}
+
+#[test]
+fn factorization_matches_lycoris() {
+    let (_, t) = fixture();
+    let rows = Vec::<f64>::try_from(&t["factorization"].reshape([-1])).unwrap();
+    assert_eq!(rows.len(), 40 * 4);
+    for r in rows.chunks(4) {
+        let (d, f) = (r[0] as i64, r[1] as i64);
+        assert_eq!(
+            factorization(d, f),
+            (r[2] as i64, r[3] as i64),
+            "factorization({d}, {f})"
+        );
+    }
+}
+
+#[test]
+fn delta_weight_and_forward_match_lycoris() {
+    let (cases, t) = fixture();
+    assert_eq!(cases.len(), 7);
+    for c in &cases {
+        let get = |k: &str| t.get(&format!("{}.{k}", c.name)).map(Tensor::shallow_clone);
+        let alpha = get("alpha").map(|a| a.double_value(&[]));
+        let a = LycoAdapter::from_tensors(&get, alpha, c.inp, geometry(c))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: not recognised", c.name));
+        assert_eq!(a.algo(), c.algo, "{}", c.name);
+        assert!(
+            (a.scale() - c.scale).abs() < 1e-12,
+            "{}: scale {} vs {}",
+            c.name,
+            a.scale(),
+            c.scale
+        );
+        let dw = a.delta_weight();
+        let want = &t[&format!("{}.delta_weight", c.name)];
+        assert_eq!(dw.size(), want.size(), "{}", c.name);
+        let e = max_rel(&dw, want);
+        assert!(e < 1e-6, "{}: ΔW relative error {e:.2e}", c.name);
+        let out = a.delta(&t[&format!("{}.x", c.name)], 1.0);
+        let e = max_rel(&out, &t[&format!("{}.delta_out", c.name)]);
+        assert!(e < 1e-5, "{}: forward relative error {e:.2e}", c.name);
+    }
+}
+
+#[test]
+fn fresh_adapters_have_lycoris_keys_shapes_and_zero_factor() {
+    let (cases, t) = fixture();
+    for c in &cases {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let a = match c.algo.as_str() {
+            "loha" => LycoAdapter::new_loha(c.inp, c.out, c.rank, Some(c.alpha), geometry(c), opts),
+            _ => LycoAdapter::new_lokr(
+                c.inp,
+                c.out,
+                c.rank,
+                Some(c.alpha),
+                (c.factor, c.decompose_both),
+                geometry(c),
+                opts,
+            ),
+        }
+        .unwrap();
+        let mut names: Vec<String> = a
+            .named_tensors()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        names.push("alpha".into());
+        names.sort();
+        assert_eq!(names, c.keys, "{}", c.name);
+        assert!((a.scale() - c.scale).abs() < 1e-12, "{}: scale", c.name);
+        for (name, tensor) in a.named_tensors() {
+            let init = Vec::<f64>::try_from(&t[&format!("init.{}.{name}", c.name)]).unwrap();
+            let shape: Vec<i64> = init[1..].iter().map(|x| *x as i64).collect();
+            assert_eq!(tensor.size(), shape, "{} {name}", c.name);
+            let zero = tensor.abs().max().double_value(&[]) == 0.0;
+            assert_eq!(
+                zero,
+                init[0] == 1.0,
+                "{} {name}: zero-initialised in LyCORIS: {}",
+                c.name,
+                init[0]
+            );
+        }
+        assert_eq!(
+            a.delta_weight().abs().max().double_value(&[]),
+            0.0,
+            "{}: a fresh ΔW is 0",
+            c.name
+        );
+    }
+}
