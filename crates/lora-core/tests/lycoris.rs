@@ -62,7 +62,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 fn factorization_matches_lycoris() {
     let (_, t) = fixture();
     let rows = Vec::<f64>::try_from(&t["factorization"].reshape([-1])).unwrap();
-    assert_eq!(rows.len(), 60 * 4);
+    assert_eq!(rows.len(), 70 * 4);
     for r in rows.chunks(4) {
         let (d, f) = (r[0] as i64, r[1] as i64);
         assert_eq!(
