@@ -12,14 +12,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 fn fixture() -> HashMap<String, Tensor> {
-    lora_core::io::read_tensors(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/blocks.safetensors"
-    ))
-    .unwrap()
-    .tensors
-    .into_iter()
-    .collect()
+    common::fixture_tensors("blocks.safetensors")
 }
 
 fn weights(t: &TrainSection) -> [f64; BLOCKS] {

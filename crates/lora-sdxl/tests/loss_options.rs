@@ -13,14 +13,7 @@ use tch::{Device, Kind, Tensor};
 type Edit = dyn Fn(&mut lora_sdxl::JobConfig);
 
 fn fixture() -> HashMap<String, Tensor> {
-    lora_core::io::read_tensors(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/noise_loss.safetensors"
-    ))
-    .unwrap()
-    .tensors
-    .into_iter()
-    .collect()
+    common::fixture_tensors("noise_loss.safetensors")
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {

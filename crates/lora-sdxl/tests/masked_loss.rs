@@ -14,14 +14,7 @@ type Edit<'a> = &'a dyn Fn(&mut lora_sdxl::JobConfig);
 
 #[test]
 fn masked_loss_matches_kohya() {
-    let f: std::collections::HashMap<String, Tensor> = lora_core::io::read_tensors(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/noise_loss.safetensors"
-    ))
-    .unwrap()
-    .tensors
-    .into_iter()
-    .collect();
+    let f = common::fixture_tensors("noise_loss.safetensors");
     let mask = latent_mask(&f["masked.mask"], 8, 12);
     let got = per_sample_loss(&f["masked.pred"], &f["masked.target"], None, Some(&mask));
     let d = (&got - &f["masked.loss"]).abs().max().double_value(&[]);

@@ -9,14 +9,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 fn fixture() -> HashMap<String, Tensor> {
-    lora_core::io::read_tensors(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/timesteps.safetensors"
-    ))
-    .unwrap()
-    .tensors
-    .into_iter()
-    .collect()
+    common::fixture_tensors("timesteps.safetensors")
 }
 
 fn params(f: &HashMap<String, Tensor>, key: &str) -> Vec<f64> {

@@ -70,3 +70,16 @@ pub fn sorted_tensors(p: &Path) -> Vec<(String, tch::Tensor)> {
     t.sort_by(|a, b| a.0.cmp(&b.0));
     t
 }
+
+/// The tensors of `tests/fixtures/<name>` by name.
+#[allow(dead_code)]
+pub fn fixture_tensors(name: &str) -> std::collections::HashMap<String, tch::Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    lora_core::io::read_tensors(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .collect()
+}
