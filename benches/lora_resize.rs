@@ -123,7 +123,7 @@ fn extraction(chosen: &[(&lorakit::core::ModuleKey, &lorakit::core::LoraAdapter)
     let shapes: Vec<(i64, i64)> = chosen
         .iter()
         .map(|(_, a)| {
-            let inner: i64 = a.down().size()[1..].iter().product();
+            let inner: i64 = a.down().expect("a LoRA pair").size()[1..].iter().product();
             (a.out_features(), inner)
         })
         .collect();

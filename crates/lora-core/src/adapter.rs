@@ -8,6 +8,7 @@
 //! zeros, so a fresh adapter leaves the base output unchanged.
 
 use crate::error::{LoraError, Result};
+use crate::lycoris::LycoAdapter;
 use tch::{Device, Kind, Tensor};
 
 /// The kind of base layer an adapter wraps.
@@ -75,11 +76,21 @@ impl Dropouts {
     }
 }
 
-/// A LoRA adapter: `lora_down`, `lora_up`, `alpha`, a multiplier and dropouts.
+/// The trained tensors of an adapter.
+#[derive(Debug)]
+enum Weights {
+    /// kohya LoRA / LoCon: `lora_down`, `lora_up`.
+    Pair { down: Tensor, up: Tensor },
+    /// LyCORIS LoHa / LoKr (their own alpha, scale and layer shape).
+    Lyco(LycoAdapter),
+}
+
+/// An adapter over one layer: a kohya LoRA / LoCon pair (`lora_down`,
+/// `lora_up`, `alpha`) or a LyCORIS LoHa / LoKr ([`LycoAdapter`]), with a
+/// multiplier and dropouts.
 #[derive(Debug)]
 pub struct LoraAdapter {
-    down: Tensor,
-    up: Tensor,
+    weights: Weights,
     alpha: f64,
     multiplier: f64,
     geometry: Geometry,
@@ -121,6 +132,25 @@ impl LoraAdapter {
         let down = Tensor::empty(down_shape.as_slice(), opts).uniform_(-bound, bound);
         let up = Tensor::zeros(up_shape.as_slice(), opts);
         Ok(Self::assemble(down, up, alpha, geometry, rank))
+    }
+
+    /// A LyCORIS adapter (its alpha, scale and layer shape are its own).
+    pub fn from_lyco(lyco: LycoAdapter) -> Self {
+        Self {
+            alpha: lyco.alpha(),
+            geometry: lyco.geometry(),
+            weights: Weights::Lyco(lyco),
+            multiplier: 1.0,
+            dropouts: Dropouts::default(),
+        }
+    }
+
+    /// The LyCORIS adapter inside, if this is one.
+    pub fn lyco(&self) -> Option<&LycoAdapter> {
+        match &self.weights {
+            Weights::Lyco(l) => Some(l),
+            Weights::Pair { .. } => None,
+        }
     }
 
     /// An adapter from existing weights (e.g. read from a file). The geometry
@@ -169,8 +199,7 @@ impl LoraAdapter {
             _ => rank as f64,
         };
         Self {
-            down,
-            up,
+            weights: Weights::Pair { down, up },
             alpha,
             multiplier: 1.0,
             geometry,
@@ -195,11 +224,49 @@ impl LoraAdapter {
                 *s = stride;
                 *p = padding;
                 *d = dilation;
-                Ok(())
             }
-            Geometry::Linear => Err(LoraError::Invalid(
-                "set_conv_params called on a Linear adapter".into(),
-            )),
+            Geometry::Linear => {
+                return Err(LoraError::Invalid(
+                    "set_conv_params called on a Linear adapter".into(),
+                ))
+            }
+        }
+        if let Weights::Lyco(l) = &mut self.weights {
+            l.set_geometry(l.in_features(), self.geometry)?;
+        }
+        Ok(())
+    }
+
+    /// Fits an adapter read from a file to the layer it adapts (`in_features`
+    /// inputs, `geometry`): a conv adapter takes the layer's stride, padding
+    /// and dilation; a LyCORIS adapter, whose file gives only its update's
+    /// matrix `[out, in·kh·kw]`, takes the layer's shape when the sizes agree.
+    pub fn fit_layer(&mut self, in_features: i64, geometry: Geometry) -> Result<()> {
+        if let Weights::Lyco(l) = &mut self.weights {
+            l.set_geometry(in_features, geometry)?;
+            self.geometry = geometry;
+            return Ok(());
+        }
+        if self.in_features() != in_features {
+            return Err(LoraError::Invalid(format!(
+                "takes {} inputs, the layer {in_features}",
+                self.in_features()
+            )));
+        }
+        match geometry {
+            _ if geometry == self.geometry => Ok(()),
+            Geometry::Conv2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+            } if self.geometry == Geometry::conv(kernel[0], kernel[1]) => {
+                self.set_conv_params(stride, padding, dilation)
+            }
+            _ => Err(LoraError::Invalid(format!(
+                "its kind ({:?}) does not fit the layer ({geometry:?})",
+                self.geometry
+            ))),
         }
     }
 
@@ -214,57 +281,96 @@ impl LoraAdapter {
                 t.to_device(device).to_kind(kind)
             }
         };
-        self.down = move_to(&self.down);
-        self.up = move_to(&self.up);
+        match &mut self.weights {
+            Weights::Pair { down, up } => {
+                *down = move_to(down);
+                *up = move_to(up);
+            }
+            Weights::Lyco(l) => l.map_tensors(&mut |t| move_to(t)),
+        }
         self
     }
 
-    /// `lora_down.weight`.
-    pub fn down(&self) -> &Tensor {
-        &self.down
+    /// `lora_down.weight` (LoRA / LoCon adapters).
+    pub fn down(&self) -> Option<&Tensor> {
+        match &self.weights {
+            Weights::Pair { down, .. } => Some(down),
+            Weights::Lyco(_) => None,
+        }
     }
-    /// `lora_up.weight`.
-    pub fn up(&self) -> &Tensor {
-        &self.up
+    /// `lora_up.weight` (LoRA / LoCon adapters).
+    pub fn up(&self) -> Option<&Tensor> {
+        match &self.weights {
+            Weights::Pair { up, .. } => Some(up),
+            Weights::Lyco(_) => None,
+        }
     }
-    /// The trainable tensors `[down, up]`.
-    pub fn parameters(&self) -> [&Tensor; 2] {
-        [&self.down, &self.up]
+    /// The trainable tensors, in file order.
+    pub fn parameters(&self) -> Vec<&Tensor> {
+        self.named_tensors().into_iter().map(|(_, t)| t).collect()
     }
-    /// Replaces both weights (same shapes required).
+    /// The tensors under their file key suffixes (`lora_down.weight`,
+    /// `lora_up.weight`, or LyCORIS' `hada_w1_a`, `lokr_w1`, …), without `alpha`.
+    pub fn named_tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        match &self.weights {
+            Weights::Pair { down, up } => vec![("lora_down.weight", down), ("lora_up.weight", up)],
+            Weights::Lyco(l) => l.named_tensors(),
+        }
+    }
+    /// Replaces both weights of a LoRA / LoCon pair (same shapes required).
     pub fn set_weights(&mut self, down: Tensor, up: Tensor) -> Result<()> {
-        if down.size() != self.down.size() || up.size() != self.up.size() {
+        self.set_parameters(vec![down, up])
+    }
+    /// Replaces every tensor ([`Self::named_tensors`] order, same shapes).
+    pub fn set_parameters(&mut self, tensors: Vec<Tensor>) -> Result<()> {
+        let want: Vec<Vec<i64>> = self.parameters().iter().map(|t| t.size()).collect();
+        let got: Vec<Vec<i64>> = tensors.iter().map(|t| t.size()).collect();
+        if want != got {
             return Err(LoraError::Invalid(format!(
-                "set_weights: expected down {:?} / up {:?}, got {:?} / {:?}",
-                self.down.size(),
-                self.up.size(),
-                down.size(),
-                up.size()
+                "set_parameters: expected shapes {want:?}, got {got:?}"
             )));
         }
-        self.down = down;
-        self.up = up;
+        let mut it = tensors.into_iter();
+        match &mut self.weights {
+            Weights::Pair { down, up } => {
+                *down = it.next().expect("checked");
+                *up = it.next().expect("checked");
+            }
+            Weights::Lyco(l) => l.map_tensors(&mut |_| it.next().expect("checked")),
+        }
         Ok(())
     }
     /// Alpha (never 0: a missing alpha reads as the rank).
     pub fn alpha(&self) -> f64 {
         self.alpha
     }
-    /// The rank `r`.
+    /// The rank `r` (a LoKr with only full factors: 0).
     pub fn rank(&self) -> i64 {
-        self.down.size()[0]
+        match &self.weights {
+            Weights::Pair { down, .. } => down.size()[0],
+            Weights::Lyco(l) => l.rank().unwrap_or(0),
+        }
     }
     /// Input features (channels) of the base layer.
     pub fn in_features(&self) -> i64 {
-        self.down.size()[1]
+        match &self.weights {
+            Weights::Pair { down, .. } => down.size()[1],
+            Weights::Lyco(l) => l.in_features(),
+        }
     }
     /// Output features (channels) of the base layer.
     pub fn out_features(&self) -> i64 {
-        self.up.size()[0]
+        match &self.weights {
+            Weights::Pair { up, .. } => up.size()[0],
+            Weights::Lyco(l) => l.out_features(),
+        }
     }
-    /// `alpha / rank`.
+    /// The factor on the update: `alpha / rank` (LyCORIS: its own rule).
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank() as f64
+        match &self.weights {
+            Weights::Pair { .. } => self.alpha / self.rank() as f64,
+            Weights::Lyco(l) => l.scale(),
+        }
     }
     /// The geometry (Linear or Conv2d).
     pub fn geometry(&self) -> Geometry {
@@ -298,27 +404,31 @@ impl LoraAdapter {
     /// choice. The branch is multiplied by the 0/1 draw on the device instead
     /// of skipped on the host, so no host sync is needed.
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+        let (down, up) = match &self.weights {
+            Weights::Pair { down, up } => (down, up),
+            Weights::Lyco(l) => return Some(self.lyco_delta(l, x, train)),
+        };
         let d = self.dropouts;
         let keep = (train && d.module_dropout > 0.0).then(|| {
             Tensor::rand([], (Kind::Float, x.device()))
                 .ge(d.module_dropout)
-                .to_kind(self.down.kind())
+                .to_kind(down.kind())
         });
         let in_kind = x.kind();
-        let xk = if in_kind == self.down.kind() {
+        let xk = if in_kind == down.kind() {
             x.shallow_clone()
         } else {
-            x.to_kind(self.down.kind())
+            x.to_kind(down.kind())
         };
         let mut scale = self.scale() * self.multiplier;
         let mut h = match self.geometry {
-            Geometry::Linear => xk.linear::<&Tensor>(&self.down, None),
+            Geometry::Linear => xk.linear::<&Tensor>(down, None),
             Geometry::Conv2d {
                 stride,
                 padding,
                 dilation,
                 ..
-            } => xk.conv2d::<&Tensor>(&self.down, None, stride, padding, dilation, 1),
+            } => xk.conv2d::<&Tensor>(down, None, stride, padding, dilation, 1),
         };
         if train && d.dropout > 0.0 {
             h = h.dropout(d.dropout, true);
@@ -342,10 +452,8 @@ impl LoraAdapter {
             scale /= 1.0 - d.rank_dropout;
         }
         let out = match self.geometry {
-            Geometry::Linear => h.linear::<&Tensor>(&self.up, None),
-            Geometry::Conv2d { .. } => {
-                h.conv2d::<&Tensor>(&self.up, None, [1, 1], [0, 0], [1, 1], 1)
-            }
+            Geometry::Linear => h.linear::<&Tensor>(up, None),
+            Geometry::Conv2d { .. } => h.conv2d::<&Tensor>(up, None, [1, 1], [0, 0], [1, 1], 1),
         };
         // alpha = rank at strength 1 (a common setup) needs no scaling op.
         let out = if scale == 1.0 { out } else { out * scale };
@@ -360,6 +468,22 @@ impl LoraAdapter {
         })
     }
 
+    /// A LyCORIS branch: the layer's op with `multiplier · ΔW`, skipped
+    /// with `module_dropout` (drawn on the device, as for LoRA); LyCORIS'
+    /// other dropouts are not offered.
+    fn lyco_delta(&self, l: &LycoAdapter, x: &Tensor, train: bool) -> Tensor {
+        let out = l.delta(x, self.multiplier);
+        let p = self.dropouts.module_dropout;
+        if train && p > 0.0 {
+            let keep = Tensor::rand([], (Kind::Float, x.device()))
+                .ge(p)
+                .to_kind(out.kind());
+            out * keep
+        } else {
+            out
+        }
+    }
+
     /// `base_out + delta(x)`: the adapted layer's output given the base layer's output.
     pub fn forward(&self, x: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
         match self.delta(x, train) {
@@ -371,8 +495,12 @@ impl LoraAdapter {
     /// `ΔW = scale · up @ down` in fp32, shaped like the base weight
     /// (`[out, in]` or `[out, in, kh, kw]`), without the multiplier.
     pub fn delta_weight(&self) -> Tensor {
-        let up = self.up.flatten(1, -1).to_kind(Kind::Float);
-        let down = self.down.flatten(1, -1).to_kind(Kind::Float);
+        let (down, up) = match &self.weights {
+            Weights::Pair { down, up } => (down, up),
+            Weights::Lyco(l) => return l.delta_weight(),
+        };
+        let up = up.flatten(1, -1).to_kind(Kind::Float);
+        let down = down.flatten(1, -1).to_kind(Kind::Float);
         let w = up.matmul(&down) * self.scale();
         match self.geometry {
             Geometry::Linear => w,
@@ -420,153 +548,5 @@ impl LoraAdapter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).abs().max().double_value(&[])
-    }
-
-    #[test]
-    fn zero_up_leaves_base_unchanged() {
-        let _rng = crate::test_rng_lock();
-        tch::manual_seed(1);
-        let a = LoraAdapter::new(
-            8,
-            6,
-            4,
-            Some(2.0),
-            Geometry::Linear,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .unwrap();
-        let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
-        let base = Tensor::randn([3, 5, 6], (Kind::Float, Device::Cpu));
-        let y = a.forward(&x, &base, true);
-        assert_eq!(max_abs(&y, &base), 0.0);
-        // down is kaiming-uniform: bounded by 1/sqrt(in) and not all zero.
-        let bound = 1.0 / 8f64.sqrt();
-        assert!(a.down().abs().max().double_value(&[]) <= bound);
-        assert!(a.down().abs().sum(Kind::Float).double_value(&[]) > 0.0);
-    }
-
-    #[test]
-    fn alpha_defaults_to_rank() {
-        let _rng = crate::test_rng_lock();
-        let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
-        let u = Tensor::ones([5, 4], (Kind::Float, Device::Cpu));
-        let a = LoraAdapter::from_weights(d.copy(), u.copy(), None).unwrap();
-        assert_eq!(a.alpha(), 4.0);
-        assert_eq!(a.scale(), 1.0);
-        let a = LoraAdapter::from_weights(d, u, Some(0.0)).unwrap();
-        assert_eq!(a.alpha(), 4.0);
-    }
-
-    #[test]
-    fn rank_mismatch_is_an_error() {
-        let _rng = crate::test_rng_lock();
-        let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
-        let u = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
-        let e = LoraAdapter::from_weights(d, u, None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("rank mismatch"), "{e}");
-    }
-
-    #[test]
-    fn module_dropout_skips_some_calls_deterministically() {
-        let _rng = crate::test_rng_lock();
-        tch::manual_seed(0);
-        let mut a =
-            LoraAdapter::new(4, 4, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
-        a.set_weights(
-            a.down().copy(),
-            Tensor::ones([4, 2], (Kind::Float, Device::Cpu)),
-        )
-        .unwrap();
-        a.set_dropouts(Dropouts {
-            module_dropout: 0.5,
-            ..Default::default()
-        })
-        .unwrap();
-        let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
-        let is_dropped = |a: &LoraAdapter| {
-            a.delta(&x, true)
-                .unwrap()
-                .abs()
-                .sum(Kind::Float)
-                .double_value(&[])
-                == 0.0
-        };
-        let dropped = |a: &LoraAdapter| -> Vec<bool> { (0..64).map(|_| is_dropped(a)).collect() };
-        tch::manual_seed(7);
-        let pattern = dropped(&a);
-        let skipped = pattern.iter().filter(|s| **s).count();
-        assert!((16..48).contains(&skipped), "skipped {skipped} of 64");
-        // the draw follows torch's generator: the same seed, the same choices
-        tch::manual_seed(7);
-        assert_eq!(pattern, dropped(&a));
-        // two adapters drawing in turn from one generator choose independently
-        let b = LoraAdapter::from_weights(a.down().copy(), a.up().copy(), None).unwrap();
-        let mut b = b;
-        b.set_dropouts(a.dropouts()).unwrap();
-        tch::manual_seed(9);
-        let (mut same, mut n) = (0, 0);
-        for _ in 0..64 {
-            let (da, db) = (is_dropped(&a), is_dropped(&b));
-            same += usize::from(da == db);
-            n += 1;
-        }
-        assert!(same < n, "two modules always dropped together");
-        // never in eval
-        let full = a
-            .delta(&x, false)
-            .unwrap()
-            .abs()
-            .sum(Kind::Float)
-            .double_value(&[]);
-        assert!(full > 0.0);
-        assert!((0..64).all(|_| a
-            .delta(&x, false)
-            .unwrap()
-            .abs()
-            .sum(Kind::Float)
-            .double_value(&[])
-            == full));
-    }
-
-    #[test]
-    fn rank_dropout_keeps_expectation() {
-        let _rng = crate::test_rng_lock();
-        tch::manual_seed(3);
-        let mut a =
-            LoraAdapter::new(16, 8, 64, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
-        a.set_weights(
-            a.down().copy(),
-            Tensor::randn([8, 64], (Kind::Float, Device::Cpu)),
-        )
-        .unwrap();
-        let x = Tensor::randn([1, 16], (Kind::Float, Device::Cpu));
-        let exact = a.delta(&x, false).unwrap();
-        a.set_dropouts(Dropouts {
-            rank_dropout: 0.25,
-            ..Default::default()
-        })
-        .unwrap();
-        let n = 400;
-        let mut acc = exact.zeros_like();
-        for _ in 0..n {
-            acc += a.delta(&x.repeat([1, 1]), true).unwrap();
-        }
-        let mean = acc / n as f64;
-        let rel = max_abs(&mean, &exact) / exact.abs().max().double_value(&[]);
-        assert!(rel < 0.2, "relative error {rel}");
-        assert!(Dropouts {
-            dropout: 1.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_err());
-    }
-}
+#[path = "adapter_tests.rs"]
+mod tests;

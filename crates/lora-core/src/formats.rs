@@ -15,6 +15,7 @@
 use crate::adapter::LoraAdapter;
 use crate::error::{LoraError, Result};
 use crate::io::{self, TensorFile};
+use crate::lycoris::LycoAdapter;
 use crate::naming::{attn_processor_to_module, Component, ModuleKey};
 use crate::set::LoraSet;
 use std::collections::BTreeMap;
@@ -32,6 +33,8 @@ pub enum LoraFormat {
     Peft,
     /// Old diffusers attention-processor LoRA (`to_q_lora.down.weight`).
     DiffusersLegacy,
+    /// LyCORIS LoHa / LoKr (`hada_w1_a`, `lokr_w1`, … under kohya module names).
+    Lycoris,
     /// Keys of more than one of the above.
     Mixed,
 }
@@ -43,6 +46,7 @@ impl std::fmt::Display for LoraFormat {
             LoraFormat::AiToolkit => "AI Toolkit (kohya tensors, diffusers module names)",
             LoraFormat::Peft => "diffusers/PEFT (lora_A/lora_B)",
             LoraFormat::DiffusersLegacy => "diffusers attention-processor (old)",
+            LoraFormat::Lycoris => "LyCORIS (LoHa / LoKr, kohya names)",
             LoraFormat::Mixed => "mixed",
         })
     }
@@ -76,7 +80,23 @@ enum Part {
     Down,
     Up,
     Alpha,
+    /// A LyCORIS LoHa / LoKr tensor (its key suffix).
+    Lyco(&'static str),
 }
+
+/// The LyCORIS tensors lorakit reads (LoHa, LoKr without Tucker).
+const LYCO_SUFFIXES: [&str; 10] = [
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+];
 
 struct Parsed {
     key: ModuleKey,
@@ -94,22 +114,31 @@ fn split_part<'a>(name: &'a str, suffixes: &[(&str, Part)]) -> Option<(&'a str, 
 }
 
 fn parse_key(name: &str) -> Option<Parsed> {
-    // kohya / AI Toolkit
+    // kohya / AI Toolkit (and LyCORIS, which names modules as kohya does)
     if name.starts_with("lora_unet_") || name.starts_with("lora_te") {
-        let (module, part) = split_part(
-            name,
-            &[
-                (".lora_down.weight", Part::Down),
-                (".lora_up.weight", Part::Up),
-                (".alpha", Part::Alpha),
-            ],
-        )?;
+        let lyco = LYCO_SUFFIXES
+            .iter()
+            .find_map(|s| (name.strip_suffix(s)?.strip_suffix('.')).map(|m| (m, Part::Lyco(s))));
+        let (module, part) = match lyco {
+            Some(found) => found,
+            None => split_part(
+                name,
+                &[
+                    (".lora_down.weight", Part::Down),
+                    (".lora_up.weight", Part::Up),
+                    (".alpha", Part::Alpha),
+                ],
+            )?,
+        };
         let (key, diffusers_layout) = ModuleKey::from_kohya_name(module)?;
         // Text-encoder names are the same in kohya and AI Toolkit files; only
         // UNet names tell the two apart.
-        let format = if diffusers_layout {
+        // an alpha under LDM names says nothing more (LyCORIS and kohya share it)
+        let format = if matches!(part, Part::Lyco(_)) {
+            Some(LoraFormat::Lycoris)
+        } else if diffusers_layout {
             Some(LoraFormat::AiToolkit)
-        } else if key.component == Component::Unet {
+        } else if key.component == Component::Unet && part != Part::Alpha {
             Some(LoraFormat::Kohya)
         } else {
             None
@@ -257,6 +286,7 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
         down: Option<(String, Tensor)>,
         up: Option<(String, Tensor)>,
         alpha: Option<(String, Tensor)>,
+        lyco: BTreeMap<&'static str, (String, Tensor)>,
     }
     let mut groups: BTreeMap<ModuleKey, Parts> = BTreeMap::new();
     let n_tensors = tensors.len();
@@ -275,6 +305,10 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
             Part::Down => &mut g.down,
             Part::Up => &mut g.up,
             Part::Alpha => &mut g.alpha,
+            Part::Lyco(suffix) => {
+                g.lyco.insert(suffix, (name, t));
+                continue;
+            }
         };
         if slot.is_some() {
             return Err(LoraError::BadModule {
@@ -329,6 +363,20 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
             module: g.module.clone(),
             reason,
         };
+        let alpha = read_alpha(&g.alpha).map_err(bad)?;
+        if !g.lyco.is_empty() {
+            if g.down.is_some() || g.up.is_some() {
+                return Err(bad("mixes lora_down/lora_up with LyCORIS tensors".into()));
+            }
+            let get = |k: &str| g.lyco.get(k).map(|(_, t)| t.shallow_clone());
+            let lyco = LycoAdapter::from_tensors(&get, alpha)
+                .map_err(|e| bad(e.to_string()))?
+                .ok_or_else(|| {
+                    bad("has LyCORIS tensors but neither hada_w1_a nor lokr_w1 / lokr_w1_a".into())
+                })?;
+            set.insert(key, LoraAdapter::from_lyco(lyco));
+            continue;
+        }
         let (down, up) = match (g.down, g.up) {
             (Some(d), Some(u)) => (d, u),
             (Some(_), None) => {
@@ -343,18 +391,6 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
             }
             (None, None) => {
                 return Err(bad("has an alpha but no lora_down/lora_up weights".into()))
-            }
-        };
-        let alpha = match &g.alpha {
-            None => None,
-            Some((name, a)) => {
-                if a.numel() != 1 {
-                    return Err(bad(format!(
-                        "`{name}` must hold one number, it has shape {:?}",
-                        a.size()
-                    )));
-                }
-                Some(a.to_kind(Kind::Double).reshape([1]).double_value(&[0]))
             }
         };
         for (name, t) in [&down, &up] {
@@ -403,6 +439,20 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
         warnings,
         data_sha256,
     })
+}
+
+/// A module's alpha, when its file has one (one number).
+fn read_alpha(alpha: &Option<(String, Tensor)>) -> std::result::Result<Option<f64>, String> {
+    match alpha {
+        None => Ok(None),
+        Some((name, a)) if a.numel() != 1 => Err(format!(
+            "`{name}` must hold one number, it has shape {:?}",
+            a.size()
+        )),
+        Some((_, a)) => Ok(Some(
+            a.to_kind(Kind::Double).reshape([1]).double_value(&[0]),
+        )),
+    }
 }
 
 impl LoraSet {

@@ -206,15 +206,15 @@ impl LycoAdapter {
     }
 
     /// An adapter from a file's tensors (`get` by key suffix: `hada_w1_a`,
-    /// `lokr_w1`, …) and its alpha, for a base layer of `in_features` and
-    /// `geometry`. The scale is the loaders' (ComfyUI's, A1111's): alpha
-    /// over the rank of the decomposed factor (LoKr: `w2`'s, else `w1`'s),
-    /// 1 without a decomposed factor or an alpha. `Ok(None)`: no LoHa/LoKr key.
+    /// `lokr_w1`, …) and its alpha. The scale is the loaders' (ComfyUI's,
+    /// A1111's): alpha over the rank of the decomposed factor (LoKr: `w2`'s,
+    /// else `w1`'s), 1 without a decomposed factor or an alpha. A file gives
+    /// the update's matrix `[out, in·kh·kw]` but not the layer's kernel: the
+    /// adapter reads as a Linear of `in·kh·kw` inputs until
+    /// [`Self::set_geometry`] fits it to its layer. `Ok(None)`: no LoHa/LoKr key.
     pub fn from_tensors(
         get: &dyn Fn(&str) -> Option<Tensor>,
         alpha: Option<f64>,
-        in_features: i64,
-        geometry: Geometry,
     ) -> Result<Option<Self>> {
         let need = |k: &str| {
             get(k).ok_or_else(|| LoraError::Invalid(format!("has some LyCORIS keys but no `{k}`")))
@@ -240,28 +240,42 @@ impl LycoAdapter {
         } else {
             return Ok(None);
         };
-        let rank = match &factors {
-            Factors::LoHa(w) => Some(w[1].size()[0]),
-            Factors::LoKr { w1, w2 } => w2.rank().or(w1.rank()),
-        };
-        let scale = match (alpha, rank) {
-            (Some(a), Some(r)) if a != 0.0 => a / r as f64,
-            _ => 1.0,
-        };
         let mut a = Self {
             factors,
-            alpha: alpha.unwrap_or(rank.unwrap_or(1) as f64),
-            scale,
+            alpha: 0.0,
+            scale: 1.0,
             out_features: 0,
-            in_features,
-            geometry,
+            in_features: 0,
+            geometry: Geometry::Linear,
         };
-        let rows = a.matrix().size();
-        if rows[1] != in_features * kernel_size(geometry) {
+        for t in a.parameters() {
+            if t.dim() != 2 && t.dim() != 4 {
+                return Err(LoraError::Invalid(format!(
+                    "a LyCORIS factor has shape {:?}",
+                    t.size()
+                )));
+            }
+        }
+        let rank = a.rank();
+        if let (Some(al), Some(r)) = (alpha, rank) {
+            if al != 0.0 {
+                a.scale = al / r as f64;
+            }
+        }
+        a.alpha = alpha.unwrap_or(rank.unwrap_or(1) as f64);
+        let size = a.matrix().size();
+        (a.out_features, a.in_features) = (size[0], size[1]);
+        Ok(Some(a))
+    }
+
+    /// Fits the adapter to a layer of `in_features` inputs and `geometry`:
+    /// its update's matrix must be `[out, in_features·kh·kw]`.
+    pub fn set_geometry(&mut self, in_features: i64, geometry: Geometry) -> Result<()> {
+        let cols = self.in_features * kernel_size(self.geometry);
+        if cols != in_features * kernel_size(geometry) {
             return Err(LoraError::Invalid(format!(
-                "its factors give a {}×{} update, the layer takes {in_features} inputs{}",
-                rows[0],
-                rows[1],
+                "its factors give a {}×{cols} update, the layer takes {in_features} inputs{}",
+                self.out_features,
                 match geometry {
                     Geometry::Linear => String::new(),
                     Geometry::Conv2d { kernel, .. } =>
@@ -269,8 +283,43 @@ impl LycoAdapter {
                 }
             )));
         }
-        a.out_features = rows[0];
-        Ok(Some(a))
+        self.in_features = in_features;
+        self.geometry = geometry;
+        Ok(())
+    }
+
+    /// The rank of the decomposed factor (LoHa: its pairs; LoKr: `w2`'s,
+    /// else `w1`'s; `None` when both LoKr factors are full).
+    pub fn rank(&self) -> Option<i64> {
+        match &self.factors {
+            Factors::LoHa(w) => Some(w[1].size()[0]),
+            Factors::LoKr { w1, w2 } => w2.rank().or(w1.rank()),
+        }
+    }
+
+    /// The trainable tensors, in file order.
+    pub fn parameters(&self) -> Vec<&Tensor> {
+        self.named_tensors().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Replaces every tensor by `f` of it, in file order (moving them, or
+    /// setting trained values).
+    pub fn map_tensors(&mut self, f: &mut dyn FnMut(&Tensor) -> Tensor) {
+        let mut apply = |t: &mut Tensor| *t = f(t);
+        match &mut self.factors {
+            Factors::LoHa(w) => w.iter_mut().for_each(apply),
+            Factors::LoKr { w1, w2 } => {
+                for factor in [w1, w2] {
+                    match factor {
+                        KronFactor::Full(w) => apply(w),
+                        KronFactor::Low(a, b) => {
+                            apply(a);
+                            apply(b);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The factor product `[out, in·kh·kw]` in fp32, without the scale.

@@ -173,11 +173,17 @@ pub fn resize_adapter(
         )));
     }
     rule.validate()?;
+    let (Some(down), Some(up)) = (a.down(), a.up()) else {
+        let algo = a.lyco().map_or("LyCORIS", |l| l.algo());
+        return Err(LoraError::Invalid(format!(
+            "resizing works on LoRA / LoCon modules (lora_down / lora_up); this one is {algo}, which has no rank to cut by SVD"
+        )));
+    };
     let r = a.rank();
     let out = a.out_features();
-    let down_shape = a.down().size();
-    let up2 = a.up().detach().to_kind(Kind::Double).reshape([out, r]);
-    let down2 = a.down().detach().to_kind(Kind::Double).reshape([r, -1]);
+    let down_shape = down.size();
+    let up2 = up.detach().to_kind(Kind::Double).reshape([out, r]);
+    let down2 = down.detach().to_kind(Kind::Double).reshape([r, -1]);
     let inner = down2.size()[1];
     let fail = |what: &str, e: tch::TchError| LoraError::Invalid(format!("{what}: {e}"));
     let (qu, ru) = Tensor::f_linalg_qr(&up2, "reduced").map_err(|e| fail("QR of lora_up", e))?;
@@ -471,8 +477,12 @@ mod tests {
             Device::Cpu,
         )
         .unwrap();
-        let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu));
-        a.set_weights(a.down().shallow_clone(), up).unwrap();
+        let up = Tensor::randn(
+            a.up().unwrap().size().as_slice(),
+            (Kind::Float, Device::Cpu),
+        );
+        a.set_weights(a.down().unwrap().shallow_clone(), up)
+            .unwrap();
         a
     }
 
@@ -508,7 +518,7 @@ mod tests {
             assert_eq!(st.new_rank, a.rank());
             assert_eq!(b.geometry(), a.geometry());
             assert!((b.scale() - a.scale()).abs() < 1e-12);
-            assert_eq!(b.down().size()[1..], a.down().size()[1..]);
+            assert_eq!(b.down().unwrap().size()[1..], a.down().unwrap().size()[1..]);
             let d = max_abs(&(a.delta_weight() - b.delta_weight())) / max_abs(&a.delta_weight());
             assert!(d < 1e-5, "ΔW changed by {d:.2e}");
             assert!((st.fro_retained - 1.0).abs() < 1e-9);
@@ -691,7 +701,7 @@ mod tests {
         let conv = with_spectrum(16, 8 * 9, &[1.0, 0.25]).reshape([16, 8, 3, 3]);
         let (c, _) = adapter_from_delta(&conv, 4, strided, None).unwrap();
         assert_eq!(c.geometry(), strided);
-        assert_eq!(c.down().size(), vec![4, 8, 3, 3]);
+        assert_eq!(c.down().unwrap().size(), vec![4, 8, 3, 3]);
         let d = max_abs(&(c.delta_weight() - &conv)) / max_abs(&conv);
         assert!(d < 1e-4, "conv ΔW recovered to {d:.1e}");
     }
@@ -735,8 +745,15 @@ mod tests {
         let (a, _) = adapter_from_delta(&delta, 4, Geometry::Linear, None).unwrap();
         let (b, _) = adapter_from_delta(&delta, 4, Geometry::Linear, Some(0.9)).unwrap();
         let (c, _) = adapter_from_delta(&delta, 4, Geometry::Linear, Some(1.0)).unwrap();
-        let all =
-            |x: &LoraAdapter| Tensor::cat(&[x.up().flatten(0, -1), x.down().flatten(0, -1)], 0);
+        let all = |x: &LoraAdapter| {
+            Tensor::cat(
+                &[
+                    x.up().unwrap().flatten(0, -1),
+                    x.down().unwrap().flatten(0, -1),
+                ],
+                0,
+            )
+        };
         let hi = all(&a)
             .quantile_scalar(0.9, None, false, "linear")
             .double_value(&[]);

@@ -69,7 +69,7 @@ impl LoraSet {
             .filter(|k| k.component == component)
             .count()
     }
-    /// All trainable tensors (`down`, `up` of every module), in module order.
+    /// All trainable tensors of every module, in module order.
     pub fn parameters(&self) -> Vec<&Tensor> {
         self.modules.values().flat_map(|a| a.parameters()).collect()
     }
@@ -85,7 +85,8 @@ impl LoraSet {
     }
 
     /// The kohya state dict: `<name>.lora_down.weight`, `<name>.lora_up.weight`
-    /// and a 0-dim `<name>.alpha` per module, every tensor cast to `kind`, on CPU.
+    /// (or LyCORIS' `<name>.hada_w1_a`, `<name>.lokr_w1`, …) and a 0-dim
+    /// `<name>.alpha` per module, every tensor cast to `kind`, on CPU.
     pub fn kohya_tensors(&self, kind: Kind) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(self.modules.len() * 3);
         for (key, a) in &self.modules {
@@ -95,8 +96,9 @@ impl LoraSet {
                 format!("{name}.alpha"),
                 Tensor::scalar_tensor(a.alpha(), (kind, Device::Cpu)),
             ));
-            out.push((format!("{name}.lora_down.weight"), cast(a.down())));
-            out.push((format!("{name}.lora_up.weight"), cast(a.up())));
+            for (suffix, t) in a.named_tensors() {
+                out.push((format!("{name}.{suffix}"), cast(t)));
+            }
         }
         out
     }

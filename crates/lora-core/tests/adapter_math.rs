@@ -7,8 +7,8 @@ const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
 fn trained(mut a: LoraAdapter) -> LoraAdapter {
     // A non-zero up, as after training.
-    let up = Tensor::randn(a.up().size().as_slice(), CPU) * 0.1;
-    a.set_weights(a.down().copy(), up).unwrap();
+    let up = Tensor::randn(a.up().unwrap().size().as_slice(), CPU) * 0.1;
+    a.set_weights(a.down().unwrap().copy(), up).unwrap();
     a
 }
 
@@ -70,8 +70,8 @@ fn conv_case(kernel: i64, stride: i64, padding: i64) {
         .unwrap(),
     );
     a.set_multiplier(1.0);
-    assert_eq!(a.down().size(), vec![3, cin, kernel, kernel]);
-    assert_eq!(a.up().size(), vec![cout, 3, 1, 1]);
+    assert_eq!(a.down().unwrap().size(), vec![3, cin, kernel, kernel]);
+    assert_eq!(a.up().unwrap().size(), vec![cout, 3, 1, 1]);
     let x = Tensor::randn([2, cin, 9, 9], CPU);
     let conv =
         |w: &Tensor| x.conv2d::<&Tensor>(w, None, [stride, stride], [padding, padding], [1, 1], 1);

@@ -80,9 +80,10 @@ fn delta_weight_and_forward_match_lycoris() {
     for c in &cases {
         let get = |k: &str| t.get(&format!("{}.{k}", c.name)).map(Tensor::shallow_clone);
         let alpha = get("alpha").map(|a| a.double_value(&[]));
-        let a = LycoAdapter::from_tensors(&get, alpha, c.inp, geometry(c))
+        let mut a = LycoAdapter::from_tensors(&get, alpha)
             .unwrap()
             .unwrap_or_else(|| panic!("{}: not recognised", c.name));
+        a.set_geometry(c.inp, geometry(c)).unwrap();
         assert_eq!(a.algo(), c.algo, "{}", c.name);
         assert!(
             (a.scale() - c.scale).abs() < 1e-12,

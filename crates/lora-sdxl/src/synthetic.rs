@@ -70,8 +70,11 @@ pub fn random_lora(
             Kind::Float,
             Device::Cpu,
         )?;
-        let up = Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * up_std;
-        a.set_weights(a.down().shallow_clone(), up)?;
+        let up = Tensor::randn(
+            a.up().unwrap().size().as_slice(),
+            (Kind::Float, Device::Cpu),
+        ) * up_std;
+        a.set_weights(a.down().unwrap().shallow_clone(), up)?;
         set.insert(t.key, a);
     }
     Ok(set)

@@ -22,8 +22,11 @@ fn trainable(t: &lora_sdxl::Target, rank: i64, rank_dropout: f64) -> (LoraAdapte
         Device::Cpu,
     )
     .unwrap();
-    let down = a.down().set_requires_grad(true);
-    let up = (Tensor::randn(a.up().size().as_slice(), (Kind::Float, Device::Cpu)) * 0.01)
+    let down = a.down().unwrap().set_requires_grad(true);
+    let up = (Tensor::randn(
+        a.up().unwrap().size().as_slice(),
+        (Kind::Float, Device::Cpu),
+    ) * 0.01)
         .set_requires_grad(true);
     a.set_weights(down.shallow_clone(), up.shallow_clone())
         .unwrap();

@@ -45,40 +45,20 @@ pub fn attach(slots: &Slots, set: LoraSet, strength: f64, device: Device) -> Res
             ));
             continue;
         };
-        if adapter.in_features() != info.in_features || adapter.out_features() != info.out_features
-        {
+        if adapter.out_features() != info.out_features {
             problems.push(format!(
-                "`{}` is {}→{} in the LoRA but {}→{} in the model",
+                "`{}` has {} outputs in the LoRA but {} in the model",
                 key.kohya_name(),
-                adapter.in_features(),
                 adapter.out_features(),
-                info.in_features,
                 info.out_features
             ));
             continue;
         }
         // the adapter itself, moved: its dropouts and other settings stay
         let mut a = adapter.to_device_kind(device, Kind::Float);
-        if a.geometry() != info.geometry {
-            match info.geometry {
-                lora_core::Geometry::Conv2d {
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                } if a.geometry() == lora_core::Geometry::conv(kernel[0], kernel[1]) => {
-                    a.set_conv_params(stride, padding, dilation)?;
-                }
-                _ => {
-                    problems.push(format!(
-                        "`{}`: the LoRA's kind ({:?}) does not fit the layer ({:?})",
-                        key.kohya_name(),
-                        a.geometry(),
-                        info.geometry
-                    ));
-                    continue;
-                }
-            }
+        if let Err(e) = a.fit_layer(info.in_features, info.geometry) {
+            problems.push(format!("`{}`: {e}", key.kohya_name()));
+            continue;
         }
         a.set_multiplier(strength);
         *counts.entry(key.component).or_default() += 1;

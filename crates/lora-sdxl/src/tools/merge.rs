@@ -80,12 +80,14 @@ impl View for &Entry<'_> {
             .expect("key from this checkpoint");
         for p in &self.parts {
             let d = p.adapter.delta_weight().to_kind(Kind::Float) * p.strength;
+            // a LyCORIS update read from a file is its matrix: view it as the weight
             match p.fused {
                 Some(i) => {
                     let n = d.size()[0];
-                    let _ = w.narrow(0, i as i64 * n, n).g_add_(&d);
+                    let mut part = w.narrow(0, i as i64 * n, n);
+                    let _ = part.g_add_(&d.view_as(&part));
                 }
-                None => w += d,
+                None => w += d.view_as(&w),
             }
         }
         let (_, _, bytes) = lora_core::io::tensor_bytes(&w.to_kind(self.info.kind))
@@ -149,7 +151,11 @@ pub fn merge_into_checkpoint(
             if loc.fused_part.is_some() {
                 want[0] *= 3;
             }
-            if shape != want.as_slice() {
+            // a LyCORIS update read from a file knows its matrix, not its kernel
+            let same_matrix = adapter.lyco().is_some()
+                && shape.first() == want.first()
+                && shape.iter().product::<i64>() == want.iter().product::<i64>();
+            if shape != want.as_slice() && !same_matrix {
                 return Err(err(format!(
                     "LoRA module {name} changes a {want:?} weight but `{}` is {shape:?}: is the LoRA for another model?",
                     loc.key

@@ -69,8 +69,8 @@ impl Network {
                 Kind::Float,
                 device,
             )?;
-            let down = a.down().set_requires_grad(true);
-            let up = a.up().set_requires_grad(true);
+            let down = a.down().unwrap().set_requires_grad(true);
+            let up = a.up().unwrap().set_requires_grad(true);
             a.set_weights(down.shallow_clone(), up.shallow_clone())?;
             a.set_dropouts(Dropouts {
                 dropout: n.dropout,

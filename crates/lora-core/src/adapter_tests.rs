@@ -1,0 +1,150 @@
+//! Unit tests of [`super`] (kept apart: the adapter file holds the maths).
+use super::*;
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn zero_up_leaves_base_unchanged() {
+    let _rng = crate::test_rng_lock();
+    tch::manual_seed(1);
+    let a = LoraAdapter::new(
+        8,
+        6,
+        4,
+        Some(2.0),
+        Geometry::Linear,
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
+    let base = Tensor::randn([3, 5, 6], (Kind::Float, Device::Cpu));
+    let y = a.forward(&x, &base, true);
+    assert_eq!(max_abs(&y, &base), 0.0);
+    // down is kaiming-uniform: bounded by 1/sqrt(in) and not all zero.
+    let bound = 1.0 / 8f64.sqrt();
+    assert!(a.down().unwrap().abs().max().double_value(&[]) <= bound);
+    assert!(a.down().unwrap().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn alpha_defaults_to_rank() {
+    let _rng = crate::test_rng_lock();
+    let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+    let u = Tensor::ones([5, 4], (Kind::Float, Device::Cpu));
+    let a = LoraAdapter::from_weights(d.copy(), u.copy(), None).unwrap();
+    assert_eq!(a.alpha(), 4.0);
+    assert_eq!(a.scale(), 1.0);
+    let a = LoraAdapter::from_weights(d, u, Some(0.0)).unwrap();
+    assert_eq!(a.alpha(), 4.0);
+}
+
+#[test]
+fn rank_mismatch_is_an_error() {
+    let _rng = crate::test_rng_lock();
+    let d = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+    let u = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
+    let e = LoraAdapter::from_weights(d, u, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank mismatch"), "{e}");
+}
+
+#[test]
+fn module_dropout_skips_some_calls_deterministically() {
+    let _rng = crate::test_rng_lock();
+    tch::manual_seed(0);
+    let mut a =
+        LoraAdapter::new(4, 4, 2, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
+    a.set_weights(
+        a.down().unwrap().copy(),
+        Tensor::ones([4, 2], (Kind::Float, Device::Cpu)),
+    )
+    .unwrap();
+    a.set_dropouts(Dropouts {
+        module_dropout: 0.5,
+        ..Default::default()
+    })
+    .unwrap();
+    let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
+    let is_dropped = |a: &LoraAdapter| {
+        a.delta(&x, true)
+            .unwrap()
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[])
+            == 0.0
+    };
+    let dropped = |a: &LoraAdapter| -> Vec<bool> { (0..64).map(|_| is_dropped(a)).collect() };
+    tch::manual_seed(7);
+    let pattern = dropped(&a);
+    let skipped = pattern.iter().filter(|s| **s).count();
+    assert!((16..48).contains(&skipped), "skipped {skipped} of 64");
+    // the draw follows torch's generator: the same seed, the same choices
+    tch::manual_seed(7);
+    assert_eq!(pattern, dropped(&a));
+    // two adapters drawing in turn from one generator choose independently
+    let b =
+        LoraAdapter::from_weights(a.down().unwrap().copy(), a.up().unwrap().copy(), None).unwrap();
+    let mut b = b;
+    b.set_dropouts(a.dropouts()).unwrap();
+    tch::manual_seed(9);
+    let (mut same, mut n) = (0, 0);
+    for _ in 0..64 {
+        let (da, db) = (is_dropped(&a), is_dropped(&b));
+        same += usize::from(da == db);
+        n += 1;
+    }
+    assert!(same < n, "two modules always dropped together");
+    // never in eval
+    let full = a
+        .delta(&x, false)
+        .unwrap()
+        .abs()
+        .sum(Kind::Float)
+        .double_value(&[]);
+    assert!(full > 0.0);
+    assert!((0..64).all(|_| a
+        .delta(&x, false)
+        .unwrap()
+        .abs()
+        .sum(Kind::Float)
+        .double_value(&[])
+        == full));
+}
+
+#[test]
+fn rank_dropout_keeps_expectation() {
+    let _rng = crate::test_rng_lock();
+    tch::manual_seed(3);
+    let mut a =
+        LoraAdapter::new(16, 8, 64, None, Geometry::Linear, Kind::Float, Device::Cpu).unwrap();
+    a.set_weights(
+        a.down().unwrap().copy(),
+        Tensor::randn([8, 64], (Kind::Float, Device::Cpu)),
+    )
+    .unwrap();
+    let x = Tensor::randn([1, 16], (Kind::Float, Device::Cpu));
+    let exact = a.delta(&x, false).unwrap();
+    a.set_dropouts(Dropouts {
+        rank_dropout: 0.25,
+        ..Default::default()
+    })
+    .unwrap();
+    let n = 400;
+    let mut acc = exact.zeros_like();
+    for _ in 0..n {
+        acc += a.delta(&x.repeat([1, 1]), true).unwrap();
+    }
+    let mean = acc / n as f64;
+    let rel = max_abs(&mean, &exact) / exact.abs().max().double_value(&[]);
+    assert!(rel < 0.2, "relative error {rel}");
+    assert!(Dropouts {
+        dropout: 1.0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+}
