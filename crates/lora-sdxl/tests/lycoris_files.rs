@@ -37,7 +37,7 @@ fn lycoris_set() -> LoraSet {
             LycoAdapter::new_lokr(inp, out, rank, Some(2.0), (4, both), g, opts)
         }
         .unwrap();
-        l.map_tensors(&mut |t| Tensor::randn(t.size().as_slice(), opts) * 0.05);
+        l.map_tensors(&mut |t| Tensor::randn(t.size().as_slice(), opts) * 0.3);
         set.insert(key.clone(), LoraAdapter::from_lyco(l));
     }
     set
