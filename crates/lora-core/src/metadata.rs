@@ -35,6 +35,9 @@ pub struct TrainingMetadata {
     pub rank_dropout: Option<f64>,
     /// module_dropout network arg.
     pub module_dropout: Option<f64>,
+    /// `ss_network_module` (`None`: kohya's `networks.lora`; LyCORIS files:
+    /// `lycoris.kohya`).
+    pub network_module: Option<String>,
     /// Further `ss_network_args` entries as kohya writes them (block-wise
     /// `block_dims`, `down_lr_weight`, …), each value a string.
     pub network_args: Vec<(String, String)>,
@@ -152,7 +155,12 @@ impl TrainingMetadata {
         let mut put = |k: &str, v: String| {
             m.insert(k.to_string(), v);
         };
-        put("ss_network_module", "networks.lora".into());
+        put(
+            "ss_network_module",
+            self.network_module
+                .clone()
+                .unwrap_or_else(|| "networks.lora".into()),
+        );
         put("ss_network_dim", self.network_dim.to_string());
         put("ss_network_alpha", py_float(self.network_alpha));
         put("ss_network_dropout", py_opt_float(self.network_dropout));

@@ -62,7 +62,9 @@ pub(crate) fn training_metadata(
         network_dropout: (n.dropout > 0.0).then_some(n.dropout),
         rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
         module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
-        network_args: crate::train::blocks::BlockPlan::network_args(n, &job.train),
+        network_module: matches!(n.r#type.as_str(), "loha" | "lokr")
+            .then(|| "lycoris.kohya".to_string()),
+        network_args: network_args(n, &job.train),
         steps: step,
         // kohya: the 0-based epoch in progress for step saves, the number of
         // epochs run for the final save
@@ -178,6 +180,28 @@ pub(crate) fn training_metadata(
             ),
         ]),
     }
+}
+
+/// `ss_network_args` beyond conv and dropouts: LyCORIS' `algo` (and LoKr's
+/// `factor`, `decompose_both`, as LyCORIS' kohya wrapper takes them, all
+/// strings) and the block-wise settings.
+fn network_args(
+    n: &crate::train::job::NetworkSection,
+    t: &crate::train::job::TrainSection,
+) -> Vec<(String, String)> {
+    let mut args = Vec::new();
+    if matches!(n.r#type.as_str(), "loha" | "lokr") {
+        args.push(("algo".to_string(), n.r#type.clone()));
+    }
+    if n.r#type == "lokr" {
+        args.push(("factor".to_string(), n.factor.to_string()));
+        if n.decompose_both {
+            // LyCORIS passes this one raw: any non-empty string turns it on
+            args.push(("decompose_both".to_string(), "True".to_string()));
+        }
+    }
+    args.extend(crate::train::blocks::BlockPlan::network_args(n, t));
+    args
 }
 
 /// `ss_optimizer`: the optimizer actually used and its arguments, kohya style

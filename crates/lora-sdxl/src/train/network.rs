@@ -1,23 +1,63 @@
-//! The LoRA under training: one fp32 `down`/`up` pair of leaves per target
-//! module (kohya's LoRA / LoCon targets), attached to the model's slots.
+//! The LoRA under training: fp32 leaves per target module (kohya's LoRA /
+//! LoCon targets) — a `down`/`up` pair (`network.type = "lora"`), or
+//! LyCORIS' LoHa / LoKr factors — attached to the model's slots.
 
 use super::blocks::{block_index, BlockPlan};
-use super::job::JobConfig;
+use super::job::{JobConfig, NetworkSection};
 use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
-use crate::model::targets::{lora_targets, TargetScope};
-use lora_core::{Component, Dropouts, LoraAdapter, LoraSet, ModuleKey};
+use crate::model::targets::{lora_targets, Target, TargetScope};
+use lora_core::lycoris::LycoAdapter;
+use lora_core::{Component, Dropouts, Geometry, LoraAdapter, LoraSet, ModuleKey};
 use tch::{Device, Kind, Tensor};
 
 /// One trained module's parameters.
 pub(crate) struct Leaf {
     pub key: ModuleKey,
-    pub down: Tensor,
-    pub up: Tensor,
+    /// The tensors under their file key suffixes (`lora_down.weight`,
+    /// `lora_up.weight`, or `hada_w1_a`, `lokr_w1`, …), in file order.
+    pub params: Vec<(&'static str, Tensor)>,
     pub alpha: f64,
+    /// The layer (to rebuild a LyCORIS adapter from its tensors).
+    in_features: i64,
+    geometry: Geometry,
 }
 
 impl Leaf {
+    /// The name of tensor `suffix` in `state.safetensors` (`down` / `up`
+    /// for a LoRA pair, as states have always named them).
+    pub fn state_name(&self, suffix: &str) -> String {
+        let short = match suffix {
+            "lora_down.weight" => "down",
+            "lora_up.weight" => "up",
+            other => other,
+        };
+        format!("{}.{short}", self.key.kohya_name())
+    }
+
+    /// A detached adapter of this module with `tensors` (its own, or the
+    /// EMA's) in [`Self::params`] order.
+    fn adapter(&self, tensors: Vec<Tensor>) -> Result<LoraAdapter> {
+        if self.params.first().map(|(n, _)| *n) == Some("lora_down.weight") {
+            let mut it = tensors.into_iter();
+            let (down, up) = (it.next().unwrap_or_default(), it.next().unwrap_or_default());
+            return Ok(LoraAdapter::from_weights(down, up, Some(self.alpha))?);
+        }
+        let by_name: Vec<(&str, Tensor)> =
+            self.params.iter().map(|(n, _)| *n).zip(tensors).collect();
+        let get = |k: &str| {
+            by_name
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, t)| t.shallow_clone())
+        };
+        let mut l = LycoAdapter::from_tensors(&get, Some(self.alpha))?.ok_or_else(|| {
+            lora_core::LoraError::Invalid("a LyCORIS leaf without its tensors".into())
+        })?;
+        l.set_geometry(self.in_features, self.geometry)?;
+        Ok(LoraAdapter::from_lyco(l))
+    }
+
     /// Its kohya block index (UNet leaves; 0 outside the blocks).
     pub fn block(&self) -> usize {
         block_index(&self.key.path).unwrap_or(0)
@@ -60,28 +100,23 @@ impl Network {
             if rank == 0 {
                 continue; // a block without LoRA (block_dims or a zero rate weight)
             }
-            let mut a = LoraAdapter::new(
-                t.in_features,
-                t.out_features,
-                rank,
-                Some(alpha),
-                t.geometry,
-                Kind::Float,
-                device,
-            )?;
-            let down = a.down().unwrap().set_requires_grad(true);
-            let up = a.up().unwrap().set_requires_grad(true);
-            a.set_weights(down.shallow_clone(), up.shallow_clone())?;
+            let mut a = new_adapter(n, &t, rank, alpha, device)?;
+            let params: Vec<Tensor> = (a.parameters().iter())
+                .map(|p| p.set_requires_grad(true))
+                .collect();
+            a.set_parameters(params.iter().map(Tensor::shallow_clone).collect())?;
             a.set_dropouts(Dropouts {
                 dropout: n.dropout,
                 rank_dropout: n.rank_dropout,
                 module_dropout: n.module_dropout,
             })?;
+            let names = a.named_tensors().into_iter().map(|(n, _)| n);
             leaves.push(Leaf {
                 key: t.key.clone(),
-                down,
-                up,
-                alpha,
+                params: names.zip(params).collect(),
+                alpha: a.alpha(),
+                in_features: t.in_features,
+                geometry: t.geometry,
             });
             set.insert(t.key, a);
         }
@@ -90,18 +125,17 @@ impl Network {
     }
 
     /// The parameters of the leaves `pick` selects, as one optimizer group
-    /// (`[down, up]` per leaf) or, with `split` (LoRA+ gives the up
+    /// (every tensor of each leaf) or, with `split` (LoRA+ gives the up
     /// matrices a higher rate), two: the down matrices, then the up ones.
     pub fn group_params(&self, pick: impl Fn(&Leaf) -> bool, split: bool) -> Vec<Vec<Tensor>> {
         let mine = || self.leaves.iter().filter(|l| pick(l));
+        let nth =
+            |i: usize| mine().flat_map(move |l| l.params.get(i).map(|(_, t)| t.shallow_clone()));
         if split {
-            vec![
-                mine().map(|l| l.down.shallow_clone()).collect(),
-                mine().map(|l| l.up.shallow_clone()).collect(),
-            ]
+            vec![nth(0).collect(), nth(1).collect()]
         } else {
             vec![mine()
-                .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
+                .flat_map(|l| l.params.iter().map(|(_, t)| t.shallow_clone()))
                 .collect()]
         }
     }
@@ -115,12 +149,12 @@ impl Network {
         set.into_iter().collect()
     }
 
-    /// Every leaf's `[down, up]` in leaf order (the UNet's leaves first, as
-    /// [`lora_targets`] lists them), which is also the order of `params(false)`
-    /// followed by `params(true)`.
+    /// Every leaf's tensors in leaf order (the UNet's leaves first, as
+    /// [`lora_targets`] lists them), which is also the order of the UNet's
+    /// group followed by the text encoders'.
     pub fn all_params(&self) -> Vec<Tensor> {
         (self.leaves.iter())
-            .flat_map(|l| [l.down.shallow_clone(), l.up.shallow_clone()])
+            .flat_map(|l| l.params.iter().map(|(_, t)| t.shallow_clone()))
             .collect()
     }
 
@@ -128,16 +162,49 @@ impl Network {
     /// `weights` given in [`Self::all_params`] order (the EMA).
     pub fn to_set(&self, weights: Option<&[Tensor]>) -> Result<LoraSet> {
         let mut set = LoraSet::new();
-        for (i, l) in self.leaves.iter().enumerate() {
-            let (down, up) = match weights {
-                Some(w) => (w[2 * i].detach(), w[2 * i + 1].detach()),
-                None => (l.down.detach(), l.up.detach()),
+        let mut at = 0;
+        for l in &self.leaves {
+            let n = l.params.len();
+            let tensors: Vec<Tensor> = match weights {
+                Some(w) => w[at..at + n].iter().map(Tensor::detach).collect(),
+                None => l.params.iter().map(|(_, t)| t.detach()).collect(),
             };
-            set.insert(
-                l.key.clone(),
-                LoraAdapter::from_weights(down, up, Some(l.alpha))?,
-            );
+            at += n;
+            set.insert(l.key.clone(), l.adapter(tensors)?);
         }
         Ok(set)
     }
+}
+
+/// A fresh adapter of `network.type` for target `t`: a kohya pair, or
+/// LyCORIS' LoHa / LoKr (`network.factor`, `network.decompose_both`).
+fn new_adapter(
+    n: &NetworkSection,
+    t: &Target,
+    rank: i64,
+    alpha: f64,
+    device: Device,
+) -> Result<LoraAdapter> {
+    let opts = (Kind::Float, device);
+    let (i, o) = (t.in_features, t.out_features);
+    Ok(match n.r#type.as_str() {
+        "loha" => LoraAdapter::from_lyco(LycoAdapter::new_loha(
+            i,
+            o,
+            rank,
+            Some(alpha),
+            t.geometry,
+            opts,
+        )?),
+        "lokr" => LoraAdapter::from_lyco(LycoAdapter::new_lokr(
+            i,
+            o,
+            rank,
+            Some(alpha),
+            (n.factor, n.decompose_both),
+            t.geometry,
+            opts,
+        )?),
+        _ => LoraAdapter::new(i, o, rank, Some(alpha), t.geometry, Kind::Float, device)?,
+    })
 }

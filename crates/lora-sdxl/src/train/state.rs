@@ -48,6 +48,12 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
     if job.train.loraplus_lr_ratio.is_some() {
         s.push_str(" loraplus"); // its optimizer groups differ
     }
+    if n.r#type != "lora" {
+        s.push_str(&format!(
+            " type={} factor={} both={}",
+            n.r#type, n.factor, n.decompose_both
+        ));
+    }
     // block-wise ranks change the modules, block rates the groups
     for (k, v) in crate::train::blocks::BlockPlan::network_args(n, &job.train) {
         s.push_str(&format!(" {k}={v}"));
@@ -66,12 +72,9 @@ pub(crate) fn save_state(
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for l in &network.leaves {
-        let name = l.key.kohya_name();
-        tensors.push((
-            format!("{name}.down"),
-            l.down.detach().to_device(Device::Cpu),
-        ));
-        tensors.push((format!("{name}.up"), l.up.detach().to_device(Device::Cpu)));
+        for (suffix, t) in &l.params {
+            tensors.push((l.state_name(suffix), t.detach().to_device(Device::Cpu)));
+        }
     }
     let mut md = BTreeMap::from([
         ("lorakit.job_hash".to_string(), hash.to_string()),
@@ -131,9 +134,9 @@ pub(crate) fn restore_state(
     };
     tch::no_grad(|| -> Result<()> {
         for l in &network.leaves {
-            let name = l.key.kohya_name();
-            l.down.shallow_clone().copy_(&get(format!("{name}.down"))?);
-            l.up.shallow_clone().copy_(&get(format!("{name}.up"))?);
+            for (suffix, t) in &l.params {
+                t.shallow_clone().copy_(&get(l.state_name(suffix))?);
+            }
         }
         Ok(())
     })?;

@@ -94,6 +94,12 @@ impl Default for ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkSection {
+    /// `lora` / `locon` (kohya), `loha` or `lokr` (LyCORIS).
+    pub r#type: String,
+    /// LoKr: LyCORIS' `factor` (-1: the most balanced split).
+    pub factor: i64,
+    /// LoKr: the small factor low-rank too (LyCORIS' `decompose_both`).
+    pub decompose_both: bool,
     /// Rank of Linear and 1x1 conv modules.
     pub linear: i64,
     /// Alpha of Linear and 1x1 conv modules.
@@ -122,6 +128,9 @@ pub struct NetworkSection {
 impl Default for NetworkSection {
     fn default() -> Self {
         Self {
+            r#type: "lora".into(),
+            factor: -1,
+            decompose_both: false,
             linear: 16,
             linear_alpha: 16.0,
             conv: 8,

@@ -104,9 +104,52 @@ impl JobConfig {
                 format!("{} does not exist", self.model.name_or_path.display()),
             );
         }
+        self.validate_network(file)?;
         self.validate_train(file)?;
         self.validate_datasets(file)?;
         self.validate_sample(file)
+    }
+
+    /// `network.type` and the settings that only some types use.
+    fn validate_network(&self, file: &Path) -> Result<(), JobError> {
+        let err = |field: &str, message: String| fail(file, field, message);
+        let n = &self.network;
+        let lyco = matches!(n.r#type.as_str(), "loha" | "lokr");
+        if n.r#type == "locon" && n.conv == 0 && n.conv_block_dims.is_none() {
+            return err("network.conv", "network.type = \"locon\" needs a conv rank: set conv (e.g. 8), or use type = \"lora\"".into());
+        }
+        if n.r#type != "lokr" && (n.factor != -1 || n.decompose_both) {
+            let field = if n.factor != -1 {
+                "network.factor"
+            } else {
+                "network.decompose_both"
+            };
+            return err(
+                field,
+                format!(
+                    "is a LoKr setting and has no effect with network.type = \"{}\"",
+                    n.r#type
+                ),
+            );
+        }
+        if n.factor == 0 {
+            return err(
+                "network.factor",
+                "must be -1 (the most balanced split) or at least 1".into(),
+            );
+        }
+        let unsupported = [
+            ("network.dropout", n.dropout > 0.0),
+            ("network.rank_dropout", n.rank_dropout > 0.0),
+            (
+                "train.loraplus_lr_ratio",
+                self.train.loraplus_lr_ratio.is_some(),
+            ),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, on)| lyco && *on) {
+            return err(field, format!("is not available with network.type = \"{}\" (LyCORIS offers module_dropout; LoRA+ needs lora_up matrices): remove it or use type = \"lora\"", n.r#type));
+        }
+        Ok(())
     }
 
     fn validate_train(&self, file: &Path) -> Result<(), JobError> {

@@ -1,0 +1,115 @@
+//! `network.type = "loha" | "lokr"` in real runs: the LoRA trains (its
+//! validation loss falls), the file holds LyCORIS' keys and metadata for the
+//! same modules a LoRA run trains, a resumed run equals a straight one, and
+//! settings LyCORIS types do not have are refused.
+
+mod common;
+use lora_sdxl::train::{train, TrainOptions};
+
+fn names(lora: &[(String, tch::Tensor)]) -> std::collections::BTreeSet<String> {
+    lora.iter()
+        .map(|(k, _)| k.split('.').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn loha_and_lokr_train_save_as_lycoris_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (model, data) = common::tiny_model_and_dataset(root, 4);
+    let job = |name: &str, kind: &str| {
+        let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
+        c.network.r#type = kind.into();
+        if kind == "lokr" {
+            c.network.factor = 4;
+        }
+        c.train.steps = 8;
+        c.save.save_every = 4;
+        c.validation.images = Some(2);
+        (c, path)
+    };
+    let (c, path) = job("lora", "lora");
+    let lora = train(&c, &path, &common::quiet()).unwrap();
+    let lora_modules = names(&common::sorted_tensors(lora.last_lora.as_ref().unwrap()));
+    for kind in ["loha", "lokr"] {
+        let (c, path) = job(kind, kind);
+        let r = train(&c, &path, &common::quiet()).unwrap();
+        let v: Vec<f64> = r.val_losses.iter().map(|(_, v)| *v).collect();
+        assert!(
+            v[v.len() - 1] < v[0] * 0.99,
+            "{kind}: validation loss did not fall: {v:?}"
+        );
+        let file = r.last_lora.clone().unwrap();
+        let loaded = lora_core::load_lora(&file, lora_core::UnknownKeys::Reject).unwrap();
+        assert_eq!(loaded.format, lora_core::LoraFormat::Lycoris, "{kind}");
+        assert_eq!(loaded.metadata["ss_network_module"], "lycoris.kohya");
+        let args: serde_json::Value =
+            serde_json::from_str(&loaded.metadata["ss_network_args"]).unwrap();
+        assert_eq!(args["algo"], kind);
+        let tensors = common::sorted_tensors(&file);
+        let prefix = if kind == "loha" {
+            ".hada_w1_a"
+        } else {
+            ".lokr_w1"
+        };
+        assert!(tensors.iter().any(|(k, _)| k.ends_with(prefix)), "{kind}");
+        assert!(
+            !tensors.iter().any(|(k, _)| k.contains("lora_down")),
+            "{kind}"
+        );
+        assert_eq!(
+            names(&tensors),
+            lora_modules,
+            "{kind}: the same modules as a LoRA run"
+        );
+        // something was learned: a factor that starts at zero moved
+        let zero_init = if kind == "loha" {
+            ".hada_w2_a"
+        } else {
+            ".lokr_w2_b"
+        };
+        assert!(tensors
+            .iter()
+            .any(|(k, t)| k.ends_with(zero_init) && t.abs().max().double_value(&[]) > 0.0));
+    }
+
+    // lokr: 4 steps, then --resume to 8, equals the straight run
+    let (mut c, path) = job("lokr_resumed", "lokr");
+    c.train.steps = 4;
+    train(&c, &path, &common::quiet()).unwrap();
+    c.train.steps = 8;
+    let resumed = TrainOptions {
+        resume: true,
+        ..common::quiet()
+    };
+    let r = train(&c, &path, &resumed).unwrap();
+    let a = common::sorted_tensors(r.last_lora.as_ref().unwrap());
+    let b = common::sorted_tensors(&root.join("out/lokr/lokr.safetensors"));
+    assert!(
+        a.iter()
+            .zip(&b)
+            .all(|((ka, x), (kb, y))| ka == kb && x.equal(y)),
+        "a resumed lokr run differs from the straight one"
+    );
+
+    // refused: what LyCORIS types do not have, LoKr settings elsewhere
+    let refuse = |edit: &dyn Fn(&mut lora_sdxl::JobConfig), field: &str| {
+        let (mut c, path) = job("bad", "loha");
+        edit(&mut c);
+        let e = c.validate(&path).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    };
+    refuse(&|c| c.network.dropout = 0.1, "network.dropout");
+    refuse(
+        &|c| c.train.loraplus_lr_ratio = Some(4.0),
+        "train.loraplus_lr_ratio",
+    );
+    refuse(&|c| c.network.factor = 8, "network.factor");
+    refuse(
+        &|c| {
+            c.network.r#type = "locon".into();
+            c.network.conv = 0;
+        },
+        "network.conv",
+    );
+}
