@@ -91,6 +91,8 @@ enum Weights {
 #[derive(Debug)]
 pub struct LoraAdapter {
     weights: Weights,
+    /// DoRA's learned magnitude (`dora_scale`), see [`crate::dora`].
+    dora: Option<Tensor>,
     alpha: f64,
     multiplier: f64,
     geometry: Geometry,
@@ -140,6 +142,7 @@ impl LoraAdapter {
             alpha: lyco.alpha(),
             geometry: lyco.geometry(),
             weights: Weights::Lyco(lyco),
+            dora: None,
             multiplier: 1.0,
             dropouts: Dropouts::default(),
         }
@@ -200,6 +203,7 @@ impl LoraAdapter {
         };
         Self {
             weights: Weights::Pair { down, up },
+            dora: None,
             alpha,
             multiplier: 1.0,
             geometry,
@@ -288,6 +292,8 @@ impl LoraAdapter {
             }
             Weights::Lyco(l) => l.map_tensors(&mut |t| move_to(t)),
         }
+        // the magnitude stays fp32 (LyCORIS keeps it so), on the device
+        self.dora = self.dora.as_ref().map(|d| move_to(d).to_kind(Kind::Float));
         self
     }
 
@@ -312,10 +318,12 @@ impl LoraAdapter {
     /// The tensors under their file key suffixes (`lora_down.weight`,
     /// `lora_up.weight`, or LyCORIS' `hada_w1_a`, `lokr_w1`, …), without `alpha`.
     pub fn named_tensors(&self) -> Vec<(&'static str, &Tensor)> {
-        match &self.weights {
+        let mut out = match &self.weights {
             Weights::Pair { down, up } => vec![("lora_down.weight", down), ("lora_up.weight", up)],
             Weights::Lyco(l) => l.named_tensors(),
-        }
+        };
+        out.extend(self.dora.as_ref().map(|d| ("dora_scale", d)));
+        out
     }
     /// Replaces both weights of a LoRA / LoCon pair (same shapes required).
     pub fn set_weights(&mut self, down: Tensor, up: Tensor) -> Result<()> {
@@ -337,6 +345,9 @@ impl LoraAdapter {
                 *up = it.next().expect("checked");
             }
             Weights::Lyco(l) => l.map_tensors(&mut |_| it.next().expect("checked")),
+        }
+        if let Some(d) = &mut self.dora {
+            *d = it.next().expect("checked");
         }
         Ok(())
     }
@@ -484,6 +495,55 @@ impl LoraAdapter {
         }
     }
 
+    /// The adapter branch for a layer whose weight is `base`: [`Self::delta`],
+    /// or with DoRA the layer's op with `multiplier · (W' − W)`, the
+    /// decomposed weight minus the base ([`crate::dora`]).
+    pub fn delta_with_base(&self, x: &Tensor, base: &Tensor, train: bool) -> Option<Tensor> {
+        let Some(magnitude) = &self.dora else {
+            return self.delta(x, train);
+        };
+        let w = base.to_kind(Kind::Float);
+        let d = (crate::dora::decomposed(&w, &self.delta_weight().view_as(&w), magnitude) - &w)
+            * self.multiplier;
+        let d = d.to_kind(x.kind());
+        let out = match self.geometry {
+            Geometry::Linear => x.linear::<&Tensor>(&d, None),
+            Geometry::Conv2d {
+                stride,
+                padding,
+                dilation,
+                ..
+            } => x.conv2d::<&Tensor>(&d, None, stride, padding, dilation, 1),
+        };
+        let p = self.dropouts.module_dropout;
+        Some(if train && p > 0.0 {
+            let keep = Tensor::rand([], (Kind::Float, x.device()))
+                .ge(p)
+                .to_kind(out.kind());
+            out * keep
+        } else {
+            out
+        })
+    }
+
+    /// Turns on DoRA for a layer whose weight is `base`: the magnitude
+    /// starts as the base weight's norm per input channel ([`crate::dora`]).
+    pub fn enable_dora(&mut self, base: &Tensor) -> Result<()> {
+        self.check_base(base)?;
+        self.dora = Some(crate::dora::input_norm(&base.to_kind(Kind::Float)).detach());
+        Ok(())
+    }
+
+    /// Sets DoRA's magnitude as a file holds it (`dora_scale`, either axis).
+    pub fn set_dora_scale(&mut self, magnitude: Tensor) {
+        self.dora = Some(magnitude.to_kind(Kind::Float));
+    }
+
+    /// DoRA's magnitude, when the adapter has one.
+    pub fn dora_scale(&self) -> Option<&Tensor> {
+        self.dora.as_ref()
+    }
+
     /// `base_out + delta(x)`: the adapted layer's output given the base layer's output.
     pub fn forward(&self, x: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
         match self.delta(x, train) {
@@ -534,11 +594,29 @@ impl LoraAdapter {
         Ok(())
     }
 
-    /// `W + strength · ΔW`, computed in fp32 and cast back to `W`'s dtype.
+    /// `W + strength · ΔW` (DoRA: `W + strength · (W' − W)`, as ComfyUI and
+    /// A1111 apply a strength), computed in fp32 and cast back to `W`'s dtype.
     pub fn merged_weight(&self, base: &Tensor, strength: f64) -> Result<Tensor> {
-        self.check_base(base)?;
+        if self.lyco().is_none() {
+            self.check_base(base)?;
+        }
+        let w = base.to_kind(Kind::Float);
         let dw = self.delta_weight().to_device(base.device());
-        Ok((base.to_kind(Kind::Float) + dw * strength).to_kind(base.kind()))
+        if dw.numel() != w.numel() {
+            return Err(LoraError::Invalid(format!(
+                "base weight has shape {:?} but this module's update has {:?}",
+                base.size(),
+                dw.size()
+            )));
+        }
+        let dw = dw.view_as(&w);
+        let merged = match &self.dora {
+            Some(m) => {
+                &w + (crate::dora::decomposed(&w, &dw, &m.to_device(w.device())) - &w) * strength
+            }
+            None => &w + dw * strength,
+        };
+        Ok(merged.to_kind(base.kind()))
     }
 
     /// `W − strength · ΔW` (undo [`Self::merged_weight`]; exact up to the base dtype's rounding).

@@ -82,6 +82,8 @@ enum Part {
     Alpha,
     /// A LyCORIS LoHa / LoKr tensor (its key suffix).
     Lyco(&'static str),
+    /// DoRA's magnitude (`dora_scale`).
+    Dora,
 }
 
 /// The LyCORIS tensors lorakit reads (LoHa, LoKr without Tucker).
@@ -127,6 +129,7 @@ fn parse_key(name: &str) -> Option<Parsed> {
                     (".lora_down.weight", Part::Down),
                     (".lora_up.weight", Part::Up),
                     (".alpha", Part::Alpha),
+                    (".dora_scale", Part::Dora),
                 ],
             )?,
         };
@@ -134,7 +137,7 @@ fn parse_key(name: &str) -> Option<Parsed> {
         // Text-encoder names are the same in kohya and AI Toolkit files; only
         // UNet names tell the two apart.
         // an alpha under LDM names says nothing more (LyCORIS and kohya share it)
-        let format = if matches!(part, Part::Lyco(_)) {
+        let format = if matches!(part, Part::Lyco(_) | Part::Dora) {
             Some(LoraFormat::Lycoris)
         } else if diffusers_layout {
             Some(LoraFormat::AiToolkit)
@@ -286,6 +289,7 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
         down: Option<(String, Tensor)>,
         up: Option<(String, Tensor)>,
         alpha: Option<(String, Tensor)>,
+        dora: Option<(String, Tensor)>,
         lyco: BTreeMap<&'static str, (String, Tensor)>,
     }
     let mut groups: BTreeMap<ModuleKey, Parts> = BTreeMap::new();
@@ -305,6 +309,7 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
             Part::Down => &mut g.down,
             Part::Up => &mut g.up,
             Part::Alpha => &mut g.alpha,
+            Part::Dora => &mut g.dora,
             Part::Lyco(suffix) => {
                 g.lyco.insert(suffix, (name, t));
                 continue;
@@ -374,7 +379,11 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
                 .ok_or_else(|| {
                     bad("has LyCORIS tensors but neither hada_w1_a nor lokr_w1 / lokr_w1_a".into())
                 })?;
-            set.insert(key, LoraAdapter::from_lyco(lyco));
+            let mut adapter = LoraAdapter::from_lyco(lyco);
+            if let Some((_, m)) = g.dora {
+                adapter.set_dora_scale(m);
+            }
+            set.insert(key, adapter);
             continue;
         }
         let (down, up) = match (g.down, g.up) {
@@ -419,9 +428,16 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
                 warnings.push(msg);
             }
         }
-        let adapter =
+        let mut adapter =
             LoraAdapter::from_weights(down.1, up.1, alpha).map_err(|e| bad(e.to_string()))?;
+        if let Some((_, m)) = g.dora {
+            adapter.set_dora_scale(m);
+        }
         set.insert(key, adapter);
+    }
+    // LyCORIS writes LoRA modules (with DoRA) under kohya's names
+    if formats.contains(&LoraFormat::Lycoris) {
+        formats.remove(&LoraFormat::Kohya);
     }
     let format = match formats.len() {
         0 => LoraFormat::Kohya, // text-encoder-only kohya file
@@ -482,7 +498,8 @@ mod tests {
             assert_eq!(p.key.path, path, "{name}");
         }
         assert!(parse_key("lora_unet_input_blocks_4_1_proj_in.lora_mid.weight").is_none());
-        assert!(parse_key("lora_unet_input_blocks_4_1_proj_in.dora_scale").is_none());
+        assert!(parse_key("lora_unet_input_blocks_4_1_proj_in.dora_scale")
+            .is_some_and(|p| p.part == Part::Dora));
         assert!(parse_key("model.diffusion_model.input_blocks.0.0.weight").is_none());
     }
 }

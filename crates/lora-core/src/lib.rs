@@ -29,6 +29,7 @@
 //! ```
 
 pub mod adapter;
+pub mod dora;
 pub mod error;
 pub mod formats;
 pub mod inspect;

@@ -18,6 +18,7 @@ struct Case {
     factor: i64,
     decompose_both: bool,
     scale: f64,
+    dora: bool,
     keys: Vec<String>,
 }
 
@@ -41,12 +42,18 @@ fn fixture() -> (Vec<Case>, HashMap<String, Tensor>) {
             factor: c["factor"].as_i64().unwrap_or(-1),
             decompose_both: c["decompose_both"].as_bool().unwrap(),
             scale: c["scale"].as_f64().unwrap(),
+            dora: c["dora"].as_bool().unwrap_or(false),
             keys: (c["keys"].as_array().unwrap().iter())
                 .map(|k| k.as_str().unwrap().to_string())
                 .collect(),
         })
         .collect();
     (cases, f.tensors.into_iter().collect())
+}
+
+/// The LoHa / LoKr cases without DoRA.
+fn plain(cases: Vec<Case>) -> Vec<Case> {
+    cases.into_iter().filter(|c| !c.dora).collect()
 }
 
 fn geometry(c: &Case) -> Geometry {
@@ -76,6 +83,7 @@ fn factorization_matches_lycoris() {
 #[test]
 fn delta_weight_and_forward_match_lycoris() {
     let (cases, t) = fixture();
+    let cases = plain(cases);
     assert_eq!(cases.len(), 7);
     for c in &cases {
         let get = |k: &str| t.get(&format!("{}.{k}", c.name)).map(Tensor::shallow_clone);
@@ -106,6 +114,7 @@ fn delta_weight_and_forward_match_lycoris() {
 #[test]
 fn fresh_adapters_have_lycoris_keys_shapes_and_zero_factor() {
     let (cases, t) = fixture();
+    let cases = plain(cases);
     for c in &cases {
         tch::manual_seed(1);
         let opts = (Kind::Float, Device::Cpu);
@@ -150,5 +159,55 @@ fn fresh_adapters_have_lycoris_keys_shapes_and_zero_factor() {
             "{}: a fresh ΔW is 0",
             c.name
         );
+    }
+}
+
+/// DoRA (LyCORIS' `weight_decompose`, input axis): the magnitude starts as
+/// the base weight's norm per input channel, and the decomposed weight's
+/// forward equals LyCORIS' for a LoRA (Linear, 3x3 conv) and a LoKr.
+#[test]
+fn dora_matches_lycoris() {
+    use lora_core::LoraAdapter;
+    let (cases, t) = fixture();
+    let cases: Vec<Case> = cases.into_iter().filter(|c| c.dora).collect();
+    assert_eq!(cases.len(), 3);
+    for c in &cases {
+        let get = |k: &str| t.get(&format!("{}.{k}", c.name)).map(Tensor::shallow_clone);
+        let alpha = get("alpha").map(|a| a.double_value(&[]));
+        let base = get("base").unwrap();
+        let mut a = if c.algo == "lora" {
+            let (d, u) = (
+                get("lora_down.weight").unwrap(),
+                get("lora_up.weight").unwrap(),
+            );
+            let mut a = LoraAdapter::from_weights(d, u, alpha).unwrap();
+            a.fit_layer(c.inp, geometry(c)).unwrap();
+            a
+        } else {
+            let mut l = LycoAdapter::from_tensors(&get, alpha).unwrap().unwrap();
+            l.set_geometry(c.inp, geometry(c)).unwrap();
+            LoraAdapter::from_lyco(l)
+        };
+        a.enable_dora(&base).unwrap();
+        let init = &t[&format!("{}.init_dora_scale", c.name)];
+        let e = max_rel(a.dora_scale().unwrap(), init);
+        assert!(e < 1e-6, "{}: initial magnitude error {e:.2e}", c.name);
+        a.set_dora_scale(get("dora_scale").unwrap());
+        let out = a
+            .delta_with_base(&t[&format!("{}.x", c.name)], &base, false)
+            .unwrap();
+        let e = max_rel(&out, &t[&format!("{}.delta_out", c.name)]);
+        assert!(e < 1e-5, "{}: DoRA forward relative error {e:.2e}", c.name);
+        // merged at strength 1 is the decomposed weight whose forward that is
+        let d = a.merged_weight(&base, 1.0).unwrap() - &base;
+        let x = &t[&format!("{}.x", c.name)];
+        let via_merge = match c.kernel {
+            None => x.linear::<&Tensor>(&d, None),
+            Some(k) => x.conv2d::<&Tensor>(&d, None, [1, 1], [k / 2, k / 2], [1, 1], 1),
+        };
+        let e = max_rel(&via_merge, &t[&format!("{}.delta_out", c.name)]);
+        assert!(e < 1e-5, "{}: merged DoRA weight error {e:.2e}", c.name);
+        let names: Vec<&str> = a.named_tensors().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names.last(), Some(&"dora_scale"), "{}", c.name);
     }
 }

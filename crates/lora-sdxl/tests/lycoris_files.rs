@@ -47,7 +47,15 @@ fn lycoris_set() -> LoraSet {
 fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lyco.safetensors");
-    let set = lycoris_set();
+    let mut set = lycoris_set();
+    // DoRA on every third module, its magnitude moved off the base norm
+    let model = SdxlModel::load(fixture("tiny_a.safetensors"), Kind::Float, Device::Cpu).unwrap();
+    for (i, (key, a)) in set.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+        a.enable_dora(&model.slots.get(key).unwrap().weight)
+            .unwrap();
+        let m = a.dora_scale().unwrap() * (1.0 + 0.1 * (i % 5) as f64);
+        a.set_dora_scale(m);
+    }
     set.save(&file, Kind::Float, &Default::default()).unwrap();
 
     // LyCORIS' key names, an alpha per module, no lora_down/lora_up
@@ -64,6 +72,10 @@ fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
         .any(|n| n.ends_with(".lokr_w2_b") || n.ends_with(".lokr_w2")));
     assert!(!names.iter().any(|n| n.contains("lora_down")));
     assert_eq!(
+        names.iter().filter(|n| n.ends_with(".dora_scale")).count(),
+        set.len().div_ceil(3)
+    );
+    assert_eq!(
         names.iter().filter(|n| n.ends_with(".alpha")).count(),
         set.len()
     );
@@ -74,6 +86,7 @@ fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
     assert_eq!(loaded.set.len(), set.len());
     for ((k, a), (k2, b)) in set.iter().zip(loaded.set.iter()) {
         assert_eq!(k, k2);
+        assert_eq!(a.dora_scale().is_some(), b.dora_scale().is_some());
         let (da, db) = (a.delta_weight(), b.delta_weight());
         assert_eq!(da.numel(), db.numel(), "{}", k.kohya_name());
         let d = (da.reshape([-1]) - db.reshape([-1]))

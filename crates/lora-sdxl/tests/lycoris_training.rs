@@ -31,8 +31,12 @@ fn loha_and_lokr_train_save_as_lycoris_and_resume() {
     let (c, path) = job("lora", "lora");
     let lora = train(&c, &path, &common::quiet()).unwrap();
     let lora_modules = names(&common::sorted_tensors(lora.last_lora.as_ref().unwrap()));
-    for kind in ["loha", "lokr"] {
-        let (c, path) = job(kind, kind);
+    for kind in ["loha", "lokr", "dora"] {
+        let (mut c, path) = job(kind, kind);
+        if kind == "dora" {
+            c.network.r#type = "lora".into();
+            c.network.dora = true;
+        }
         let r = train(&c, &path, &common::quiet()).unwrap();
         let v: Vec<f64> = r.val_losses.iter().map(|(_, v)| *v).collect();
         assert!(
@@ -45,32 +49,44 @@ fn loha_and_lokr_train_save_as_lycoris_and_resume() {
         assert_eq!(loaded.metadata["ss_network_module"], "lycoris.kohya");
         let args: serde_json::Value =
             serde_json::from_str(&loaded.metadata["ss_network_args"]).unwrap();
-        assert_eq!(args["algo"], kind);
         let tensors = common::sorted_tensors(&file);
-        let prefix = if kind == "loha" {
-            ".hada_w1_a"
-        } else {
-            ".lokr_w1"
-        };
-        assert!(tensors.iter().any(|(k, _)| k.ends_with(prefix)), "{kind}");
-        assert!(
-            !tensors.iter().any(|(k, _)| k.contains("lora_down")),
-            "{kind}"
-        );
         assert_eq!(
             names(&tensors),
             lora_modules,
             "{kind}: the same modules as a LoRA run"
         );
-        // something was learned: a factor that starts at zero moved
-        let zero_init = if kind == "loha" {
-            ".hada_w2_a"
-        } else {
-            ".lokr_w2_b"
+        let (algo, first, zero_init) = match kind {
+            "loha" => ("loha", ".hada_w1_a", ".hada_w2_a"),
+            "lokr" => ("lokr", ".lokr_w1", ".lokr_w2_b"),
+            _ => ("lora", ".lora_down.weight", ".lora_up.weight"),
         };
+        assert_eq!(args["algo"], algo);
+        assert!(tensors.iter().any(|(k, _)| k.ends_with(first)), "{kind}");
+        // something was learned: a factor that starts at zero moved
         assert!(tensors
             .iter()
             .any(|(k, t)| k.ends_with(zero_init) && t.abs().max().double_value(&[]) > 0.0));
+        if kind == "dora" {
+            assert_eq!(args["dora_wd"], "True");
+            assert_eq!(args["wd_on_output"], "False");
+            let mut n = 0;
+            for (k, t) in tensors.iter().filter(|(k, _)| k.ends_with(".dora_scale")) {
+                let s = t.size();
+                assert!(
+                    s[0] == 1 && s.len() >= 2,
+                    "{k}: {s:?} is not the input-axis form"
+                );
+                n += 1;
+            }
+            assert_eq!(n, lora_modules.len(), "a magnitude per module");
+        } else {
+            assert!(
+                !tensors
+                    .iter()
+                    .any(|(k, _)| k.contains("lora_down") || k.contains("dora")),
+                "{kind}"
+            );
+        }
     }
 
     // lokr: 4 steps, then --resume to 8, equals the straight run

@@ -43,6 +43,8 @@ pub struct SlotInfo {
     pub in_features: i64,
     /// Output features/channels of the base layer.
     pub out_features: i64,
+    /// The base layer's weight (DoRA starts from its norm).
+    pub weight: Rc<Tensor>,
 }
 
 /// Every LoRA slot of a model, by module key.
@@ -54,13 +56,8 @@ pub struct Slots {
 
 impl Slots {
     /// Registers a slot.
-    pub fn register(
-        &self,
-        key: ModuleKey,
-        geometry: Geometry,
-        in_features: i64,
-        out_features: i64,
-    ) -> Slot {
+    pub fn register(&self, key: ModuleKey, geometry: Geometry, weight: &Tensor) -> Slot {
+        let (out_features, in_features) = (weight.size()[0], weight.size()[1]);
         let slot = Slot {
             adapters: Rc::new(RefCell::new(Vec::new())),
             training: self.training.clone(),
@@ -70,6 +67,7 @@ impl Slots {
             geometry,
             in_features,
             out_features,
+            weight: Rc::new(weight.shallow_clone()),
         };
         self.map.borrow_mut().insert(key, info);
         slot
@@ -126,13 +124,13 @@ impl Slots {
 
 // Out-of-place adds keep autograd graphs simple when training through slots.
 #[allow(clippy::assign_op_pattern)]
-fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor) -> Tensor {
+fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor, weight: &Tensor) -> Tensor {
     let Some(slot) = slot else { return base };
     let adapters = slot.adapters.borrow();
     let train = slot.training.get();
     let mut out = base;
     for a in adapters.iter() {
-        if let Some(d) = a.delta(x, train) {
+        if let Some(d) = a.delta_with_base(x, weight, train) {
             out = out + d.to_kind(x.kind());
         }
     }
@@ -168,14 +166,13 @@ impl Linear {
     }
     /// Gives the layer a LoRA slot registered under `key`.
     pub fn with_slot(mut self, slots: &Slots, key: ModuleKey) -> Self {
-        let s = self.weight.size();
-        self.slot = Some(slots.register(key, Geometry::Linear, s[1], s[0]));
+        self.slot = Some(slots.register(key, Geometry::Linear, &self.weight));
         self
     }
     /// Forward.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let base = x.linear(&self.weight, self.bias.as_ref());
-        apply_slot(&self.slot, x, base)
+        apply_slot(&self.slot, x, base, &self.weight)
     }
 }
 
@@ -213,7 +210,7 @@ impl Conv2d {
             padding: [self.padding, self.padding],
             dilation: [1, 1],
         };
-        self.slot = Some(slots.register(key, geometry, s[1], s[0]));
+        self.slot = Some(slots.register(key, geometry, &self.weight));
         self
     }
     /// Forward.
@@ -221,7 +218,7 @@ impl Conv2d {
         let s = [self.stride, self.stride];
         let p = [self.padding, self.padding];
         let base = x.conv2d(&self.weight, Some(&self.bias), s, p, [1, 1], 1);
-        apply_slot(&self.slot, x, base)
+        apply_slot(&self.slot, x, base, &self.weight)
     }
 }
 

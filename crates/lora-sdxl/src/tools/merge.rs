@@ -74,21 +74,26 @@ impl View for &Entry<'_> {
             return Cow::Borrowed(raw);
         }
         // shapes were checked when planning
-        let mut w = self
+        let w = self
             .ck
             .load(&self.key, Kind::Float, Device::Cpu)
             .expect("key from this checkpoint");
         for p in &self.parts {
-            let d = p.adapter.delta_weight().to_kind(Kind::Float) * p.strength;
-            // a LyCORIS update read from a file is its matrix: view it as the weight
-            match p.fused {
+            // the module's part of the tensor (a third of OpenCLIP's fused in_proj)
+            let mut target = match p.fused {
                 Some(i) => {
-                    let n = d.size()[0];
-                    let mut part = w.narrow(0, i as i64 * n, n);
-                    let _ = part.g_add_(&d.view_as(&part));
+                    let n = p.adapter.out_features();
+                    w.narrow(0, i as i64 * n, n)
                 }
-                None => w += d.view_as(&w),
-            }
+                None => w.shallow_clone(),
+            };
+            // merged_weight: W + s·ΔW, or DoRA's W + s·(W' − W); a LyCORIS
+            // update read from a file (its matrix) is viewed as the weight
+            let merged = p
+                .adapter
+                .merged_weight(&target, p.strength)
+                .expect("shapes were checked when planning");
+            let _ = target.copy_(&merged);
         }
         let (_, _, bytes) = lora_core::io::tensor_bytes(&w.to_kind(self.info.kind))
             .expect("a float tensor serialises");

@@ -62,7 +62,7 @@ pub(crate) fn training_metadata(
         network_dropout: (n.dropout > 0.0).then_some(n.dropout),
         rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
         module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
-        network_module: matches!(n.r#type.as_str(), "loha" | "lokr")
+        network_module: (matches!(n.r#type.as_str(), "loha" | "lokr") || n.dora)
             .then(|| "lycoris.kohya".to_string()),
         network_args: network_args(n, &job.train),
         steps: step,
@@ -192,6 +192,13 @@ fn network_args(
     let mut args = Vec::new();
     if matches!(n.r#type.as_str(), "loha" | "lokr") {
         args.push(("algo".to_string(), n.r#type.clone()));
+    } else if n.dora {
+        args.push(("algo".to_string(), "lora".to_string()));
+    }
+    if n.dora {
+        // the input-axis form (see lora_core::dora)
+        args.push(("dora_wd".to_string(), "True".to_string()));
+        args.push(("wd_on_output".to_string(), "False".to_string()));
     }
     if n.r#type == "lokr" {
         args.push(("factor".to_string(), n.factor.to_string()));

@@ -37,25 +37,37 @@ impl Leaf {
 
     /// A detached adapter of this module with `tensors` (its own, or the
     /// EMA's) in [`Self::params`] order.
-    fn adapter(&self, tensors: Vec<Tensor>) -> Result<LoraAdapter> {
-        if self.params.first().map(|(n, _)| *n) == Some("lora_down.weight") {
+    fn adapter(&self, mut tensors: Vec<Tensor>) -> Result<LoraAdapter> {
+        let mut names: Vec<&str> = self.params.iter().map(|(n, _)| *n).collect();
+        let dora = match names.last() {
+            Some(&"dora_scale") => {
+                names.pop();
+                tensors.pop()
+            }
+            _ => None,
+        };
+        let mut a = if names.first() == Some(&"lora_down.weight") {
             let mut it = tensors.into_iter();
             let (down, up) = (it.next().unwrap_or_default(), it.next().unwrap_or_default());
-            return Ok(LoraAdapter::from_weights(down, up, Some(self.alpha))?);
-        }
-        let by_name: Vec<(&str, Tensor)> =
-            self.params.iter().map(|(n, _)| *n).zip(tensors).collect();
-        let get = |k: &str| {
-            by_name
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, t)| t.shallow_clone())
+            LoraAdapter::from_weights(down, up, Some(self.alpha))?
+        } else {
+            let by_name: Vec<(&str, Tensor)> = names.into_iter().zip(tensors).collect();
+            let get = |k: &str| {
+                by_name
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, t)| t.shallow_clone())
+            };
+            let mut l = LycoAdapter::from_tensors(&get, Some(self.alpha))?.ok_or_else(|| {
+                lora_core::LoraError::Invalid("a LyCORIS leaf without its tensors".into())
+            })?;
+            l.set_geometry(self.in_features, self.geometry)?;
+            LoraAdapter::from_lyco(l)
         };
-        let mut l = LycoAdapter::from_tensors(&get, Some(self.alpha))?.ok_or_else(|| {
-            lora_core::LoraError::Invalid("a LyCORIS leaf without its tensors".into())
-        })?;
-        l.set_geometry(self.in_features, self.geometry)?;
-        Ok(LoraAdapter::from_lyco(l))
+        if let Some(m) = dora {
+            a.set_dora_scale(m);
+        }
+        Ok(a)
     }
 
     /// Its kohya block index (UNet leaves; 0 outside the blocks).
@@ -101,6 +113,15 @@ impl Network {
                 continue; // a block without LoRA (block_dims or a zero rate weight)
             }
             let mut a = new_adapter(n, &t, rank, alpha, device)?;
+            if n.dora {
+                let slot = model.slots.get(&t.key).ok_or_else(|| {
+                    crate::error::SdxlError::Lora(lora_core::LoraError::Invalid(format!(
+                        "`{}` has no layer to decompose",
+                        t.key.kohya_name()
+                    )))
+                })?;
+                a.enable_dora(&slot.weight.to_device(device))?;
+            }
             let params: Vec<Tensor> = (a.parameters().iter())
                 .map(|p| p.set_requires_grad(true))
                 .collect();

@@ -48,7 +48,7 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
     if job.train.loraplus_lr_ratio.is_some() {
         s.push_str(" loraplus"); // its optimizer groups differ
     }
-    if n.r#type != "lora" {
+    if n.r#type != "lora" || n.dora {
         s.push_str(&format!(
             " type={} factor={} both={}",
             n.r#type, n.factor, n.decompose_both

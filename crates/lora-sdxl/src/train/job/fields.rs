@@ -189,6 +189,7 @@ pub const FIELDS: &[Field] = &[
     f("network", "type", Rule::OneOf(&["lora", "locon", "loha", "lokr"]), "lora / locon: kohya's LoRA (LoCon when conv > 0); loha / lokr: LyCORIS' LoHa (Hadamard product of two low-rank pairs) and LoKr (Kronecker product; small files), saved as LyCORIS saves them"),
     f("network", "factor", closed(-1.0, 1024.0), "LoKr: LyCORIS' factor, how the dimensions are split (-1: most balanced; 4-16 typical)"),
     f("network", "decompose_both", Rule::Free, "LoKr: make the small Kronecker factor low-rank too (LyCORIS' decompose_both)"),
+    f("network", "dora", Rule::Free, "DoRA (LyCORIS' dora_wd) on any type: W' = (W + ΔW) · m / ‖W + ΔW‖ with a learned magnitude m per input channel (dora_scale), written in the form ComfyUI and A1111 apply"),
     f("network", "linear", closed(1.0, 1024.0), "rank of Linear and 1x1 conv modules"),
     f("network", "linear_alpha", POSITIVE, "alpha of those (scale = alpha / rank)"),
     f("network", "conv", closed(0.0, 1024.0), "rank of 3x3 convs (LoCon); 0 = plain LoRA"),

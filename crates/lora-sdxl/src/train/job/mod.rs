@@ -100,6 +100,8 @@ pub struct NetworkSection {
     pub factor: i64,
     /// LoKr: the small factor low-rank too (LyCORIS' `decompose_both`).
     pub decompose_both: bool,
+    /// DoRA: a learned magnitude per input channel (LyCORIS' `dora_wd`).
+    pub dora: bool,
     /// Rank of Linear and 1x1 conv modules.
     pub linear: i64,
     /// Alpha of Linear and 1x1 conv modules.
@@ -131,6 +133,7 @@ impl Default for NetworkSection {
             r#type: "lora".into(),
             factor: -1,
             decompose_both: false,
+            dora: false,
             linear: 16,
             linear_alpha: 16.0,
             conv: 8,

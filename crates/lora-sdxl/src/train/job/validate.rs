@@ -114,7 +114,8 @@ impl JobConfig {
     fn validate_network(&self, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         let n = &self.network;
-        let lyco = matches!(n.r#type.as_str(), "loha" | "lokr");
+        // LyCORIS' modules (and DoRA's decomposed weight) offer module dropout only
+        let lyco = matches!(n.r#type.as_str(), "loha" | "lokr") || n.dora;
         if n.r#type == "locon" && n.conv == 0 && n.conv_block_dims.is_none() {
             return err("network.conv", "network.type = \"locon\" needs a conv rank: set conv (e.g. 8), or use type = \"lora\"".into());
         }
@@ -147,7 +148,12 @@ impl JobConfig {
             ),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, on)| lyco && *on) {
-            return err(field, format!("is not available with network.type = \"{}\" (LyCORIS offers module_dropout; LoRA+ needs lora_up matrices): remove it or use type = \"lora\"", n.r#type));
+            let with = if n.dora {
+                "network.dora".to_string()
+            } else {
+                format!("network.type = \"{}\"", n.r#type)
+            };
+            return err(field, format!("is not available with {with} (LyCORIS offers module_dropout; LoRA+ needs lora_up matrices alone): remove it"));
         }
         Ok(())
     }
