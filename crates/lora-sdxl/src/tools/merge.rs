@@ -93,7 +93,7 @@ impl View for &Entry<'_> {
                 .adapter
                 .merged_weight(&target, p.strength)
                 .expect("shapes were checked when planning");
-            let _ = target.copy_(&merged);
+            target.copy_(&merged);
         }
         let (_, _, bytes) = lora_core::io::tensor_bytes(&w.to_kind(self.info.kind))
             .expect("a float tensor serialises");
