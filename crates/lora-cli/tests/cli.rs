@@ -58,6 +58,63 @@ fn inspect_reads_each_format() {
     }
 }
 
+/// A LyCORIS LoKr file over kohya.safetensors' modules: `lora inspect`
+/// reads it, `lora resize` refuses it by name.
+#[test]
+fn lycoris_files_are_inspected_and_not_resized() {
+    use lora_core::lycoris::LycoAdapter;
+    let dir = tempfile::tempdir().unwrap();
+    let kohya =
+        lora_core::load_lora(fixture("kohya.safetensors"), lora_core::UnknownKeys::Reject).unwrap();
+    let mut set = lora_core::LoraSet::new();
+    for (key, a) in kohya.set.iter() {
+        let g = match a.geometry() {
+            lora_core::Geometry::Conv2d { kernel, .. } => {
+                lora_core::Geometry::conv(kernel[0], kernel[1])
+            }
+            g => g,
+        };
+        let l = LycoAdapter::new_lokr(
+            a.in_features(),
+            a.out_features(),
+            2,
+            Some(1.0),
+            (4, false),
+            g,
+            (tch::Kind::Float, tch::Device::Cpu),
+        )
+        .unwrap();
+        set.insert(key.clone(), lora_core::LoraAdapter::from_lyco(l));
+    }
+    let file = dir.path().join("lokr.safetensors");
+    set.save(&file, tch::Kind::Half, &Default::default())
+        .unwrap();
+    let o = lorakit(&["lora", "inspect", file.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("LyCORIS"), "{out}");
+    assert!(
+        out.contains("unet     13  (lokr 13)") && out.contains("te1       3  (lokr 3)"),
+        "{out}"
+    );
+    assert!(out.contains("rank full alpha 2.0"), "{out}");
+    let o = lorakit(&[
+        "lora",
+        "resize",
+        file.to_str().unwrap(),
+        "--rank",
+        "1",
+        "--out",
+        dir.path().join("r.safetensors").to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        err.contains("lokr") && err.contains("LoRA / LoCon"),
+        "{err}"
+    );
+}
+
 fn write_safetensors(path: &Path, keys: &[(&str, &[usize])]) {
     // A minimal hand-written safetensors file of zeros (F32).
     let mut header = serde_json::Map::new();

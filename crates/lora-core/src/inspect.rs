@@ -16,12 +16,15 @@ pub struct ComponentCounts {
     pub conv1x1: usize,
     /// kxk convolutions (LoCon).
     pub conv_kxk: usize,
+    /// LyCORIS modules by algorithm (`loha`, `lokr`): a file gives their
+    /// update's matrix, not the layer's kind, so they are counted apart.
+    pub lycoris: BTreeMap<&'static str, usize>,
 }
 
 impl ComponentCounts {
     /// All modules.
     pub fn total(&self) -> usize {
-        self.linear + self.conv1x1 + self.conv_kxk
+        self.linear + self.conv1x1 + self.conv_kxk + self.lycoris.values().sum::<usize>()
     }
 }
 
@@ -63,10 +66,14 @@ impl LoraSummary {
         let mut rank_alpha = BTreeMap::new();
         for (k, a) in l.set.iter() {
             let c = components.entry(k.component).or_default();
-            match a.geometry() {
-                Geometry::Linear => c.linear += 1,
-                g if g.is_spatial_conv() => c.conv_kxk += 1,
-                _ => c.conv1x1 += 1,
+            if let Some(l) = a.lyco() {
+                *c.lycoris.entry(l.algo()).or_default() += 1;
+            } else {
+                match a.geometry() {
+                    Geometry::Linear => c.linear += 1,
+                    g if g.is_spatial_conv() => c.conv_kxk += 1,
+                    _ => c.conv1x1 += 1,
+                }
             }
             *rank_alpha
                 .entry((a.rank(), py_float(a.alpha())))
@@ -177,18 +184,32 @@ impl fmt::Display for LoraSummary {
         writeln!(f, "parameters: {}", self.parameters)?;
         writeln!(f, "modules:")?;
         for (c, n) in &self.components {
-            writeln!(
-                f,
-                "  {:<5} {:>5}  (linear {}, conv 1x1 {}, conv kxk {})",
-                c.short_name(),
-                n.total(),
-                n.linear,
-                n.conv1x1,
-                n.conv_kxk
-            )?;
+            let lycoris: String = (n.lycoris.iter())
+                .map(|(algo, k)| format!("{algo} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if lycoris.is_empty() {
+                writeln!(
+                    f,
+                    "  {:<5} {:>5}  (linear {}, conv 1x1 {}, conv kxk {})",
+                    c.short_name(),
+                    n.total(),
+                    n.linear,
+                    n.conv1x1,
+                    n.conv_kxk
+                )?;
+            } else {
+                writeln!(f, "  {:<5} {:>5}  ({lycoris})", c.short_name(), n.total())?;
+            }
         }
         writeln!(f, "rank / alpha:")?;
         for ((r, a), n) in &self.rank_alpha {
+            // a LoKr whose factors are both full has no rank
+            let r = if *r == 0 {
+                "full".to_string()
+            } else {
+                r.to_string()
+            };
             writeln!(f, "  rank {r:<4} alpha {a:<8} {n:>5} modules")?;
         }
         if !self.metadata.is_empty() {
