@@ -76,6 +76,20 @@ impl Dropouts {
     }
 }
 
+/// The base layer's op with weight `w` and no bias: `x Wᵀ`, or the conv
+/// with the layer's stride, padding and dilation.
+pub(crate) fn layer_op(geometry: Geometry, x: &Tensor, w: &Tensor) -> Tensor {
+    match geometry {
+        Geometry::Linear => x.linear::<&Tensor>(w, None),
+        Geometry::Conv2d {
+            stride,
+            padding,
+            dilation,
+            ..
+        } => x.conv2d::<&Tensor>(w, None, stride, padding, dilation, 1),
+    }
+}
+
 /// The trained tensors of an adapter.
 #[derive(Debug)]
 enum Weights {
@@ -480,13 +494,17 @@ impl LoraAdapter {
     }
 
     /// A LyCORIS branch: the layer's op with `multiplier · ΔW`, skipped
-    /// with `module_dropout` (drawn on the device, as for LoRA); LyCORIS'
-    /// other dropouts are not offered.
+    /// with `module_dropout`; LyCORIS' other dropouts are not offered.
     fn lyco_delta(&self, l: &LycoAdapter, x: &Tensor, train: bool) -> Tensor {
-        let out = l.delta(x, self.multiplier);
+        self.module_keep(l.delta(x, self.multiplier), train)
+    }
+
+    /// `out`, or zero with probability `module_dropout` while training (one
+    /// draw on the device per call, as kohya's `torch.rand(1)`: no host sync).
+    fn module_keep(&self, out: Tensor, train: bool) -> Tensor {
         let p = self.dropouts.module_dropout;
         if train && p > 0.0 {
-            let keep = Tensor::rand([], (Kind::Float, x.device()))
+            let keep = Tensor::rand([], (Kind::Float, out.device()))
                 .ge(p)
                 .to_kind(out.kind());
             out * keep
@@ -505,25 +523,8 @@ impl LoraAdapter {
         let w = base.to_kind(Kind::Float);
         let d = (crate::dora::decomposed(&w, &self.delta_weight().view_as(&w), magnitude) - &w)
             * self.multiplier;
-        let d = d.to_kind(x.kind());
-        let out = match self.geometry {
-            Geometry::Linear => x.linear::<&Tensor>(&d, None),
-            Geometry::Conv2d {
-                stride,
-                padding,
-                dilation,
-                ..
-            } => x.conv2d::<&Tensor>(&d, None, stride, padding, dilation, 1),
-        };
-        let p = self.dropouts.module_dropout;
-        Some(if train && p > 0.0 {
-            let keep = Tensor::rand([], (Kind::Float, x.device()))
-                .ge(p)
-                .to_kind(out.kind());
-            out * keep
-        } else {
-            out
-        })
+        let out = layer_op(self.geometry, x, &d.to_kind(x.kind()));
+        Some(self.module_keep(out, train))
     }
 
     /// Turns on DoRA for a layer whose weight is `base`: the magnitude

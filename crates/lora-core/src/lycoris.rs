@@ -349,15 +349,7 @@ impl LycoAdapter {
     /// `multiplier · ΔW` (bias-free), in `x`'s dtype.
     pub fn delta(&self, x: &Tensor, multiplier: f64) -> Tensor {
         let w = (self.delta_weight() * multiplier).to_kind(x.kind());
-        match self.geometry {
-            Geometry::Linear => x.linear::<&Tensor>(&w, None),
-            Geometry::Conv2d {
-                stride,
-                padding,
-                dilation,
-                ..
-            } => x.conv2d::<&Tensor>(&w, None, stride, padding, dilation, 1),
-        }
+        crate::adapter::layer_op(self.geometry, x, &w)
     }
 
     /// The tensors as a LyCORIS file names them (without `alpha`), in its
