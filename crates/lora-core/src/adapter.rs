@@ -106,7 +106,7 @@ enum Weights {
 pub struct LoraAdapter {
     weights: Weights,
     /// DoRA's learned magnitude (`dora_scale`), see [`crate::dora`].
-    dora: Option<Tensor>,
+    pub(crate) dora: Option<Tensor>,
     alpha: f64,
     multiplier: f64,
     geometry: Geometry,
@@ -429,68 +429,10 @@ impl LoraAdapter {
     /// choice. The branch is multiplied by the 0/1 draw on the device instead
     /// of skipped on the host, so no host sync is needed.
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
-        let (down, up) = match &self.weights {
-            Weights::Pair { down, up } => (down, up),
-            Weights::Lyco(l) => return Some(self.lyco_delta(l, x, train)),
-        };
-        let d = self.dropouts;
-        let keep = (train && d.module_dropout > 0.0).then(|| {
-            Tensor::rand([], (Kind::Float, x.device()))
-                .ge(d.module_dropout)
-                .to_kind(down.kind())
-        });
-        let in_kind = x.kind();
-        let xk = if in_kind == down.kind() {
-            x.shallow_clone()
-        } else {
-            x.to_kind(down.kind())
-        };
-        let mut scale = self.scale() * self.multiplier;
-        let mut h = match self.geometry {
-            Geometry::Linear => xk.linear::<&Tensor>(down, None),
-            Geometry::Conv2d {
-                stride,
-                padding,
-                dilation,
-                ..
-            } => xk.conv2d::<&Tensor>(down, None, stride, padding, dilation, 1),
-        };
-        if train && d.dropout > 0.0 {
-            h = h.dropout(d.dropout, true);
+        match &self.weights {
+            Weights::Pair { down, up } => Some(self.pair_delta(down, up, x, train)),
+            Weights::Lyco(l) => Some(self.lyco_delta(l, x, train)),
         }
-        if train && d.rank_dropout > 0.0 {
-            let r = self.rank();
-            let b = h.size()[0];
-            let mask = Tensor::rand([b, r], (h.kind(), h.device()))
-                .gt(d.rank_dropout)
-                .to_kind(h.kind());
-            let mask = match self.geometry {
-                Geometry::Linear => {
-                    let mut shape = vec![b];
-                    shape.extend(std::iter::repeat_n(1, h.dim().saturating_sub(2)));
-                    shape.push(r);
-                    mask.view(shape.as_slice())
-                }
-                Geometry::Conv2d { .. } => mask.view([b, r, 1, 1]),
-            };
-            h *= mask;
-            scale /= 1.0 - d.rank_dropout;
-        }
-        let out = match self.geometry {
-            Geometry::Linear => h.linear::<&Tensor>(up, None),
-            Geometry::Conv2d { .. } => h.conv2d::<&Tensor>(up, None, [1, 1], [0, 0], [1, 1], 1),
-        };
-        // alpha = rank at strength 1 (a common setup) needs no scaling op.
-        let out = if scale == 1.0 { out } else { out * scale };
-        let out = match keep {
-            Some(k) => out * k,
-            None => out,
-        };
-        Some(if out.kind() == in_kind {
-            out
-        } else {
-            out.to_kind(in_kind)
-        })
     }
 
     /// A LyCORIS branch: the layer's op with `multiplier · ΔW`, skipped
@@ -501,7 +443,7 @@ impl LoraAdapter {
 
     /// `out`, or zero with probability `module_dropout` while training (one
     /// draw on the device per call, as kohya's `torch.rand(1)`: no host sync).
-    fn module_keep(&self, out: Tensor, train: bool) -> Tensor {
+    pub(crate) fn module_keep(&self, out: Tensor, train: bool) -> Tensor {
         let p = self.dropouts.module_dropout;
         if train && p > 0.0 {
             let keep = Tensor::rand([], (Kind::Float, out.device()))
@@ -511,38 +453,6 @@ impl LoraAdapter {
         } else {
             out
         }
-    }
-
-    /// The adapter branch for a layer whose weight is `base`: [`Self::delta`],
-    /// or with DoRA the layer's op with `multiplier · (W' − W)`, the
-    /// decomposed weight minus the base ([`crate::dora`]).
-    pub fn delta_with_base(&self, x: &Tensor, base: &Tensor, train: bool) -> Option<Tensor> {
-        let Some(magnitude) = &self.dora else {
-            return self.delta(x, train);
-        };
-        let w = base.to_kind(Kind::Float);
-        let d = (crate::dora::decomposed(&w, &self.delta_weight().view_as(&w), magnitude) - &w)
-            * self.multiplier;
-        let out = layer_op(self.geometry, x, &d.to_kind(x.kind()));
-        Some(self.module_keep(out, train))
-    }
-
-    /// Turns on DoRA for a layer whose weight is `base`: the magnitude
-    /// starts as the base weight's norm per input channel ([`crate::dora`]).
-    pub fn enable_dora(&mut self, base: &Tensor) -> Result<()> {
-        self.check_base(base)?;
-        self.dora = Some(crate::dora::input_norm(&base.to_kind(Kind::Float)).detach());
-        Ok(())
-    }
-
-    /// Sets DoRA's magnitude as a file holds it (`dora_scale`, either axis).
-    pub fn set_dora_scale(&mut self, magnitude: Tensor) {
-        self.dora = Some(magnitude.to_kind(Kind::Float));
-    }
-
-    /// DoRA's magnitude, when the adapter has one.
-    pub fn dora_scale(&self) -> Option<&Tensor> {
-        self.dora.as_ref()
     }
 
     /// `base_out + delta(x)`: the adapted layer's output given the base layer's output.
@@ -574,7 +484,7 @@ impl LoraAdapter {
         }
     }
 
-    fn check_base(&self, base: &Tensor) -> Result<()> {
+    pub(crate) fn check_base(&self, base: &Tensor) -> Result<()> {
         let expect: Vec<i64> = match self.geometry {
             Geometry::Linear => vec![self.out_features(), self.in_features()],
             Geometry::Conv2d { kernel, .. } => {

@@ -9,6 +9,8 @@
 //! `[out, 1(, 1, 1)]`, LyCORIS ≥ 3.2's default, is read too). A strength
 //! `s` applies `W + s · (W' − W)`, as the UIs do.
 
+use crate::adapter::{layer_op, LoraAdapter};
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// `‖W‖` per input channel: `[1, in(, 1, 1)]`.
@@ -33,4 +35,39 @@ pub fn decomposed(w: &Tensor, delta: &Tensor, magnitude: &Tensor) -> Tensor {
         output_norm(&merged)
     };
     &merged * (magnitude / (norm + f64::from(f32::EPSILON)))
+}
+
+/// DoRA on any adapter (LoRA, LoHa, LoKr).
+impl LoraAdapter {
+    /// The adapter branch for a layer whose weight is `base`: [`Self::delta`],
+    /// or with DoRA the layer's op with `multiplier · (W' − W)`, the
+    /// decomposed weight minus the base (this module).
+    pub fn delta_with_base(&self, x: &Tensor, base: &Tensor, train: bool) -> Option<Tensor> {
+        let Some(magnitude) = &self.dora else {
+            return self.delta(x, train);
+        };
+        let w = base.to_kind(Kind::Float);
+        let d =
+            (decomposed(&w, &self.delta_weight().view_as(&w), magnitude) - &w) * self.multiplier();
+        let out = layer_op(self.geometry(), x, &d.to_kind(x.kind()));
+        Some(self.module_keep(out, train))
+    }
+
+    /// Turns on DoRA for a layer whose weight is `base`: the magnitude
+    /// starts as the base weight's norm per input channel (this module).
+    pub fn enable_dora(&mut self, base: &Tensor) -> Result<()> {
+        self.check_base(base)?;
+        self.dora = Some(input_norm(&base.to_kind(Kind::Float)).detach());
+        Ok(())
+    }
+
+    /// Sets DoRA's magnitude as a file holds it (`dora_scale`, either axis).
+    pub fn set_dora_scale(&mut self, magnitude: Tensor) {
+        self.dora = Some(magnitude.to_kind(Kind::Float));
+    }
+
+    /// DoRA's magnitude, when the adapter has one.
+    pub fn dora_scale(&self) -> Option<&Tensor> {
+        self.dora.as_ref()
+    }
 }

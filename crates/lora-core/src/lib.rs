@@ -34,6 +34,7 @@ pub mod error;
 pub mod formats;
 pub mod inspect;
 pub mod io;
+mod lora_pair;
 pub mod lycoris;
 pub mod metadata;
 pub mod naming;

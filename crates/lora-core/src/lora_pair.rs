@@ -1,0 +1,70 @@
+//! kohya's LoRA / LoCon branch (`networks.lora`, `kohya-format.md` §3):
+//! `up(drop(down(x))) · multiplier · alpha / rank` with neuron, rank and
+//! module dropout, for [`LoraAdapter::delta`].
+
+use crate::adapter::{Geometry, LoraAdapter};
+use tch::{Kind, Tensor};
+
+impl LoraAdapter {
+    /// The branch of a `down` / `up` pair (see [`LoraAdapter::delta`]).
+    pub(crate) fn pair_delta(&self, down: &Tensor, up: &Tensor, x: &Tensor, train: bool) -> Tensor {
+        let d = self.dropouts();
+        let keep = (train && d.module_dropout > 0.0).then(|| {
+            Tensor::rand([], (Kind::Float, x.device()))
+                .ge(d.module_dropout)
+                .to_kind(down.kind())
+        });
+        let in_kind = x.kind();
+        let xk = if in_kind == down.kind() {
+            x.shallow_clone()
+        } else {
+            x.to_kind(down.kind())
+        };
+        let mut scale = self.scale() * self.multiplier();
+        let mut h = match self.geometry() {
+            Geometry::Linear => xk.linear::<&Tensor>(down, None),
+            Geometry::Conv2d {
+                stride,
+                padding,
+                dilation,
+                ..
+            } => xk.conv2d::<&Tensor>(down, None, stride, padding, dilation, 1),
+        };
+        if train && d.dropout > 0.0 {
+            h = h.dropout(d.dropout, true);
+        }
+        if train && d.rank_dropout > 0.0 {
+            let r = self.rank();
+            let b = h.size()[0];
+            let mask = Tensor::rand([b, r], (h.kind(), h.device()))
+                .gt(d.rank_dropout)
+                .to_kind(h.kind());
+            let mask = match self.geometry() {
+                Geometry::Linear => {
+                    let mut shape = vec![b];
+                    shape.extend(std::iter::repeat_n(1, h.dim().saturating_sub(2)));
+                    shape.push(r);
+                    mask.view(shape.as_slice())
+                }
+                Geometry::Conv2d { .. } => mask.view([b, r, 1, 1]),
+            };
+            h *= mask;
+            scale /= 1.0 - d.rank_dropout;
+        }
+        let out = match self.geometry() {
+            Geometry::Linear => h.linear::<&Tensor>(up, None),
+            Geometry::Conv2d { .. } => h.conv2d::<&Tensor>(up, None, [1, 1], [0, 0], [1, 1], 1),
+        };
+        // alpha = rank at strength 1 (a common setup) needs no scaling op.
+        let out = if scale == 1.0 { out } else { out * scale };
+        let out = match keep {
+            Some(k) => out * k,
+            None => out,
+        };
+        if out.kind() == in_kind {
+            out
+        } else {
+            out.to_kind(in_kind)
+        }
+    }
+}
