@@ -162,6 +162,28 @@ impl LoraAdapter {
         }
     }
 
+    /// An adapter from a module's tensors under their file key suffixes
+    /// (`get`: `lora_down.weight` / `lora_up.weight`, or LyCORIS'
+    /// `hada_w1_a`, `lokr_w1`, …, and DoRA's `dora_scale`) and its alpha:
+    /// how a file and the trainer's leaves rebuild a module. `Ok(None)`:
+    /// neither a pair nor LyCORIS tensors.
+    pub fn from_named(
+        get: &dyn Fn(&str) -> Option<Tensor>,
+        alpha: Option<f64>,
+    ) -> Result<Option<Self>> {
+        let mut a = match (get("lora_down.weight"), get("lora_up.weight")) {
+            (Some(down), Some(up)) => Self::from_weights(down, up, alpha)?,
+            _ => match LycoAdapter::from_tensors(get, alpha)? {
+                Some(l) => Self::from_lyco(l),
+                None => return Ok(None),
+            },
+        };
+        if let Some(m) = get("dora_scale") {
+            a.set_dora_scale(m);
+        }
+        Ok(Some(a))
+    }
+
     /// The LyCORIS adapter inside, if this is one.
     pub fn lyco(&self) -> Option<&LycoAdapter> {
         match &self.weights {
@@ -484,8 +506,9 @@ impl LoraAdapter {
         }
     }
 
-    pub(crate) fn check_base(&self, base: &Tensor) -> Result<()> {
-        let expect: Vec<i64> = match self.geometry {
+    /// The shape of the weight this module changes, `[out, in(, kh, kw)]`.
+    pub fn weight_shape(&self) -> Vec<i64> {
+        match self.geometry {
             Geometry::Linear => vec![self.out_features(), self.in_features()],
             Geometry::Conv2d { kernel, .. } => {
                 vec![
@@ -495,11 +518,25 @@ impl LoraAdapter {
                     kernel[1],
                 ]
             }
-        };
-        if base.size() != expect {
+        }
+    }
+
+    /// Whether this module can change a weight of `shape`: its own shape; a
+    /// LyCORIS update read from a file (its matrix `[out, in·kh·kw]`, the
+    /// layer's kernel unknown) also fits any weight of the same rows and size.
+    pub fn fits_weight(&self, shape: &[i64]) -> bool {
+        let own = self.weight_shape();
+        let size = |s: &[i64]| s.iter().product::<i64>();
+        shape == own.as_slice()
+            || (self.lyco().is_some() && shape.first() == own.first() && size(shape) == size(&own))
+    }
+
+    pub(crate) fn check_base(&self, base: &Tensor) -> Result<()> {
+        if !self.fits_weight(&base.size()) {
             return Err(LoraError::Invalid(format!(
-                "base weight has shape {:?} but this LoRA module expects {expect:?}",
-                base.size()
+                "base weight has shape {:?} but this LoRA module expects {:?}",
+                base.size(),
+                self.weight_shape()
             )));
         }
         Ok(())
@@ -508,19 +545,9 @@ impl LoraAdapter {
     /// `W + strength · ΔW` (DoRA: `W + strength · (W' − W)`, as ComfyUI and
     /// A1111 apply a strength), computed in fp32 and cast back to `W`'s dtype.
     pub fn merged_weight(&self, base: &Tensor, strength: f64) -> Result<Tensor> {
-        if self.lyco().is_none() {
-            self.check_base(base)?;
-        }
+        self.check_base(base)?;
         let w = base.to_kind(Kind::Float);
-        let dw = self.delta_weight().to_device(base.device());
-        if dw.numel() != w.numel() {
-            return Err(LoraError::Invalid(format!(
-                "base weight has shape {:?} but this module's update has {:?}",
-                base.size(),
-                dw.size()
-            )));
-        }
-        let dw = dw.view_as(&w);
+        let dw = self.delta_weight().to_device(base.device()).view_as(&w);
         let merged = match &self.dora {
             Some(m) => {
                 &w + (crate::dora::decomposed(&w, &dw, &m.to_device(w.device())) - &w) * strength

@@ -15,7 +15,6 @@
 use crate::adapter::LoraAdapter;
 use crate::error::{LoraError, Result};
 use crate::io::{self, TensorFile};
-use crate::lycoris::LycoAdapter;
 use crate::naming::{attn_processor_to_module, Component, ModuleKey};
 use crate::set::LoraSet;
 use std::collections::BTreeMap;
@@ -369,20 +368,19 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
             reason,
         };
         let alpha = read_alpha(&g.alpha).map_err(bad)?;
-        if !g.lyco.is_empty() {
-            if g.down.is_some() || g.up.is_some() {
-                return Err(bad("mixes lora_down/lora_up with LyCORIS tensors".into()));
-            }
-            let get = |k: &str| g.lyco.get(k).map(|(_, t)| t.shallow_clone());
-            let lyco = LycoAdapter::from_tensors(&get, alpha)
+        if !g.lyco.is_empty() && (g.down.is_some() || g.up.is_some()) {
+            return Err(bad("mixes lora_down/lora_up with LyCORIS tensors".into()));
+        }
+        let mut named: BTreeMap<&str, Tensor> =
+            g.lyco.into_iter().map(|(k, (_, t))| (k, t)).collect();
+        named.extend(g.dora.map(|(_, t)| ("dora_scale", t)));
+        if g.down.is_none() && g.up.is_none() && named.keys().any(|k| *k != "dora_scale") {
+            let get = |k: &str| named.get(k).map(Tensor::shallow_clone);
+            let adapter = LoraAdapter::from_named(&get, alpha)
                 .map_err(|e| bad(e.to_string()))?
                 .ok_or_else(|| {
                     bad("has LyCORIS tensors but neither hada_w1_a nor lokr_w1 / lokr_w1_a".into())
                 })?;
-            let mut adapter = LoraAdapter::from_lyco(lyco);
-            if let Some((_, m)) = g.dora {
-                adapter.set_dora_scale(m);
-            }
             set.insert(key, adapter);
             continue;
         }
@@ -428,11 +426,12 @@ pub fn normalise(file: TensorFile, unknown: UnknownKeys) -> Result<LoadedLora> {
                 warnings.push(msg);
             }
         }
-        let mut adapter =
-            LoraAdapter::from_weights(down.1, up.1, alpha).map_err(|e| bad(e.to_string()))?;
-        if let Some((_, m)) = g.dora {
-            adapter.set_dora_scale(m);
-        }
+        named.insert("lora_down.weight", down.1);
+        named.insert("lora_up.weight", up.1);
+        let get = |k: &str| named.get(k).map(Tensor::shallow_clone);
+        let adapter = LoraAdapter::from_named(&get, alpha)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("has no lora_down/lora_up weights".into()))?;
         set.insert(key, adapter);
     }
     // LyCORIS writes LoRA modules (with DoRA) under kohya's names

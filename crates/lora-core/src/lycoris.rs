@@ -20,6 +20,21 @@ use crate::adapter::Geometry;
 use crate::error::{LoraError, Result};
 use tch::{Device, Kind, Tensor};
 
+/// The key suffixes of the LyCORIS tensors lorakit reads and writes (LoHa,
+/// LoKr without Tucker).
+pub const KEYS: [&str; 10] = [
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+];
+
 /// LyCORIS' `factorization(dimension, factor)`: `dimension = m · n` with
 /// `m ≤ n`: `(factor, dimension / factor)` when `factor` divides it, else the
 /// most balanced pair whose smaller part is at most `factor` (any size for

@@ -25,7 +25,7 @@ use crate::model::keys::weight_location_in;
 use crate::model::sdxl::detect;
 use crate::model::weights::{Checkpoint, TensorInfo};
 use crate::{Result, SdxlError};
-use lora_core::{Geometry, LoraAdapter, LoraSet};
+use lora_core::{LoraAdapter, LoraSet};
 use safetensors::tensor::View;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -104,15 +104,6 @@ impl View for &Entry<'_> {
     }
 }
 
-fn delta_shape(a: &LoraAdapter) -> Vec<i64> {
-    match a.geometry() {
-        Geometry::Linear => vec![a.out_features(), a.in_features()],
-        Geometry::Conv2d { kernel, .. } => {
-            vec![a.out_features(), a.in_features(), kernel[0], kernel[1]]
-        }
-    }
-}
-
 /// Writes `out`: the single-file checkpoint `base` with every LoRA of
 /// `loras` merged at its strength. Fails before writing anything when a
 /// LoRA module has no matching weight (a LoRA for another model) or
@@ -152,15 +143,16 @@ pub fn merge_into_checkpoint(
                     loc.key
                 ))
             })?;
-            let mut want = delta_shape(adapter);
+            // a fused in_proj holds three modules' rows
+            let mut part = shape.to_vec();
             if loc.fused_part.is_some() {
-                want[0] *= 3;
+                part[0] /= 3;
             }
-            // a LyCORIS update read from a file knows its matrix, not its kernel
-            let same_matrix = adapter.lyco().is_some()
-                && shape.first() == want.first()
-                && shape.iter().product::<i64>() == want.iter().product::<i64>();
-            if shape != want.as_slice() && !same_matrix {
+            if !adapter.fits_weight(&part) {
+                let mut want = adapter.weight_shape();
+                if loc.fused_part.is_some() {
+                    want[0] *= 3;
+                }
                 return Err(err(format!(
                     "LoRA module {name} changes a {want:?} weight but `{}` is {shape:?}: is the LoRA for another model?",
                     loc.key

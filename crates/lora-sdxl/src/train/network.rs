@@ -36,37 +36,19 @@ impl Leaf {
     }
 
     /// A detached adapter of this module with `tensors` (its own, or the
-    /// EMA's) in [`Self::params`] order.
-    fn adapter(&self, mut tensors: Vec<Tensor>) -> Result<LoraAdapter> {
-        let mut names: Vec<&str> = self.params.iter().map(|(n, _)| *n).collect();
-        let dora = match names.last() {
-            Some(&"dora_scale") => {
-                names.pop();
-                tensors.pop()
-            }
-            _ => None,
+    /// EMA's) in [`Self::params`] order, rebuilt as a file's module is.
+    fn adapter(&self, tensors: Vec<Tensor>) -> Result<LoraAdapter> {
+        let named: Vec<(&str, Tensor)> = self.params.iter().map(|(n, _)| *n).zip(tensors).collect();
+        let get = |k: &str| {
+            named
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, t)| t.shallow_clone())
         };
-        let mut a = if names.first() == Some(&"lora_down.weight") {
-            let mut it = tensors.into_iter();
-            let (down, up) = (it.next().unwrap_or_default(), it.next().unwrap_or_default());
-            LoraAdapter::from_weights(down, up, Some(self.alpha))?
-        } else {
-            let by_name: Vec<(&str, Tensor)> = names.into_iter().zip(tensors).collect();
-            let get = |k: &str| {
-                by_name
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, t)| t.shallow_clone())
-            };
-            let mut l = LycoAdapter::from_tensors(&get, Some(self.alpha))?.ok_or_else(|| {
-                lora_core::LoraError::Invalid("a LyCORIS leaf without its tensors".into())
-            })?;
-            l.set_geometry(self.in_features, self.geometry)?;
-            LoraAdapter::from_lyco(l)
-        };
-        if let Some(m) = dora {
-            a.set_dora_scale(m);
-        }
+        let mut a = LoraAdapter::from_named(&get, Some(self.alpha))?.ok_or_else(|| {
+            lora_core::LoraError::Invalid(format!("`{}` has no tensors", self.key.kohya_name()))
+        })?;
+        a.fit_layer(self.in_features, self.geometry)?;
         Ok(a)
     }
 
