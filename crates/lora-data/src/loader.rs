@@ -14,7 +14,7 @@
 
 use crate::buckets::{assign, Bucket, BucketSpec, CropMode, Placement, SizeConditioning};
 use crate::error::Result;
-use crate::image_io::{decode_rgb, resize_crop, to_chw_f32, DecodeLimits};
+use crate::image_io::{decode, resize_crop, to_chw_f32, to_rgb, DecodeLimits};
 use crate::scan::ImageEntry;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -190,18 +190,18 @@ pub fn load_item(
     background: [u8; 3],
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let bytes = std::fs::read(&img.path).map_err(|e| crate::error::DataError::io(&img.path, e))?;
-    let rgb = decode_rgb(&img.path, &bytes, limits, background)?;
-    let out = resize_crop(&rgb, &item.placement, item.flip)?;
+    let decoded = decode(&img.path, &bytes, limits)?;
     let mask = match &img.mask {
         Some(m) => Some(crate::masks::load_mask(
             img,
             m,
-            &item.placement,
-            item.flip,
+            &decoded,
+            (&item.placement, item.flip),
             limits,
         )?),
         None => None,
     };
+    let out = resize_crop(&to_rgb(decoded, background), &item.placement, item.flip)?;
     Ok((to_chw_f32(&out), mask))
 }
 

@@ -10,7 +10,7 @@ use crate::buckets::Placement;
 use crate::error::{DataError, Result};
 use crate::image_io::{decode, probe, resize_crop_gray, to_rgb, DecodeLimits, IMAGE_EXTENSIONS};
 use crate::scan::{ImageEntry, Problem, Severity};
-use image::GrayImage;
+use image::{DynamicImage, GrayImage};
 use std::path::{Path, PathBuf};
 
 /// Where a dataset's masks come from.
@@ -134,43 +134,40 @@ pub fn resolve_mask(
     }
 }
 
-/// The full-size mask of `img` (`0` = ignored, `255` = learned).
-fn decode_mask(img: &ImageEntry, mask: &Mask, limits: &DecodeLimits) -> Result<GrayImage> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| DataError::io(p, e));
+/// The full-size mask (`0` = ignored, `255` = learned): the mask file's red
+/// channel, or the alpha channel of `decoded`, the image itself (already
+/// decoded for its pixels, so it is not read twice).
+fn decode_mask(mask: &Mask, decoded: &DynamicImage, limits: &DecodeLimits) -> Result<GrayImage> {
     Ok(match mask {
         Mask::File { path, .. } => {
-            let m = decode(path, &read(path)?, limits)?;
+            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
             // the red channel; transparent mask pixels count as black
-            let rgb = to_rgb(m, [0, 0, 0]);
+            let rgb = to_rgb(decode(path, &bytes, limits)?, [0, 0, 0]);
             GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
                 image::Luma([rgb.get_pixel(x, y)[0]])
             })
         }
-        Mask::Alpha => {
-            let m = decode(&img.path, &read(&img.path)?, limits)?;
-            if m.color().has_alpha() {
-                let rgba = m.into_rgba8();
-                GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
-                    image::Luma([rgba.get_pixel(x, y)[3]])
-                })
-            } else {
-                GrayImage::from_pixel(m.width(), m.height(), image::Luma([255]))
-            }
+        Mask::Alpha if decoded.color().has_alpha() => {
+            let rgba = decoded.to_rgba8();
+            GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                image::Luma([rgba.get_pixel(x, y)[3]])
+            })
         }
+        Mask::Alpha => GrayImage::from_pixel(decoded.width(), decoded.height(), image::Luma([255])),
     })
 }
 
-/// The mask of `img` cropped, resized and flipped as its pixels are
-/// ([`crate::image_io::resize_crop`]), as `H·W` weights in `[0, 1]`
-/// (row-major, the bucket's size).
+/// The mask of `img` (whose file decodes to `decoded`) cropped, resized and
+/// flipped as its pixels are ([`crate::image_io::resize_crop`]), as `H·W`
+/// weights in `[0, 1]` (row-major, the bucket's size).
 pub fn load_mask(
     img: &ImageEntry,
     mask: &Mask,
-    placement: &Placement,
-    flip: bool,
+    decoded: &DynamicImage,
+    (placement, flip): (&Placement, bool),
     limits: &DecodeLimits,
 ) -> Result<Vec<f32>> {
-    let full = decode_mask(img, mask, limits)?;
+    let full = decode_mask(mask, decoded, limits)?;
     if full.dimensions() != (img.width, img.height) {
         return Err(DataError::Image {
             path: img.path.clone(),
@@ -231,9 +228,10 @@ mod tests {
         };
         let limits = DecodeLimits::default();
         let at = |v: &[f32], x: usize| v[16 * 96 + x];
-        let plain = load_mask(&img, &mask, &whole(96, 32), false, &limits).unwrap();
+        let pixels = image::DynamicImage::ImageRgb8(image::RgbImage::new(96, 32));
+        let plain = load_mask(&img, &mask, &pixels, (&whole(96, 32), false), &limits).unwrap();
         assert_eq!((at(&plain, 5), at(&plain, 90)), (1.0, 0.0));
-        let flipped = load_mask(&img, &mask, &whole(96, 32), true, &limits).unwrap();
+        let flipped = load_mask(&img, &mask, &pixels, (&whole(96, 32), true), &limits).unwrap();
         assert_eq!((at(&flipped, 5), at(&flipped, 90)), (0.0, 1.0));
         // a 32×32 crop of the right two thirds: all black
         let crop = Placement {
@@ -247,7 +245,7 @@ mod tests {
             scale: 1.0,
             upscaled: false,
         };
-        let cropped = load_mask(&img, &mask, &crop, false, &limits).unwrap();
+        let cropped = load_mask(&img, &mask, &pixels, (&crop, false), &limits).unwrap();
         assert!(cropped.iter().all(|&v| v == 0.0), "{:?}", &cropped[..8]);
     }
 
@@ -258,30 +256,16 @@ mod tests {
             image::Rgba([200, 10, 10, if x < 8 { 255 } else { 0 }])
         });
         let p = dir.path().join("a.png");
-        write_png(&p, image::DynamicImage::ImageRgba8(rgba));
+        let decoded = image::DynamicImage::ImageRgba8(rgba);
+        write_png(&p, decoded.clone());
         let limits = DecodeLimits::default();
-        let m = load_mask(
-            &entry(&p, 16, 16),
-            &Mask::Alpha,
-            &whole(16, 16),
-            false,
-            &limits,
-        )
-        .unwrap();
+        let at = (&whole(16, 16), false);
+        let m = load_mask(&entry(&p, 16, 16), &Mask::Alpha, &decoded, at, &limits).unwrap();
         assert_eq!((m[8 * 16 + 2], m[8 * 16 + 13]), (1.0, 0.0));
         let q = dir.path().join("b.png");
-        write_png(
-            &q,
-            image::DynamicImage::ImageRgb8(image::RgbImage::new(16, 16)),
-        );
-        let ones = load_mask(
-            &entry(&q, 16, 16),
-            &Mask::Alpha,
-            &whole(16, 16),
-            false,
-            &limits,
-        )
-        .unwrap();
+        let opaque = image::DynamicImage::ImageRgb8(image::RgbImage::new(16, 16));
+        write_png(&q, opaque.clone());
+        let ones = load_mask(&entry(&q, 16, 16), &Mask::Alpha, &opaque, at, &limits).unwrap();
         assert!(ones.iter().all(|&v| v == 1.0));
         let (mask, problem) = resolve_mask(&MaskSource::Alpha, "b.png", (16, 16), false, &limits);
         assert_eq!(mask, Some(Mask::Alpha));

@@ -262,7 +262,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
             let mask = match &opts.mask {
                 None => None,
                 Some(source) => {
-                    let has_alpha = crate::image_io::has_alpha(path, &bytes);
+                    let has_alpha = matches!(source, crate::masks::MaskSource::Alpha) && crate::image_io::has_alpha(path, &bytes);
                     let (mask, problem) = crate::masks::resolve_mask(source, &r, (info.width, info.height), has_alpha, &opts.limits);
                     match problem {
                         Some(p) if p.severity == Severity::Error => return Probed { entry: None, problems: vec![p] },
