@@ -2,7 +2,7 @@
 //! `up(drop(down(x))) · multiplier · alpha / rank` with neuron, rank and
 //! module dropout, for [`LoraAdapter::delta`].
 
-use crate::adapter::{Geometry, LoraAdapter};
+use crate::adapter::{layer_op, Geometry, LoraAdapter};
 use tch::{Kind, Tensor};
 
 impl LoraAdapter {
@@ -21,15 +21,7 @@ impl LoraAdapter {
             x.to_kind(down.kind())
         };
         let mut scale = self.scale() * self.multiplier();
-        let mut h = match self.geometry() {
-            Geometry::Linear => xk.linear::<&Tensor>(down, None),
-            Geometry::Conv2d {
-                stride,
-                padding,
-                dilation,
-                ..
-            } => xk.conv2d::<&Tensor>(down, None, stride, padding, dilation, 1),
-        };
+        let mut h = layer_op(self.geometry(), &xk, down);
         if train && d.dropout > 0.0 {
             h = h.dropout(d.dropout, true);
         }

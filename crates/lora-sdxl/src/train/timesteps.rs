@@ -44,17 +44,28 @@ impl TimestepSampling {
     }
 }
 
+/// How a sampler draws (the sigmoid's weights built once, on the device).
+#[derive(Debug)]
+enum Draw {
+    /// torch's `randint` over the range (uniform without a shift).
+    Randint,
+    /// A uniform unit draw through [`TimestepSampler::from_unit`].
+    Uniform,
+    /// A logit-normal unit draw through [`TimestepSampler::from_unit`].
+    LogitNormal,
+    /// `multinomial` over the weights of `min..max`.
+    Sigmoid(Tensor),
+}
+
 /// Draws a step's timesteps.
 #[derive(Debug)]
 pub struct TimestepSampler {
-    kind: TimestepSampling,
+    draw: Draw,
     min: i64,
     max: i64,
     shift: f64,
     scale: f64,
     bias: f64,
-    /// `sigmoid`: the weights of `min..max` on the device.
-    weights: Option<Tensor>,
 }
 
 impl TimestepSampler {
@@ -66,36 +77,36 @@ impl TimestepSampler {
         let scale = t.sigmoid_scale.unwrap_or(0.0);
         let bias = t.sigmoid_bias;
         let shift = t.timestep_shift;
-        let weights = (kind == TimestepSampling::Sigmoid)
-            .then(|| sigmoid_weights(max - min, scale, bias, shift).to_device(device));
+        let draw = match kind {
+            TimestepSampling::Uniform if shift == 1.0 => Draw::Randint,
+            TimestepSampling::Uniform => Draw::Uniform,
+            TimestepSampling::LogitNormal => Draw::LogitNormal,
+            TimestepSampling::Sigmoid => {
+                Draw::Sigmoid(sigmoid_weights(max - min, scale, bias, shift).to_device(device))
+            }
+        };
         Self {
-            kind,
+            draw,
             min,
             max,
             shift,
             scale,
             bias,
-            weights,
         }
     }
 
     /// `b` timesteps (`Int64` on `device`), drawn with torch's generator.
     pub fn sample(&self, b: i64, device: Device) -> Tensor {
         let opts = (Kind::Float, device);
-        match self.kind {
+        match &self.draw {
             // the plain draw, unchanged from before the option existed
-            TimestepSampling::Uniform if self.shift == 1.0 => {
-                Tensor::randint_low(self.min, self.max, [b], (Kind::Int64, device))
-            }
-            TimestepSampling::Uniform => self.from_unit(&Tensor::rand([b], opts)),
-            TimestepSampling::LogitNormal => {
+            Draw::Randint => Tensor::randint_low(self.min, self.max, [b], (Kind::Int64, device)),
+            Draw::Uniform => self.from_unit(&Tensor::rand([b], opts)),
+            Draw::LogitNormal => {
                 let normal = Tensor::randn([b], opts) * (self.scale + 1.0) + self.bias;
                 self.from_unit(&normal.sigmoid())
             }
-            TimestepSampling::Sigmoid => match &self.weights {
-                Some(w) => w.multinomial(b, true) + self.min,
-                None => unreachable!("`new` builds the weights of a sigmoid sampler"),
-            },
+            Draw::Sigmoid(w) => w.multinomial(b, true) + self.min,
         }
     }
 
