@@ -87,6 +87,7 @@ fn trains_saves_rotates_and_learns() {
         vec![
             ".lock",
             "cache",
+            "events.jsonl",
             "job.toml",
             "loss.csv",
             "loss.png",

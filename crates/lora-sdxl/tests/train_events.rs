@@ -77,6 +77,14 @@ fn events_come_in_order_and_validation_follows_its_own_cadence() {
     let mut s = setup(7, 4);
     s.job.validation.every = Some(3);
     let ev = events_of(&s.job, &s.path, &quiet());
+    // events.jsonl holds exactly the events, one JSON line each
+    let lines = std::fs::read_to_string(s.root.join("output/run/events.jsonl")).unwrap();
+    let expect: Vec<String> = ev
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect();
+    assert_eq!(lines.lines().collect::<Vec<_>>(), expect);
+    assert!(expect.last().unwrap().contains(r#""event":"finished""#));
     assert!(
         matches!(
             ev[0],
@@ -242,6 +250,14 @@ fn loss_csv_has_each_step_once_after_a_resume() {
     };
     let r = train(&s.job, &s.path, &opts).unwrap();
     assert_eq!(r.step, 6);
+    // events.jsonl keeps the first part and appends the resumed one
+    let log = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(r#""event":"started""#))
+        .collect();
+    assert_eq!(starts.len(), 2, "{log}");
+    assert!(starts[1].contains(r#""resumed":true"#) && starts[1].contains(r#""step":4"#));
     let csv = std::fs::read_to_string(run_dir.join("loss.csv")).unwrap();
     let steps: Vec<u64> = csv
         .lines()

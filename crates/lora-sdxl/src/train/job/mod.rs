@@ -498,7 +498,14 @@ impl JobConfig {
             field: "file".into(),
             message: format!("cannot read the job file: {e}"),
         })?;
-        let mut cfg = Self::parse(file, &text)?;
+        Self::parse_at(file, &text)
+    }
+
+    /// Parses `text` as [`JobConfig::load`] would read it from `file`
+    /// (relative paths resolved against `file`'s folder), without reading
+    /// `file`: for checking a job before it is saved there.
+    pub fn parse_at(file: &Path, text: &str) -> Result<Self, JobError> {
+        let mut cfg = Self::parse(file, text)?;
         let base = file.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() {

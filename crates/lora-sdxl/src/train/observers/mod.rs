@@ -7,10 +7,12 @@
 //! | [`console::Console`] | progress bar on a terminal, plain log lines otherwise |
 //! | [`loss_csv::LossCsv`] | `loss.csv`: `step,loss,lr,val_loss,seconds` (`,val_reg_loss` with regularisation images) |
 //! | [`loss_chart::LossChart`] | `loss.png` from `loss.csv` at every checkpoint |
+//! | [`event_log::EventLog`] | `events.jsonl`: every event as a JSON line, for programs following the run |
 //! | [`rotation::Rotation`] | keeps the newest `max_step_saves_to_keep` step files |
 //! | [`samples::Samples`] | in-training samples and `samples/grid.png` |
 
 pub mod console;
+pub mod event_log;
 pub mod loss_chart;
 pub mod loss_csv;
 pub mod rotation;
@@ -21,8 +23,8 @@ use super::job::JobConfig;
 use std::path::Path;
 
 /// The standard observers in order: console (unless `quiet`), `loss.csv`,
-/// `loss.png` (after the CSV is written), rotation, samples (unless
-/// `sample.disable`).
+/// `loss.png` (after the CSV is written), `events.jsonl`, rotation, samples
+/// (unless `sample.disable`).
 pub fn standard<'o>(job: &JobConfig, run_dir: &Path, quiet: bool) -> Observers<'o> {
     let mut o: Observers<'o> = Vec::new();
     if !quiet {
@@ -33,6 +35,9 @@ pub fn standard<'o>(job: &JobConfig, run_dir: &Path, quiet: bool) -> Observers<'
         run_dir.join("loss.csv"),
         run_dir.join("loss.png"),
         format!("{}: loss by step", job.job.name),
+    )));
+    o.push(Box::new(event_log::EventLog::new(
+        run_dir.join("events.jsonl"),
     )));
     o.push(Box::new(rotation::Rotation::new(
         job.save.max_step_saves_to_keep as usize,
