@@ -85,10 +85,14 @@ fn sigkill_at_any_moment_leaves_a_resumable_run() {
         let _ = child.wait();
         assert_consistent(&run);
     }
-    // then it runs to the end from the last complete state
+    // then it runs to the end from the last complete state (on a fast
+    // machine the restarts between kills may already have finished it; a
+    // resume of a finished run is refused, which is right)
     let o = spawn_train(&job, true).wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let done_before =
+        err.contains("already reached step 10") && run.join("trig.safetensors").is_file();
+    assert!(o.status.success() || done_before, "{err}");
     assert_consistent(&run);
     let last = lora_core::io::read_tensors(run.join("trig.safetensors"))
         .unwrap()

@@ -85,20 +85,6 @@ enum Part {
     Dora,
 }
 
-/// The LyCORIS tensors lorakit reads (LoHa, LoKr without Tucker).
-const LYCO_SUFFIXES: [&str; 10] = [
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-];
-
 struct Parsed {
     key: ModuleKey,
     part: Part,
@@ -117,7 +103,7 @@ fn split_part<'a>(name: &'a str, suffixes: &[(&str, Part)]) -> Option<(&'a str, 
 fn parse_key(name: &str) -> Option<Parsed> {
     // kohya / AI Toolkit (and LyCORIS, which names modules as kohya does)
     if name.starts_with("lora_unet_") || name.starts_with("lora_te") {
-        let lyco = LYCO_SUFFIXES
+        let lyco = crate::lycoris::KEYS
             .iter()
             .find_map(|s| (name.strip_suffix(s)?.strip_suffix('.')).map(|m| (m, Part::Lyco(s))));
         let (module, part) = match lyco {
