@@ -45,6 +45,13 @@ pub fn read_caption(path: &Path) -> std::io::Result<CaptionText> {
     Ok(decode_caption(&std::fs::read(path)?))
 }
 
+/// The same-name caption file an image gets: `<stem>.<ext>` beside it
+/// (`ext` without the dot).
+pub fn caption_path(image: &Path, ext: &str) -> std::path::PathBuf {
+    let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+    image.with_file_name(format!("{stem}.{}", ext.trim_start_matches('.')))
+}
+
 /// Splits a caption into trimmed, non-empty tags.
 pub fn split_tags(caption: &str) -> Vec<String> {
     caption
@@ -59,7 +66,7 @@ pub fn join_tags(tags: &[String]) -> String {
     tags.join(", ")
 }
 
-fn same_tag(a: &str, b: &str) -> bool {
+pub(crate) fn same_tag(a: &str, b: &str) -> bool {
     a.trim().to_lowercase() == b.trim().to_lowercase()
 }
 
@@ -397,7 +404,7 @@ pub struct CaptionChange {
 
 /// Rewrites the first non-empty line of a caption file's text, keeping the
 /// other lines and the line-ending style; drops a BOM.
-fn replace_first_line(bytes: &[u8], new_caption: &str) -> String {
+pub(crate) fn replace_first_line(bytes: &[u8], new_caption: &str) -> String {
     let text = decode_caption(bytes);
     let raw =
         String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)).into_owned();
@@ -434,14 +441,12 @@ pub fn edit_captions(
             ..opts.clone()
         },
     )?;
-    let ext = opts.caption_ext.trim_start_matches('.');
     let mut changes = Vec::new();
     for img in &scan.images {
         let (path, created) = match &img.caption_path {
             Some(p) => (p.clone(), false),
             None if matches!(edit, CaptionEdit::AddTrigger(_)) => {
-                let stem = img.path.file_stem().unwrap_or_default().to_string_lossy();
-                (img.path.with_file_name(format!("{stem}.{ext}")), true)
+                (caption_path(&img.path, &opts.caption_ext), true)
             }
             None => continue,
         };
@@ -472,6 +477,14 @@ pub fn edit_captions(
 #[cfg(test)]
 mod file_tests {
     use super::*;
+
+    #[test]
+    fn an_image_s_caption_file_uses_the_caption_extension() {
+        let p = |img: &str, ext: &str| caption_path(Path::new(img), ext);
+        assert_eq!(p("d/10_x/a.b.PNG", "txt"), Path::new("d/10_x/a.b.txt"));
+        assert_eq!(p("a.webp", "caption"), Path::new("a.caption"));
+        assert_eq!(p("a.webp", ".caption"), Path::new("a.caption"));
+    }
 
     #[test]
     fn first_line_rewrite_keeps_the_rest() {

@@ -37,6 +37,14 @@ pub enum DataError {
         /// Why.
         reason: String,
     },
+    /// A captioning endpoint that cannot be used.
+    #[error("{url}: {reason}")]
+    Endpoint {
+        /// The URL asked.
+        url: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// Invalid settings or arguments.
     #[error("{0}")]
     Invalid(String),

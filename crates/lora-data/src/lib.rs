@@ -13,9 +13,12 @@
 //! * [`masks`]: loss masks from mask files or alpha channels, aligned with
 //!   their images' crops;
 //! * [`cache`]: content-keyed latent / text-embedding caches;
+//! * [`autocaption`]: captions from a vision model behind any
+//!   OpenAI-compatible endpoint (`lorakit caption auto`);
 //! * [`toy_world`]: the procedural picture world of the toy base model, its
 //!   demo character and a detector for both.
 
+pub mod autocaption;
 pub mod buckets;
 pub mod cache;
 pub mod caption;

@@ -222,7 +222,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         let stem = img.file_stem()?;
         let dir = img.parent()?;
         // exact name first, then a case-insensitive extension match
-        let exact = dir.join(format!("{}.{ext}", stem.to_string_lossy()));
+        let exact = crate::caption::caption_path(img, &ext);
         if exact.is_file() {
             return Some(exact);
         }
