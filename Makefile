@@ -1,13 +1,13 @@
 # lorakit — two commands on a fresh machine:
 #   make demo   build lorakit and run the built-in demo (no downloads but libtorch)
-#   make test   run every test
+#   make test   run every test (installs Chromium for the UI's browser test)
 # Both first run scripts/setup-libtorch.sh (libtorch 2.11.0: $LIBTORCH if set
 # and usable, else a project-local .venv with torch==2.11.0 from PyPI).
 
 CARGO ?= cargo
 DEMO_OUT ?= output/demo
 
-.PHONY: all setup build demo test lint bench fixtures toy-world docs-images clean
+.PHONY: all setup setup-browser build demo test lint bench fixtures toy-world docs-images ui-screens clean
 
 all: build
 
@@ -20,7 +20,10 @@ build: setup
 demo: build
 	./target/release/lorakit demo --out $(DEMO_OUT)
 
-test: setup
+setup-browser:
+	@bash scripts/setup-browser.sh
+
+test: setup setup-browser
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
@@ -62,6 +65,13 @@ docs-images: build
 	cp target/docs-demo/demo/samples/grid.png docs/demo_grid.png
 	cp target/docs-demo/demo/loss.png docs/demo_loss.png
 	cp target/docs-demo/demo/scores.txt docs/demo_scores.txt
+
+# The README's screenshots of `lorakit ui`, taken by its browser test.
+ui-screens: setup setup-browser
+	rm -rf target/ui-screens
+	$(CARGO) test -p lora-cli --test ui_browser
+	mkdir -p docs/ui
+	cp target/ui-screens/dataset.png target/ui-screens/new-job-error.png target/ui-screens/job-done.png target/ui-screens/compare.png docs/ui/
 
 clean:
 	$(CARGO) clean

@@ -22,7 +22,7 @@ pub struct FolderArgs {
 }
 
 impl FolderArgs {
-    fn scan_options(&self) -> ScanOptions {
+    pub(crate) fn scan_options(&self) -> ScanOptions {
         ScanOptions {
             caption_ext: self.caption_ext.clone(),
             recursive: self.recursive,
@@ -130,6 +130,11 @@ pub enum CaptionCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Caption images with a vision model behind an OpenAI-compatible
+    /// endpoint (llama.cpp's llama-server, vLLM, Ollama, LM Studio, OpenAI):
+    /// tags cleaned, TAGs removed, the trigger first, written atomically;
+    /// existing captions are kept unless --overwrite.
+    Auto(crate::autocaption::AutoArgs),
     /// Tag frequencies; tags in most captions are flagged as candidates to
     /// remove for a character LoRA (so the trigger word learns them).
     Stats {
@@ -190,8 +195,9 @@ pub fn dataset(cmd: DatasetCommand) -> AnyResult<ExitCode> {
     }
 }
 
-pub fn caption(cmd: CaptionCommand) -> AnyResult<ExitCode> {
+pub fn caption(cmd: CaptionCommand, quiet: bool) -> AnyResult<ExitCode> {
     let (folder, edit, dry_run) = match cmd {
+        CaptionCommand::Auto(a) => return crate::autocaption::run(a, quiet),
         CaptionCommand::Stats {
             folder,
             trigger,

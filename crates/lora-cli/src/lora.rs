@@ -249,18 +249,16 @@ fn extract(a: ExtractArgs) -> AnyResult {
         min_diff: a.min_diff,
         device,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} modules  {elapsed} / ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = crate::console::progress_bar(0, "modules", false);
     let x = lora_sdxl::extract_lora(&a.base, &a.tuned, &opts, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
     })?;
-    bar.finish_and_clear();
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     let title = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -1,11 +1,14 @@
 //! `lorakit`: the command-line front end of the lorakit libraries.
 
+mod autocaption;
+mod console;
 mod data;
 mod demo;
 mod lora;
 mod model;
 mod sample;
 mod train;
+mod ui;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -29,6 +32,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// A local web UI: datasets and captions (more to come), on
+    /// http://127.0.0.1:8675 by default.
+    Ui(ui::UiArgs),
     /// Work with LoRA files.
     Lora {
         #[command(subcommand)]
@@ -199,7 +205,8 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
         Command::Sample(a) => sample::sample(a, cli.quiet),
         Command::Grid(a) => sample::grid(a, cli.quiet),
         Command::Dataset { command } => data::dataset(command),
-        Command::Caption { command } => data::caption(command),
+        Command::Caption { command } => data::caption(command, cli.quiet),
+        Command::Ui(a) => ui::run(a),
         Command::Demo { out } => demo::run(&out).map(|()| ExitCode::SUCCESS),
     }
 }

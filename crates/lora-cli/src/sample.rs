@@ -132,19 +132,6 @@ impl Common {
     }
 }
 
-fn bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
-    (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} sampler steps  {per_sec}  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    })
-}
-
 /// `FILE[:STRENGTH]`: the suffix after the last `:` is a strength when it
 /// parses as a number (so `C:\x.safetensors` and `a:b.safetensors` stay paths).
 pub(crate) fn parse_lora(arg: &str) -> AnyResult<LoraUse> {
@@ -195,7 +182,7 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
     let (model, model_name) = a.common.load()?;
     let hashes = attach_all(&model, &loras)?;
     let tok = ClipTokenizer::new();
-    let pb = bar((params.steps) as u64, quiet);
+    let pb = crate::console::progress_bar(params.steps as u64, "sampler steps", quiet);
     let images = txt2img(&model, &tok, &params, &mut |_| {
         if let Some(b) = &pb {
             b.inc(1)
@@ -277,7 +264,7 @@ pub fn grid(a: GridArgs, quiet: bool) -> AnyResult<ExitCode> {
             prompts.len() * columns.len()
         );
     }
-    let pb = bar(total, quiet);
+    let pb = crate::console::progress_bar(total, "sampler steps", quiet);
     let out = render_grid(
         &model,
         &tok,

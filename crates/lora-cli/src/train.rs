@@ -7,26 +7,14 @@ use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::JobConfig;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
 pub fn run(job_path: &Path, resume: bool, quiet: bool) -> AnyResult<ExitCode> {
     let job = JobConfig::load(job_path)?;
     job.validate(job_path)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let presses = Arc::new(AtomicUsize::new(0));
-    {
-        let (stop, presses) = (stop.clone(), presses.clone());
-        let _ = ctrlc::set_handler(move || {
-            if presses.fetch_add(1, Ordering::SeqCst) == 0 {
-                eprintln!("\nstopping after this step (saving a checkpoint and the state); press Ctrl-C again to abort now");
-                stop.store(true, Ordering::SeqCst);
-            } else {
-                eprintln!("\naborted; the last saved checkpoint and state are intact");
-                std::process::exit(130);
-            }
-        });
-    }
+    let stop = crate::console::stop_on_ctrl_c(
+        "stopping after this step (saving a checkpoint and the state); press Ctrl-C again to abort now",
+        "aborted; the last saved checkpoint and state are intact",
+    );
     let report = train(
         &job,
         job_path,

@@ -1,0 +1,319 @@
+//! The Datasets API: folders under `--root/datasets`, their images and
+//! captions, uploads, the bulk caption tools and `dataset check`.
+
+use super::paths::{check_name, sanitize_upload_name};
+use super::{blocking, send_file, ApiError, ApiResult, Ui};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use lora_data::caption::{edit_captions, TagStats};
+use lora_data::{check_dataset, CaptionEdit, CheckOptions, ScanOptions, Severity};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn scan_opts() -> ScanOptions {
+    ScanOptions {
+        verify: false,
+        ..Default::default()
+    }
+}
+
+/// `GET /api/datasets`: every dataset folder with its image and caption counts.
+pub async fn list(State(ui): State<Arc<Ui>>) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        let dir = ui.root.dir().join("datasets");
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| ApiError::internal(&dir, e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| check_name("dataset", n).is_ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let Ok(path) = ui.root.entry("datasets", "dataset", &name) else {
+                continue; // a symlink out of the root is not listed
+            };
+            let scan = lora_data::scan(&path, &scan_opts()).map_err(ApiError::bad)?;
+            let captioned = scan.images.iter().filter(|i| !i.caption.is_empty()).count();
+            out.push(json!({ "name": name, "images": scan.image_files, "captioned": captioned }));
+        }
+        Ok(Json(json!(out)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct NewDataset {
+    name: String,
+}
+
+/// `POST /api/datasets {name}`: creates an empty dataset folder.
+pub async fn create(
+    State(ui): State<Arc<Ui>>,
+    Json(req): Json<NewDataset>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let path = ui.root.entry("datasets", "dataset", &req.name)?;
+    if path.exists() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("a dataset named {:?} exists already", req.name),
+        ));
+    }
+    std::fs::create_dir(&path).map_err(|e| ApiError::internal(&path, e))?;
+    Ok((StatusCode::CREATED, Json(json!({ "name": req.name }))))
+}
+
+/// `GET /api/datasets/{name}`: its images, captions and the scan's problems.
+pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+    let path = existing(&ui, &name)?;
+    blocking(move || {
+        let scan = lora_data::scan(&path, &scan_opts()).map_err(ApiError::bad)?;
+        let problems = |file: &str| -> Vec<Value> {
+            scan.problems
+                .iter()
+                .filter(|p| p.file == file)
+                .map(|p| json!({"severity": severity(p.severity), "message": p.message}))
+                .collect()
+        };
+        let images: Vec<Value> = scan
+            .images
+            .iter()
+            .map(|i| {
+                json!({
+                    "file": i.rel, "width": i.width, "height": i.height,
+                    "caption": i.caption, "has_caption_file": i.caption_path.is_some(),
+                    "problems": problems(&i.rel),
+                })
+            })
+            .collect();
+        let other: Vec<Value> = scan
+            .problems
+            .iter()
+            .filter(|p| !scan.images.iter().any(|i| i.rel == p.file))
+            .map(
+                |p| json!({"file": p.file, "severity": severity(p.severity), "message": p.message}),
+            )
+            .collect();
+        Ok(Json(
+            json!({ "name": name, "images": images, "problems": other }),
+        ))
+    })
+    .await
+}
+
+fn severity(s: Severity) -> &'static str {
+    match s {
+        Severity::Warning => "warning",
+        Severity::Error => "error",
+    }
+}
+
+/// The dataset's folder; 404 when there is none.
+pub(super) fn existing(ui: &Ui, name: &str) -> ApiResult<std::path::PathBuf> {
+    let path = ui.root.entry("datasets", "dataset", name)?;
+    if !path.is_dir() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no dataset named {name:?}"),
+        ));
+    }
+    Ok(path)
+}
+
+/// `GET /api/datasets/{name}/images/{file}`: the image's bytes.
+pub async fn image(
+    State(ui): State<Arc<Ui>>,
+    Path((name, file)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let dir = existing(&ui, &name)?;
+    let path = ui.root.file_in(&dir, &file)?;
+    if !lora_data::image_io::is_image_path(&path) || !path.is_file() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no image {file:?} in {name:?}"),
+        ));
+    }
+    send_file(path, false).await
+}
+
+/// `PUT /api/datasets/{name}/images/{file}` (raw body): adds an image. The
+/// name is sanitised, an existing file is never replaced, and the bytes
+/// must be an image lorakit can read within its decoding limits.
+pub async fn upload(
+    State(ui): State<Arc<Ui>>,
+    Path((name, file)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let dir = existing(&ui, &name)?;
+    let clean = sanitize_upload_name(&file)?;
+    let path = ui.root.file_in(&dir, &clean)?;
+    if path.exists() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{clean:?} exists already in {name:?}"),
+        ));
+    }
+    blocking(move || {
+        lora_data::image_io::probe(&path, &body, &Default::default()).map_err(|e| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{clean}: {e}"))
+        })?;
+        lora_core::io::write_atomic(&path, &body).map_err(ApiError::bad)?;
+        Ok((StatusCode::CREATED, Json(json!({ "file": clean }))))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct CaptionBody {
+    caption: String,
+}
+
+/// `PUT /api/datasets/{name}/captions/{image}`: writes the image's
+/// same-name caption file atomically (one line).
+pub async fn save_caption(
+    State(ui): State<Arc<Ui>>,
+    Path((name, file)): Path<(String, String)>,
+    Json(req): Json<CaptionBody>,
+) -> ApiResult<Json<Value>> {
+    let dir = existing(&ui, &name)?;
+    let image = ui.root.file_in(&dir, &file)?;
+    if !lora_data::image_io::is_image_path(&image) || !image.is_file() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no image {file:?} in {name:?}"),
+        ));
+    }
+    let txt = lora_data::caption::caption_path(&image, "txt");
+    let txt = ui
+        .root
+        .file_in(&dir, &txt.file_name().unwrap_or_default().to_string_lossy())?;
+    let caption = lora_data::caption::join_tags(&lora_data::caption::split_tags(
+        &req.caption.replace(['\r', '\n'], " "),
+    ));
+    lora_core::io::write_atomic(&txt, format!("{caption}\n").as_bytes()).map_err(ApiError::bad)?;
+    Ok(Json(json!({ "file": file, "caption": caption })))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum EditBody {
+    AddTrigger { word: String },
+    RemoveTags { tags: Vec<String> },
+    ReplaceTag { old: String, new: String },
+}
+
+/// `POST /api/datasets/{name}/edit?dry_run=true`: a bulk caption edit, as
+/// `lorakit caption add-trigger / remove-tags / replace-tag`.
+pub async fn edit(
+    State(ui): State<Arc<Ui>>,
+    Path(name): Path<String>,
+    Query(q): Query<DryRun>,
+    Json(req): Json<EditBody>,
+) -> ApiResult<Json<Value>> {
+    let dir = existing(&ui, &name)?;
+    let edit = match req {
+        EditBody::AddTrigger { word } if word.trim().is_empty() || word.contains(',') => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the trigger word must be non-empty and contain no comma",
+            ))
+        }
+        EditBody::AddTrigger { word } => CaptionEdit::AddTrigger(word),
+        EditBody::RemoveTags { tags } => CaptionEdit::RemoveTags(tags),
+        EditBody::ReplaceTag { old, new } => CaptionEdit::ReplaceTag(old, new),
+    };
+    blocking(move || {
+        let changes = edit_captions(&dir, &scan_opts(), &edit, q.dry_run).map_err(ApiError::bad)?;
+        let list: Vec<Value> = changes
+            .iter()
+            .map(|c| {
+                let file = c.path.strip_prefix(&dir).unwrap_or(&c.path);
+                json!({"file": file.to_string_lossy(), "before": c.before, "after": c.after, "created": c.created})
+            })
+            .collect();
+        Ok(Json(json!({ "dry_run": q.dry_run, "changes": list })))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+pub struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize, Default)]
+pub struct CheckQuery {
+    trigger: Option<String>,
+    /// Comma-separated resolutions (default 512,768).
+    resolution: Option<String>,
+}
+
+/// `GET /api/datasets/{name}/check`: `lorakit dataset check`'s report, its
+/// problems by file, and the tag statistics with the removal candidates.
+pub async fn check(
+    State(ui): State<Arc<Ui>>,
+    Path(name): Path<String>,
+    Query(q): Query<CheckQuery>,
+) -> ApiResult<Json<Value>> {
+    let dir = existing(&ui, &name)?;
+    let resolutions: Vec<u32> = match q.resolution.as_deref() {
+        None | Some("") => vec![512, 768],
+        Some(s) => s
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|r| *r > 0 && r % 64 == 0)
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("resolution {s:?}: positive multiples of 64, comma-separated"),
+                )
+            })?,
+    };
+    blocking(move || {
+        let trigger = q.trigger.filter(|t| !t.trim().is_empty());
+        let report = check_dataset(
+            &dir,
+            &CheckOptions {
+                scan: ScanOptions::default(),
+                trigger: trigger.clone(),
+                resolutions,
+            },
+        )
+        .map_err(ApiError::bad)?;
+        let problems: Vec<Value> = report
+            .problems
+            .iter()
+            .map(
+                |p| json!({"file": p.file, "severity": severity(p.severity), "message": p.message}),
+            )
+            .collect();
+        let mut stats = TagStats::default();
+        for img in &report.scan.images {
+            stats.add(&img.caption);
+        }
+        let candidates: Vec<String> = stats
+            .removal_candidates(0.5, trigger.as_deref())
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        Ok(Json(json!({
+            "exit_code": report.exit_code(),
+            "report": report.to_string(),
+            "problems": problems,
+            "tags": stats.sorted().into_iter().take(60).collect::<Vec<_>>(),
+            "removal_candidates": candidates,
+        })))
+    })
+    .await
+}

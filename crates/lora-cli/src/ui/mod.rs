@@ -1,0 +1,318 @@
+//! `lorakit ui`: a local web UI served from the binary.
+//!
+//! The server is axum on a tokio runtime: the well-kept standard for HTTP
+//! in Rust, with server-sent events for live training updates to come; the
+//! library calls it makes (scans, decoding, caption edits) are blocking and
+//! run on tokio's blocking pool. The page is plain HTML, CSS and JS
+//! embedded with `include_str!` — no build step, no Node.
+//!
+//! | concept | file |
+//! |---|---|
+//! | who may call (token, Host, CSRF) | `security.rs` |
+//! | names and paths kept under `--root` | `paths.rs` |
+//! | the Datasets API | `datasets.rs` |
+//! | auto-captioning a dataset (`caption auto` in the background) | `captioning.rs` |
+//! | the Jobs API: form, job files, progress, checkpoints | `jobs.rs` |
+//! | the queue: one run at a time as a child process | `queue.rs` |
+//! | Compare: the prompts × steps grid, the picked step, export | `compare.rs` |
+//! | the page | `assets/` |
+
+mod captioning;
+mod compare;
+mod datasets;
+mod jobs;
+mod paths;
+mod queue;
+mod security;
+
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct UiArgs {
+    /// The UI's folder: datasets/ and jobs/ live under it, and nothing
+    /// outside it is ever read or written.
+    #[arg(long, default_value = "lorakit-ui")]
+    root: PathBuf,
+    /// The address to listen on (anything but a loopback address needs the token).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port (0: any free port).
+    #[arg(long, default_value_t = 8675)]
+    port: u16,
+    /// The access token (default: a new random one, printed).
+    #[arg(long)]
+    token: Option<String>,
+    /// Largest upload accepted, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_upload_mb: usize,
+}
+
+/// What every handler shares.
+pub struct Ui {
+    root: paths::Root,
+    token: String,
+    queue: queue::Queue,
+    /// The `lorakit` binary runs and grids are started with.
+    exe: PathBuf,
+    /// A grid being rendered, per job (`lorakit grid` children).
+    compares: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
+    /// Auto-captioning runs, per dataset.
+    captioning: std::sync::Mutex<std::collections::HashMap<String, Arc<captioning::CaptionRun>>>,
+}
+
+impl Ui {
+    /// The UI over `root`; runs are started with the `lorakit` binary `exe`.
+    fn new(root: paths::Root, token: String, exe: PathBuf) -> Arc<Self> {
+        let queue = queue::Queue::open(&root.dir().join("jobs"), exe.clone());
+        Arc::new(Self {
+            root,
+            token,
+            queue,
+            exe,
+            compares: Default::default(),
+            captioning: Default::default(),
+        })
+    }
+
+    /// Turns the queue every half second, for as long as the process lives.
+    fn start_runner(self: &Arc<Self>) {
+        let ui = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            while let Some(ui) = ui.upgrade() {
+                ui.queue.tick();
+                drop(ui);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+    }
+}
+
+/// An API error: a status and one readable sentence, sent as
+/// `{"error": …}`, plus `"field"` when it is about one field of a form.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    /// A form error shown next to `field` (`section.key`).
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.to_string()),
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+        }
+    }
+    fn bad(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.to_string())
+    }
+    fn internal(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}", path.display()),
+        )
+    }
+}
+
+impl From<paths::Refused> for ApiError {
+    fn from(r: paths::Refused) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, r.0)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message, "field": self.field });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Runs blocking library work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )
+    })?
+}
+
+/// A file's bytes as a response, typed by its extension; a download
+/// (`Content-Disposition: attachment`) when `attachment`.
+async fn send_file(path: PathBuf, attachment: bool) -> ApiResult<Response> {
+    let read = path.clone();
+    let bytes =
+        blocking(move || std::fs::read(&read).map_err(|e| ApiError::internal(&read, e))).await?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_lowercase();
+    let mime = match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "bmp" => "image/bmp",
+        "csv" => "text/csv",
+        _ => "application/octet-stream",
+    };
+    let mut resp = ([(header::CONTENT_TYPE, mime)], bytes).into_response();
+    if attachment {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('"', ""))
+            .unwrap_or_default();
+        if let Ok(v) = format!("attachment; filename=\"{name}\"").parse() {
+            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    Ok(resp)
+}
+
+const INDEX: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const JOBS_JS: &str = include_str!("assets/jobs.js");
+const COMPARE_JS: &str = include_str!("assets/compare.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+
+async fn index(axum::extract::State(ui): axum::extract::State<Arc<Ui>>) -> Html<String> {
+    Html(INDEX.replace("{{TOKEN}}", &ui.token))
+}
+
+/// The whole app: pages, API and the access guard around both.
+fn router(ui: Arc<Ui>, loopback: bool, max_upload: usize) -> Router {
+    let access = Arc::new(security::Access {
+        token: ui.token.clone(),
+        loopback,
+    });
+    let asset = |mime: &'static str, text: &'static str| {
+        get(move || async move { ([(header::CONTENT_TYPE, mime)], text) })
+    };
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", asset("text/javascript; charset=utf-8", APP_JS))
+        .route("/jobs.js", asset("text/javascript; charset=utf-8", JOBS_JS))
+        .route(
+            "/compare.js",
+            asset("text/javascript; charset=utf-8", COMPARE_JS),
+        )
+        .route("/app.css", asset("text/css; charset=utf-8", APP_CSS))
+        .route("/api/datasets", get(datasets::list).post(datasets::create))
+        .route("/api/datasets/{name}", get(datasets::show))
+        .route("/api/datasets/{name}/check", get(datasets::check))
+        .route(
+            "/api/datasets/{name}/edit",
+            axum::routing::post(datasets::edit),
+        )
+        .route(
+            "/api/datasets/{name}/images/{file}",
+            get(datasets::image).put(datasets::upload),
+        )
+        .route(
+            "/api/datasets/{name}/captions/{file}",
+            put(datasets::save_caption),
+        )
+        .route(
+            "/api/datasets/{name}/autocaption",
+            get(captioning::status).post(captioning::start),
+        )
+        .route(
+            "/api/datasets/{name}/autocaption/stop",
+            axum::routing::post(captioning::stop),
+        )
+        .route("/api/models", get(jobs::models))
+        .route("/api/jobs", get(jobs::list).post(jobs::create))
+        .route("/api/jobs/{name}", get(jobs::show).delete(jobs::delete))
+        .route("/api/jobs/{name}/files/{file}", get(jobs::file))
+        .route("/api/jobs/{name}/samples/{file}", get(jobs::sample))
+        .route(
+            "/api/jobs/{name}/compare",
+            get(compare::status).post(compare::start),
+        )
+        .route("/api/jobs/{name}/compare/{file}", get(compare::image))
+        .route("/api/jobs/{name}/pick", axum::routing::post(compare::pick))
+        .route(
+            "/api/jobs/{name}/export",
+            axum::routing::post(compare::export),
+        )
+        .route(
+            "/api/jobs/{name}/{action}",
+            axum::routing::post(jobs::action),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(max_upload))
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            security::guard,
+        ))
+        .with_state(ui)
+}
+
+/// Serves on `listener` until the process ends.
+async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    axum::serve(listener, app).await
+}
+
+/// `lorakit ui`.
+pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
+    let loopback = security::is_loopback_name(&a.host);
+    let token = match a.token {
+        Some(t) if t.len() < 16 => {
+            return Err("--token: use at least 16 characters".into());
+        }
+        Some(t) => t,
+        None => security::new_token(),
+    };
+    let root =
+        paths::Root::open(&a.root).map_err(|e| format!("--root {}: {e}", a.root.display()))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the lorakit binary: {e}"))?;
+    let ui = Ui::new(root, token.clone(), exe);
+    ui.start_runner();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .map_err(|e| format!("--host {} --port {}: {e}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        let shown = if addr.ip().is_unspecified() {
+            format!("<this machine's address>:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        if loopback {
+            println!("lorakit ui: http://{shown}/  (root {})", ui.root.dir().display());
+        } else {
+            println!(
+                "lorakit ui: http://{shown}/?token={token}  (root {}; the token is needed from other machines)",
+                ui.root.dir().display()
+            );
+        }
+        let app = router(ui, loopback, a.max_upload_mb << 20);
+        serve(listener, app).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,284 @@
+//! The job queue: one training run at a time, first in first out,
+//! persisted in `jobs/queue.json`. A run is a child process
+//! (`lorakit train job.toml [--resume]`), so a crashing run cannot take the
+//! UI down; its output goes to the job's `log.txt`, its progress is read
+//! from the run's `events.jsonl`.
+//!
+//! The queue cannot get stuck: a run whose process is gone is settled from
+//! its exit status (or, for a run the UI re-attached to after a restart,
+//! from its last event), and the next queued job starts. A UI restart finds
+//! runs it started still alive and follows them, and marks the others
+//! interrupted (resumable).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its turn.
+    Queued,
+    /// Its process runs.
+    Running,
+    /// `train.steps` reached.
+    Done,
+    /// Stopped on request; checkpoint and state saved (resumable).
+    Stopped,
+    /// The process ended with an error (see the log).
+    Failed,
+    /// The process vanished (the UI or machine went down); resumable.
+    Interrupted,
+}
+
+/// One job's place in the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The job's name (its folder under `jobs/`).
+    pub job: String,
+    /// Where it stands.
+    pub state: State,
+    /// Continue from the saved state.
+    pub resume: bool,
+    /// The process while it runs.
+    pub pid: Option<u32>,
+    /// Why it failed: the last lines of its log.
+    pub error: Option<String>,
+}
+
+/// The queue and the process it runs.
+pub struct Queue {
+    jobs_dir: PathBuf,
+    exe: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    /// The child we started (absent for a run re-attached after a restart).
+    child: Option<Child>,
+}
+
+/// True while `pid` is a live `lorakit train` of this job: signal 0 checks
+/// that it exists, and on Linux its command line must name the job file (a
+/// pid reused by another program after the run ended does not count).
+fn run_alive(pid: u32, job_file: &Path) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let want = job_file.as_os_str().as_encoded_bytes();
+            cmd.windows(want.len().max(1)).any(|w| w == want)
+        }
+        Err(_) => !Path::new("/proc/self").exists(),
+    }
+}
+
+/// The last event name in a run's `events.jsonl` (`finished`, `stopped`, …).
+pub fn last_event(run_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl")).ok()?;
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["event"].as_str().map(str::to_string)
+}
+
+/// The last `lines` lines of a text file (empty when it cannot be read).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Queue {
+    /// The queue of `jobs_dir` (read back from `queue.json`); `exe` is the
+    /// `lorakit` binary runs are started with. Runs left `running` by an
+    /// earlier UI are followed when their process is alive, else marked
+    /// interrupted.
+    pub fn open(jobs_dir: &Path, exe: PathBuf) -> Self {
+        let mut entries: Vec<Entry> = std::fs::read(jobs_dir.join("queue.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for e in &mut entries {
+            let file = jobs_dir.join(&e.job).join("job.toml");
+            if e.state == State::Running && !e.pid.is_some_and(|p| run_alive(p, &file)) {
+                e.state = State::Interrupted;
+                e.pid = None;
+            }
+        }
+        let q = Self {
+            jobs_dir: jobs_dir.to_path_buf(),
+            exe,
+            inner: Mutex::new(Inner {
+                entries,
+                child: None,
+            }),
+        };
+        q.save(&q.inner.lock().unwrap());
+        q
+    }
+
+    fn save(&self, inner: &Inner) {
+        if let Ok(text) = serde_json::to_vec_pretty(&inner.entries) {
+            if let Err(e) = lora_core::io::write_atomic(self.jobs_dir.join("queue.json"), &text) {
+                tracing::error!("cannot save the job queue: {e}");
+            }
+        }
+    }
+
+    /// Every entry, in queue order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.inner.lock().unwrap().entries.clone()
+    }
+
+    /// The entry of `job`.
+    pub fn entry(&self, job: &str) -> Option<Entry> {
+        self.entries().into_iter().find(|e| e.job == job)
+    }
+
+    /// Queues `job` (to continue from its state when `resume`). Refused
+    /// while it is queued or running.
+    pub fn enqueue(&self, job: &str, resume: bool) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .entries
+            .retain(|e| e.job != job || matches!(e.state, State::Queued | State::Running));
+        if inner.entries.iter().any(|e| e.job == job) {
+            return Err(format!("{job:?} is already queued or running"));
+        }
+        inner.entries.push(Entry {
+            job: job.to_string(),
+            state: State::Queued,
+            resume,
+            pid: None,
+            error: None,
+        });
+        self.save(&inner);
+        Ok(())
+    }
+
+    /// Asks the running `job` to stop as Ctrl-C does (it saves a checkpoint
+    /// and its state, then exits), or takes a queued one off the queue.
+    pub fn stop(&self, job: &str) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(e) = inner.entries.iter_mut().find(|e| e.job == job) else {
+            return Err(format!("{job:?} is not in the queue"));
+        };
+        match (e.state, e.pid) {
+            (State::Running, Some(pid)) => {
+                // SAFETY: a signal to the run's own process, as Ctrl-C would send.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+            }
+            (State::Queued, _) => e.state = State::Stopped,
+            _ => return Err(format!("{job:?} is not running")),
+        }
+        self.save(&inner);
+        Ok(())
+    }
+
+    /// Forgets `job` (refused while it is queued or running).
+    pub fn remove(&self, job: &str) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner
+            .entries
+            .iter()
+            .any(|e| e.job == job && matches!(e.state, State::Queued | State::Running))
+        {
+            return Err(format!("{job:?} is queued or running: stop it first"));
+        }
+        inner.entries.retain(|e| e.job != job);
+        self.save(&inner);
+        Ok(())
+    }
+
+    /// One turn of the runner: settles a run whose process ended, then
+    /// starts the next queued job when nothing runs. Called every half
+    /// second by the UI's runner task.
+    pub fn tick(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let inner = &mut *inner;
+        if let Some(i) = inner.entries.iter().position(|e| e.state == State::Running) {
+            let ended = match &mut inner.child {
+                Some(c) => match c.try_wait() {
+                    Ok(Some(status)) => Some(status.success()),
+                    Ok(None) => None,
+                    Err(_) => Some(false),
+                },
+                // Re-attached after a restart: no exit status, only the pid.
+                None => {
+                    let file = self.jobs_dir.join(&inner.entries[i].job).join("job.toml");
+                    (!inner.entries[i].pid.is_some_and(|p| run_alive(p, &file))).then_some(true)
+                }
+            };
+            let Some(ok) = ended else { return };
+            inner.child = None;
+            let job = inner.entries[i].job.clone();
+            let dir = self.jobs_dir.join(&job);
+            let e = &mut inner.entries[i];
+            e.pid = None;
+            e.state = match (ok, last_event(&dir.join("output").join(&job)).as_deref()) {
+                (true, Some("finished")) => State::Done,
+                (true, Some("stopped")) => State::Stopped,
+                (true, _) => State::Interrupted,
+                (false, _) => State::Failed,
+            };
+            if e.state == State::Failed {
+                e.error = Some(tail(&dir.join("log.txt"), 12));
+            }
+            self.save(inner);
+            return;
+        }
+        let Some(i) = inner.entries.iter().position(|e| e.state == State::Queued) else {
+            return;
+        };
+        let (job, resume) = (inner.entries[i].job.clone(), inner.entries[i].resume);
+        match self.spawn(&job, resume) {
+            Ok(child) => {
+                let e = &mut inner.entries[i];
+                e.state = State::Running;
+                e.pid = Some(child.id());
+                e.error = None;
+                inner.child = Some(child);
+            }
+            Err(why) => {
+                let e = &mut inner.entries[i];
+                e.state = State::Failed;
+                e.error = Some(why);
+            }
+        }
+        self.save(inner);
+    }
+
+    /// `lorakit train jobs/<job>/job.toml [--resume]`, output appended to
+    /// the job's `log.txt`. No shell: the arguments go to the program as they are.
+    fn spawn(&self, job: &str, resume: bool) -> Result<Child, String> {
+        let dir = self.jobs_dir.join(job);
+        let log_path = dir.join("log.txt");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("train").arg(dir.join("job.toml"));
+        if resume {
+            cmd.arg("--resume");
+        }
+        // Its own process group: a Ctrl-C of the UI does not stop the run,
+        // and a restarted UI follows it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .current_dir(&dir)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))
+    }
+}
