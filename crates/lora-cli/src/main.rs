@@ -32,8 +32,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// A local web UI: datasets and captions (more to come), on
-    /// http://127.0.0.1:8675 by default.
+    /// A local web UI: datasets and captions, jobs and their queue, live
+    /// progress, checkpoints and step comparison; on http://127.0.0.1:8675
+    /// by default.
     Ui(ui::UiArgs),
     /// Work with LoRA files.
     Lora {

@@ -1,9 +1,9 @@
 //! `lorakit ui`: a local web UI served from the binary.
 //!
 //! The server is axum on a tokio runtime: the well-kept standard for HTTP
-//! in Rust, with server-sent events for live training updates to come; the
-//! library calls it makes (scans, decoding, caption edits) are blocking and
-//! run on tokio's blocking pool. The page is plain HTML, CSS and JS
+//! in Rust; the library calls it makes (scans, decoding, caption edits) are
+//! blocking and run on tokio's blocking pool. Pages follow a run by polling
+//! (every 2 s) what the trainer writes to `events.jsonl`. The page is plain HTML, CSS and JS
 //! embedded with `include_str!` — no build step, no Node.
 //!
 //! | concept | file |
