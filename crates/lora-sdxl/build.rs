@@ -1,10 +1,17 @@
 //! Links libtorch (rpath, see lorakit-build) and compiles the C++ shim
-//! (csrc/shim.cpp: gradient checkpointing) against the same libtorch headers
+//! (csrc/shim.cpp: gradient checkpointing and optimizer kernels; csrc/device.cpp:
+//! versions and CUDA memory figures) against the same libtorch headers
 //! torch-sys uses.
 
 fn main() {
     let lib = lorakit_build::link_libtorch();
+    let version = lib
+        .as_deref()
+        .and_then(lorakit_build::libtorch_version)
+        .unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=LORAKIT_LIBTORCH_VERSION={version}");
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/device.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = lib else {
         panic!("lora-sdxl: torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB); run scripts/setup-libtorch.sh or set LIBTORCH");
@@ -17,6 +24,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/device.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

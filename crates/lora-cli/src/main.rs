@@ -99,15 +99,17 @@ enum Command {
 }
 
 fn version_string() -> String {
-    let cuda = if tch::Cuda::is_available() {
-        format!("available, {} device(s)", tch::Cuda::device_count())
+    let info = lora_sdxl::device::DeviceInfo::query();
+    let gpus = if tch::Cuda::is_available() {
+        format!("CUDA available, {} GPU(s)", tch::Cuda::device_count())
     } else {
-        "not available".to_string()
+        "CUDA not available: CPU only".to_string()
     };
     format!(
-        "{} (libtorch {}, CUDA {cuda})",
+        "{} ({}; {gpus}; attention SDPA: {})",
         env!("CARGO_PKG_VERSION"),
-        env!("LORAKIT_LIBTORCH_VERSION")
+        info.versions(),
+        info.sdpa.join(" / ")
     )
 }
 

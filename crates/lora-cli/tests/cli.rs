@@ -33,6 +33,17 @@ fn version_reports_libtorch_and_cuda() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("libtorch 2.11.0"), "{out}");
     assert!(out.contains("CUDA"), "{out}");
+    // the CUDA and cuDNN versions of a CUDA build (PyPI's torch is one),
+    // and the attention backends
+    if !out.contains("no CUDA build") {
+        let cuda = out.split("CUDA ").nth(1).unwrap_or("");
+        assert!(cuda.starts_with(|c: char| c.is_ascii_digit()), "{out}");
+        assert!(out.contains(", cuDNN 9."), "{out}");
+    }
+    assert!(
+        out.contains("attention SDPA: ") && out.contains("math"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -13,9 +13,13 @@
 //! * [`train`]: LoRA training from a job file ([`train()`], [`JobConfig`]);
 //! * [`tools`]: merging LoRAs into a checkpoint and extracting them from one.
 //!
+//! [`device`] says what a run computes on (versions, attention backends,
+//! CUDA memory figures).
+//!
 //! [`synthetic`] writes tiny random SDXL-architecture checkpoints in the real
 //! single-file layout for tests, examples and the demo.
 
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod sample;

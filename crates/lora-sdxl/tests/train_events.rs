@@ -98,6 +98,15 @@ fn events_come_in_order_and_validation_follows_its_own_cadence() {
         "{:?}",
         ev[0]
     );
+    // the run says first what it computes on
+    let Event::Started { notes, .. } = &ev[0] else {
+        unreachable!()
+    };
+    let want = format!(
+        "device cpu, dtype {}, attention SDPA (CPU kernels), libtorch 2.11.0",
+        s.job.train.dtype
+    );
+    assert!(notes[0].starts_with(&want), "{notes:?}");
     // validation exactly at multiples of `every` and at the last step
     let val: Vec<u64> = ev
         .iter()

@@ -95,6 +95,7 @@ impl Run {
         }
 
         let accum = t.gradient_accumulation as u64;
+        let first_step = self.pos.step;
         let mut meter = LossMeter::new(env.model.unet_device());
         let mut micro = 0u64;
         let mut train_seconds = 0.0;
@@ -120,6 +121,13 @@ impl Run {
                 let (lr, grad_norm) = self.optim.step(self.pos.step);
                 meter.watch(grad_norm);
                 self.pos.step += 1;
+                if self.pos.step == first_step + 1 {
+                    // a diagnostic run counts the host syncs of the steps
+                    // after this process's first (see crate::device)
+                    if let Some(mode) = crate::device::sync_debug_from_env() {
+                        crate::device::set_sync_debug(mode);
+                    }
+                }
                 train_seconds += lap.elapsed().as_secs_f64();
 
                 // ---- after the update: report, validate, save

@@ -321,7 +321,7 @@ impl Run {
             .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
         let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);
         let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
-        let mut notes = Vec::new();
+        let mut notes = vec![crate::device::DeviceInfo::query().describe(device, kind)];
         let (prediction, ztsnr) = objective_of(job, &mut model.detected, &mut notes);
         let (checkpointing, why) = job.train.gradient_checkpointing.resolve(
             "train.gradient_checkpointing",
