@@ -10,86 +10,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{peak_rss_mb, root, rss_mb};
+use common::{peak_rss_mb, root, rss_mb, write_full_size};
 use lorakit::sdxl::{detect, Checkpoint, SdxlModel};
 use lorakit::tch::{Device, Kind, Tensor};
-use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-
-/// Writes a full-size SDXL base checkpoint (fp16, pattern data) from the manifest, streaming.
-fn write_full_size(path: &Path) {
-    if path.exists() {
-        return;
-    }
-    eprintln!(
-        "writing a full-size random SDXL checkpoint to {} (once, ~6.9 GB)…",
-        path.display()
-    );
-    let manifest =
-        std::fs::read_to_string(root().join("crates/lora-sdxl/tests/fixtures/sdxl_base_keys.tsv"))
-            .unwrap();
-    let mut rows: Vec<(String, Vec<usize>, &str)> = manifest
-        .lines()
-        .map(|l| {
-            let (k, s) = l.split_once('\t').unwrap();
-            let shape: Vec<usize> = if s.is_empty() {
-                vec![]
-            } else {
-                s.split(',').map(|d| d.parse().unwrap()).collect()
-            };
-            let dtype = if k.ends_with("position_ids") {
-                "I64"
-            } else {
-                "F16"
-            };
-            (k.to_string(), shape, dtype)
-        })
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    let mut off = 0usize;
-    for (k, shape, dtype) in &rows {
-        let n = shape.iter().product::<usize>().max(1) * if *dtype == "I64" { 8 } else { 2 };
-        header.insert(
-            k.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
-        );
-        off += n;
-    }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::io::BufWriter::with_capacity(1 << 24, std::fs::File::create(&tmp).unwrap());
-    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(&h).unwrap();
-    // fp16 values in about [-0.03, 0.03]; position_ids 0..76
-    let block: Vec<u8> = (0..(1 << 20))
-        .flat_map(|i: u32| half::f16::from_f32(((i % 61) as f32 - 30.0) * 1e-3).to_le_bytes())
-        .collect();
-    for (k, shape, dtype) in &rows {
-        let n = shape.iter().product::<usize>().max(1);
-        if *dtype == "I64" {
-            for i in 0..n as i64 {
-                f.write_all(&(i % 77).to_le_bytes()).unwrap();
-            }
-        } else {
-            let mut left = n * 2;
-            while left > 0 {
-                let m = left.min(block.len());
-                f.write_all(&block[..m]).unwrap();
-                left -= m;
-            }
-        }
-        let _ = k;
-    }
-    f.flush().unwrap();
-    drop(f);
-    std::fs::rename(tmp, path).unwrap();
-}
 
 fn child(mode: &str, path: &str) {
     let base = rss_mb();
