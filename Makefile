@@ -7,7 +7,7 @@
 CARGO ?= cargo
 DEMO_OUT ?= output/demo
 
-.PHONY: all setup setup-browser build demo test lint bench fixtures toy-world docs-images ui-screens clean
+.PHONY: all setup setup-browser build demo test lint bench fixtures toy-world docs-images ui-screens gpu-build gpu-dry-run clean
 
 all: build
 
@@ -72,6 +72,18 @@ ui-screens: setup setup-browser
 	$(CARGO) test -p lora-cli --test ui_browser
 	mkdir -p docs/ui
 	cp target/ui-screens/dataset.png target/ui-screens/new-job-error.png target/ui-screens/job-done.png target/ui-screens/compare.png docs/ui/
+
+# The GPU check (issue 16): build what travels to the GPU machine into
+# dist/gpu, or run the same script here on the CPU with a tiny model.
+gpu-build: setup
+	.venv/bin/python -m pip install -q safetensors diffusers peft transformers numpy
+	bash scripts/gpu-build.sh
+
+gpu-dry-run: setup
+	.venv/bin/python -m pip install -q safetensors diffusers peft transformers numpy
+	$(CARGO) build -p lora-cli
+	$(CARGO) test --bench gpu_check --no-run
+	bash scripts/gpu-check.sh --dry-run
 
 clean:
 	$(CARGO) clean

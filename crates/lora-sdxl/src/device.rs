@@ -11,6 +11,7 @@
 //! ```
 
 use std::ffi::{c_char, c_int, CStr};
+use std::sync::atomic::{AtomicI32, Ordering};
 use tch::{Device, Kind};
 
 extern "C" {
@@ -191,12 +192,30 @@ pub enum SyncDebug {
     Error = 2,
 }
 
+/// The mode last set through [`set_sync_debug`].
+static SYNC_DEBUG: AtomicI32 = AtomicI32::new(0);
+
 /// Sets the sync-debug mode; `false` when libtorch's CUDA library is not
 /// loaded (then there is nothing to check).
 pub fn set_sync_debug(mode: SyncDebug) -> bool {
+    SYNC_DEBUG.store(mode as i32, Ordering::SeqCst);
     // SAFETY: writes one enum in libc10_cuda's global state, as
     // torch.cuda.set_sync_debug_mode does.
     unsafe { lorakit_sync_debug(mode as c_int) == 1 }
+}
+
+/// Runs `f` with the sync-debug mode off, then restores it: for work that
+/// reads back to the host by design (validation, saving files).
+pub fn unwatched<T>(f: impl FnOnce() -> T) -> T {
+    let mode = SYNC_DEBUG.load(Ordering::SeqCst);
+    if mode == 0 {
+        return f();
+    }
+    // SAFETY: as in set_sync_debug.
+    unsafe { lorakit_sync_debug(0) };
+    let out = f();
+    unsafe { lorakit_sync_debug(mode) };
+    out
 }
 
 /// `LORAKIT_SYNC_DEBUG=warn|error` in the environment, for the trainer to

@@ -67,6 +67,21 @@ pub(crate) struct Inputs {
     pub text_memory: RefCell<HashMap<String, (Tensor, Tensor)>>,
     /// Identity of the VAE in latent cache keys.
     pub vae_id: String,
+    /// SDXL size conditioning (`time_ids`) on the device, one per distinct
+    /// (original size, crop, target size): made once, so a step copies
+    /// nothing from the host (a pageable copy makes the host wait for CUDA).
+    pub time_ids: RefCell<HashMap<[u32; 6], Tensor>>,
+}
+
+/// A host tensor on `device`: on CUDA through pinned memory and a
+/// non-blocking copy, so the host does not wait for the GPU to reach it.
+fn upload(t: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
 }
 
 impl Inputs {
@@ -296,6 +311,7 @@ impl Env {
         } else {
             tch::no_grad(enc)?
         };
+        let mut memo = self.inputs.time_ids.borrow_mut();
         let ids: Vec<Tensor> = planned
             .items
             .iter()
@@ -304,7 +320,10 @@ impl Env {
                 let img = &self.data.images[s.image];
                 let c =
                     lora_data::SizeConditioning::new(img.width, img.height, &it.placement, it.flip);
-                time_ids(c.original_hw, c.crop_top_left, c.target_hw, device)
+                let (o, k, t) = (c.original_hw, c.crop_top_left, c.target_hw);
+                memo.entry([o.0, o.1, k.0, k.1, t.0, t.1])
+                    .or_insert_with(|| time_ids(o, k, t, device))
+                    .shallow_clone()
             })
             .collect();
         let y = crate::model::unet::vector_conditioning(&cond.pooled, &Tensor::cat(&ids, 0));
@@ -372,13 +391,15 @@ impl Env {
         }
         let (w, h) = planned.bucket;
         let (b, device) = (lb.items.len() as i64, self.model.unet_device());
-        let pixels = Tensor::from_slice(&lb.pixels)
-            .view([b, 3, h as i64, w as i64])
-            .to_device(device);
+        let pixels = upload(
+            Tensor::from_slice(&lb.pixels).view([b, 3, h as i64, w as i64]),
+            device,
+        );
         let masks = lb.masks.map(|m| {
-            Tensor::from_slice(&m)
-                .view([b, 1, h as i64, w as i64])
-                .to_device(device)
+            upload(
+                Tensor::from_slice(&m).view([b, 1, h as i64, w as i64]),
+                device,
+            )
         });
         Ok((pixels, masks))
     }

@@ -141,12 +141,20 @@ impl Run {
                     // before any save: the last checkpoint and state stay good
                     return Err(diverged(step, l));
                 }
+                // validation and saves read to the host by design: a
+                // sync-debug run (crate::device) watches the steps alone
                 let val = if step.is_multiple_of(self.validation.every) || last {
-                    Some(env.model.slots.in_eval(|| self.validate())?)
+                    let v =
+                        crate::device::unwatched(|| env.model.slots.in_eval(|| self.validate()));
+                    Some(v?)
                 } else {
                     None
                 };
-                let saved = if save { Some(self.save(last)?) } else { None };
+                let saved = if save {
+                    Some(crate::device::unwatched(|| self.save(last))?)
+                } else {
+                    None
+                };
                 let seconds = self.started.elapsed().as_secs_f64();
                 dispatch(
                     observers,
