@@ -124,17 +124,18 @@ fn the_job_overrides_the_checkpoints_prediction_and_schedule() {
 
     let (mut job, path) = job_for(dir.path(), &marked, &data);
     let markers = start_of(&job, &path);
+    // notes[0] says what the run computes on; the objective comes next
     assert!(
-        markers.notes[0]
+        markers.notes[1]
             .contains("v prediction (from the checkpoint's v_pred / ztsnr marker keys)")
-            && markers.notes[0].contains("zero terminal SNR on"),
+            && markers.notes[1].contains("zero terminal SNR on"),
         "{:?}",
         markers.notes
     );
     job.model.zero_terminal_snr = Some(false);
     let overridden = start_of(&job, &path);
     assert!(
-        overridden.notes[0].contains("zero terminal SNR off (from the job)"),
+        overridden.notes[1].contains("zero terminal SNR off (from the job)"),
         "{:?}",
         overridden.notes
     );
@@ -142,7 +143,7 @@ fn the_job_overrides_the_checkpoints_prediction_and_schedule() {
     let (mut job, path) = job_for(dir.path(), &plain, &data);
     let default = start_of(&job, &path);
     assert!(
-        default.notes[0].contains("epsilon prediction (from the SDXL default"),
+        default.notes[1].contains("epsilon prediction (from the SDXL default"),
         "{:?}",
         default.notes
     );
