@@ -301,7 +301,9 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
     shot(c, "compare-enlarged").await?;
     click(c, "#close-enlarged").await?;
     click(c, "button.pick").await?;
-    wait_text(c, "button.pick", 10, |t| t.contains("the one")).await?;
+    // "Mark as the one" becomes "★ the one" once the page re-rendered
+    // (waiting for "the one" alone raced the re-render)
+    wait_text(c, "button.pick", 10, |t| t.contains('★')).await?;
     click(c, "#export").await?;
     wait_text(c, "#toast", 10, |t| t.contains("exported")).await?;
     shot(c, "compare").await?;
