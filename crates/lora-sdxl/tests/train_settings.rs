@@ -192,3 +192,76 @@ fn auto_gradient_checkpointing_is_off_on_cpu_and_says_why() {
         .iter()
         .any(|n| n.contains("gradient checkpointing on (train.gradient_checkpointing = true)")));
 }
+
+/// `train.vram` fills the memory settings the job file leaves unset and the
+/// run uses them: on the CPU, "auto" checkpointing is off and the optimizer
+/// AdamW, but "8gb" turns checkpointing on and trains with 8-bit AdamW; a
+/// key the file sets wins; a batch over the preset's cap is refused.
+#[test]
+fn a_vram_preset_fills_what_the_job_leaves_unset() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    let (job, path) = job_for(dir.path(), &model, &data);
+    // the job as a file, without the keys the preset fills
+    let mut value = toml::Value::try_from(&job).unwrap();
+    let train = value.get_mut("train").unwrap().as_table_mut().unwrap();
+    for k in ["optimizer", "gradient_checkpointing", "cache_latents"] {
+        train.remove(k);
+    }
+    train.insert("vram".into(), "8gb".into());
+    let write = |v: &toml::Value| std::fs::write(&path, toml::to_string(v).unwrap()).unwrap();
+    write(&value);
+    let preset = JobConfig::load(&path).unwrap();
+    assert_eq!(preset.train.optimizer, "adamw8bit");
+    let start = start_of(&preset, &path);
+    assert_eq!(start.checkpointing, Some(true), "{:?}", start.notes);
+    assert!(
+        start
+            .notes
+            .iter()
+            .any(|n| n.starts_with("train.vram = \"8gb\"")),
+        "{:?}",
+        start.notes
+    );
+    let run_dir = preset.job.output_dir.join(&preset.job.name);
+    let file = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "safetensors") && !p.ends_with("state.safetensors")
+        })
+        .unwrap();
+    let md = lora_core::io::read_tensors(&file).unwrap().metadata;
+    assert!(
+        md["ss_optimizer"].to_lowercase().contains("8bit"),
+        "{}",
+        md["ss_optimizer"]
+    );
+    // what the file sets wins
+    let train = value.get_mut("train").unwrap().as_table_mut().unwrap();
+    train.insert("optimizer".into(), "lion".into());
+    train.insert("gradient_checkpointing".into(), false.into());
+    write(&value);
+    let explicit = JobConfig::load(&path).unwrap();
+    assert_eq!(explicit.train.optimizer, "lion");
+    assert_eq!(explicit.train.gradient_checkpointing, false.into());
+    // batch 2 at 1024 px is over 8gb's 1 × 1024²
+    let mut big = explicit.clone();
+    big.train.batch_size = 2;
+    big.datasets[0].resolution = vec![512, 1024];
+    let e = big.validate(&path).unwrap_err();
+    assert_eq!(e.field, "train.batch_size", "{e}");
+    big.datasets[0].resolution = vec![512, 640]; // 2 × 640² < 1024²
+    big.validate(&path).unwrap();
+    // an unknown preset names the key
+    let train = value.get_mut("train").unwrap().as_table_mut().unwrap();
+    train.insert("vram".into(), "6gb".into());
+    write(&value);
+    let e = JobConfig::load(&path).unwrap_err();
+    assert!(
+        e.field == "train.vram" && e.message.contains("\"8gb\""),
+        "{e}"
+    );
+}

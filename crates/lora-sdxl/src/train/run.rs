@@ -337,6 +337,9 @@ impl Run {
             if checkpointing { "on" } else { "off" }
         ));
         model.set_gradient_checkpointing(checkpointing);
+        if let Some(p) = job.train.vram.as_deref().and_then(super::job::vram::find) {
+            notes.push(p.note());
+        }
         let schedule = NoiseSchedule::sdxl(ztsnr);
         let run_dir = job.job.output_dir.join(&job.job.name);
         std::fs::create_dir_all(&run_dir).map_err(|e| SdxlError::io(&run_dir, e))?;

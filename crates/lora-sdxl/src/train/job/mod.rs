@@ -20,6 +20,7 @@ mod template;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub mod vram;
 
 pub use auto::AutoBool;
 pub use keys::closest;
@@ -263,6 +264,10 @@ pub struct TrainSection {
     pub cache_latents: bool,
     /// Cache text-encoder outputs (needs static captions and frozen encoders).
     pub cache_text_embeddings: bool,
+    /// A memory preset (`8gb`, `12gb`, `16gb`, `24gb`, `max`; see
+    /// [`vram`]): fills the memory settings the job leaves unset and caps
+    /// the pixels of a micro-batch.
+    pub vram: Option<String>,
     /// Caption tokens seen (kohya's `max_token_length`): 75 truncates to one
     /// CLIP chunk; 150 or 225 use 2 or 3 chunks for every caption.
     pub max_token_length: usize,
@@ -310,6 +315,7 @@ impl Default for TrainSection {
             gradient_checkpointing: AutoBool::Auto,
             cache_latents: true,
             cache_text_embeddings: false,
+            vram: None,
             max_token_length: 75,
         }
     }
@@ -483,9 +489,22 @@ impl JobConfig {
             field: field.into(),
             message,
         };
-        let value: toml::Value = toml::from_str(text)
+        let mut value: toml::Value = toml::from_str(text)
             .map_err(|e| err("syntax", e.to_string().trim().replace('\n', " ")))?;
         keys::check_keys(file, &value)?;
+        let preset = value.get("train").and_then(|t| t.get("vram"));
+        if let Some(name) = preset {
+            let found = name.as_str().and_then(vram::find).ok_or_else(|| {
+                err(
+                    "train.vram",
+                    format!(
+                        "{name} is not one of {}",
+                        vram::NAMES.map(|n| format!("\"{n}\"")).join(", ")
+                    ),
+                )
+            })?;
+            found.fill(&mut value);
+        }
         value
             .try_into()
             .map_err(|e: toml::de::Error| err("value", e.to_string().trim().replace('\n', " ")))

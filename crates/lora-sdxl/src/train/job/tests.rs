@@ -158,6 +158,7 @@ fn the_field_table_lists_every_key_once() {
     c.train.loraplus_lr_ratio = Some(16.0);
     c.train.ema_decay = Some(0.999);
     c.train.ema_power = Some(0.67);
+    c.train.vram = Some("24gb".into());
     c.train.sigmoid_scale = Some(5.0);
     c.train.down_lr_weight = Some(crate::train::blocks::BlockWeights::Preset("sine".into()));
     c.train.mid_lr_weight = Some(vec![1.0; 3]);

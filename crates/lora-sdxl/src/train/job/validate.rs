@@ -325,6 +325,14 @@ impl JobConfig {
                     format!("{r} must be a multiple of 64 between 64 and 2048"),
                 );
             }
+            let preset = self.train.vram.as_deref().and_then(super::vram::find);
+            let largest = d.resolution.iter().copied().max().unwrap_or(0);
+            if let Some(e) = preset.and_then(|p| p.batch_error(self.train.batch_size, largest)) {
+                return err(
+                    "train.batch_size",
+                    format!("{e} (datasets[{i}].resolution)"),
+                );
+            }
             if let Some(m) = &d.mask_path {
                 if d.alpha_mask {
                     return err(&f("alpha_mask"), "a dataset takes its masks from mask_path or from the alpha channel, not both: remove one".into());
