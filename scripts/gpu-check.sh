@@ -4,7 +4,8 @@
 # lorakit's real trainer vs diffusers + peft (s/step, samples/s, peak
 # memory, MFU) at 1024² batch 1 and 4 and 512² batch 4 with and without
 # gradient checkpointing, host syncs per step, and txt2img at 1024², 25
-# steps, CFG 7 against StableDiffusionXLPipeline. Every figure lands in
+# steps, CFG 7 against StableDiffusionXLPipeline, and each train.vram
+# preset's peak under a memory cap of its size. Every figure lands in
 # $OUT (results.jsonl, one JSON object per measurement, and the logs).
 #
 #   here:        bash scripts/gpu-build.sh          (binaries + wheel into dist/gpu)
@@ -112,5 +113,21 @@ log "host syncs over 10 watched steps: $n (2 expected: the loss reads at steps 1
 # 4. sampling
 run sample_lorakit $GC sample "$MODEL" $DEV $SAMPLE_RES $SAMPLE_STEPS
 run sample_diffusers $PY "${DIFF[@]}" sample $SAMPLE_RES $SAMPLE_STEPS
+
+# 5. the train.vram presets at their batch cap at 1024², each under a memory
+# cap of its size (PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction): a
+# failure here is an out-of-memory, i.e. the preset does not fit
+if [ $DRY = 1 ]; then
+  PRESETS="8gb:1" PRES=128 TOTAL_MIB=143771
+else
+  PRESETS="8gb:1 12gb:2 16gb:4 24gb:8" PRES=1024
+  TOTAL_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+fi
+for p in $PRESETS; do
+  gb=${p%%:*} b=${p##*:}
+  frac=$($PY -c "print(round(${gb%gb} * 1024 / $TOTAL_MIB, 4))")
+  PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:$frac \
+    run "vram_${gb}" $GC train "$MODEL" $DEV $PRES $b preset 6 "$WORK" $gb
+done
 
 log "done in $(($(date +%s) - START)) s; results in $RES"

@@ -7,9 +7,10 @@
 //! gpu_check correctness DEVICE          tiny SDXL: outputs and LoRA gradients on DEVICE vs CPU fp32
 //! gpu_check write-model PATH            a full-size SDXL checkpoint of pattern weights (~6.9 GB)
 //! gpu_check write-tiny PATH             a tiny random one (SdxlConfig::tiny, for the dry run)
-//! gpu_check train MODEL DEVICE RES BATCH CKPT STEPS WORKDIR
+//! gpu_check train MODEL DEVICE RES BATCH CKPT STEPS WORKDIR [VRAM]
 //!                                       the real trainer (train_with) on a generated dataset:
-//!                                       s/step, samples/s, peak CUDA memory, MFU
+//!                                       s/step, samples/s, peak CUDA memory, MFU; with VRAM, the
+//!                                       job names that train.vram preset instead of CKPT
 //! gpu_check sample MODEL DEVICE RES STEPS
 //!                                       txt2img (CFG 7, Euler) after loading: seconds per image
 //! ```
@@ -239,8 +240,12 @@ fn write_dataset(dir: &Path, n: u32, res: u32) -> AnyResult {
 /// checkpointing `CKPT` (on/off). The first 3 steps (which fill the caches)
 /// are not timed; the peak CUDA memory is that of the timed steps.
 fn train(args: &[String]) -> AnyResult<Value> {
+    let (preset, args) = match args {
+        [rest @ .., p] if args.len() == 8 => (Some(p.as_str()), rest),
+        _ => (None, args),
+    };
     let [model, dev, res, batch, ckpt, steps, work] = args else {
-        return Err("train MODEL DEVICE RES BATCH CKPT STEPS WORKDIR".into());
+        return Err("train MODEL DEVICE RES BATCH CKPT STEPS WORKDIR [VRAM]".into());
     };
     let (res, batch, steps): (u32, u32, u64) = (res.parse()?, batch.parse()?, steps.parse()?);
     let model = std::fs::canonicalize(model)?;
@@ -273,6 +278,20 @@ fn train(args: &[String]) -> AnyResult<Value> {
     (d.caption_dropout_rate, d.tag_dropout_rate, d.shuffle_tokens) = (0.0, 0.0, false);
     job.validation.images = Some(1);
     job.validation.every = Some(steps + 1);
+    if let Some(p) = preset {
+        // as a user writes it: the preset fills the memory keys left out
+        let mut v = toml::Value::try_from(&job)?;
+        let t = v
+            .get_mut("train")
+            .and_then(|t| t.as_table_mut())
+            .ok_or("no [train]")?;
+        for k in ["optimizer", "gradient_checkpointing", "cache_latents"] {
+            t.remove(k);
+        }
+        t.insert("vram".into(), p.into());
+        std::fs::write(&job_path, toml::to_string(&v)?)?;
+        job = JobConfig::load(&job_path)?;
+    }
     let dev = device_of(dev)?;
     const WARMUP: u64 = 3;
     let times: Rc<RefCell<Vec<f64>>> = Rc::default();
@@ -308,7 +327,8 @@ fn train(args: &[String]) -> AnyResult<Value> {
     let peak = device::memory(dev).map(|m| m.peak_allocated as f64 / (1u64 << 20) as f64);
     let tflop = train_tflop_per_sample(res as i64).map(|f| f * batch as f64 / median);
     Ok(json!({
-        "side": "lorakit", "res": res, "batch": batch, "gradient_checkpointing": ckpt == "on",
+        "side": "lorakit", "res": res, "batch": batch, "vram": preset,
+        "gradient_checkpointing": job.train.gradient_checkpointing, "optimizer": job.train.optimizer,
         "s_per_step": median, "samples_per_s": batch as f64 / median,
         "peak_allocated_mib": peak, "model_tflop_per_s": tflop,
         "timed_steps": t.len(), "final_val_loss": report.val_losses.last().map(|v| v.1),

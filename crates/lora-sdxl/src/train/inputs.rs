@@ -67,10 +67,26 @@ pub(crate) struct Inputs {
     pub text_memory: RefCell<HashMap<String, (Tensor, Tensor)>>,
     /// Identity of the VAE in latent cache keys.
     pub vae_id: String,
-    /// SDXL size conditioning (`time_ids`) on the device, one per distinct
-    /// (original size, crop, target size): made once, so a step copies
-    /// nothing from the host (a pageable copy makes the host wait for CUDA).
-    pub time_ids: RefCell<HashMap<[u32; 6], Tensor>>,
+    /// SDXL size conditioning on the device.
+    pub time_ids: TimeIdsMemo,
+}
+
+/// SDXL size conditioning (`time_ids`) on the device, one tensor per
+/// distinct (original size, crop, target size): made once, so a step copies
+/// nothing from the host (a pageable copy makes the host wait for CUDA).
+#[derive(Default)]
+pub(crate) struct TimeIdsMemo(RefCell<HashMap<[u32; 6], Tensor>>);
+
+impl TimeIdsMemo {
+    /// The `[1, 6]` time ids of `c` on `device`.
+    pub fn get(&self, c: &lora_data::SizeConditioning, device: Device) -> Tensor {
+        let (o, k, t) = (c.original_hw, c.crop_top_left, c.target_hw);
+        self.0
+            .borrow_mut()
+            .entry([o.0, o.1, k.0, k.1, t.0, t.1])
+            .or_insert_with(|| time_ids(o, k, t, device))
+            .shallow_clone()
+    }
 }
 
 /// A host tensor on `device`: on CUDA through pinned memory and a
@@ -311,7 +327,6 @@ impl Env {
         } else {
             tch::no_grad(enc)?
         };
-        let mut memo = self.inputs.time_ids.borrow_mut();
         let ids: Vec<Tensor> = planned
             .items
             .iter()
@@ -320,10 +335,7 @@ impl Env {
                 let img = &self.data.images[s.image];
                 let c =
                     lora_data::SizeConditioning::new(img.width, img.height, &it.placement, it.flip);
-                let (o, k, t) = (c.original_hw, c.crop_top_left, c.target_hw);
-                memo.entry([o.0, o.1, k.0, k.1, t.0, t.1])
-                    .or_insert_with(|| time_ids(o, k, t, device))
-                    .shallow_clone()
+                self.inputs.time_ids.get(&c, device)
             })
             .collect();
         let y = crate::model::unet::vector_conditioning(&cond.pooled, &Tensor::cat(&ids, 0));
@@ -402,5 +414,28 @@ impl Env {
             )
         });
         Ok((pixels, masks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_ids_are_made_once_per_distinct_conditioning() {
+        let memo = TimeIdsMemo::default();
+        let c = |crop: (u32, u32)| lora_data::SizeConditioning {
+            original_hw: (768, 1024),
+            crop_top_left: crop,
+            target_hw: (512, 640),
+        };
+        let a = memo.get(&c((0, 16)), Device::Cpu);
+        let want = Tensor::from_slice(&[768f32, 1024., 0., 16., 512., 640.]).view([1, 6]);
+        assert!(a.equal(&want));
+        // the same conditioning is the same tensor, not a new copy
+        assert_eq!(memo.get(&c((0, 16)), Device::Cpu).data_ptr(), a.data_ptr());
+        // another crop of the same image is its own
+        let b = memo.get(&c((8, 0)), Device::Cpu);
+        assert!(b.equal(&Tensor::from_slice(&[768f32, 1024., 8., 0., 512., 640.]).view([1, 6])));
     }
 }
