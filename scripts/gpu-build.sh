@@ -5,7 +5,8 @@
 #                        must fit in 64 MiB)
 #   whl/                 the diffusers wheel and importlib_metadata (the only
 #                        packages of the reference side missing there)
-# Then, with the device tool: carry ["dist"] and run `bash scripts/gpu-check.sh`.
+# packed as dist/gpu.tar.xz. Then, with the device tool: carry
+# ["dist/gpu.tar.xz"] and run `bash scripts/gpu-check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-libtorch.sh >/dev/null
@@ -26,5 +27,7 @@ ver=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("diff
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d dist/gpu/whl \
   "diffusers==$ver" importlib_metadata
-du -sh dist/gpu dist/gpu/*
-echo "gpu-build: ready; run on the device with carry [\"dist\"]: bash scripts/gpu-check.sh"
+# the tracked tree alone is ~38 MB of the 64 MiB that travel: carry one xz archive
+tar -C dist -cJf dist/gpu.tar.xz gpu
+du -sh dist/gpu/* dist/gpu.tar.xz
+echo "gpu-build: ready; on the device: carry [\"dist/gpu.tar.xz\"], command: bash scripts/gpu-check.sh"

@@ -8,8 +8,9 @@
 # preset's peak under a memory cap of its size. Every figure lands in
 # $OUT (results.jsonl, one JSON object per measurement, and the logs).
 #
-#   here:        bash scripts/gpu-build.sh          (binaries + wheel into dist/gpu)
-#   device tool: run  carry ["dist"]  command "bash scripts/gpu-check.sh"
+#   here:        bash scripts/gpu-build.sh          (binaries + wheel: dist/gpu.tar.xz)
+#   device tool: run  carry ["dist/gpu.tar.xz"]  command "bash scripts/gpu-check.sh",
+#                timeout_s 560 (results.jsonl is written as it goes)
 #   dry run:     bash scripts/gpu-check.sh --dry-run (CPU, tiny model, small sizes;
 #                uses target/ builds and .venv when dist/gpu is absent)
 #
@@ -27,6 +28,9 @@ log() { echo "gpu-check: $*" | tee -a "$OUT/log.txt" >&2; }
 START=$(date +%s)
 
 # --- binaries and Python
+if [ -f dist/gpu.tar.xz ] && [ ! -x dist/gpu/gpu_check ]; then
+  tar -C dist -xJf dist/gpu.tar.xz
+fi
 if [ -x dist/gpu/gpu_check ]; then
   LK=dist/gpu/lorakit GC=dist/gpu/gpu_check
 else
