@@ -191,6 +191,25 @@ def add_lora(unet, rank, conv_rank):
     return targets, params
 
 
+def lora_step(unet, sched, opt, params, moments, context, pooled, time_ids, dtype=torch.float32):
+    """One optimizer step from cached VAE moments and text conditioning: sample x0, DDPM noise at uniform
+    timesteps, ε-MSE, backward, clip to norm 1, AdamW, zero_grad(set_to_none)."""
+    with torch.no_grad():
+        mean, logvar = moments.chunk(2, 1)
+        x0 = (mean + (logvar * 0.5).exp() * torch.randn_like(mean)) * SCALING_FACTOR
+    noise = torch.randn_like(x0)
+    ts = torch.randint(0, 1000, (x0.shape[0],), device=x0.device)
+    noisy = sched.add_noise(x0, noise, ts).to(dtype)
+    pred = unet(noisy, ts, encoder_hidden_states=context,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
@@ -228,20 +247,8 @@ def main():
 
     def step():
         with torch.no_grad():
-            mean, logvar = moments.chunk(2, 1)
-            x0 = (mean + (logvar * 0.5).exp() * torch.randn_like(mean)) * SCALING_FACTOR
             context, pooled = encode(te1, te2, ids1, ids2)
-        noise = torch.randn_like(x0)
-        ts = torch.randint(0, 1000, (b,), dtype=torch.long)
-        noisy = sched.add_noise(x0, noise, ts)
-        pred = unet(noisy, ts, encoder_hidden_states=context,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return lora_step(unet, sched, opt, params, moments, context, pooled, time_ids)
 
     for _ in range(3):
         loss = step()

@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_step_diffusers as ref  # noqa: E402
@@ -85,20 +84,7 @@ def train(a):
     time_ids = torch.tensor([[a.res, a.res, 0, 0, a.res, a.res]], device=dev, dtype=dtype).repeat(b, 1)
 
     def step():
-        with torch.no_grad():
-            mean, logvar = moments.chunk(2, 1)
-            x0 = (mean + (logvar * 0.5).exp() * torch.randn_like(mean)) * 0.13025
-        noise = torch.randn_like(x0)
-        ts = torch.randint(0, 1000, (b,), device=dev)
-        noisy = sched.add_noise(x0, noise, ts).to(dtype)
-        pred = unet(noisy, ts, encoder_hidden_states=context,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return ref.lora_step(unet, sched, opt, params, moments, context, pooled, time_ids, dtype)
 
     for _ in range(3):
         step()
