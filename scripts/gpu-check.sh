@@ -31,14 +31,14 @@ START=$(date +%s)
 if [ -f dist/gpu.tar.xz ] && [ ! -x dist/gpu/gpu_check ]; then
   tar -C dist -xJf dist/gpu.tar.xz
 fi
+# gpu_check alone travels (lorakit, with its embedded toy world, would not fit);
+# it links the same libraries and says what `lorakit --version` says
 if [ -x dist/gpu/gpu_check ]; then
-  LK=dist/gpu/lorakit GC=dist/gpu/gpu_check
+  GC=dist/gpu/gpu_check
 else
-  LK=target/release/lorakit
-  [ -x "$LK" ] || LK=target/debug/lorakit
   GC=$(ls -t target/*/deps/gpu_check-* 2>/dev/null | grep -v '\.d$' | head -1)
 fi
-[ -x "$LK" ] && [ -x "$GC" ] || { log "no binaries: run scripts/gpu-build.sh (or cargo build) first"; exit 1; }
+[ -n "$GC" ] && [ -x "$GC" ] || { log "no gpu_check: run scripts/gpu-build.sh (or cargo test --bench gpu_check --no-run) first"; exit 1; }
 PY=python3
 [ -x .venv/bin/python ] && [ $DRY = 1 ] && PY=.venv/bin/python
 TORCH_LIB=$($PY -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
@@ -52,12 +52,12 @@ export PYTHONUNBUFFERED=1
 # --- what runs where
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(cat dist/gpu/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
-  echo "lorakit: $($LK --version)"
+  echo "lorakit: $($GC version)"
   $PY -c 'import torch; print("python torch:", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
   $PY -c 'import diffusers, peft; print("diffusers", diffusers.__version__, "peft", peft.__version__)' 2>&1
-  ldd "$LK" | grep -E 'libtorch_cuda|libc10_cuda|not found'
+  ldd "$GC" | grep -E 'libtorch_cuda|libc10_cuda|not found'
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >&2
 if [ $DRY = 0 ] && ! grep -q "CUDA available" "$OUT/env.txt"; then

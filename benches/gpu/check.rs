@@ -4,6 +4,7 @@
 //! on stdout.
 //!
 //! ```text
+//! gpu_check version                    what `lorakit --version` says (libtorch, CUDA, cuDNN, SDPA)
 //! gpu_check correctness DEVICE          tiny SDXL: outputs and LoRA gradients on DEVICE vs CPU fp32
 //! gpu_check write-model PATH            a full-size SDXL checkpoint of pattern weights (~6.9 GB)
 //! gpu_check write-tiny PATH             a tiny random one (SdxlConfig::tiny, for the dry run)
@@ -20,9 +21,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use lorakit::core::{LoraAdapter, LoraSet};
 use lorakit::sdxl::train::{train_with, Event, ObserveFn, Observers, TrainOptions};
-use lorakit::sdxl::{device, lora_targets, JobConfig, SdxlModel, TargetScope};
+use lorakit::sdxl::{device, JobConfig, SdxlModel, TargetScope};
 use lorakit::tch::{self, Device, Kind, Tensor};
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -36,6 +36,7 @@ type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let out = match args.first().map(String::as_str) {
+        Some("version") => Ok(json!({"lorakit": device::DeviceInfo::query().summary()})),
         Some("correctness") => correctness(&args[1..]),
         Some("write-model") => {
             common::write_full_size(Path::new(&args[1]));
@@ -116,36 +117,21 @@ fn outputs(m: &SdxlModel, io: &HashMap<String, Tensor>, kind: Kind) -> Vec<(&'st
     })
 }
 
-/// Identical LoRAs (seeded on the CPU) on every UNet and text-encoder
-/// target of `m`, on `device`; returns the leaves by module.
+/// Identical LoRAs (seeded on the CPU: rank 4, up ~ N(0, 0.01²)) on every
+/// UNet and text-encoder target of `m`, as leaves on `device`; returns them.
 fn attach_lora(m: &SdxlModel, device: Device) -> AnyResult<Vec<(String, Tensor, Tensor)>> {
     tch::manual_seed(5);
-    let mut set = LoraSet::new();
+    let mut set =
+        lorakit::sdxl::synthetic::random_lora(&m.detected.config, TargetScope::ALL, 4, 4, 0.01)?;
     let mut leaves = Vec::new();
-    for t in lora_targets(&m.detected.config, TargetScope::ALL) {
-        let mut a = LoraAdapter::new(
-            t.in_features,
-            t.out_features,
-            4,
-            None,
-            t.geometry,
-            Kind::Float,
-            Device::Cpu,
-        )?;
-        let down = a
-            .down()
-            .ok_or("no down")?
-            .to_device(device)
-            .set_requires_grad(true);
-        let up = (Tensor::randn(
-            a.up().ok_or("no up")?.size().as_slice(),
-            (Kind::Float, Device::Cpu),
-        ) * 0.01)
-            .to_device(device)
-            .set_requires_grad(true);
+    for (key, a) in set.iter_mut() {
+        let leaf = |t: Option<&Tensor>| t.map(|t| t.to_device(device).set_requires_grad(true));
+        let (down, up) = (
+            leaf(a.down()).ok_or("no down")?,
+            leaf(a.up()).ok_or("no up")?,
+        );
         a.set_weights(down.shallow_clone(), up.shallow_clone())?;
-        leaves.push((t.key.to_string(), down, up));
-        set.insert(t.key, a);
+        leaves.push((key.to_string(), down, up));
     }
     m.attach_lora(set, 1.0)?;
     Ok(leaves)

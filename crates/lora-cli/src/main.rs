@@ -99,17 +99,10 @@ enum Command {
 }
 
 fn version_string() -> String {
-    let info = lora_sdxl::device::DeviceInfo::query();
-    let gpus = if tch::Cuda::is_available() {
-        format!("CUDA available, {} GPU(s)", tch::Cuda::device_count())
-    } else {
-        "CUDA not available: CPU only".to_string()
-    };
     format!(
-        "{} ({}; {gpus}; attention SDPA: {})",
+        "{} ({})",
         env!("CARGO_PKG_VERSION"),
-        info.versions(),
-        info.sdpa.join(" / ")
+        lora_sdxl::device::DeviceInfo::query().summary()
     )
 }
 

@@ -114,6 +114,22 @@ impl DeviceInfo {
         )
     }
 
+    /// What `lorakit --version` says after the version number: libtorch,
+    /// CUDA and cuDNN versions, whether CUDA is usable here and the
+    /// attention backends. Initialises CUDA when present.
+    pub fn summary(&self) -> String {
+        let gpus = if tch::Cuda::is_available() {
+            format!("CUDA available, {} GPU(s)", tch::Cuda::device_count())
+        } else {
+            "CUDA not available: CPU only".to_string()
+        };
+        format!(
+            "{}; {gpus}; attention SDPA: {}",
+            self.versions(),
+            self.sdpa.join(" / ")
+        )
+    }
+
     /// `libtorch 2.11.0, CUDA 13.0, cuDNN 9.19.0` (what is present).
     pub fn versions(&self) -> String {
         let mut s = format!("libtorch {}", self.libtorch);
