@@ -12,7 +12,7 @@
 
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::atomic::{AtomicI32, Ordering};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 extern "C" {
     fn lorakit_cuda_versions(out: *mut i64);
@@ -149,6 +149,18 @@ impl DeviceInfo {
 
 fn tch_version() -> String {
     env!("LORAKIT_LIBTORCH_VERSION").to_string()
+}
+
+/// A host tensor on `device`: on CUDA through pinned memory and a
+/// non-blocking copy, so the host does not wait for the GPU to reach it (a
+/// copy from pageable memory synchronises the stream first).
+pub fn upload(t: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
 }
 
 /// The CUDA caching allocator's figures for one GPU, in bytes.

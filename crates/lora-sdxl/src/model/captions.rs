@@ -76,9 +76,8 @@ pub fn encode_captions(
             .flat_map(|c| caption_chunks(tok, c, max_tokens, pad))
             .flatten()
             .collect();
-        Tensor::from_slice(&flat)
-            .view([b * n, 77])
-            .to_device(device)
+        // a step's token ids: pinned and copied without a host sync
+        crate::device::upload(Tensor::from_slice(&flat).view([b * n, 77]), device)
     };
     let (states, pooled) = encode_chunks(te1, te2, &ids(EOS), &ids(0), b, n);
     let h = states.size()[3];

@@ -89,17 +89,6 @@ impl TimeIdsMemo {
     }
 }
 
-/// A host tensor on `device`: on CUDA through pinned memory and a
-/// non-blocking copy, so the host does not wait for the GPU to reach it.
-fn upload(t: Tensor, device: Device) -> Tensor {
-    if device.is_cuda() {
-        t.pin_memory(device)
-            .to_device_(device, t.kind(), true, false)
-    } else {
-        t.to_device(device)
-    }
-}
-
 impl Inputs {
     /// The caches of a run of `model_path` whose files live in `run_dir`: the
     /// latent cache under the run's output (never in the dataset), keyed by
@@ -403,12 +392,12 @@ impl Env {
         }
         let (w, h) = planned.bucket;
         let (b, device) = (lb.items.len() as i64, self.model.unet_device());
-        let pixels = upload(
+        let pixels = crate::device::upload(
             Tensor::from_slice(&lb.pixels).view([b, 3, h as i64, w as i64]),
             device,
         );
         let masks = lb.masks.map(|m| {
-            upload(
+            crate::device::upload(
                 Tensor::from_slice(&m).view([b, 1, h as i64, w as i64]),
                 device,
             )
