@@ -271,7 +271,7 @@ fn train(args: &[String]) -> AnyResult<Value> {
             .get_mut("train")
             .and_then(|t| t.as_table_mut())
             .ok_or("no [train]")?;
-        for k in ["optimizer", "gradient_checkpointing", "cache_latents"] {
+        for k in ["optimizer", "gradient_checkpointing"] {
             t.remove(k);
         }
         t.insert("vram".into(), p.into());

@@ -241,7 +241,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "train_text_encoder", Rule::Free, "train LoRAs on both text encoders too"),
     f("train", "dtype", Rule::OneOf(&["bf16", "fp32"]), "dtype of the frozen base model").hint("fp16 is refused: without loss scaling, which lorakit does not have yet, gradients through an fp16 UNet underflow and the LoRA learns little; bf16 has fp32's range"),
     f("train", "gradient_checkpointing", Rule::Free, "true | false | \"auto\": recompute activations in backward (far less VRAM, ~30% slower); auto = on for CUDA, off on CPU"),
-    f("train", "vram", Rule::OneOf(&super::vram::NAMES), "a memory preset for your GPU: fills gradient_checkpointing, cache_latents and (8gb, 12gb) optimizer = \"adamw8bit\" where the job leaves them unset, and caps batch_size × resolution² (8gb: 1 × 1024², 12gb: 2, 16gb: 4, 24gb: 8; max: no cap, no checkpointing)").example("\"12gb\""),
+    f("train", "vram", Rule::OneOf(&super::vram::NAMES), "a memory preset for your GPU: fills gradient_checkpointing and (8gb, 12gb) optimizer = \"adamw8bit\" where the job leaves them unset, and caps batch_size × resolution² (8gb: 1 × 1024², 12gb: 2, 16gb: 4, 24gb: 8; max: no cap, no checkpointing)").example("\"12gb\""),
     f("train", "cache_latents", Rule::Free, "encode each image once; latents cached under the run folder"),
     f("train", "max_token_length", Rule::OneOfInt(&[75, 150, 225]), "caption tokens used (kohya's max_token_length): 75 truncates; 150/225 use 2/3 CLIP chunks"),
     f("train", "cache_text_embeddings", Rule::Free, "encode each caption once (needs static captions and frozen text encoders)"),

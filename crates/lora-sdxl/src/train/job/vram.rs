@@ -3,13 +3,16 @@
 //! settings a job leaves unset — the keys a job sets always win — and caps
 //! the pixels of a micro-batch, which is what activations grow with.
 //!
-//! | preset | gradient checkpointing | cached latents | optimizer when unset | pixels per micro-batch |
-//! |---|---|---|---|---|
-//! | `8gb` | on | on | `adamw8bit` | 1 × 1024² |
-//! | `12gb` | on | on | `adamw8bit` | 2 × 1024² |
-//! | `16gb` | on | on | (job's default) | 4 × 1024² |
-//! | `24gb` | on | on | (job's default) | 8 × 1024² |
-//! | `max` | off | on | (job's default) | no cap |
+//! | preset | gradient checkpointing | optimizer when unset | pixels per micro-batch |
+//! |---|---|---|---|
+//! | `8gb` | on | `adamw8bit` | 1 × 1024² |
+//! | `12gb` | on | `adamw8bit` | 2 × 1024² |
+//! | `16gb` | on | (job's default) | 4 × 1024² |
+//! | `24gb` | on | (job's default) | 8 × 1024² |
+//! | `max` | off | (job's default) | no cap |
+//!
+//! Every preset relies on latents being cached, which `train.cache_latents`
+//! already is by default (so the VAE does not run in the step).
 //!
 //! The caps are provisional (peers' published figures: an SDXL UNet LoRA at
 //! 1024² batch 1 with checkpointing and 8-bit AdamW fits 8 GB) until
@@ -66,13 +69,8 @@ impl VramPreset {
     /// Fills the `[train]` keys the job file leaves unset (`value` is the
     /// whole file as TOML, before it is read into a `JobConfig`).
     pub(crate) fn fill(&self, value: &mut toml::Value) {
-        let Some(root) = value.as_table_mut() else {
-            return;
-        };
-        let train = root
-            .entry("train")
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        let Some(train) = train.as_table_mut() else {
+        // the preset is a key of `[train]`, so the table is there
+        let Some(train) = value.get_mut("train").and_then(|t| t.as_table_mut()) else {
             return;
         };
         let mut set = |key: &str, v: toml::Value| {
@@ -82,7 +80,6 @@ impl VramPreset {
             "gradient_checkpointing",
             toml::Value::Boolean(self.gradient_checkpointing),
         );
-        set("cache_latents", toml::Value::Boolean(true));
         if let Some(o) = self.optimizer {
             set("optimizer", toml::Value::String(o.into()));
         }
@@ -95,7 +92,7 @@ impl VramPreset {
             None => "no batch cap".into(),
         };
         format!(
-            "train.vram = \"{}\": gradient checkpointing {}, cached latents{} where the job leaves them unset; {cap}",
+            "train.vram = \"{}\": gradient checkpointing {}{} where the job leaves them unset; {cap}",
             self.name,
             if self.gradient_checkpointing { "on" } else { "off" },
             self.optimizer.map(|o| format!(", optimizer {o}")).unwrap_or_default()
