@@ -68,6 +68,17 @@ pub fn kind_name(kind: Kind) -> String {
         .unwrap_or_else(|| format!("{kind:?}"))
 }
 
+/// The name a job file or command line gives `kind` (`fp16`, `bf16`,
+/// `fp32`; the inverse of [`kind_from_name`]).
+pub fn kind_job_name(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Half => Some("fp16"),
+        Kind::BFloat16 => Some("bf16"),
+        Kind::Float => Some("fp32"),
+        _ => None,
+    }
+}
+
 /// The dtype a job file or command line names: `fp16`, `bf16` or `fp32`.
 pub fn kind_from_name(name: &str) -> Option<Kind> {
     match name {
@@ -302,6 +313,10 @@ mod tests {
         assert_eq!(kind_from_name("bf16"), Some(Kind::BFloat16));
         assert_eq!(kind_from_name("fp32"), Some(Kind::Float));
         assert_eq!(kind_from_name("float16"), None);
+        for name in ["fp16", "bf16", "fp32"] {
+            assert_eq!(kind_from_name(name).and_then(kind_job_name), Some(name));
+        }
+        assert_eq!(kind_job_name(Kind::Int64), None);
         for k in [Kind::Half, Kind::BFloat16, Kind::Float] {
             assert!(dtype_of(k).is_some());
         }

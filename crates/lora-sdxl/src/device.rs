@@ -104,22 +104,19 @@ impl DeviceInfo {
         };
         format!(
             "device {dev}, dtype {}, attention {attention}, {}",
-            match kind {
-                Kind::BFloat16 => "bf16".to_string(),
-                Kind::Half => "fp16".to_string(),
-                Kind::Float => "fp32".to_string(),
-                k => format!("{k:?}"),
-            },
+            lora_core::io::kind_job_name(kind)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{kind:?}")),
             self.versions()
         )
     }
 
     /// What `lorakit --version` says after the version number: libtorch,
     /// CUDA and cuDNN versions, whether CUDA is usable here and the
-    /// attention backends. Initialises CUDA when present.
+    /// attention backends.
     pub fn summary(&self) -> String {
-        let gpus = if tch::Cuda::is_available() {
-            format!("CUDA available, {} GPU(s)", tch::Cuda::device_count())
+        let gpus = if self.gpus > 0 {
+            format!("CUDA available, {} GPU(s)", self.gpus)
         } else {
             "CUDA not available: CPU only".to_string()
         };
