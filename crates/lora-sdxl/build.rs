@@ -1,6 +1,6 @@
 //! Links libtorch (rpath, see lorakit-build) and compiles the C++ shim
 //! (csrc/shim.cpp: gradient checkpointing and optimizer kernels; csrc/device.cpp:
-//! versions and CUDA memory figures) against the same libtorch headers
+//! versions and CUDA memory figures; csrc/dist.cpp: c10d collectives) against the same libtorch headers
 //! torch-sys uses.
 
 fn main() {
@@ -12,6 +12,7 @@ fn main() {
     println!("cargo:rustc-env=LORAKIT_LIBTORCH_VERSION={version}");
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/device.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = lib else {
         panic!("lora-sdxl: torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB); run scripts/setup-libtorch.sh or set LIBTORCH");
@@ -25,6 +26,7 @@ fn main() {
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/device.cpp")
+        .file("csrc/dist.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -24,7 +24,7 @@ extern "C" {
 }
 
 /// Takes an error message from the shim (`None` for success).
-fn shim_error(p: *mut c_char) -> Option<String> {
+pub(crate) fn shim_error(p: *mut c_char) -> Option<String> {
     if p.is_null() {
         return None;
     }

@@ -45,6 +45,17 @@ pub enum SdxlError {
     /// libtorch failure.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A data-parallel run failed: its rendezvous, or a collective with the
+    /// other ranks.
+    #[error("rank {rank} of {world}: {reason}")]
+    Dist {
+        /// This process's rank.
+        rank: usize,
+        /// Ranks in the run.
+        world: usize,
+        /// What failed and what to do.
+        reason: String,
+    },
 }
 
 /// Result alias for lora-sdxl.

@@ -14,12 +14,13 @@
 //! * [`tools`]: merging LoRAs into a checkpoint and extracting them from one.
 //!
 //! [`device`] says what a run computes on (versions, attention backends,
-//! CUDA memory figures).
+//! CUDA memory figures); [`dist`] joins a data-parallel run (c10d).
 //!
 //! [`synthetic`] writes tiny random SDXL-architecture checkpoints in the real
 //! single-file layout for tests, examples and the demo.
 
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod sample;
