@@ -4,6 +4,7 @@ mod autocaption;
 mod console;
 mod data;
 mod demo;
+mod launch;
 mod lora;
 mod model;
 mod sample;
@@ -49,6 +50,11 @@ enum Command {
         /// when train.steps was raised).
         #[arg(long)]
         resume: bool,
+        /// Data-parallel: start this many ranks on this machine (one per
+        /// GPU, or CPU processes), each training a slice of every batch of
+        /// train.batch_size × N (torchrun's variables select a rank instead).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        nproc: u16,
     },
     /// Generate images with a model and LoRAs at strengths; PNGs carry their
     /// parameters (A1111 `parameters` text chunk).
@@ -179,7 +185,9 @@ fn init_message(out: &std::path::Path, model: bool, dataset: bool) -> String {
 fn run(cli: Cli) -> AnyResult<ExitCode> {
     match cli.command {
         Command::Lora { command } => lora::run(command),
-        Command::Train { job, resume } => train::run(&job, resume, cli.quiet),
+        Command::Train { job, resume, nproc } => {
+            train::run(&job, resume, cli.quiet, usize::from(nproc))
+        }
         Command::Init {
             out,
             model,

@@ -66,8 +66,10 @@ pub(crate) struct Data {
 
 impl Data {
     /// Scans every `[[datasets]]` folder of the job; files that cannot be
-    /// used are skipped with a warning naming them.
-    pub fn scan(job: &JobConfig) -> Result<Self> {
+    /// used are skipped with a warning naming them. Epochs are planned in
+    /// batches of `batch_size × world` items (the global batch of a
+    /// data-parallel run of `world` ranks).
+    pub fn scan(job: &JobConfig, world: usize) -> Result<Self> {
         let mut data = Data {
             images: Arc::new(Vec::new()),
             dataset_of: Vec::new(),
@@ -116,7 +118,7 @@ impl Data {
             images.extend(scan.images);
             data.plans.push(PlanConfig {
                 resolutions: ds.resolution.clone(),
-                batch_size: job.train.batch_size,
+                batch_size: job.train.batch_size * world,
                 flip_x: ds.flip_x,
                 random_crop: ds.random_crop,
                 seed: job.job.seed,
@@ -346,7 +348,7 @@ mod tests {
     #[test]
     fn regularisation_images_are_balanced_mixed_and_untriggered() {
         let dir = tempfile::tempdir().unwrap();
-        let data = Data::scan(&job(dir.path(), 5, 2)).unwrap();
+        let data = Data::scan(&job(dir.path(), 5, 2), 1).unwrap();
         let reg_repeats: Vec<u32> = (0..data.images.len())
             .filter(|&i| data.is_reg[data.dataset_of[i]])
             .map(|i| data.images[i].repeats)
@@ -379,7 +381,7 @@ mod tests {
             );
         }
 
-        let data = Data::scan(&job(dir.path(), 5, 7)).unwrap();
+        let data = Data::scan(&job(dir.path(), 5, 7), 1).unwrap();
         assert_eq!(data.summaries[1].usable, 5, "two reg images left unused");
         assert_eq!(data.summaries[1].samples_per_epoch, 5);
         assert_eq!(data.reg_images, 7);

@@ -6,6 +6,7 @@
 use super::data::{terr, Batch, Sample};
 use super::run::Env;
 use super::schedule::latent_mask;
+use super::shard::rows;
 use crate::error::Result;
 use crate::model::captions::encode_captions;
 use crate::model::conditioning::{time_ids, TextConditioning};
@@ -173,7 +174,9 @@ impl Env {
     /// are already cached (memory or disk) or it is already under way. The
     /// queue keeps the [`PREFETCH_DEPTH`] newest; an older entry the plan
     /// never asked for is dropped (counted as wasted).
-    pub fn prefetch(&self, (planned, samples): &Batch) {
+    pub fn prefetch(&self, batch: &Batch) {
+        // this rank's slice: the one `latents` will ask for
+        let (planned, samples) = &self.shard.local(batch);
         let keys = self.latent_keys(planned, self.cacheable(samples));
         if let (Some(c), Some(keys)) = (&self.inputs.cache, keys) {
             let memory = self.inputs.memory.borrow();
@@ -185,7 +188,7 @@ impl Env {
             }
         }
         let mut queue = self.inputs.prefetched.borrow_mut();
-        if queue.iter().any(|(p, _)| p == planned) {
+        if planned.items.is_empty() || queue.iter().any(|(p, _)| p == planned) {
             return;
         }
         let images = self.data.images.clone();
@@ -259,6 +262,7 @@ impl Env {
         planned: &PlannedBatch,
         cacheable: bool,
         seed: u64,
+        (start, global): (usize, usize),
     ) -> Result<(Tensor, Option<Tensor>)> {
         let keys = self.latent_keys(planned, cacheable);
         let device = self.model.unet_device();
@@ -285,7 +289,13 @@ impl Env {
         let z = tch::no_grad(|| {
             let parts = moments.chunk(2, 1);
             tch::manual_seed(seed as i64);
-            let z = &parts[0] + (&parts[1] * 0.5).exp() * parts[0].randn_like();
+            // drawn for the whole global batch, as one process would (shard.rs)
+            let mut shape = parts[0].size();
+            let local = shape[0];
+            shape[0] = global as i64;
+            let eps = Tensor::randn(shape.as_slice(), (parts[0].kind(), parts[0].device()));
+            let eps = rows(eps, (start, local as usize));
+            let z = &parts[0] + (&parts[1] * 0.5).exp() * eps;
             z * self.model.vae.config.scaling_factor
         });
         Ok((z, mask))

@@ -6,6 +6,7 @@
 use super::checkpoint::{save_lora, training_metadata};
 use super::events::{dispatch, Event, Observers, RunView};
 use super::run::{Run, TrainOptions, TrainReport};
+use super::shard::DistRun;
 use super::state::save_state;
 use crate::error::Result;
 use std::path::PathBuf;
@@ -39,12 +40,17 @@ impl LossMeter {
             self.sum += n.detach().to_kind(Kind::Float) * 0.0;
         }
     }
-    /// The mean since the last read (one host sync), and a reset.
-    fn take(&mut self) -> f64 {
+    /// The mean since the last read (one host sync; in a data-parallel run
+    /// the mean over the ranks, which every rank reads at the same steps),
+    /// and a reset.
+    fn take(&mut self, dist: Option<&DistRun>) -> Result<f64> {
+        if let Some(d) = dist {
+            d.mean(&self.sum)?;
+        }
         let mean = self.sum.double_value(&[]) / self.n.max(1) as f64;
         self.sum = self.sum.zeros_like();
         self.n = 0;
-        mean
+        Ok(mean)
     }
 }
 
@@ -78,7 +84,8 @@ impl Run {
             decode: Default::default(),
         };
         dispatch(observers, &view, self.started_event())?;
-        if !self.resumed {
+        let main = self.dist.as_ref().is_none_or(DistRun::is_main);
+        if !self.resumed && main {
             let (v, reg) = self.validate()?;
             report.record_validation(0, v, reg);
             let seconds = self.started.elapsed().as_secs_f64();
@@ -110,14 +117,20 @@ impl Run {
                 if let Some(next) = batches.get(self.pos.batch) {
                     env.prefetch(next);
                 }
-                let loss = env.micro_step(planned, samples, self.pos.step * accum + micro)?;
-                (&loss / accum as f64).backward();
-                meter.add(&loss);
+                let micro_id = self.pos.step * accum + micro;
+                // an empty slice (more ranks than items) adds no gradient
+                if let Some(loss) = env.micro_step(planned, samples, micro_id)? {
+                    (&loss / accum as f64).backward();
+                    meter.add(&loss);
+                }
                 micro += 1;
                 if micro < accum {
                     continue;
                 }
                 micro = 0;
+                if let Some(d) = &self.dist {
+                    d.average_gradients()?;
+                }
                 let (lr, grad_norm) = self.optim.step(self.pos.step);
                 meter.watch(grad_norm);
                 self.pos.step += 1;
@@ -133,28 +146,40 @@ impl Run {
                 // ---- after the update: report, validate, save
                 let step = self.pos.step;
                 report.step = step;
-                let stopping = opts.stop.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
+                let mut stopping =
+                    opts.stop.load(Ordering::SeqCst) || opts.stop_at_step == Some(step);
+                if let Some(d) = &mut self.dist {
+                    stopping = d.any_stop(stopping)?;
+                }
                 let last = step >= t.steps;
                 let save = step.is_multiple_of(job.save.save_every) || last || stopping;
-                let loss = (step.is_multiple_of(10) || save).then(|| meter.take());
+                let loss = if step.is_multiple_of(10) || save {
+                    Some(meter.take(self.dist.as_ref())?)
+                } else {
+                    None
+                };
                 if let Some(l) = loss.filter(|l| !l.is_finite()) {
                     // before any save: the last checkpoint and state stay good
                     return Err(diverged(step, l));
                 }
                 // validation and saves read to the host by design: a
                 // sync-debug run (crate::device) watches the steps alone
-                let val = if step.is_multiple_of(self.validation.every) || last {
+                let val = if main && (step.is_multiple_of(self.validation.every) || last) {
                     let v =
                         crate::device::unwatched(|| env.model.slots.in_eval(|| self.validate()));
                     Some(v?)
                 } else {
                     None
                 };
-                let saved = if save {
+                let saved = if save && main {
                     Some(crate::device::unwatched(|| self.save(last))?)
                 } else {
                     None
                 };
+                if let (true, Some(d)) = (save, &self.dist) {
+                    // no rank runs ahead of a save (or exits before it)
+                    d.pg.barrier()?;
+                }
                 let seconds = self.started.elapsed().as_secs_f64();
                 dispatch(
                     observers,

@@ -34,6 +34,7 @@ pub mod observers;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+mod shard;
 mod state;
 mod step;
 pub mod timesteps;

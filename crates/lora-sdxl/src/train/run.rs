@@ -50,6 +50,10 @@ pub struct TrainOptions {
     pub stop: Arc<AtomicBool>,
     /// Stop (as if interrupted) once this optimizer step is done; for tests.
     pub stop_at_step: Option<u64>,
+    /// The data-parallel run this process is a rank of (see
+    /// [`crate::dist`]): each rank trains its slice of every global batch of
+    /// `batch_size × world` items and only rank 0 writes files.
+    pub dist: Option<Arc<crate::dist::ProcessGroup>>,
 }
 
 /// What a run did.
@@ -96,8 +100,16 @@ pub fn train_with<'o>(
     extra: Observers<'o>,
 ) -> Result<TrainReport> {
     let run = Run::prepare(job, job_path, opts)?;
-    let mut observers = super::observers::standard(job, &run.env.run_dir, opts.quiet);
-    observers.extend(extra);
+    // the other ranks of a data-parallel run write nothing, print nothing
+    let main = opts.dist.as_ref().is_none_or(|pg| pg.is_main());
+    let mut observers = if main {
+        super::observers::standard(job, &run.env.run_dir, opts.quiet)
+    } else {
+        Vec::new()
+    };
+    if main {
+        observers.extend(extra);
+    }
     run.fit(&mut observers, opts)
 }
 
@@ -113,6 +125,9 @@ pub(crate) struct Env {
     pub v_pred: bool,
     pub data: Data,
     pub inputs: Inputs,
+    /// This process's part of each batch (the whole batch outside a
+    /// data-parallel run).
+    pub shard: super::shard::Shard,
 }
 
 /// The optimizer over both groups (UNet, text encoders) and the LR schedule.
@@ -264,8 +279,11 @@ pub struct Run {
     pub(crate) started_unix: f64,
     /// Settings chosen for this run and why (for [`super::Event::Started`]).
     pub(crate) notes: Vec<String>,
-    /// Held while the run exists: one run per folder.
-    _lock: RunLock,
+    /// The collectives of a data-parallel run.
+    pub(crate) dist: Option<super::shard::DistRun>,
+    /// Held while the run exists: one run per folder (by rank 0 of a
+    /// data-parallel run).
+    _lock: Option<RunLock>,
 }
 
 /// The prediction type and zero-terminal-SNR flag of the run: the job's
@@ -316,9 +334,16 @@ impl Run {
         job.validate(job_path).map_err(|e| terr(e.to_string()))?;
         let started = Instant::now();
         let started_unix = lora_core::metadata::now_unix();
-        let data = Data::scan(job)?;
+        let world = opts.dist.as_ref().map_or(1, |pg| pg.world());
+        let main = opts.dist.as_ref().is_none_or(|pg| pg.is_main());
+        let data = Data::scan(job, world)?;
         let device = crate::model::sdxl::resolve_device(job.job.device.as_deref())
             .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
+        // one GPU per local rank
+        let device = match (&opts.dist, device) {
+            (Some(pg), tch::Device::Cuda(_)) => tch::Device::Cuda(pg.local_rank()),
+            _ => device,
+        };
         let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);
         let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
         let mut notes = vec![crate::device::DeviceInfo::query().describe(device, kind)];
@@ -344,8 +369,13 @@ impl Run {
         let run_dir = job.job.output_dir.join(&job.job.name);
         std::fs::create_dir_all(&run_dir).map_err(|e| SdxlError::io(&run_dir, e))?;
 
-        let lock = RunLock::take(&run_dir)?;
-        remove_stale_temp_files(&run_dir);
+        let lock = if main {
+            let lock = RunLock::take(&run_dir)?;
+            remove_stale_temp_files(&run_dir);
+            Some(lock)
+        } else {
+            None
+        };
         let network = Network::attach(job, &model, device)?;
         let mut optim = Optimizers::new(job, &network, &mut notes)?;
         let hash = shape_hash(job);
@@ -357,7 +387,7 @@ impl Run {
                 state.display()
             );
         }
-        let pos = if resumed {
+        let mut pos = if resumed {
             let pos = restore_state(
                 &state,
                 &hash,
@@ -376,7 +406,23 @@ impl Run {
         } else {
             Position::default()
         };
-        let _ = std::fs::copy(job_path, run_dir.join("job.toml"));
+        let global_batch = (job.train.batch_size * world) as u64;
+        if let Some(note) = super::shard::resume_note(resumed.then_some(pos), global_batch) {
+            tracing::warn!("{note}");
+            notes.push(note);
+        }
+        pos.global_batch = global_batch;
+        if main {
+            let _ = std::fs::copy(job_path, run_dir.join("job.toml"));
+        }
+        let dist = match &opts.dist {
+            Some(pg) => {
+                notes.push(super::shard::note(job, pg));
+                let params = network.all_params();
+                Some(super::shard::DistRun::new(pg.clone(), &params, pos.step)?)
+            }
+            None => None,
+        };
         let n = job.validation.images.unwrap_or(4).max(1);
         let validation = Validation {
             items: data.validation_set(n, data.first_dataset(false).unwrap_or(0)),
@@ -420,12 +466,16 @@ impl Run {
                 tok: ClipTokenizer::new(),
                 data,
                 inputs,
+                shard: dist
+                    .as_ref()
+                    .map_or(super::shard::Shard::SINGLE, |d| d.shard()),
             },
             network,
             optim,
             pos,
             resumed,
             notes,
+            dist,
             _lock: lock,
             hash,
             validation,

@@ -22,6 +22,9 @@ pub(crate) struct Position {
     pub epoch: u64,
     /// Batches of the current epoch consumed.
     pub batch: usize,
+    /// Items per batch over all ranks (`batch_size × world`), which the
+    /// epoch plan depends on; 0 in states written before it was recorded.
+    pub global_batch: u64,
 }
 
 /// Hash of the settings a saved state depends on (ranks, alphas, targets, base model).
@@ -81,6 +84,10 @@ pub(crate) fn save_state(
         ("lorakit.step".to_string(), pos.step.to_string()),
         ("lorakit.epoch".to_string(), pos.epoch.to_string()),
         ("lorakit.batch".to_string(), pos.batch.to_string()),
+        (
+            "lorakit.global_batch".to_string(),
+            pos.global_batch.to_string(),
+        ),
     ]);
     tensors.extend(opt.state_tensors());
     if let Some(e) = ema {
@@ -125,6 +132,7 @@ pub(crate) fn restore_state(
         step: num("lorakit.step")?,
         epoch: num("lorakit.epoch")?,
         batch: num("lorakit.batch")? as usize,
+        global_batch: num("lorakit.global_batch").unwrap_or(0),
     };
     let map: BTreeMap<String, Tensor> = st.tensors.into_iter().collect();
     let get = |k: String| {

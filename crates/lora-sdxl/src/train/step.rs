@@ -5,6 +5,7 @@ use super::data::{Batch, Sample};
 use super::noise::{input_noise, training_noise};
 use super::run::Env;
 use super::schedule::{batch_loss, per_sample_loss};
+use super::shard::rows;
 use crate::error::Result;
 use lora_data::caption::CaptionProcessing;
 use lora_data::loader::{derived_rng, PlannedBatch};
@@ -25,17 +26,21 @@ impl Env {
         (noisy, target)
     }
 
-    /// Loss of one micro-batch (not yet divided by the accumulation).
+    /// Loss of this rank's slice of one global micro-batch (not yet divided
+    /// by the accumulation); `None` when the slice is empty (a short last
+    /// batch with more ranks than items). Every draw is made for the whole
+    /// batch and sliced (see `shard`), so the ranks together train what one
+    /// process would.
     pub fn micro_step(
         &self,
         planned: &PlannedBatch,
         samples: &[Sample],
         micro_id: u64,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let t = &self.job.train;
         let seed = self.job.job.seed;
         let mut rng = derived_rng(seed, &[3, micro_id]);
-        let captions: Vec<String> = planned
+        let mut captions: Vec<String> = planned
             .items
             .iter()
             .zip(samples)
@@ -43,16 +48,32 @@ impl Env {
                 self.data.captions[s.dataset].process(&self.data.images[s.image].caption, &mut rng)
             })
             .collect();
-        let (x0, mask) = self.latents(planned, self.cacheable(samples), rng.gen())?;
-        let b = x0.size()[0];
+        let n = samples.len();
+        let (lo, hi) = self.shard.range(n);
+        let rows_of = (lo, hi - lo);
+        let latent_seed = rng.gen();
         let step_seed: i64 = rng.gen::<i64>() & i64::MAX;
+        if lo == hi {
+            return Ok(None);
+        }
+        let (planned, samples) = self.shard.local(&(planned.clone(), samples.to_vec()));
+        let captions: Vec<String> = captions.drain(lo..hi).collect();
+        let (x0, mask) = self.latents(&planned, self.cacheable(&samples), latent_seed, (lo, n))?;
         tch::manual_seed(step_seed);
         let device = x0.device();
-        let ts = self.timesteps.sample(b, device);
-        let noise = training_noise(t, &x0, &mut rng);
-        let input = input_noise(t, &noise);
+        let ts = rows(self.timesteps.sample(n as i64, device), rows_of);
+        let mut global = x0.size();
+        global[0] = n as i64;
+        let template = if hi - lo == n {
+            x0.shallow_clone()
+        } else {
+            Tensor::empty(global.as_slice(), (x0.kind(), device))
+        };
+        let noise = training_noise(t, &template, &mut rng);
+        let input = rows(input_noise(t, &noise), rows_of);
+        let noise = rows(noise, rows_of);
         let (noisy, target) = self.noised(&x0, &input, noise, &ts);
-        let (context, y) = self.conditioning(planned, samples, captions)?;
+        let (context, y) = self.conditioning(&planned, &samples, captions)?;
         let pred = self
             .model
             .unet
@@ -66,8 +87,10 @@ impl Env {
             per = &per * self.tables.debiased_weights(&ts, self.v_pred);
         }
         // regularisation samples come last in a batch
-        let reg = self.data.reg_count(samples);
-        Ok(batch_loss(&per, reg, t.prior_loss_weight))
+        let reg = self.data.reg_count(&samples);
+        let loss = batch_loss(&per, reg, t.prior_loss_weight);
+        let factor = self.shard.loss_factor(hi - lo, n);
+        Ok(Some(if factor == 1.0 { loss } else { loss * factor }))
     }
 
     /// Mean loss over the fixed validation set with fixed noise and timesteps.
@@ -83,7 +106,7 @@ impl Env {
             }
             .base(&self.data.images[samples[0].image].caption);
             tch::no_grad(|| -> Result<()> {
-                let (x0, mask) = self.latents(planned, true, seed ^ (i as u64 * 7919))?;
+                let (x0, mask) = self.latents(planned, true, seed ^ (i as u64 * 7919), (0, 1))?;
                 let (context, y) = self.conditioning(planned, samples, vec![caption])?;
                 // stratified timesteps, fixed noise
                 for (k, tv) in TIMESTEPS.iter().enumerate() {

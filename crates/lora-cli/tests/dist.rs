@@ -1,0 +1,255 @@
+//! Data-parallel `lorakit train --nproc N` on the CPU (Gloo over
+//! 127.0.0.1): two ranks × batch 1 train the LoRA one process × batch 2
+//! trains; a killed rank ends the run with an error naming it; a two-rank
+//! run stopped by Ctrl-C resumes (here in one process with the same
+//! effective batch) to the LoRA of an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tiny fp32 job named `name` with `batch` images per rank and `steps`
+/// steps, a checkpoint every `save_every`.
+fn job(dir: &Path, name: &str, batch: usize, steps: u64, save_every: u64) -> PathBuf {
+    let model = dir.join("tiny.safetensors");
+    if !model.exists() {
+        lora_sdxl::synthetic::write_random_checkpoint(
+            &model,
+            &lora_sdxl::SdxlConfig::tiny(),
+            1,
+            tch::Kind::Float,
+        )
+        .unwrap();
+        let data = dir.join("data");
+        lora_data::synthetic::write_character_dataset(&data, 4, 128, 128, "trig", 1).unwrap();
+    }
+    let data = dir.join("data");
+    let path = dir.join(format!("{name}.toml"));
+    let text = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"))
+        .replace("name = \"trig\"", &format!("name = \"{name}\""))
+        .replace("steps = 3000", &format!("steps = {steps}"))
+        .replace("save_every = 100", &format!("save_every = {save_every}"))
+        .replace("batch_size = 2", &format!("batch_size = {batch}"))
+        .replace("resolution = [512, 768]", "resolution = [128]")
+        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
+        .replace("dtype = \"fp16\"", "dtype = \"fp32\"")
+        .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
+        .replace("# device = \"cuda\"", "device = \"cpu\"")
+        .replace("lr = 0.00007", "lr = 0.001")
+        .replace("# images = 4", "images = 1");
+    assert!(text.contains(&format!("name = \"{name}\"")), "{text}");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn lorakit(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lorakit"));
+    c.args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env("LORAKIT_DIST_TIMEOUT", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn ok(o: Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+/// Every tensor of the final LoRA of run `name`, by key.
+fn lora(dir: &Path, name: &str) -> Vec<(String, Vec<f32>)> {
+    let file = dir.join(format!("output/{name}/{name}.safetensors"));
+    let mut t: Vec<(String, Vec<f32>)> = lora_core::io::read_tensors(&file)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                Vec::<f32>::try_from(v.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap(),
+            )
+        })
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// The largest difference between two LoRAs relative to the largest value,
+/// and that largest value of the `lora_up` weights (zero before training).
+fn compare(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut top, mut up) = (0f32, 0f32, 0f32);
+    for ((ka, va), (kb, vb)) in a.iter().zip(b) {
+        assert_eq!(ka, kb);
+        for (x, y) in va.iter().zip(vb) {
+            diff = diff.max((x - y).abs());
+            top = top.max(x.abs());
+            if ka.contains("lora_up") {
+                up = up.max(x.abs());
+            }
+        }
+    }
+    (diff / top, up)
+}
+
+#[test]
+fn two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    // the noise floor: one process with 1 thread and with 2 threads differs
+    // by the order of its float sums alone (measured: 2.7e-5 of the largest
+    // weight after 4 AdamW steps at lr 1e-3)
+    for (name, threads) in [("one_t1", "1"), ("one_t2", "2")] {
+        let one = job(dir.path(), name, 2, 4, 4);
+        ok(lorakit(&["train", one.to_str().unwrap()])
+            .env("OMP_NUM_THREADS", threads)
+            .output()
+            .unwrap());
+    }
+    let (floor, _) = compare(&lora(dir.path(), "one_t1"), &lora(dir.path(), "one_t2"));
+    let two = job(dir.path(), "two", 1, 4, 4);
+    let err = ok(lorakit(&["train", two.to_str().unwrap(), "--nproc", "2"])
+        .output()
+        .unwrap());
+    let (rel, up) = compare(&lora(dir.path(), "one_t1"), &lora(dir.path(), "two"));
+    assert!(up > 1e-4, "the LoRA did not train: max |lora_up| = {up}");
+    eprintln!("relative difference: 2 ranks {rel:e}, 1 vs 2 threads {floor:e}");
+    assert!(
+        rel < 4.0 * floor + 1e-6,
+        "2 ranks × batch 1 differ from 1 × batch 2 by {rel:e} (relative), above the float noise floor {floor:e}\n{err}"
+    );
+    // rank 0 alone wrote the run: one events log that finished once, and
+    // the notes say how the batch was split
+    let events = std::fs::read_to_string(dir.path().join("output/two/events.jsonl")).unwrap();
+    assert!(events.contains("data-parallel: rank 0 of 2"), "{events}");
+    let finished = events
+        .lines()
+        .filter(|l| l.contains("\"finished\""))
+        .count();
+    assert_eq!(finished, 1, "{events}");
+}
+
+/// The pid of rank `rank` among the launcher's children (by its RANK).
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
+    children.split_whitespace().find_map(|pid| {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let wanted = format!("RANK={rank}");
+        env.split(|&b| b == 0)
+            .any(|kv| kv == wanted.as_bytes())
+            .then(|| pid.parse().ok())?
+    })
+}
+
+/// Waits until `path` exists (the run got that far), at most `limit`.
+fn wait_for(path: &Path, child: &mut Child, limit: Duration) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before {}",
+            path.display()
+        );
+        assert!(t0.elapsed() < limit, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_run_with_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job(dir.path(), "killed", 1, 500, 1);
+    let mut run = lorakit(&["train", path.to_str().unwrap(), "--nproc", "2"])
+        .spawn()
+        .unwrap();
+    wait_for(
+        &dir.path()
+            .join("output/killed/killed_000000001.safetensors"),
+        &mut run,
+        Duration::from_secs(120),
+    );
+    let pid = rank_pid(run.id(), 1).expect("rank 1 is running");
+    // SAFETY: a child of the launcher this test started
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t0 = Instant::now();
+    let o = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(50),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(err.contains("rank 1 of 2 was killed by signal 9"), "{err}");
+    assert!(
+        err.contains("rank 0 of 2:") && err.contains("failed"),
+        "{err}"
+    );
+    assert!(dir.path().join("output/killed/state.safetensors").exists());
+}
+
+#[test]
+fn a_two_rank_ctrl_c_resumes_in_one_process_to_the_same_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = job(dir.path(), "full", 1, 8, 1);
+    ok(lorakit(&["train", full.to_str().unwrap(), "--nproc", "2"])
+        .output()
+        .unwrap());
+
+    let part = job(dir.path(), "part", 1, 8, 1);
+    let mut run = lorakit(&["train", part.to_str().unwrap(), "--nproc", "2"])
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("output");
+    wait_for(
+        &out.join("part/part_000000002.safetensors"),
+        &mut run,
+        Duration::from_secs(120),
+    );
+    // SAFETY: the launcher this test started; it forwards the Ctrl-C once
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let err = ok(run.wait_with_output().unwrap());
+    let state = lora_core::io::read_tensors(out.join("part/state.safetensors")).unwrap();
+    let stopped: u64 = state.metadata["lorakit.step"].parse().unwrap();
+    assert!((2..8).contains(&stopped), "stopped at {stopped}\n{err}");
+    assert_eq!(state.metadata["lorakit.global_batch"], "2");
+    copy_dir(&out.join("part"), &out.join("single"));
+
+    // two ranks again: exactly the uninterrupted run
+    ok(
+        lorakit(&["train", part.to_str().unwrap(), "--nproc", "2", "--resume"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        lora(dir.path(), "full"),
+        lora(dir.path(), "part"),
+        "resumed after step {stopped}"
+    );
+
+    // the same effective batch in one process (batch 2, no --nproc): the
+    // same LoRA to the float noise floor (2.7e-5–3.9e-5 in the test above)
+    let single = job(dir.path(), "single", 2, 8, 1);
+    let err = ok(lorakit(&["train", single.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap());
+    assert!(!err.contains("planned anew"), "{err}");
+    let (rel, up) = compare(&lora(dir.path(), "full"), &lora(dir.path(), "single"));
+    assert!(up > 1e-4, "max |lora_up| = {up}");
+    assert!(
+        rel < 1e-4,
+        "resumed after step {stopped} in one process: relative difference {rel:e}"
+    );
+}
+
+/// Copies a run folder (files only, as a run has them).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
