@@ -32,6 +32,9 @@ const SEEDS: usize = 8;
 pub fn run(out: &Path) -> AnyResult {
     let t0 = Instant::now();
     std::fs::create_dir_all(out)?;
+    // job.toml's paths are read relative to job.toml itself: write them
+    // absolute, so `lorakit train OUT/job.toml --resume` works from anywhere
+    let out = &std::fs::canonicalize(out)?;
     let data = out.join("dataset");
     println!("[1/5] character dataset → {}", data.display());
     lora_data::synthetic::write_character_dataset(&data, 16, 64, 64, TRIGGER, 2026)?;
