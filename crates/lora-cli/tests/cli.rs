@@ -227,14 +227,14 @@ fn demo_trains_saves_samples_and_compares() {
         "scores.txt",
         "state.safetensors",
         "samples/000000000_p00.png",
-        "samples/000000300_p03.png",
+        "samples/000000500_p03.png",
     ] {
         assert!(run.join(f).exists(), "{f} missing: {out}");
     }
-    // The in-training grid: 4 prompts × 7 sample rounds (steps 0..=300 by 50) of 64 px.
+    // The in-training grid: 4 prompts × 11 sample rounds (steps 0..=500 by 50) of 64 px.
     let grid = image::open(run.join("samples/grid.png")).unwrap();
     assert!(
-        grid.width() > 7 * 64 && grid.height() > 4 * 64,
+        grid.width() > 11 * 64 && grid.height() > 4 * 64,
         "{:?}",
         (grid.width(), grid.height())
     );
@@ -249,7 +249,7 @@ fn demo_trains_saves_samples_and_compares() {
     assert!(out.contains("by step: 0: "), "{out}");
     // one score row per checkpoint and the base
     let scores = std::fs::read_to_string(run.join("scores.txt")).unwrap();
-    assert_eq!(scores.lines().count(), 1 + 7, "{scores}");
+    assert_eq!(scores.lines().count(), 1 + 11, "{scores}");
     // the validation loss falls clearly
     let pct: f64 = out
         .lines()

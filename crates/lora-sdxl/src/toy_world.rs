@@ -62,7 +62,7 @@ pub fn params(prompt: &str) -> GenerateParams {
 }
 
 /// The demo's job on the toy base: the `lorakit init` template for
-/// `model`, `data` and [`TRIGGER`] with LoRA rank 8 (conv 4), 300 steps at
+/// `model`, `data` and [`TRIGGER`] with LoRA rank 8 (conv 4), 500 steps at
 /// lr 3e-3, 64 px, fp32 on CPU, a checkpoint and a sample round of
 /// [`GRID_PROMPTS`] (strength 0.8, fixed seed) every 50 steps, written
 /// under `out/demo/`. The quality tests train with it too.
@@ -84,7 +84,8 @@ pub fn character_job(
     job.network.conv = 4;
     job.network.conv_alpha = 4.0;
     job.save.save_every = 50;
-    job.train.steps = 300;
+    // the body comes by step 100, the blue hat on top from about 300
+    job.train.steps = 500;
     job.train.lr = 3e-3;
     job.train.dtype = "fp32".into();
     // A tiny model on CPU has memory to spare: no recomputation.

@@ -19,11 +19,15 @@ use std::sync::Mutex;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const SEEDS: usize = 8;
-/// Training steps of the quality test (the demo runs 300).
-const QUALITY_STEPS: u64 = 200;
-/// Share of trigger samples with the body after training: measured 0.62 (base
-/// 0.00, without the trigger 0.00) on the 2-core dev machine.
-const BODY_AFTER: f64 = 0.4;
+/// Share of trigger samples with the body after the demo's 500 steps:
+/// measured 0.96 (base 0.00, without the trigger 0.00) on the 2-core dev
+/// machine; after 100–450 steps it is 0.79–1.00 (`docs/demo_scores.txt`).
+const BODY_AFTER: f64 = 0.6;
+/// Share with the whole character (the body and the blue hat above it):
+/// measured 0.46 after 500 steps (base 0.00, without the trigger 0.00 at
+/// every checkpoint); the hat comes from about step 300 (0.12–0.25 at
+/// 300–400).
+const CHARACTER_AFTER: f64 = 0.25;
 
 fn base() -> SdxlModel {
     SdxlModel::load(asset_path(), tch::Kind::Float, tch::Device::Cpu).unwrap()
@@ -90,24 +94,20 @@ fn the_toy_base_draws_its_world_from_captions() {
     assert!(character_rate(&seen) <= 0.125, "{seen:?}");
 }
 
-/// Trains the demo's job (fewer steps) on the toy base and scores samples at
-/// strength 0.8 with the detector. What a short CPU run reliably teaches is
-/// the character's warm round body: with the trigger it appears on most
-/// samples, where the base draws none; without the trigger the prompt keeps
-/// its green square and gets no body. The full character (body *and* blue
-/// hat, `Analysis::has_character`) is printed but not yet asserted: after
-/// 200–300 steps the hat comes out dark or greenish in most seeds (see the
-/// issue notes), and the held-out backgrounds are not followed.
+/// Trains the demo's job on the toy base and scores samples at strength 0.8
+/// with the detector: with the trigger the character's orange body appears
+/// on most samples and the whole character (body and blue hat above it) on
+/// a good share, where the base draws neither; without the trigger the
+/// prompt keeps its green square and gets no character.
 #[test]
-fn a_short_lora_run_teaches_the_characters_body_without_bleed() {
+fn a_short_lora_run_teaches_the_character_without_bleed() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     lora_data::synthetic::write_character_dataset(&data, 16, 64, 64, TRIGGER, 2026).unwrap();
     let job_path = dir.path().join("job.toml");
     let mut job = character_job(&job_path, &asset_path(), &data, dir.path()).unwrap();
-    job.train.steps = QUALITY_STEPS;
-    job.save.save_every = QUALITY_STEPS;
+    job.save.save_every = job.train.steps;
     job.sample.disable = true;
     job.validation.images = None;
     let report = train(&job, &job_path, &TrainOptions::default()).unwrap();
@@ -159,7 +159,15 @@ fn a_short_lora_run_teaches_the_characters_body_without_bleed() {
         share(&after, body) >= BODY_AFTER,
         "the LoRA did not teach the body: {after:?}"
     );
+    assert!(
+        character_rate(&after) >= CHARACTER_AFTER,
+        "the LoRA did not teach the whole character: {after:?}"
+    );
     assert!(share(&without, body) <= 0.25, "concept bleed: {without:?}");
+    assert!(
+        character_rate(&without) <= 0.125,
+        "concept bleed: {without:?}"
+    );
     assert!(
         square >= 0.5,
         "the prompt without the trigger lost its square: {without:?}"
