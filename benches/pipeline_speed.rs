@@ -25,7 +25,7 @@ use lorakit::sdxl::sample::txt2img::{
     condition, decode_images, initial_noise, sample_latents, GenerateParams,
 };
 use lorakit::sdxl::train::{train, TrainOptions};
-use lorakit::sdxl::{ClipTokenizer, JobConfig, SdxlConfig, SdxlModel};
+use lorakit::sdxl::{ClipTokenizer, SdxlConfig, SdxlModel};
 use lorakit::tch::{Device, Kind};
 use std::path::Path;
 use std::process::Command;
@@ -65,46 +65,15 @@ fn training_child(dir: &Path, model: &Path, checkpointing: bool) -> (f64, f64) {
 }
 
 fn training(dir: &Path, model: &Path, checkpointing: bool) -> f64 {
-    let data = dir.join("dataset");
-    lorakit::data::synthetic::write_character_dataset(&data, 12, 256, 256, "myakumyaku-san", 7)
-        .unwrap();
-    let job_path = dir.join("job.toml");
-    let mut job = JobConfig::parse(
-        &job_path,
-        &JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san")),
-    )
-    .unwrap();
-    job.job.name = "bench".into();
-    job.job.output_dir = dir.join("out");
-    job.job.device = Some("cpu".into());
-    job.network.linear = 8;
-    job.network.linear_alpha = 8.0;
-    job.network.conv = 4;
-    job.network.conv_alpha = 4.0;
-    job.save.save_every = 1000;
-    job.validation.every = Some(1000);
-    job.validation.images = Some(1);
-    job.train.steps = 40;
-    job.train.batch_size = 2;
-    job.train.gradient_accumulation = 1;
-    job.train.lr = 1e-4;
-    job.train.dtype = "fp32".into();
-    job.datasets[0].resolution = vec![256];
+    let _ = std::fs::remove_dir_all(dir.join("out/bench"));
+    let mut job = common::bench_job(dir, model, "bench", 2);
     job.train.gradient_checkpointing = checkpointing.into();
-    let _ = std::fs::remove_dir_all(dir.join("out"));
     let opts = TrainOptions {
         quiet: true,
         ..TrainOptions::default()
     };
-    train(&job, &job_path, &opts).unwrap();
-    let csv = std::fs::read_to_string(dir.join("out/bench/loss.csv")).unwrap();
-    let at = |step: &str| -> f64 {
-        csv.lines()
-            .find(|l| l.split(',').next() == Some(step))
-            .and_then(|l| l.rsplit(',').next()?.parse().ok())
-            .unwrap()
-    };
-    (at("30") - at("10")) / 20.0
+    train(&job, &dir.join("job.toml"), &opts).unwrap();
+    common::seconds_per_step(&dir.join("out/bench"))
 }
 
 fn sampling(model_path: &Path, images: usize) -> f64 {

@@ -5,7 +5,8 @@
 # memory, MFU) at 1024² batch 1 and 4 and 512² batch 4 with and without
 # gradient checkpointing, host syncs per step, and txt2img at 1024², 25
 # steps, CFG 7 against StableDiffusionXLPipeline, and each train.vram
-# preset's peak under a memory cap of its size. Every figure lands in
+# preset's peak under a memory cap of its size, and data-parallel training
+# over c10d as 2 (or one per GPU) ranks. Every figure lands in
 # $OUT (results.jsonl, one JSON object per measurement, and the logs).
 #
 #   here:        bash scripts/gpu-build.sh          (binaries + wheel: dist/gpu.tar.xz)
@@ -133,5 +134,21 @@ for p in $PRESETS; do
   PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:$frac \
     run "vram_${gb}" $GC train "$MODEL" $DEV $PRES $b preset 6 "$WORK" $gb
 done
+
+# 6. data-parallel (issue 15): the real trainer as 1 and as N ranks (c10d
+# Gloo; CUDA tensors go through host copies, NCCL is not wired yet) at the
+# first configuration, batch 1 per rank; N = the GPUs, at least 2 (two ranks
+# then share the one GPU: the path is proven, the scaling is not measured)
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+NR=$((NGPU > 2 ? NGPU : 2))
+r=${CONFIGS%%:*}
+PORT=$((29500 + RANDOM % 1000))
+for rank in $(seq 1 $((NR - 1))); do
+  RANK=$rank WORLD_SIZE=$NR LOCAL_RANK=$rank MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT GLOO_SOCKET_IFNAME=lo \
+    LORAKIT_DIST_TIMEOUT=300 $GC train "$MODEL" $DEV $r 1 on $STEPS "$WORK" >/dev/null 2>"$OUT/dp_rank$rank.err" &
+done
+RANK=0 WORLD_SIZE=$NR LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT GLOO_SOCKET_IFNAME=lo LORAKIT_DIST_TIMEOUT=300 \
+  run "train_lorakit_${r}_b1_dp${NR}_gpus${NGPU}" $GC train "$MODEL" $DEV $r 1 on $STEPS "$WORK"
+wait
 
 log "done in $(($(date +%s) - START)) s; results in $RES"

@@ -150,3 +150,56 @@ pub fn write_full_size(path: &std::path::Path) {
     drop(f);
     std::fs::rename(tmp, path).unwrap();
 }
+
+/// The training benches' job: the tiny model at 256², 12 generated images,
+/// LoRA 8 + LoCon 4, fp32 on CPU, 40 steps of `batch` images, no validation
+/// or saves in the timed steps; the run goes to `<dir>/out/<name>` (the
+/// caller clears it).
+pub fn bench_job(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    name: &str,
+    batch: usize,
+) -> lorakit::sdxl::JobConfig {
+    let data = dir.join("dataset");
+    if !data.exists() {
+        lorakit::data::synthetic::write_character_dataset(&data, 12, 256, 256, "myakumyaku-san", 7)
+            .unwrap();
+    }
+    let job_path = dir.join("job.toml");
+    let mut job = lorakit::sdxl::JobConfig::parse(
+        &job_path,
+        &lorakit::sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san")),
+    )
+    .unwrap();
+    job.job.name = name.into();
+    job.job.output_dir = dir.join("out");
+    job.job.device = Some("cpu".into());
+    job.network.linear = 8;
+    job.network.linear_alpha = 8.0;
+    job.network.conv = 4;
+    job.network.conv_alpha = 4.0;
+    job.save.save_every = 1000;
+    job.validation.every = Some(1000);
+    job.validation.images = Some(1);
+    job.train.steps = 40;
+    job.train.batch_size = batch;
+    job.train.gradient_accumulation = 1;
+    job.train.lr = 1e-4;
+    job.train.dtype = "fp32".into();
+    job.datasets[0].resolution = vec![256];
+    job
+}
+
+/// Seconds per step of a bench run, from its `loss.csv` between steps 10
+/// and 30 (after the latent cache is filled).
+pub fn seconds_per_step(run_dir: &std::path::Path) -> f64 {
+    let csv = std::fs::read_to_string(run_dir.join("loss.csv")).unwrap();
+    let at = |step: &str| -> f64 {
+        csv.lines()
+            .find(|l| l.split(',').next() == Some(step))
+            .and_then(|l| l.rsplit(',').next()?.parse().ok())
+            .unwrap()
+    };
+    (at("30") - at("10")) / 20.0
+}

@@ -300,8 +300,17 @@ fn train(args: &[String]) -> AnyResult<Value> {
     });
     let observers: Observers = vec![Box::new(watch)];
     let started = Instant::now();
+    // under RANK / WORLD_SIZE (gpu-check.sh's data-parallel part) one rank
+    let dist = lorakit::sdxl::dist::DistEnv::from_env()?
+        .map(|e| lorakit::sdxl::dist::ProcessGroup::join(&e))
+        .transpose()?
+        .map(std::sync::Arc::new);
+    if let Some(pg) = &dist {
+        job.job.name = format!("{}_dp{}", job.job.name, pg.world());
+    }
     let opts = TrainOptions {
         quiet: true,
+        dist,
         ..Default::default()
     };
     let report = train_with(&job, &job_path, &opts, observers)?;

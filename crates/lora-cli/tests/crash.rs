@@ -8,29 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// A tiny job that saves at every step (so kills often land in a write).
 fn tiny_job(dir: &Path, steps: u64) -> PathBuf {
-    let model = dir.join("tiny.safetensors");
-    lora_sdxl::synthetic::write_random_checkpoint(
-        &model,
-        &lora_sdxl::SdxlConfig::tiny(),
-        1,
-        tch::Kind::Float,
-    )
-    .unwrap();
-    let data = dir.join("data");
-    lora_data::synthetic::write_character_dataset(&data, 4, 256, 256, "trig", 1).unwrap();
-    let job = dir.join("job.toml");
-    let text = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"))
-        .replace("steps = 3000", &format!("steps = {steps}"))
-        .replace("save_every = 100", "save_every = 1")
-        .replace("resolution = [512, 768]", "resolution = [256]")
-        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
-        .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
-        .replace("# device = \"cuda\"", "device = \"cpu\"")
-        .replace("# images = 4", "images = 1");
-    std::fs::write(&job, text).unwrap();
-    job
+    common::tiny_job(dir, "trig", 256, (steps, 1, 2), &[])
 }
 
 fn spawn_train(job: &Path, resume: bool) -> Child {

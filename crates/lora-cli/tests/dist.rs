@@ -8,38 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// A tiny fp32 job named `name` with `batch` images per rank and `steps`
-/// steps, a checkpoint every `save_every`.
+/// steps, a checkpoint every `save_every` (saved in fp32).
 fn job(dir: &Path, name: &str, batch: usize, steps: u64, save_every: u64) -> PathBuf {
-    let model = dir.join("tiny.safetensors");
-    if !model.exists() {
-        lora_sdxl::synthetic::write_random_checkpoint(
-            &model,
-            &lora_sdxl::SdxlConfig::tiny(),
-            1,
-            tch::Kind::Float,
-        )
-        .unwrap();
-        let data = dir.join("data");
-        lora_data::synthetic::write_character_dataset(&data, 4, 128, 128, "trig", 1).unwrap();
-    }
-    let data = dir.join("data");
-    let path = dir.join(format!("{name}.toml"));
-    let text = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"))
-        .replace("name = \"trig\"", &format!("name = \"{name}\""))
-        .replace("steps = 3000", &format!("steps = {steps}"))
-        .replace("save_every = 100", &format!("save_every = {save_every}"))
-        .replace("batch_size = 2", &format!("batch_size = {batch}"))
-        .replace("resolution = [512, 768]", "resolution = [128]")
-        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
-        .replace("dtype = \"fp16\"", "dtype = \"fp32\"")
-        .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
-        .replace("# device = \"cuda\"", "device = \"cpu\"")
-        .replace("lr = 0.00007", "lr = 0.001")
-        .replace("# images = 4", "images = 1");
-    assert!(text.contains(&format!("name = \"{name}\"")), "{text}");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tiny_job(
+        dir,
+        name,
+        128,
+        (steps, save_every, batch),
+        &[
+            ("lr = 0.00007", "lr = 0.001"),
+            ("dtype = \"fp16\"", "dtype = \"fp32\""),
+        ],
+    )
 }
 
 fn lorakit(args: &[&str]) -> Command {
@@ -193,45 +176,55 @@ fn a_killed_rank_ends_the_run_with_an_error_naming_it() {
 #[test]
 fn a_two_rank_ctrl_c_resumes_in_one_process_to_the_same_lora() {
     let dir = tempfile::tempdir().unwrap();
-    let full = job(dir.path(), "full", 1, 8, 1);
+    let full = job(dir.path(), "full", 1, 10, 1);
     ok(lorakit(&["train", full.to_str().unwrap(), "--nproc", "2"])
         .output()
         .unwrap());
 
-    let part = job(dir.path(), "part", 1, 8, 1);
+    let part = job(dir.path(), "part", 1, 10, 1);
+    let out = dir.path().join("output");
+    // a Ctrl-C that reaches rank 1 alone: both ranks stop at the same step
     let mut run = lorakit(&["train", part.to_str().unwrap(), "--nproc", "2"])
         .spawn()
         .unwrap();
-    let out = dir.path().join("output");
     wait_for(
         &out.join("part/part_000000002.safetensors"),
         &mut run,
         Duration::from_secs(120),
     );
-    // SAFETY: the launcher this test started; it forwards the Ctrl-C once
-    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let rank1 = rank_pid(run.id(), 1).expect("rank 1 is running");
+    // SAFETY: a rank of the launcher this test started
+    unsafe { libc::kill(rank1, libc::SIGINT) };
     let err = ok(run.wait_with_output().unwrap());
-    let state = lora_core::io::read_tensors(out.join("part/state.safetensors")).unwrap();
-    let stopped: u64 = state.metadata["lorakit.step"].parse().unwrap();
+    let stopped = saved_step(&out.join("part"));
     assert!((2..8).contains(&stopped), "stopped at {stopped}\n{err}");
-    assert_eq!(state.metadata["lorakit.global_batch"], "2");
     copy_dir(&out.join("part"), &out.join("single"));
 
-    // two ranks again: exactly the uninterrupted run
-    ok(
-        lorakit(&["train", part.to_str().unwrap(), "--nproc", "2", "--resume"])
-            .output()
-            .unwrap(),
+    // resumed on two ranks and stopped again by a Ctrl-C to the launcher
+    // (which forwards it once to each rank), then resumed to the end:
+    // exactly the uninterrupted run
+    let resume = || lorakit(&["train", part.to_str().unwrap(), "--nproc", "2", "--resume"]);
+    let mut run = resume().spawn().unwrap();
+    let next = out.join(format!("part/part_{:09}.safetensors", stopped + 1));
+    wait_for(&next, &mut run, Duration::from_secs(120));
+    // SAFETY: the launcher this test started
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let err = ok(run.wait_with_output().unwrap());
+    let again = saved_step(&out.join("part"));
+    assert!(
+        (stopped + 1..10).contains(&again),
+        "stopped at {again}\n{err}"
     );
+    ok(resume().output().unwrap());
     assert_eq!(
         lora(dir.path(), "full"),
         lora(dir.path(), "part"),
-        "resumed after step {stopped}"
+        "resumed after steps {stopped} and {again}"
     );
 
     // the same effective batch in one process (batch 2, no --nproc): the
     // same LoRA to the float noise floor (2.7e-5–3.9e-5 in the test above)
-    let single = job(dir.path(), "single", 2, 8, 1);
+    let single = job(dir.path(), "single", 2, 10, 1);
     let err = ok(lorakit(&["train", single.to_str().unwrap(), "--resume"])
         .output()
         .unwrap());
@@ -242,6 +235,13 @@ fn a_two_rank_ctrl_c_resumes_in_one_process_to_the_same_lora() {
         rel < 1e-4,
         "resumed after step {stopped} in one process: relative difference {rel:e}"
     );
+}
+
+/// The step of a run's state, which must record the global batch of 2.
+fn saved_step(run: &Path) -> u64 {
+    let state = lora_core::io::read_tensors(run.join("state.safetensors")).unwrap();
+    assert_eq!(state.metadata["lorakit.global_batch"], "2");
+    state.metadata["lorakit.step"].parse().unwrap()
 }
 
 /// Copies a run folder (files only, as a run has them).

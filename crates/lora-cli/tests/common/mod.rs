@@ -92,3 +92,45 @@ pub fn setup(root: &Path) -> KillRuns {
     .unwrap();
     KillRuns(root.to_path_buf())
 }
+
+/// A tiny fp32 CPU job `DIR/NAME.toml` on `DIR/tiny.safetensors` and 4
+/// images of `res`² in `DIR/data` (both written once): the template with
+/// `steps`, a checkpoint every `save_every`, `batch` images per step,
+/// accumulation 1, one validation image, then `edits` (exact replacements).
+pub fn tiny_job(
+    dir: &Path,
+    name: &str,
+    res: u32,
+    (steps, save_every, batch): (u64, u64, usize),
+    edits: &[(&str, &str)],
+) -> PathBuf {
+    let model = dir.join("tiny.safetensors");
+    let data = dir.join("data");
+    if !model.exists() {
+        lora_sdxl::synthetic::write_random_checkpoint(
+            &model,
+            &lora_sdxl::SdxlConfig::tiny(),
+            1,
+            tch::Kind::Float,
+        )
+        .unwrap();
+        lora_data::synthetic::write_character_dataset(&data, 4, res, res, "trig", 1).unwrap();
+    }
+    let mut text = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"))
+        .replace("name = \"trig\"", &format!("name = \"{name}\""))
+        .replace("steps = 3000", &format!("steps = {steps}"))
+        .replace("save_every = 100", &format!("save_every = {save_every}"))
+        .replace("batch_size = 2", &format!("batch_size = {batch}"))
+        .replace("resolution = [512, 768]", &format!("resolution = [{res}]"))
+        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
+        .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
+        .replace("# device = \"cuda\"", "device = \"cpu\"")
+        .replace("# images = 4", "images = 1");
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} is not in the template");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -339,9 +339,12 @@ impl Run {
         let data = Data::scan(job, world)?;
         let device = crate::model::sdxl::resolve_device(job.job.device.as_deref())
             .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
-        // one GPU per local rank
+        // one GPU per local rank (ranks share GPUs when there are more)
         let device = match (&opts.dist, device) {
-            (Some(pg), tch::Device::Cuda(_)) => tch::Device::Cuda(pg.local_rank()),
+            (Some(pg), tch::Device::Cuda(_)) => {
+                let gpus = tch::Cuda::device_count().max(1) as usize;
+                tch::Device::Cuda(pg.local_rank() % gpus)
+            }
             _ => device,
         };
         let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);

@@ -162,6 +162,36 @@ impl DistRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::state::Position;
+
+    #[test]
+    fn a_resume_with_another_global_batch_says_what_changes() {
+        let saved = Position {
+            step: 120,
+            epoch: 3,
+            batch: 5,
+            global_batch: 4,
+        };
+        // 2 ranks × 2 resumed as 1 × 4, or a fresh run: nothing to say
+        assert_eq!(resume_note(Some(saved), 4), None);
+        assert_eq!(resume_note(None, 8), None);
+        // a state written before the global batch was recorded
+        let old = Position {
+            global_batch: 0,
+            ..saved
+        };
+        assert_eq!(resume_note(Some(old), 8), None);
+        let note = resume_note(Some(saved), 8).unwrap();
+        for part in [
+            "had 4 items",
+            "this one has 8",
+            "step 120",
+            "epoch 3",
+            "first 5 batches",
+        ] {
+            assert!(note.contains(part), "{part}: {note}");
+        }
+    }
 
     #[test]
     fn slices_cover_the_global_batch_in_rank_order() {
