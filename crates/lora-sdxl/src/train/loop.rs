@@ -65,6 +65,9 @@ impl Run {
     /// Trains until `train.steps`, or until `opts.stop` is set (then the
     /// step is finished, checkpoint and state are saved, and the report says
     /// `interrupted`). `observers` see every event, in order.
+    ///
+    /// Long on purpose: the whole loop in one place, top to bottom (this
+    /// file's point); everything around it is an observer of its events.
     pub fn fit(
         mut self,
         observers: &mut Observers<'_>,

@@ -330,6 +330,10 @@ impl Run {
     /// Validates the job, scans the data, loads the model in the train
     /// dtype on the job's device, attaches the LoRA, builds the optimizers
     /// and, with `opts.resume`, restores `state.safetensors`.
+    ///
+    /// Long on purpose: the setup in the order its steps depend on each
+    /// other (data, device, model, run folder and lock, LoRA, optimizers,
+    /// saved state, data-parallel group), read as one sequence.
     pub fn prepare(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Self> {
         job.validate(job_path).map_err(|e| terr(e.to_string()))?;
         let started = Instant::now();
