@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/device.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/errors.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = lib else {
         panic!("lora-sdxl: torch-sys did not report the libtorch directory (DEP_TCH_LIBTORCH_LIB); run scripts/setup-libtorch.sh or set LIBTORCH");

@@ -17,18 +17,14 @@
 
 #include <dlfcn.h>
 
+#include "errors.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 namespace {
-char* device_error(const std::string& s) {
-  char* m = static_cast<char*>(std::malloc(s.size() + 1));
-  if (m) std::memcpy(m, s.c_str(), s.size() + 1);
-  return m;
-}
-
 template <typename F>
 int64_t or_unknown(F f) {
   try {
@@ -66,7 +62,7 @@ int64_t lorakit_sdpa_backends() {
 // memory_reserved / max_memory_reserved). Returns nullptr or an error to
 // free with `lorakit_free`.
 char* lorakit_cuda_memory(int64_t index, int64_t* out) {
-  try {
+  return lorakit::guarded([&] {
     auto* a = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     auto s = a->getDeviceStats(static_cast<c10::DeviceIndex>(index));
     constexpr size_t all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
@@ -74,22 +70,16 @@ char* lorakit_cuda_memory(int64_t index, int64_t* out) {
     out[1] = s.allocated_bytes[all].peak;
     out[2] = s.reserved_bytes[all].current;
     out[3] = s.reserved_bytes[all].peak;
-    return nullptr;
-  } catch (const std::exception& e) {
-    return device_error(e.what());
-  }
+  });
 }
 
 // Starts the peak counters of cuda:`index` again from the current use
 // (torch.cuda.reset_peak_memory_stats).
 char* lorakit_cuda_reset_peak(int64_t index) {
-  try {
+  return lorakit::guarded([&] {
     auto* a = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     a->resetPeakStats(static_cast<c10::DeviceIndex>(index));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return device_error(e.what());
-  }
+  });
 }
 
 // torch.cuda.set_sync_debug_mode: 0 off, 1 warn at every synchronising

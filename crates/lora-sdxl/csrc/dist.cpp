@@ -20,6 +20,8 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "errors.h"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -40,21 +42,7 @@ void gloo_construct(void* self, const StorePtr& store, int rank, int size, Optio
     "_ZN4c10d16ProcessGroupGlooC1ERKN3c1013intrusive_ptrINS_5StoreENS1_6detail34intrusive_target_"
     "default_null_typeIS3_EEEEiiNS2_INS0_7OptionsENS5_ISA_EEEE");
 
-char* dist_error(const std::string& s) {
-  char* m = static_cast<char*>(std::malloc(s.size() + 1));
-  if (m) std::memcpy(m, s.c_str(), s.size() + 1);
-  return m;
-}
-
-template <typename F>
-char* guarded(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return dist_error(e.what());
-  }
-}
+using lorakit::guarded;
 
 // One process group and its timeout.
 struct Group {

@@ -32,6 +32,8 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 extern "C" {
 // Runs the checkpointed computation: `inputs` (n borrowed pointers) → writes
 // one owned output pointer to `*out`. Returns 0 on success.
@@ -40,11 +42,7 @@ typedef int (*lorakit_fn)(void* data, at::Tensor** inputs, int64_t n, at::Tensor
 
 namespace {
 
-char* error_copy(const std::string& s) {
-  char* m = static_cast<char*>(std::malloc(s.size() + 1));
-  if (m) std::memcpy(m, s.c_str(), s.size() + 1);
-  return m;
-}
+using lorakit::error_copy;
 
 at::Tensor call(lorakit_fn fn, void* data, const std::vector<at::Tensor>& inputs) {
   std::vector<at::Tensor*> ptrs;
