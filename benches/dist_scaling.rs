@@ -40,27 +40,17 @@ fn child(dir: &Path, model: &Path, world: usize) {
     }
 }
 
-/// Runs the job in `world` processes of `threads` threads each; s/step.
-fn run(dir: &Path, model: &Path, world: usize, threads: usize) -> f64 {
+/// Runs the job in `world` processes, the cores split between them; s/step.
+fn run(dir: &Path, model: &Path, world: usize) -> f64 {
     let _ = std::fs::remove_dir_all(dir.join(format!("out/ranks{world}")));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lorakit::sdxl::dist::free_port().unwrap();
     let children: Vec<_> = (0..world)
         .map(|rank| {
             let mut c = Command::new(std::env::current_exe().unwrap());
+            // world 1: WORLD_SIZE=1 is no data-parallel run, only the threads
             c.args(["--child", dir.to_str().unwrap(), model.to_str().unwrap()])
                 .arg(world.to_string())
-                .env("OMP_NUM_THREADS", threads.to_string())
-                .env("GLOO_SOCKET_IFNAME", "lo");
-            if world > 1 {
-                c.env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string());
-            }
+                .envs(DistEnv::local(rank, world, port).child_vars());
             c.stdout(std::process::Stdio::piped()).spawn().unwrap()
         })
         .collect();
@@ -132,8 +122,8 @@ fn main() {
     // alternate the sides on this noisy shared machine, best of three each
     let (mut one, mut two) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..3 {
-        one = one.min(run(&dir, &model, 1, cores));
-        two = two.min(run(&dir, &model, 2, (cores / 2).max(1)));
+        one = one.min(run(&dir, &model, 1));
+        two = two.min(run(&dir, &model, 2));
     }
     let per_s = |s: f64| GLOBAL_BATCH as f64 / s;
     println!("tiny SDXL, 256², global batch {GLOBAL_BATCH}, {cores} cores (best of 3):");

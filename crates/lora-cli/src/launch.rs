@@ -7,6 +7,7 @@
 //! names it and ends the others.
 
 use crate::AnyResult;
+use lora_sdxl::dist::DistEnv;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,13 +29,6 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// A free TCP port on the loopback interface for the rendezvous store.
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn spawn(
     job: &Path,
     resume: bool,
@@ -52,22 +46,7 @@ fn spawn(
     if quiet {
         cmd.arg("--quiet");
     }
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-    cmd.env("RANK", rank.to_string())
-        .env("WORLD_SIZE", n.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("LOCAL_WORLD_SIZE", n.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string());
-    // one machine: Gloo over loopback, and the cores shared between ranks
-    for (key, value) in [
-        ("GLOO_SOCKET_IFNAME", "lo".to_string()),
-        ("OMP_NUM_THREADS", (threads / n).max(1).to_string()),
-    ] {
-        if std::env::var_os(key).is_none() {
-            cmd.env(key, value);
-        }
-    }
+    cmd.envs(DistEnv::local(rank, n, port).child_vars());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     // SAFETY: prctl is async-signal-safe; it runs in the child before exec.
     // A rank whose launcher dies stops as after Ctrl-C (saving its state).
@@ -82,7 +61,7 @@ fn spawn(
 
 /// Runs the ranks to the end; the exit code is 0 only when all succeeded.
 pub fn launch(job: &Path, resume: bool, quiet: bool, n: usize) -> AnyResult<ExitCode> {
-    let port = free_port()?;
+    let port = lora_sdxl::dist::free_port()?;
     let mut children = Vec::with_capacity(n);
     for rank in 0..n {
         match spawn(job, resume, quiet, rank, n, port) {

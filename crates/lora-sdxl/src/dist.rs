@@ -59,6 +59,17 @@ extern "C" {
     fn lorakit_dist_barrier(g: *mut c_void) -> *mut c_char;
 }
 
+/// The collectives' time limit unless `LORAKIT_DIST_TIMEOUT` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// A free TCP port on the loopback interface, for a rendezvous of ranks on
+/// this machine.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Where this process stands in a data-parallel run, from torchrun's
 /// environment variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +135,7 @@ impl DistEnv {
             )
         })?;
         let timeout = match get("LORAKIT_DIST_TIMEOUT") {
-            None => Duration::from_secs(1800),
+            None => DEFAULT_TIMEOUT,
             Some(v) => match v.parse::<f64>() {
                 Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
                 _ => {
@@ -146,6 +157,52 @@ impl DistEnv {
             agent_store: get("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
             timeout,
         }))
+    }
+}
+
+impl DistEnv {
+    /// Rank `rank` of `world` ranks on this machine, meeting on the
+    /// loopback interface at `port` (see [`free_port`]).
+    pub fn local(rank: usize, world: usize, port: u16) -> Self {
+        Self {
+            rank,
+            world,
+            local_rank: rank,
+            local_world: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            agent_store: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The environment that makes a child process this rank: torchrun's
+    /// variables and, unless this process sets them, Gloo over loopback
+    /// (`GLOO_SOCKET_IFNAME=lo`) and the cores split between the local
+    /// ranks (`OMP_NUM_THREADS`). The child reads its own
+    /// `LORAKIT_DIST_TIMEOUT`.
+    pub fn child_vars(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![
+            ("RANK", self.rank.to_string()),
+            ("WORLD_SIZE", self.world.to_string()),
+            ("LOCAL_RANK", self.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.local_world.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+        ];
+        let cores = std::thread::available_parallelism().map_or(1, |p| p.get());
+        for (key, value) in [
+            ("GLOO_SOCKET_IFNAME", "lo".to_string()),
+            (
+                "OMP_NUM_THREADS",
+                (cores / self.local_world).max(1).to_string(),
+            ),
+        ] {
+            if std::env::var_os(key).is_none() {
+                vars.push((key, value));
+            }
+        }
+        vars
     }
 }
 

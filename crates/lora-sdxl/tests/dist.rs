@@ -8,24 +8,14 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    lora_sdxl::dist::free_port().unwrap()
 }
 
 fn env(rank: usize, world: usize, port: u16, timeout: Duration) -> DistEnv {
     std::env::set_var("GLOO_SOCKET_IFNAME", "lo");
     DistEnv {
-        rank,
-        world,
-        local_rank: rank,
-        local_world: world,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        agent_store: false,
         timeout,
+        ..DistEnv::local(rank, world, port)
     }
 }
 
