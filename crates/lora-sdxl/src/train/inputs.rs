@@ -176,7 +176,7 @@ impl Env {
     /// never asked for is dropped (counted as wasted).
     pub fn prefetch(&self, batch: &Batch) {
         // this rank's slice: the one `latents` will ask for
-        let (planned, samples) = &self.shard.local(batch);
+        let (planned, samples) = &self.shard.local(&batch.0, &batch.1);
         let keys = self.latent_keys(planned, self.cacheable(samples));
         if let (Some(c), Some(keys)) = (&self.inputs.cache, keys) {
             let memory = self.inputs.memory.borrow();

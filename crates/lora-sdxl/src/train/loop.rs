@@ -87,7 +87,7 @@ impl Run {
             decode: Default::default(),
         };
         dispatch(observers, &view, self.started_event())?;
-        let main = self.dist.as_ref().is_none_or(DistRun::is_main);
+        let main = env.shard.is_main();
         if !self.resumed && main {
             let (v, reg) = self.validate()?;
             report.record_validation(0, v, reg);

@@ -101,13 +101,9 @@ pub fn train_with<'o>(
 ) -> Result<TrainReport> {
     let run = Run::prepare(job, job_path, opts)?;
     // the other ranks of a data-parallel run write nothing, print nothing
-    let main = opts.dist.as_ref().is_none_or(|pg| pg.is_main());
-    let mut observers = if main {
-        super::observers::standard(job, &run.env.run_dir, opts.quiet)
-    } else {
-        Vec::new()
-    };
-    if main {
+    let mut observers = Vec::new();
+    if run.env.shard.is_main() {
+        observers = super::observers::standard(job, &run.env.run_dir, opts.quiet);
         observers.extend(extra);
     }
     run.fit(&mut observers, opts)
@@ -343,17 +339,17 @@ impl Run {
         let data = Data::scan(job, world)?;
         let device = crate::model::sdxl::resolve_device(job.job.device.as_deref())
             .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
+        let info = crate::device::DeviceInfo::query();
         // one GPU per local rank (ranks share GPUs when there are more)
         let device = match (&opts.dist, device) {
             (Some(pg), tch::Device::Cuda(_)) => {
-                let gpus = tch::Cuda::device_count().max(1) as usize;
-                tch::Device::Cuda(pg.local_rank() % gpus)
+                tch::Device::Cuda(pg.local_rank() % info.gpus.max(1))
             }
             _ => device,
         };
         let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);
         let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
-        let mut notes = vec![crate::device::DeviceInfo::query().describe(device, kind)];
+        let mut notes = vec![info.describe(device, kind)];
         let (prediction, ztsnr) = objective_of(job, &mut model.detected, &mut notes);
         let (checkpointing, why) = job.train.gradient_checkpointing.resolve(
             "train.gradient_checkpointing",

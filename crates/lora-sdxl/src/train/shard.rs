@@ -6,7 +6,7 @@
 //! So N ranks × batch b train exactly what one process × batch N·b trains,
 //! up to the order of the gradient sum. Only rank 0 writes files.
 
-use super::data::Batch;
+use super::data::{Batch, Sample};
 use crate::dist::{GradBuckets, ProcessGroup};
 use crate::error::Result;
 use lora_data::loader::PlannedBatch;
@@ -33,8 +33,13 @@ impl Shard {
         (self.rank * n / self.world, (self.rank + 1) * n / self.world)
     }
 
+    /// Rank 0, the one that validates and writes files.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
     /// This rank's slice of a global batch.
-    pub fn local(&self, (planned, samples): &Batch) -> Batch {
+    pub fn local(&self, planned: &PlannedBatch, samples: &[Sample]) -> Batch {
         let (lo, hi) = self.range(samples.len());
         (
             PlannedBatch {
@@ -152,10 +157,6 @@ impl DistRun {
         self.pg.all_reduce_sum(t)?;
         let _ = t.shallow_clone().g_div_scalar_(self.pg.world() as f64);
         Ok(())
-    }
-
-    pub fn is_main(&self) -> bool {
-        self.pg.is_main()
     }
 }
 

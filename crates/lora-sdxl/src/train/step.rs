@@ -56,7 +56,7 @@ impl Env {
         if lo == hi {
             return Ok(None);
         }
-        let (planned, samples) = self.shard.local(&(planned.clone(), samples.to_vec()));
+        let (planned, samples) = self.shard.local(planned, samples);
         let captions: Vec<String> = captions.drain(lo..hi).collect();
         let (x0, mask) = self.latents(&planned, self.cacheable(&samples), latent_seed, (lo, n))?;
         tch::manual_seed(step_seed);
