@@ -1,9 +1,12 @@
 //! Lion, Prodigy and Adafactor against their own packages (`lion_pytorch`,
 //! `prodigyopt`, `transformers`): the same gradients replayed for 20 steps
-//! must give the same weights, and a state saved halfway and restored must
-//! continue exactly. Fixture: `scripts/fixtures/optimizers.py`.
+//! must give the same weights (within a multiple of the replay's own measured
+//! noise floor), and a state saved halfway and restored must continue
+//! exactly (bit for bit: the same operations on the same values in one
+//! process). Fixture: `scripts/fixtures/optimizers.py`.
 
 use lora_sdxl::train::optim::{clear_grads, Optimizer, OptimizerArgs};
+use lora_testkit::Tolerance;
 use std::collections::{BTreeMap, HashMap};
 use tch::{Kind, Tensor};
 
@@ -100,12 +103,82 @@ fn relative_error(a: &Tensor, want: &Tensor) -> f64 {
     d / want.abs().max().double_value(&[]).max(1e-12)
 }
 
+/// How far this trajectory moves when its inputs move by one ulp: the
+/// replay again with every gradient element nudged by ±1 fp32 ulp (8 draws,
+/// the largest relative change). A CPU with other SIMD paths changes the
+/// last bits of the sums inside a step by about as much, so this is the
+/// replay's noise floor, measured on the machine the test runs on.
+/// Measured against the errors different CPUs give: prodigy's floor is
+/// 8.0e-7 on an AMD EPYC (AVX-512), where its error against the fixture is
+/// 7.8e-7 (the same under every MKL_CBWR / ATEN_CPU_CAPABILITY), and an
+/// Intel Xeon (AVX-512) gave 1.27e-6 (1.07e-6 with MKL held to AVX2);
+/// adafactor's floors are 1.4e-7–2.8e-7 for errors of 0.9e-7–2.5e-7;
+/// Lion's sign update makes both 0.
+fn noise_floor(case: &Case, t: &HashMap<String, Tensor>) -> f64 {
+    let straight = leaves(case, t, "init");
+    let mut opt = optimizer(case, &straight);
+    replay(case, t, &straight, opt.as_mut(), 0..case.steps);
+    let mut floor: f64 = 0.0;
+    for draw in 1..=8 {
+        let nudged: HashMap<String, Tensor> = (t.iter())
+            .map(|(k, v)| {
+                let v = if k.contains(".grad.") {
+                    v + v * signs(draw, v) * f64::from(f32::EPSILON)
+                } else {
+                    v.shallow_clone()
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let params = leaves(case, t, "init");
+        let mut opt = optimizer(case, &params);
+        replay(case, &nudged, &params, opt.as_mut(), 0..case.steps);
+        for (a, b) in params.iter().zip(&straight) {
+            floor = floor.max(relative_error(a, b));
+        }
+    }
+    floor
+}
+
+/// ±1 for each element of `like`, drawn from `draw` (splitmix64; not torch's
+/// global generator, which the tests running beside this one also use).
+fn signs(draw: u64, like: &Tensor) -> Tensor {
+    let mut x = draw.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let v: Vec<f32> = (0..like.numel())
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            if (z ^ (z >> 31)) & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+        .collect();
+    Tensor::from_slice(&v).view(like.size().as_slice())
+}
+
+/// The replay's error against the package is bounded by 8 × its measured
+/// noise floor ([`noise_floor`]), the floor taken as at least 2 fp32 ulps
+/// (no 20-step fp32 replay is closer than that on every CPU; Lion's sign
+/// update, which rounding does not move, measures 0). Margin 8, not 4: the
+/// largest cross-CPU error seen (1.27e-6) is 1.6 × this machine's floor, so
+/// 8 keeps 4× over it. A real bug is far above: Prodigy without its bias
+/// correction is off by 33 (relative), without decoupled weight decay by 0.23.
+const REPLAY: Tolerance = Tolerance::new(
+    2.0 * f32::EPSILON as f64,
+    8.0,
+    "8 × the replay's change when its gradients move by 1 ulp",
+);
+
 #[test]
 fn lion_prodigy_and_adafactor_match_their_packages() {
     let (cases, t) = fixture();
-    assert_eq!(cases.len(), 9);
-    let mut worst = Vec::new();
+    assert_eq!(cases.len(), 10);
     for case in &cases {
+        let floor = noise_floor(case, &t);
         let params = leaves(case, &t, "init");
         let mut opt = optimizer(case, &params);
         replay(case, &t, &params, opt.as_mut(), 0..case.steps);
@@ -118,11 +191,12 @@ fn lion_prodigy_and_adafactor_match_their_packages() {
                 (p.detach() - init).abs().max().double_value(&[])
             })
             .fold(0.0, f64::max);
-        worst.push(format!("{}: {err:.2e} (moved {moved:.2})", case.name));
         assert!(moved > 1e-5, "{}: the weights did not move", case.name);
-        assert!(err < 1e-6, "{}: relative error {err:.3e}", case.name);
+        REPLAY.with_floor(floor, REPLAY.floor()).check(
+            format!("{}: relative error against the package", case.name),
+            err,
+        );
     }
-    eprintln!("{}", worst.join("\n"));
 }
 
 #[test]
