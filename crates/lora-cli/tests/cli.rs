@@ -1,8 +1,22 @@
 //! End-to-end tests of the `lorakit` binary. Every run clears
 //! LD_LIBRARY_PATH: the binary must find libtorch through its rpath.
 
+use lora_testkit::Tolerance;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+// Floors measured on an AMD EPYC (AVX-512) with 2 threads, 1 thread
+// (OMP_NUM_THREADS=1) and MKL, oneDNN and ATen held to AVX2 / no SIMD
+// (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+// ATEN_CPU_CAPABILITY=default), set for the `lorakit` child process.
+
+/// `lora resize` to a module's own rank rebuilds ΔW from fp32 factors of an
+/// fp64 SVD: 8.5e-8 of max |ΔW| measured (all three); margin 100.
+const RESIZED_SAME_RANK: Tolerance = Tolerance::new(8.5e-8, 100.0, "fp32 factors of the fp64 SVD");
+/// `lora extract` of a rank-1 difference of 0.05 (fp32 SVD): 6.0e-8
+/// absolute measured (all three; the fp32 tuned weight itself holds the
+/// difference to 1.1e-8); margin 160.
+const EXTRACTED_DELTA: Tolerance = Tolerance::new(6.0e-8, 160.0, "fp32 SVD of the difference");
 
 fn lorakit(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lorakit"))
@@ -748,8 +762,9 @@ fn lora_resize_writes_a_smaller_kohya_file() {
         let scale = da.abs().max().double_value(&[]);
         let diff = (&da - &db).abs().max().double_value(&[]) / scale;
         if a.rank() == 2 {
-            assert!(diff < 1e-5, "{key:?}: rank-2 module changed by {diff:.1e}");
+            RESIZED_SAME_RANK.check(format!("{key:?}: rank 2 kept"), diff);
         } else {
+            // an effect, not a tolerance: the rank-4 modules measured 0.27–0.79
             assert!(
                 diff > 1e-4,
                 "{key:?}: a rank-4 module cannot stay exact at rank 2"
@@ -866,7 +881,7 @@ fn lora_extract_from_two_checkpoints() {
     let (k, a) = l.set.iter().next().unwrap();
     assert!(key.contains(&k.path), "{key} vs {k:?}");
     let d = (a.delta_weight() - &delta).abs().max().double_value(&[]);
-    assert!(d < 1e-5, "ΔW recovered to {d:.1e}");
+    EXTRACTED_DELTA.check("extracted ΔW vs the difference", d);
     assert_eq!(l.metadata["ss_network_dim"], "4");
     assert!(
         l.metadata["ss_training_comment"].contains("tuned.safetensors minus tiny_a.safetensors")

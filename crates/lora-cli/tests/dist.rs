@@ -98,6 +98,11 @@ fn two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains() {
     let (rel, up) = compare(&lora(dir.path(), "one_t1"), &lora(dir.path(), "two"));
     assert!(up > 1e-4, "the LoRA did not train: max |lora_up| = {up}");
     eprintln!("relative difference: 2 ranks {rel:e}, 1 vs 2 threads {floor:e}");
+    // the bound is 4 × the floor this run measures (1 vs 2 threads), never
+    // under 1e-6: 2 ranks differ by 3.7e-5 against a floor of 2.7e-5 (the
+    // same with OMP_NUM_THREADS=1; 2.9e-5 against 2.4e-5 with MKL, oneDNN
+    // and ATen held to AVX2 / no SIMD): 1.4 × the floor, so 2.9 × under
+    // the bound
     assert!(
         rel < 4.0 * floor + 1e-6,
         "2 ranks × batch 1 differ from 1 × batch 2 by {rel:e} (relative), above the float noise floor {floor:e}\n{err}"
@@ -199,6 +204,7 @@ fn a_two_rank_ctrl_c_resumes_in_one_process_to_the_same_lora() {
     let stopped = saved_step(&out.join("part"));
     assert!((2..8).contains(&stopped), "stopped at {stopped}\n{err}");
     copy_dir(&out.join("part"), &out.join("single"));
+    copy_dir(&out.join("part"), &out.join("single_t1"));
 
     // resumed on two ranks and stopped again by a Ctrl-C to the launcher
     // (which forwards it once to each rank), then resumed to the end:
@@ -223,17 +229,29 @@ fn a_two_rank_ctrl_c_resumes_in_one_process_to_the_same_lora() {
     );
 
     // the same effective batch in one process (batch 2, no --nproc): the
-    // same LoRA to the float noise floor (2.7e-5–3.9e-5 in the test above)
-    let single = job(dir.path(), "single", 2, 10, 1);
-    let err = ok(lorakit(&["train", single.to_str().unwrap(), "--resume"])
-        .output()
-        .unwrap());
-    assert!(!err.contains("planned anew"), "{err}");
-    let (rel, up) = compare(&lora(dir.path(), "full"), &lora(dir.path(), "single"));
+    // same LoRA to the float noise floor, measured here as in the test
+    // above by resuming the same state with 1 and with 2 threads. The bound
+    // is 4 × that floor, never under 1e-6. Measured on the 2-core dev
+    // machine: one process differs from the two ranks by 1.3e-5–2.4e-5
+    // (2 threads, 1 thread, MKL / oneDNN / ATen held to AVX2), about the
+    // size of the floor.
+    let mut resumed = Vec::new();
+    for (name, threads) in [("single", "2"), ("single_t1", "1")] {
+        let single = job(dir.path(), name, 2, 10, 1);
+        let err = ok(lorakit(&["train", single.to_str().unwrap(), "--resume"])
+            .env("OMP_NUM_THREADS", threads)
+            .output()
+            .unwrap());
+        assert!(!err.contains("planned anew"), "{err}");
+        resumed.push(lora(dir.path(), name));
+    }
+    let (floor, _) = compare(&resumed[0], &resumed[1]);
+    let (rel, up) = compare(&lora(dir.path(), "full"), &resumed[0]);
     assert!(up > 1e-4, "max |lora_up| = {up}");
+    eprintln!("relative difference: one process {rel:e}, 1 vs 2 threads {floor:e}");
     assert!(
-        rel < 1e-4,
-        "resumed after step {stopped} in one process: relative difference {rel:e}"
+        rel < 4.0 * floor + 1e-6,
+        "resumed after step {stopped} in one process: relative difference {rel:e}, above the float noise floor {floor:e}"
     );
 }
 

@@ -1,5 +1,14 @@
 //! Unit tests of [`super`] (kept apart: the adapter file holds the maths).
 use super::*;
+use lora_testkit::Tolerance;
+
+/// The sampling error of a 400-draw mean of rank dropout (seed 3), relative
+/// to max |ΔW·x|: 2.9e-2 measured with 2 threads, 1 thread and ATen/MKL held
+/// to AVX2 / no SIMD (torch's CPU generator draws the same masks on each);
+/// its expected size is ≈ 1/√(3·400) of an element. Margin 6.5: without
+/// the 1/(1 − p) rescale the mean is off by p = 0.25 (measured 0.25).
+const DROPOUT_MEAN: Tolerance =
+    Tolerance::new(3.0e-2, 6.5, "sampling error of 400 rank-dropout draws");
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
@@ -22,6 +31,7 @@ fn zero_up_leaves_base_unchanged() {
     let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
     let base = Tensor::randn([3, 5, 6], (Kind::Float, Device::Cpu));
     let y = a.forward(&x, &base, true);
+    // exact: a zero `up` makes the branch add exact zeros
     assert_eq!(max_abs(&y, &base), 0.0);
     // down is kaiming-uniform: bounded by 1/sqrt(in) and not all zero.
     let bound = 1.0 / 8f64.sqrt();
@@ -140,7 +150,7 @@ fn rank_dropout_keeps_expectation() {
     }
     let mean = acc / n as f64;
     let rel = max_abs(&mean, &exact) / exact.abs().max().double_value(&[]);
-    assert!(rel < 0.2, "relative error {rel}");
+    DROPOUT_MEAN.check("rank dropout: mean of 400 draws vs eval", rel);
     assert!(Dropouts {
         dropout: 1.0,
         ..Default::default()

@@ -4,6 +4,7 @@
 
 use lora_core::io::read_tensors;
 use lora_core::{load_lora, LoraAdapter, LoraError, LoraFormat, LoraSet, ModuleKey, UnknownKeys};
+use lora_testkit::Tolerance;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
@@ -17,6 +18,15 @@ fn fixture(name: &str) -> PathBuf {
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap()
 }
+
+/// ΔW of a foreign file against the kohya one, relative to max |ΔW|: 0 where
+/// the file holds the same tensors, 1.4e-7 for PEFT modules whose file has
+/// the scale baked into `lora_B` (rounded in fp32 when the fixture was
+/// written); the same with 2 threads, 1 thread and MKL/ATen held to AVX2 /
+/// no SIMD. Margin 7: an alpha that is not read (alpha = rank) is off by
+/// 0.5 (measured 0.5).
+const SAME_DELTA: Tolerance =
+    Tolerance::new(1.4e-7, 7.0, "fp32 rounding of a scale baked into lora_B");
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b).abs().max().double_value(&[]);
@@ -55,7 +65,7 @@ fn foreign_formats_normalise_to_the_kohya_set() {
             let b = other.set.get(k).unwrap();
             assert_eq!(a.geometry(), b.geometry(), "{file} {k}");
             let rel = max_rel_diff(&b.delta_weight(), &a.delta_weight());
-            assert!(rel < 1e-6, "{file} {k}: ΔW differs by {rel}");
+            SAME_DELTA.check(format!("{file} {k}: ΔW vs kohya"), rel);
         }
     }
 }

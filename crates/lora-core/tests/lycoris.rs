@@ -4,6 +4,7 @@
 //! shapes and zero factors LyCORIS creates.
 
 use lora_core::{factorization, Geometry, LycoAdapter};
+use lora_testkit::Tolerance;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -60,6 +61,30 @@ fn geometry(c: &Case) -> Geometry {
     c.kernel.map_or(Geometry::Linear, |k| Geometry::conv(k, k))
 }
 
+// Errors relative to the largest value of the fixture's tensor, measured on
+// an AMD EPYC (AVX-512) with 2 threads, 1 thread (OMP_NUM_THREADS=1) and
+// MKL, oneDNN and ATen held to AVX2 / no SIMD (MKL_ENABLE_INSTRUCTIONS=AVX2
+// ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=default).
+
+/// ΔW against LyCORIS': 0 in all three (the same fp32 ops as torch ran for
+/// the fixture), so the floor is a representation floor: an element of a
+/// product of two rounded fp32 factors (LoHa's Hadamard product, LoKr's
+/// Kronecker product) is within 2 ulps. Margin 4: LoKr's Kronecker factors
+/// swapped give 1.2 (measured).
+const DELTA_WEIGHT: Tolerance =
+    Tolerance::new(2.0 * f32::EPSILON as f64, 4.0, "2 fp32 ulps of a product");
+/// The branch's output (layer op with ΔW) against LyCORIS': 3.3e-7 measured
+/// (2 and 1 threads), 2.8e-7 (AVX2-limited); margin 30.
+const FORWARD: Tolerance = Tolerance::new(3.3e-7, 30.0, "fp32 layer op vs LyCORIS'");
+/// DoRA's initial magnitude (‖W‖ per input channel) against LyCORIS': 1.6e-7
+/// measured (all three); margin 6: the norm over the output axis instead is
+/// off by 0.40 (measured).
+const MAGNITUDE: Tolerance = Tolerance::new(1.6e-7, 6.0, "fp32 norm vs LyCORIS'");
+/// DoRA's output, through the branch or through the merged weight, against
+/// LyCORIS': 3.9e-7 measured (2 and 1 threads), 3.2e-7 (AVX2-limited);
+/// margin 25.
+const DORA_FORWARD: Tolerance = Tolerance::new(3.9e-7, 25.0, "fp32 DoRA vs LyCORIS'");
+
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b).abs().max().double_value(&[]);
     d / b.abs().max().double_value(&[]).max(1e-12)
@@ -93,21 +118,16 @@ fn delta_weight_and_forward_match_lycoris() {
             .unwrap_or_else(|| panic!("{}: not recognised", c.name));
         a.set_geometry(c.inp, geometry(c)).unwrap();
         assert_eq!(a.algo(), c.algo, "{}", c.name);
-        assert!(
-            (a.scale() - c.scale).abs() < 1e-12,
-            "{}: scale {} vs {}",
-            c.name,
-            a.scale(),
-            c.scale
-        );
+        // exact: alpha / rank is 0.5 or 1 here, the same in any precision
+        assert_eq!(a.scale(), c.scale, "{}: scale", c.name);
         let dw = a.delta_weight();
         let want = &t[&format!("{}.delta_weight", c.name)];
         assert_eq!(dw.size(), want.size(), "{}", c.name);
         let e = max_rel(&dw, want);
-        assert!(e < 1e-6, "{}: ΔW relative error {e:.2e}", c.name);
+        DELTA_WEIGHT.check(format!("{}: ΔW vs LyCORIS'", c.name), e);
         let out = a.delta(&t[&format!("{}.x", c.name)], 1.0);
         let e = max_rel(&out, &t[&format!("{}.delta_out", c.name)]);
-        assert!(e < 1e-5, "{}: forward relative error {e:.2e}", c.name);
+        FORWARD.check(format!("{}: forward vs LyCORIS'", c.name), e);
     }
 }
 
@@ -139,7 +159,8 @@ fn fresh_adapters_have_lycoris_keys_shapes_and_zero_factor() {
         names.push("alpha".into());
         names.sort();
         assert_eq!(names, c.keys, "{}", c.name);
-        assert!((a.scale() - c.scale).abs() < 1e-12, "{}: scale", c.name);
+        // exact, as above
+        assert_eq!(a.scale(), c.scale, "{}: scale", c.name);
         for (name, tensor) in a.named_tensors() {
             let init = Vec::<f64>::try_from(&t[&format!("init.{}.{name}", c.name)]).unwrap();
             let shape: Vec<i64> = init[1..].iter().map(|x| *x as i64).collect();
@@ -191,13 +212,13 @@ fn dora_matches_lycoris() {
         a.enable_dora(&base).unwrap();
         let init = &t[&format!("{}.init_dora_scale", c.name)];
         let e = max_rel(a.dora_scale().unwrap(), init);
-        assert!(e < 1e-6, "{}: initial magnitude error {e:.2e}", c.name);
+        MAGNITUDE.check(format!("{}: initial magnitude", c.name), e);
         a.set_dora_scale(get("dora_scale").unwrap());
         let out = a
             .delta_with_base(&t[&format!("{}.x", c.name)], &base, false)
             .unwrap();
         let e = max_rel(&out, &t[&format!("{}.delta_out", c.name)]);
-        assert!(e < 1e-5, "{}: DoRA forward relative error {e:.2e}", c.name);
+        DORA_FORWARD.check(format!("{}: DoRA forward", c.name), e);
         // merged at strength 1 is the decomposed weight whose forward that is
         let d = a.merged_weight(&base, 1.0).unwrap() - &base;
         let x = &t[&format!("{}.x", c.name)];
@@ -206,7 +227,7 @@ fn dora_matches_lycoris() {
             Some(k) => x.conv2d::<&Tensor>(&d, None, [1, 1], [k / 2, k / 2], [1, 1], 1),
         };
         let e = max_rel(&via_merge, &t[&format!("{}.delta_out", c.name)]);
-        assert!(e < 1e-5, "{}: merged DoRA weight error {e:.2e}", c.name);
+        DORA_FORWARD.check(format!("{}: merged DoRA weight's forward", c.name), e);
         let names: Vec<&str> = a.named_tensors().iter().map(|(n, _)| *n).collect();
         assert_eq!(names.last(), Some(&"dora_scale"), "{}", c.name);
     }
