@@ -4,8 +4,15 @@
 mod common;
 use lora_sdxl::train::ema::Ema;
 use lora_sdxl::train::{train, TrainOptions};
+use lora_testkit::Tolerance;
 use std::collections::HashMap;
 use tch::Tensor;
+
+/// fp32 against fp64 of the same 12 updates: 8.5e-8 (ours against
+/// diffusers' fp32 is 0 with 2 threads, 1 thread and AVX2-limited MKL,
+/// oneDNN and ATen: the same elementwise operations). Margin 11; a decay
+/// without its warm-up is off by 1e-2.
+const AVERAGE: Tolerance = Tolerance::new(8.5e-8, 11.0, "fp32 vs fp64 of the 12 EMA updates");
 
 #[test]
 fn the_average_matches_diffusers_ema_model() {
@@ -27,9 +34,9 @@ fn the_average_matches_diffusers_ema_model() {
         for (i, got) in ema.weights().iter().enumerate() {
             let want = &f[&format!("{name}.{i}")];
             let d = (got - want).abs().max().double_value(&[]);
-            assert!(d < 1e-6, "{name}.{i}: {d}");
+            AVERAGE.check(format!("{name}.{i}"), d);
         }
-        // the average lags the last weights (it is not a copy of them)
+        // effect: the average lags the last weights (it is not a copy of them)
         let last = &f["walk.11.0"];
         assert!((&ema.weights()[0] - last).abs().max().double_value(&[]) > 1e-2);
     }

@@ -6,6 +6,7 @@
 use lora_core::{Component, Geometry};
 use lora_sdxl::model::keys::weight_location;
 use lora_sdxl::{extract_lora, lora_targets, ExtractOptions, SdxlModel, Target, TargetScope};
+use lora_testkit::Tolerance;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -81,6 +82,35 @@ fn options(conv_rank: Option<i64>) -> ExtractOptions {
     }
 }
 
+/// A rank-2 change extracted at rank 4 comes back up to fp32 rounding (the
+/// tuned weights are W + ΔW in fp32, then an fp32 SVD), as max |Δ| / max
+/// |ΔW|: up to 1.7e-6 (by default and with 1 thread; 1.4e-6 AVX2-limited);
+/// the UNet with the extracted LoRA against the tuned UNet, max |Δ| / max
+/// |ε|, up to 1.2e-6. Margin 55 (the old limit).
+const RECOVERED: Tolerance = Tolerance::new(
+    1.8e-6,
+    55.0,
+    "ΔW through fp32 sums and an fp32 SVD: 1.7e-6 measured",
+);
+
+/// The Frobenius norm a rank-4 cut keeps of a rank-2 change: 1 but for the
+/// fp32 SVD's noise singular values, 1 − 2.3e-7 at the furthest (2.0e-7
+/// AVX2-limited). Margin 430 (the old limit).
+const KEPT: Tolerance = Tolerance::new(
+    2.3e-7,
+    430.0,
+    "an fp32 SVD's noise singular values: 2.3e-7 measured",
+);
+
+/// The text encoders' penultimate states with the extracted LoRA against
+/// the tuned ones, max |Δ| (states of size ~3): 1.1e-6 by default and with
+/// 1 thread, 1.3e-6 AVX2-limited. Margin 70 (the old limit).
+const TEXT: Tolerance = Tolerance::new(
+    1.4e-6,
+    70.0,
+    "text encoders with the extracted LoRA vs tuned: 1.3e-6 measured",
+);
+
 #[test]
 fn extracts_exactly_the_changed_modules() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,6 +118,7 @@ fn extracts_exactly_the_changed_modules() {
     let changes = write_tuned(&tuned, 0.1);
     let mut calls = 0;
     let x = extract_lora(&base(), &tuned, &options(Some(4)), &mut |_, _| calls += 1).unwrap();
+    // not a tolerance: the text encoders' changes pass kohya's min_diff (0.01)
     assert!(x.text_encoders && x.text_encoder_max_diff > 0.01);
     assert_eq!(x.set.len(), 4, "only the changed modules");
     assert_eq!(calls, x.set.len() + x.identical);
@@ -100,10 +131,13 @@ fn extracts_exactly_the_changed_modules() {
         assert_eq!(a.geometry(), t.geometry);
         let d = (a.delta_weight() - delta).abs().max().double_value(&[])
             / delta.abs().max().double_value(&[]);
-        assert!(d < 1e-4, "{}: ΔW recovered to {d:.1e}", t.key.kohya_name());
+        RECOVERED.check(format!("{}: ΔW, max |Δ| / max", t.key.kohya_name()), d);
     }
     for (_, st) in &x.modules {
-        assert!((st.fro_retained - 1.0).abs() < 1e-4);
+        KEPT.check(
+            "Frobenius norm kept: |1 − kept|",
+            (st.fro_retained - 1.0).abs(),
+        );
     }
 
     // base + extracted LoRA at strength 1 behaves as the tuned model
@@ -122,17 +156,14 @@ fn extracts_exactly_the_changed_modules() {
         let eb = b.unet.forward(&lat, &ts, &ctx, &y);
         let et = t.unet.forward(&lat, &ts, &ctx, &y);
         let d = (&eb - &et).abs().max().double_value(&[]) / et.abs().max().double_value(&[]);
-        assert!(
-            d < 1e-4,
-            "UNet with the LoRA differs from the tuned UNet by {d:.1e}"
-        );
+        RECOVERED.check("UNet with the LoRA vs tuned: max |Δ| / max", d);
         for (mb, mt) in [(&b.te1, &t.te1), (&b.te2, &t.te2)] {
             let (ob, ot) = (mb.forward(&ids), mt.forward(&ids));
             let d = (&ob.penultimate - &ot.penultimate)
                 .abs()
                 .max()
                 .double_value(&[]);
-            assert!(d < 1e-4, "text encoder with the LoRA differs by {d:.1e}");
+            TEXT.check("text encoder with the LoRA vs tuned: max |Δ|", d);
         }
     });
 }

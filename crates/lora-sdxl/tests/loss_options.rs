@@ -6,8 +6,20 @@ mod common;
 use lora_sdxl::train::noise::multires_noise;
 use lora_sdxl::train::schedule::{NoiseSchedule, ScheduleTables};
 use lora_sdxl::train::train;
+use lora_testkit::Tolerance;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
+
+/// kohya derives the SNR from an fp32 ᾱ (a cumulative product), ours from
+/// f64: the exact f64 weights are 3.2e-6 (relative) from kohya's, ours 3.2e-6
+/// (1.7e-6 for ε), in every configuration; ours against f64 is 9e-8. Margin
+/// 4 (the old 1e-5 was 3.1 × this); an SNR capped at 100 instead of 1000 moves
+/// the t = 0 weight by 2.
+const DEBIASED: Tolerance = Tolerance::new(3.3e-6, 4.0, "kohya's fp32 schedule against f64");
+
+/// The pyramid against kohya's: 2.4e-7 with ATen held to its default path
+/// (0 on AVX-512, with 2 threads or 1); margin 41.
+const MULTIRES: Tolerance = Tolerance::new(2.4e-7, 41.0, "ATen's SIMD path (AVX-512 vs default)");
 
 /// A change to a job.
 type Edit = dyn Fn(&mut lora_sdxl::JobConfig);
@@ -31,8 +43,8 @@ fn debiased_estimation_weights_match_kohya() {
     let ts = &f["debiased.timesteps"];
     let eps = tables.debiased_weights(ts, false);
     let v = tables.debiased_weights(ts, true);
-    assert!(max_rel(&eps, &f["debiased.eps"]) < 1e-5, "{eps}");
-    assert!(max_rel(&v, &f["debiased.v"]) < 1e-5, "{v}");
+    DEBIASED.check("ε weights (relative)", max_rel(&eps, &f["debiased.eps"]));
+    DEBIASED.check("v weights (relative)", max_rel(&v, &f["debiased.v"]));
 }
 
 #[test]
@@ -48,7 +60,7 @@ fn multires_noise_matches_kohyas_pyramid() {
     };
     let out = multires_noise(&f["multires.noise"], 0.3, &factors, &mut draw);
     let d = (&out - &f["multires.out"]).abs().max().double_value(&[]);
-    assert!(d < 1e-5, "max difference {d}");
+    MULTIRES.check("multi-resolution noise", d);
     assert_eq!(level, factors.len(), "stops at the first 1-pixel side");
 }
 

@@ -5,6 +5,7 @@
 use lora_core::lycoris::LycoAdapter;
 use lora_core::{Geometry, LoraAdapter, LoraFormat, LoraSet, UnknownKeys};
 use lora_sdxl::{merge_into_checkpoint, SdxlModel};
+use lora_testkit::Tolerance;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -42,6 +43,15 @@ fn lycoris_set() -> LoraSet {
     }
     set
 }
+
+/// The merged (fp16) UNet against base + LyCORIS at 0.8 computed in fp32,
+/// as max |Δ| / max |ε|: the merged weights' fp16 rounding, 3.7e-4 by
+/// default, with 1 thread and AVX2-limited. Margin 13 (the old limit).
+const MERGED: Tolerance = Tolerance::new(
+    3.8e-4,
+    13.0,
+    "merged fp16 weights vs base + LyCORIS in fp32: 3.7e-4 measured",
+);
 
 #[test]
 fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
@@ -89,11 +99,13 @@ fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
         assert_eq!(a.dora_scale().is_some(), b.dora_scale().is_some());
         let (da, db) = (a.delta_weight(), b.delta_weight());
         assert_eq!(da.numel(), db.numel(), "{}", k.kohya_name());
-        let d = (da.reshape([-1]) - db.reshape([-1]))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(d < 1e-7, "{}: read back differs by {d}", k.kohya_name());
+        // the file holds the fp32 factors and alpha as they were, and ΔW is
+        // rebuilt from them by the same operations: bit for bit
+        assert!(
+            da.reshape([-1]).equal(&db.reshape([-1])),
+            "{}: read back to another update",
+            k.kohya_name()
+        );
     }
 
     // attached at 0.8 = merged at 0.8 (to the checkpoint's fp16 rounding)
@@ -123,14 +135,12 @@ fn lycoris_files_round_trip_apply_as_merged_and_refuse_resizing() {
         let scale = eb.abs().max().double_value(&[]);
         let moved = (&eb - &e0).abs().max().double_value(&[]) / scale;
         let d = (&eb - &em).abs().max().double_value(&[]) / scale;
+        // an effect, not a tolerance: the modules reach the output (4.3e-1)
         assert!(
             moved > 1e-3,
             "the LyCORIS modules did not change the output ({moved:.1e})"
         );
-        assert!(
-            d < 5e-3,
-            "merged UNet differs from base + LyCORIS at 0.8 by {d:.1e}"
-        );
+        MERGED.check("merged UNet vs base + LyCORIS: max |Δ| / max |ε|", d);
     });
 
     // resizing is for LoRA / LoCon

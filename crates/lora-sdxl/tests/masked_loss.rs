@@ -7,8 +7,14 @@
 mod common;
 use lora_sdxl::train::schedule::{latent_mask, per_sample_loss};
 use lora_sdxl::train::train;
+use lora_testkit::Tolerance;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
+
+/// fp32 against fp64 of the same masked mean: 5.9e-8 (ours against kohya's
+/// fp32 is 0 with 2 threads, 1 thread and AVX2-limited MKL, oneDNN and
+/// ATen). Margin 16; renormalising by the mask's area changes it by ~0.1.
+const MASKED: Tolerance = Tolerance::new(5.9e-8, 16.0, "fp32 vs fp64 of the masked mean");
 
 type Edit<'a> = &'a dyn Fn(&mut lora_sdxl::JobConfig);
 
@@ -18,11 +24,7 @@ fn masked_loss_matches_kohya() {
     let mask = latent_mask(&f["masked.mask"], 8, 12);
     let got = per_sample_loss(&f["masked.pred"], &f["masked.target"], None, Some(&mask));
     let d = (&got - &f["masked.loss"]).abs().max().double_value(&[]);
-    assert!(
-        d < 1e-6,
-        "max difference {d}: {got} vs {}",
-        f["masked.loss"]
-    );
+    MASKED.check("masked loss against kohya", d);
 }
 
 fn images(data: &Path) -> Vec<PathBuf> {
@@ -79,6 +81,8 @@ fn masks_decide_what_is_learned() {
     let same = |a: &[(String, Tensor)], b: &[(String, Tensor)]| {
         a.iter().zip(b).all(|((_, x), (_, y))| x.equal(y))
     };
+    // Exact: with every loss weight 0 the gradients are 0, and zero
+    // gradients leave the up matrices (initialised to 0) at exactly 0.
     let learned_nothing = |lora: &[(String, Tensor)]| {
         lora.iter()
             .filter(|(k, _)| k.ends_with("lora_up.weight"))

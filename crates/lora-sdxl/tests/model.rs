@@ -3,6 +3,7 @@
 use lora_sdxl::model::keys::{TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use lora_sdxl::model::sdxl::count_parameters_in;
 use lora_sdxl::{detect, lora_targets, Checkpoint, SdxlConfig, SdxlModel, TargetScope};
+use lora_testkit::Tolerance;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -233,6 +234,20 @@ fn prompt_encoding_rules() {
     assert_eq!(ids.size(), vec![2, 77]);
 }
 
+/// The diffusers folder's bigG projection is `text_projection.weight` used
+/// transposed, the single file's `text_projection` used as stored: the same
+/// values through a differently laid-out matmul, so the pooled vector
+/// differs in its last bits (5.9e-7 × std) and the UNet, which takes it
+/// through `y`, by up to 3.9e-6 × std (3.5e-6 by default, 3.8e-6 with 1
+/// thread, 3.9e-6 with MKL / oneDNN / ATen held to AVX2). Margin 5: about
+/// the old limit of 1e-5 absolute (the UNet output's std is 0.53); the
+/// projection rounded to bf16 in the folder's layout gives 4.7e-3.
+const FOLDER: Tolerance = Tolerance::new(
+    3.9e-6,
+    5.0,
+    "the same weights with the projection transposed: 3.9e-6 measured (AVX2-limited)",
+);
+
 #[test]
 fn diffusers_folder_loads_to_the_same_model() {
     let io = lora_core::io::read_tensors(fixture("tiny_a_io.safetensors")).unwrap();
@@ -250,8 +265,17 @@ fn diffusers_folder_loads_to_the_same_model() {
     assert_eq!(a.len(), 6);
     for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
         assert_eq!(ka, kb);
-        let d = (ta - tb).abs().max().double_value(&[]);
-        assert!(d < 1e-5, "{ka}: {d}");
+        if ka == "te2_pooled" || ka == "unet_eps" {
+            let d = (ta - tb).abs().max().double_value(&[]);
+            FOLDER.check(
+                format!("{ka}: max |Δ| / std"),
+                d / tb.std(true).double_value(&[]),
+            );
+        } else {
+            // the same weights through the same operations (the folder's
+            // q/k/v are the fused in_proj's rows): bit for bit
+            assert!(ta.equal(tb), "{ka}: the folder's output differs");
+        }
     }
     // a folder with a component missing names it
     let dir = tempfile::tempdir().unwrap();
@@ -273,6 +297,25 @@ fn diffusers_folder_loads_to_the_same_model() {
     );
 }
 
+/// bf16 weights (8 mantissa bits) against the fp32 reference: 6.4e-2 × std
+/// measured by default and with 1 thread, 5.6e-2 with MKL / oneDNN / ATen
+/// held to AVX2. The old limit of 0.1 was 1.6 × that; now 4 ×.
+const BF16: Tolerance = Tolerance::new(
+    6.5e-2,
+    4.0,
+    "bf16 weights vs the fp32 reference: 6.4e-2 measured",
+);
+
+/// fp16 weights (11 mantissa bits): 7.5e-3 × std measured (6.3e-3 with MKL /
+/// oneDNN / ATen held to AVX2). Margin 13 (the old limit of 0.1). Neither
+/// check sees GroupNorm run in the weights' dtype (8.3e-3): the CPU kernels
+/// accumulate in fp32 anyway; `isfinite` below guards the overflow.
+const FP16: Tolerance = Tolerance::new(
+    7.5e-3,
+    13.0,
+    "fp16 weights vs the fp32 reference: 7.5e-3 measured",
+);
+
 #[test]
 fn half_precision_weights_run_with_fp32_norms() {
     let io = lora_core::io::read_tensors(fixture("tiny_a_io.safetensors")).unwrap();
@@ -284,8 +327,8 @@ fn half_precision_weights_run_with_fp32_norms() {
         assert_eq!(eps.kind(), Kind::Float);
         let want = &t["unet_eps"];
         let rel = (eps - want).abs().max().double_value(&[]) / want.std(true).double_value(&[]);
-        // bf16 keeps 8 mantissa bits: a few percent of the output's spread at most
-        assert!(rel < 0.1, "{kind:?}: max |Δ| / std = {rel}");
+        let tolerance = if kind == Kind::BFloat16 { BF16 } else { FP16 };
+        tolerance.check(format!("{kind:?} weights: max |Δ| / std"), rel);
         assert!(bool::try_from(eps.isfinite().all()).unwrap());
     }
 }
@@ -323,6 +366,19 @@ fn unexpected_keys_are_listed() {
     );
 }
 
+/// Chunk 0 encoded alone vs inside the batch of a long prompt's chunks: the
+/// same operations on a differently shaped batch, bit-equal here (by
+/// default, with 1 thread, AVX2-limited), but a BLAS may split a taller
+/// matmul otherwise. Bounded by the whole fp32 rounding of this pooled
+/// vector: 1.0e-6 × std against the same model run with fp64 weights
+/// (6.7e-7 AVX2-limited). Margin 9: about the old 1e-5 absolute (std 0.89);
+/// the pooled vector taken from the last chunk instead gives 1.4.
+const CHUNK: Tolerance = Tolerance::new(
+    1.1e-6,
+    9.0,
+    "the pooled vector's fp32 rounding (vs fp64 weights): 1.0e-6 measured",
+);
+
 #[test]
 fn random_tiny_checkpoint_with_full_vocabulary_encodes_real_prompts() {
     let dir = tempfile::tempdir().unwrap();
@@ -359,7 +415,11 @@ fn random_tiny_checkpoint_with_full_vocabulary_encodes_real_prompts() {
         tch::Tensor::from_slice(&c).view([1, 77])
     };
     let pooled0 = m.te2.forward(&ids).pooled;
-    assert!((pooled0 - &long.pooled).abs().max().double_value(&[]) < 1e-5);
+    let d = (pooled0 - &long.pooled).abs().max().double_value(&[]);
+    CHUNK.check(
+        "pooled: chunk 0 alone vs in the batch of chunks: max |Δ| / std",
+        d / long.pooled.std(true).double_value(&[]),
+    );
     // the UNet runs on that conditioning
     let y = lora_sdxl::model::conditioning::y_vector(
         &short.pooled,

@@ -1,5 +1,6 @@
 //! Numerical parity with diffusers on tiny SDXL-architecture checkpoints
-//! written by scripts/fixtures/tiny_sdxl.py: max |Δ| ≤ 1e-4 × std(reference), fp32 CPU.
+//! written by scripts/fixtures/tiny_sdxl.py: max |Δ| / std(reference) within
+//! [`PARITY`], fp32 CPU.
 
 use lora_core::Component;
 use lora_sdxl::model::nn::Slots;
@@ -8,6 +9,7 @@ use lora_sdxl::{
     Activation, Checkpoint, ClipConfig, ClipLayout, ClipTextModel, Unet, UnetConfig, Vae,
     VaeConfig, VarBuilder,
 };
+use lora_testkit::Tolerance;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -27,6 +29,23 @@ fn io(name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// Our fp32 forward against diffusers' / transformers' fp32 one (the
+/// fixture), as max |Δ| / std(reference). Measured: by default the text
+/// encoders' hidden states and the VAE decoder are bit-equal to it and the
+/// rest within 4.5e-6; with 1 thread the decoder is 7.9e-6 off; with MKL / oneDNN /
+/// ATen held to AVX2 the decoder is 9.2e-6, the UNet 5.8e-6 and the text
+/// encoders 1.9e-6 off. The fixture's own fp32 rounding, seen by running our
+/// model with fp64 weights against it, is up to 1.1e-5 (the VAE decoder;
+/// norms stay fp32 there): the floor. Margin 8.3, and no more: a subtle bug
+/// sits just above the limit (the VAE ResBlocks' GroupNorm ε at 1e-5
+/// instead of 1e-6 gives 1.3e-4 in the decoded image, 7.9e-5 in the
+/// encoder's mean).
+const PARITY: Tolerance = Tolerance::new(
+    1.2e-5,
+    8.3,
+    "fp32 vs the reference's fp32: its rounding against our fp64 run, 1.1e-5",
+);
+
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.size(), want.size(), "{what}: shape");
     let std = want.to_kind(Kind::Double).std(true).double_value(&[]);
@@ -34,14 +53,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
         .abs()
         .max()
         .double_value(&[]);
-    println!(
-        "{what}: max |Δ| = {diff:.3e}, std(ref) = {std:.3e}, ratio {:.2e}",
-        diff / std
-    );
-    assert!(
-        diff <= 1e-4 * std,
-        "{what}: max |Δ| {diff:e} > 1e-4 × std {std:e}"
-    );
+    PARITY.check(format!("{what}: max |Δ| / std"), diff / std);
 }
 
 #[test]

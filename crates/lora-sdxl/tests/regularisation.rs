@@ -71,6 +71,7 @@ fn prior_loss_weight_and_reg_validation() {
     // a validation loss of their own, before training and at the end
     assert_eq!(r1.reg_val_losses.len(), r1.val_losses.len());
     assert!(r1.reg_val_losses.len() >= 2 && seen.reg_losses.len() == r1.reg_val_losses.len());
+    // effect: at the same steps, a loss of other images (not a copy)
     assert!(r1
         .reg_val_losses
         .iter()

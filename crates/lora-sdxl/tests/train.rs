@@ -4,8 +4,31 @@
 mod common;
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{JobConfig, SdxlConfig};
+use lora_testkit::Tolerance;
 use std::path::{Path, PathBuf};
 use tch::Kind;
+
+// Floors below: the largest of three runs on an AMD EPYC (AVX-512) with 2
+// threads, 1 thread, and MKL/oneDNN/ATen held to AVX2 / their default path.
+
+/// Validation loss with and without the text-embedding cache, relative:
+/// 1.4e-7 (2 threads), 0 (1 thread), 6.9e-8 (AVX2); margin 70.
+const CACHED_VAL: Tolerance = Tolerance::new(1.4e-7, 70.0, "summation order of the encoders");
+
+/// LoRA weights with and without the cache: 0 at 75 tokens; at 150, 1.6e-4
+/// (2 threads), 2.0e-4 (1 thread, AVX2): Adam turns rounding noise in
+/// near-zero gradients into steps of up to lr = 2e-3. Margin 10.
+const CACHED_LORA: Tolerance = Tolerance::new(2.0e-4, 10.0, "rounding noise amplified by Adam");
+
+/// Text-encoder LoRAs with and without checkpointing, relative: 3.9e-3 (2
+/// threads), 1.4e-3 (1 thread), 1.7e-3 (AVX2) — the old bound of 1e-2 was
+/// 2.6 × the first; margin 4. Checkpointed layers that pass no gradient to
+/// the layers before them give 1 (those LoRAs stay untrained).
+const CKPT_TE: Tolerance = Tolerance::new(4.0e-3, 4.0, "rounding noise amplified by Adam");
+
+/// UNet LoRAs with and without checkpointing, relative: 7.9e-4 (2 threads),
+/// 6.7e-4 (1 thread), 4.5e-4 (AVX2); margin 12.
+const CKPT_UNET: Tolerance = Tolerance::new(7.9e-4, 12.0, "rounding noise amplified by Adam");
 
 /// Training draws from torch's process-wide generator (reseeded per step), so
 /// runs in the same process must not overlap for bit-exact comparisons.
@@ -128,6 +151,7 @@ fn trains_saves_rotates_and_learns() {
         r.val_losses.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         vec![0, 4, 8, 12]
     );
+    // effect: training lowers the validation loss by more than 5 %
     assert!(v[3] < v[0] * 0.95, "validation loss did not fall: {v:?}");
 }
 
@@ -330,9 +354,9 @@ fn cached_text_embeddings_train_the_same_lora() {
     for max_tokens in [75, 150] {
         let (plain, v_plain) = run(&format!("plain{max_tokens}"), false, max_tokens);
         let (cached, v_cached) = run(&format!("cached{max_tokens}"), true, max_tokens);
-        assert!(
-            ((v_plain - v_cached) / v_plain).abs() < 1e-5,
-            "max_token_length {max_tokens}: validation loss {v_plain} vs {v_cached}"
+        CACHED_VAL.check(
+            format!("max_token_length {max_tokens}: validation loss (relative)"),
+            ((v_plain - v_cached) / v_plain).abs(),
         );
         assert_eq!(plain.len(), cached.len());
         let mut worst = 0f64;
@@ -348,12 +372,13 @@ fn cached_text_embeddings_train_the_same_lora() {
         // to float summation order. Adam normalises each update, so rounding
         // noise in near-zero gradients moves single weights by up to ~lr; the
         // validation loss above agrees to 1e-7.
-        assert!(
-            worst < 2e-3,
-            "max_token_length {max_tokens}: cached vs uncached LoRA differ by {worst}"
+        CACHED_LORA.check(
+            format!("max_token_length {max_tokens}: cached vs uncached LoRA"),
+            worst,
         );
         finals.push(v_plain);
     }
+    // effect: 150 tokens see the long captions' tails, 75 do not
     assert!(
         (finals[0] - finals[1]).abs() > 1e-7,
         "max_token_length 150 trained the same as 75: {finals:?}"
@@ -408,15 +433,8 @@ fn text_encoder_training_with_and_without_checkpointing() {
             worst_te = worst_te.max(d);
         }
     }
-    // Measured here: 9e-5 and 8e-4 (float summation order, amplified by
-    // Adam where gradients are small); a broken recomputation gives O(1).
-    assert!(
-        worst_te < 1e-2,
-        "text-encoder weights differ by {worst_te:.2e} (relative)"
-    );
-    assert!(
-        worst_unet < 1e-2,
-        "UNet weights differ by {worst_unet:.2e} (relative)"
-    );
-    eprintln!("relative difference: text encoders {worst_te:.2e}, UNet {worst_unet:.2e}");
+    // Float summation order, amplified by Adam where gradients are small; a
+    // broken recomputation gives O(1).
+    CKPT_TE.check("text-encoder weights (relative)", worst_te);
+    CKPT_UNET.check("UNet weights (relative)", worst_unet);
 }

@@ -2,8 +2,21 @@
 
 use lora_core::{Dropouts, Geometry, LoraAdapter, LoraSet};
 use lora_sdxl::{lora_targets, SdxlModel, TargetScope};
+use lora_testkit::Tolerance;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
+
+/// The loss with and without checkpointing, relative: 0 measured (2 threads,
+/// 1 thread, MKL/oneDNN/ATen held to AVX2), as the checkpointed forward runs
+/// the same kernels; floor one fp32 ulp in case a kernel is chosen by grad
+/// mode. Margin 8.
+const LOSS: Tolerance = Tolerance::new(f32::EPSILON as f64, 8.0, "one fp32 ulp (0 measured)");
+
+/// LoRA gradients with and without checkpointing, relative to the largest:
+/// the backward sums in another order, 1.6e-6 measured (text encoder 1, one
+/// thread; 5.2e-7 with 2, 6.4e-7 AVX2-limited). Margin 60; masks that are
+/// not replayed change the gradients by O(1).
+const GRADS: Tolerance = Tolerance::new(1.6e-6, 60.0, "summation order in backward");
 
 /// The tests draw dropout masks from torch's process-wide generator and
 /// compare seeded runs: one at a time (parallel tests would draw in between).
@@ -155,6 +168,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         tch::no_grad(|| full_forward_loss(&m, &io).double_value(&[]))
     };
     let (a, b) = (loss_at(5), loss_at(6));
+    // effect: the dropout masks change the loss (by far more than rounding)
     assert!(
         (a - b).abs() > 1e-7 * a.abs(),
         "dropout is not active: {a} == {b}"
@@ -192,7 +206,10 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     };
     let (l0, g0) = run(false);
     let (l1, g1) = run(true);
-    assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "loss {l0} vs {l1}");
+    LOSS.check(
+        "loss with and without checkpointing",
+        (l0 - l1).abs() / l0.abs(),
+    );
     for component in lora_core::Component::ALL {
         let of = |g: &[(lora_core::Component, Tensor)]| -> Vec<Tensor> {
             g.iter()
@@ -215,10 +232,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             .map(|(p, q)| (p - q).abs().max().double_value(&[]))
             .fold(0f64, f64::max)
             / scale;
-        assert!(
-            worst < 1e-4,
-            "{component:?}: gradients differ by {worst:.2e} (relative)"
-        );
+        GRADS.check(format!("{component:?}: gradients (relative)"), worst);
         let live = |g: &[Tensor]| {
             g.iter()
                 .filter(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0)
@@ -274,6 +288,7 @@ fn attached_adapters_keep_their_dropouts() {
     };
     m.slots.set_training(true);
     let (a, b) = (loss_at(1), loss_at(2));
+    // effect: in training mode the dropouts change the loss
     assert!((a - b).abs() > 1e-7 * a.abs(), "training: {a} == {b}");
     m.slots.set_training(false);
     assert_eq!(loss_at(1), loss_at(2), "eval must not drop anything");

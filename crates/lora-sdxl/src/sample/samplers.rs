@@ -330,6 +330,35 @@ pub fn sample_ddim(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lora_testkit::Tolerance;
+
+    /// Our σ range (f64 in Rust, no BLAS: the same in every configuration,
+    /// libms at most an ulp apart) against ComfyUI's, which keeps its σs in
+    /// fp32 (the literals below): 7.7e-7 apart at σ_max, 1.6e-7 at σ_min.
+    /// Margin 12.8 (the old limit).
+    const COMFYUI: Tolerance = Tolerance::new(
+        7.8e-7,
+        12.8,
+        "our f64 σ range vs ComfyUI's fp32 one: 7.7e-7 measured",
+    );
+
+    /// Karras' ends: σ^(1/ρ) raised to ρ = 7 again, each power within an
+    /// ulp, so within 8 ulps of σ_max (< 16): 64 × f64::EPSILON; measured 1
+    /// ulp at σ_max, 2 at σ_min. Margin 70 000 keeps the old limit of 1e-9.
+    const KARRAS_ENDS: Tolerance = Tolerance::new(
+        64.0 * f64::EPSILON,
+        70_000.0,
+        "f64 rounding of (σ^(1/7))^7: 8 ulps of σ_max",
+    );
+
+    /// σ_down² + σ_up² − 1 from squares, a difference and square roots of
+    /// values near 1 (IEEE-exact operations, no libm): a few f64 roundings,
+    /// 4 × f64::EPSILON; measured 0. Margin 1100 keeps the old limit of 1e-12.
+    const VARIANCE: Tolerance = Tolerance::new(
+        4.0 * f64::EPSILON,
+        1100.0,
+        "f64 rounding of σ_down² + σ_up² near 1 (0 measured)",
+    );
 
     #[test]
     fn parses_and_prints_names() {
@@ -350,19 +379,18 @@ mod tests {
     fn sigma_tables_match_comfyui() {
         let s = ModelSigmas::new(&NoiseSchedule::sdxl(false));
         // ComfyUI's SDXL σ range.
-        assert!((s.sigma_min() - 0.029167).abs() < 1e-5, "{}", s.sigma_min());
-        assert!(
-            (s.sigma_max() - 14.614642).abs() < 1e-5,
-            "{}",
-            s.sigma_max()
-        );
+        COMFYUI.check("σ_min: |Δ|", (s.sigma_min() - 0.029167).abs());
+        COMFYUI.check("σ_max: |Δ|", (s.sigma_max() - 14.614642).abs());
         let n = s.sigmas(SigmaSchedule::Normal, 4);
         assert_eq!(n.len(), 5);
-        assert!((n[0] - s.sigma_max()).abs() < 1e-9 && n[4] == 0.0);
-        assert!((n[3] - s.sigma_min()).abs() < 1e-9);
+        // the ends sit on timesteps 999 and 0, whose σs are these very values
+        assert_eq!(n[0], s.sigma_max());
+        assert_eq!(n[3], s.sigma_min());
+        assert_eq!(n[4], 0.0);
         assert_eq!(s.timestep(n[1]), 666);
         let k = s.sigmas(SigmaSchedule::Karras, 3);
-        assert!((k[0] - s.sigma_max()).abs() < 1e-9 && (k[2] - s.sigma_min()).abs() < 1e-9);
+        KARRAS_ENDS.check("Karras σ_max: |Δ|", (k[0] - s.sigma_max()).abs());
+        KARRAS_ENDS.check("Karras σ_min: |Δ|", (k[2] - s.sigma_min()).abs());
         assert_eq!(s.ddim_timesteps(4), vec![751, 501, 251, 1]);
         let z = ModelSigmas::new(&NoiseSchedule::sdxl(true));
         assert!(z.sigma_max().is_finite() && z.sigma_max() > 4000.0);
@@ -371,7 +399,7 @@ mod tests {
     #[test]
     fn ancestral_step_conserves_variance() {
         let (down, up) = ancestral_step(2.0, 1.0, 1.0);
-        assert!((down * down + up * up - 1.0).abs() < 1e-12);
+        VARIANCE.check("|σ_down² + σ_up² − 1|", (down * down + up * up - 1.0).abs());
         assert_eq!(ancestral_step(2.0, 0.0, 1.0), (0.0, 0.0));
     }
 }
