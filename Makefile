@@ -7,7 +7,7 @@
 CARGO ?= cargo
 DEMO_OUT ?= output/demo
 
-.PHONY: all setup setup-browser build demo test lint bench fixtures toy-world docs-images ui-screens gpu-build gpu-dry-run clean
+.PHONY: all setup setup-browser build demo test test-numerics lint bench fixtures toy-world docs-images ui-screens gpu-build gpu-dry-run clean
 
 all: build
 
@@ -26,6 +26,12 @@ setup-browser:
 test: setup setup-browser
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+
+# The numerically sensitive tests once more with the BLAS and ATen held to a
+# lower instruction set and one thread (CI runs it after `make test`);
+# `bash scripts/numerics.sh --report` prints every tolerance's headroom.
+test-numerics: setup
+	bash scripts/numerics.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check
