@@ -14,9 +14,7 @@
 
 use crate::AnyResult;
 use lora_core::{load_lora, LoraSet, LoraSummary, UnknownKeys};
-use lora_data::toy_world::Analysis;
-use lora_sdxl::sample::txt2img::GenerateParams;
-use lora_sdxl::toy_world::{character_job, character_rate, detect, share, TRIGGER};
+use lora_sdxl::toy_world::{character_job, Scores, TRIGGER};
 use lora_sdxl::train::checkpoint::checkpoint_path;
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{ClipTokenizer, JobConfig, SdxlModel};
@@ -100,12 +98,6 @@ fn score_checkpoints(
 ) -> AnyResult<String> {
     let model = SdxlModel::load(model_path, tch::Kind::Float, tch::Device::Cpu)?;
     let tok = ClipTokenizer::new();
-    let s = &job.sample;
-    let params: Vec<GenerateParams> = s
-        .prompts
-        .iter()
-        .map(|p| s.generate_params(p, Some(TRIGGER)))
-        .collect();
     let mut table = format!(
         "      {:>5}  {:>28}  {:>36}\n",
         "step", "with trigger: body / character", "without: body / character / green square"
@@ -114,21 +106,16 @@ fn score_checkpoints(
         model.detach_loras();
         if step > 0 {
             let path = checkpoint_path(run_dir, &job.job.name, step, step == steps);
-            model.attach_lora(LoraSet::load(&path)?, s.strength)?;
+            model.attach_lora(LoraSet::load(&path)?, job.sample.strength)?;
         }
-        let mut with = Vec::new();
-        for p in &params[..3] {
-            with.extend(detect(&model, &tok, p, SEEDS)?);
-        }
-        let without = detect(&model, &tok, &params[3], SEEDS)?;
-        let green = share(&without, |a| a.colour.is_some_and(|c| c.0 == "green"));
+        let r = Scores::of(&model, &tok, &job.sample, SEEDS)?;
         table += &format!(
             "      {step:>5}  {:>18.0}% / {:>6.0}%  {:>16.0}% / {:>6.0}% / {:>6.0}%\n",
-            100.0 * share(&with, Analysis::has_body),
-            100.0 * character_rate(&with),
-            100.0 * share(&without, Analysis::has_body),
-            100.0 * character_rate(&without),
-            100.0 * green
+            100.0 * r.body,
+            100.0 * r.character,
+            100.0 * r.bleed_body,
+            100.0 * r.bleed_character,
+            100.0 * r.green_square
         );
     }
     model.detach_loras();

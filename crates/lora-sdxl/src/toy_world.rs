@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::sample::txt2img::{txt2img, GenerateParams};
-use crate::train::job::{JobConfig, JobError};
+use crate::train::job::{JobConfig, JobError, SampleSection};
 use lora_data::toy_world::{analyse, Analysis, SIZE};
 use std::path::{Path, PathBuf};
 
@@ -132,4 +132,69 @@ pub fn share(seen: &[Analysis], f: impl Fn(&Analysis) -> bool) -> f64 {
 /// The share of `seen` with the demo character.
 pub fn character_rate(seen: &[Analysis]) -> f64 {
     share(seen, Analysis::has_character)
+}
+
+/// What the toy-world detector sees in one sample round of [`GRID_PROMPTS`]:
+/// over the three trigger rows, the share of samples with the character's
+/// orange body and with the whole character (the body and the blue hat
+/// above it); over the row without the trigger, the share with the body or
+/// the character (bleed) and the share that keeps its green square.
+///
+/// One round of 8 samples per row is noisy (a checkpoint's character rate
+/// moves by ±0.2 with the sampling seed); [`Scores::mean`] averages rounds
+/// over checkpoints and seeds, which the quality test and
+/// `examples/toy_world_spread.rs` do.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scores {
+    /// Trigger rows: share with the body.
+    pub body: f64,
+    /// Trigger rows: share with the whole character.
+    pub character: f64,
+    /// The row without the trigger: share with the body.
+    pub bleed_body: f64,
+    /// The row without the trigger: share with the whole character.
+    pub bleed_character: f64,
+    /// The row without the trigger: share whose shape is its green square.
+    pub green_square: f64,
+}
+
+impl Scores {
+    /// Samples [`GRID_PROMPTS`] with `sample`'s settings (sampler, steps,
+    /// CFG, size, seed), `n` samples per row, through `model` with whatever
+    /// LoRAs are attached to it, and scores them.
+    pub fn of(
+        model: &SdxlModel,
+        tok: &ClipTokenizer,
+        sample: &SampleSection,
+        n: usize,
+    ) -> Result<Scores> {
+        let rows: Vec<GenerateParams> = (GRID_PROMPTS.iter())
+            .map(|p| sample.generate_params(p, Some(TRIGGER)))
+            .collect();
+        let mut with = Vec::new();
+        for p in &rows[..3] {
+            with.extend(detect(model, tok, p, n)?);
+        }
+        let without = detect(model, tok, &rows[3], n)?;
+        Ok(Scores {
+            body: share(&with, Analysis::has_body),
+            character: character_rate(&with),
+            bleed_body: share(&without, Analysis::has_body),
+            bleed_character: character_rate(&without),
+            green_square: share(&without, |a| a.colour.is_some_and(|c| c.0 == "green")),
+        })
+    }
+
+    /// The mean of each share over `rounds` (all zero for none).
+    pub fn mean(rounds: &[Scores]) -> Scores {
+        let n = rounds.len().max(1) as f64;
+        let sum = |f: fn(&Scores) -> f64| rounds.iter().map(f).sum::<f64>() / n;
+        Scores {
+            body: sum(|s| s.body),
+            character: sum(|s| s.character),
+            bleed_body: sum(|s| s.bleed_body),
+            bleed_character: sum(|s| s.bleed_character),
+            green_square: sum(|s| s.green_square),
+        }
+    }
 }

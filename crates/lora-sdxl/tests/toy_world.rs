@@ -1,16 +1,19 @@
 //! The toy-world base model draws its world, does not know the demo
-//! character, and a short LoRA run teaches it the character without bleed —
-//! the project's proof that training teaches a concept.
+//! character, and a short LoRA run teaches it the character, which comes
+//! with the trigger and not without it — the project's proof that training
+//! teaches a concept.
 //!
 //! Detector thresholds have margins measured over several seeds; the
 //! figures are in each test's comment (`cargo test --release --test
-//! toy_world -- --nocapture` prints them).
+//! toy_world -- --nocapture` prints them; `examples/toy_world_spread.rs`
+//! measures the trained one's spread).
 
 use lora_core::LoraSet;
-use lora_data::toy_world::{Analysis, Background};
+use lora_data::toy_world::Background;
 use lora_sdxl::toy_world::{
-    asset_path, character_job, character_rate, detect, params, share, GRID_PROMPTS, TRIGGER,
+    asset_path, character_job, character_rate, detect, params, share, Scores, TRIGGER,
 };
+use lora_sdxl::train::checkpoint::checkpoint_path;
 use lora_sdxl::train::{train, TrainOptions};
 use lora_sdxl::{ClipTokenizer, SdxlModel};
 use std::sync::Mutex;
@@ -19,20 +22,60 @@ use std::sync::Mutex;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const SEEDS: usize = 8;
-/// Share of trigger samples with the body after the demo's 500 steps:
-/// measured 0.96 (base 0.00, without the trigger 0.00) on the 2-core dev
-/// machine; after 100–450 steps it is 0.79–1.00 (`docs/demo_scores.txt`).
-const BODY_AFTER: f64 = 0.6;
-/// Share with the whole character (the body and the blue hat above it):
-/// measured 0.46 after 500 steps (base 0.00, without the trigger 0.00 at
-/// every checkpoint); the hat comes from about step 300 (0.12–0.25 at
-/// 300–400).
-const CHARACTER_AFTER: f64 = 0.25;
+
+// The quality test's thresholds, calibrated by `examples/toy_world_spread.rs`
+// over training seeds 42, 1, 2, 3, 4, 5 (sampling seeds 1 and 7, steps 400,
+// 450 and 500; the figures are the means the test computes) on the 2-core
+// AMD EPYC dev machine, and over seeds 42, 3, 6 with MKL / oneDNN held to
+// AVX2 and ATen to its plain kernels (another CPU's rounding, which moves a
+// seeded run's outcome as much as another seed does):
+//
+//   trigger rows:     body 0.83–0.97, character 0.03–0.22 (base 0.00 / 0.00)
+//   row without it:   body 0.00–0.54, character 0.00, green square 0.35–0.94
+//   body with the trigger − body without it: 0.29–0.85
+//
+// (AVX2-limited: body 0.88–0.96, character 0.03–0.22, without the trigger
+// body 0.23–0.40, green square 0.63–0.67.) Mutations, scored the same way:
+// captions without the trigger word (seeds 42, 3) give body 0.03–0.08
+// with the trigger prompts; empty captions (seed 42) body 0.00 and the
+// green square 0.27; scoring the trigger row as the row without the
+// trigger fails the trigger-effect check (0.00).
+//
+// Single checkpoints and sampling seeds move far more (character 0.00–0.42,
+// body without the trigger 0.00–0.88), which is why the test averages six
+// rounds. Each threshold is about half the worst mean measured: a threshold
+// at the edge of one run's figure fails on the next CPU (issue 25).
+
+/// Trigger rows, share with the body: worst mean 0.83, threshold 0.4.
+const BODY_AFTER: f64 = 0.4;
+/// Trigger rows, share with the whole character (body and the blue hat
+/// above it): worst mean 0.028 (seed 6, AVX2-limited; the base: 0.00),
+/// threshold 0.013 — at least 2 of the 144 trigger samples. The hat is the
+/// weak part of what 500 steps teach; the body carries the proof.
+const CHARACTER_AFTER: f64 = 0.013;
+/// The trigger must matter: the body's share with the trigger minus its
+/// share without (the LoRA bleeds the body into the prompt without the
+/// trigger in some seeds — output preservation is issue 30): worst 0.29,
+/// threshold 0.15.
+const TRIGGER_EFFECT: f64 = 0.15;
+/// The row without the trigger never shows the whole character: 0.00 in
+/// every seed; threshold 0.02 (one or two of its 48 samples).
+const BLEED_CHARACTER: f64 = 0.02;
+/// The row without the trigger keeps its green square: worst mean 0.35,
+/// threshold 0.17.
+const GREEN_SQUARE: f64 = 0.17;
+/// The checkpoints whose scores are averaged.
+const STEPS: [u64; 3] = [400, 450, 500];
+/// The sampling seeds, each a round of [`SEEDS`] samples per prompt.
+const SAMPLE_SEEDS: [u64; 2] = [1, 7];
 
 fn base() -> SdxlModel {
     SdxlModel::load(asset_path(), tch::Kind::Float, tch::Device::Cpu).unwrap()
 }
 
+/// The base is fixed, so only rounding moves these: measured backgrounds
+/// 0.88–1.00, colours 1.00 and the character 0.00 on the trigger, the same
+/// with 2 threads and with 1 thread and MKL / oneDNN / ATen held to AVX2.
 #[test]
 fn the_toy_base_draws_its_world_from_captions() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,11 +137,13 @@ fn the_toy_base_draws_its_world_from_captions() {
     assert!(character_rate(&seen) <= 0.125, "{seen:?}");
 }
 
-/// Trains the demo's job on the toy base and scores samples at strength 0.8
-/// with the detector: with the trigger the character's orange body appears
-/// on most samples and the whole character (body and blue hat above it) on
-/// a good share, where the base draws neither; without the trigger the
-/// prompt keeps its green square and gets no character.
+/// Trains the demo's job on the toy base and scores it with the detector at
+/// strength 0.8, averaged over [`STEPS`] × [`SAMPLE_SEEDS`] (six rounds of 8
+/// samples per prompt: one round is too noisy to assert on): with the
+/// trigger the character's orange body appears on most samples and the
+/// whole character (body and blue hat above it) on a share, where the base
+/// draws neither; without the trigger the prompt keeps its green square and
+/// gets no character.
 #[test]
 fn a_short_lora_run_teaches_the_character_without_bleed() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,69 +152,59 @@ fn a_short_lora_run_teaches_the_character_without_bleed() {
     lora_data::synthetic::write_character_dataset(&data, 16, 64, 64, TRIGGER, 2026).unwrap();
     let job_path = dir.path().join("job.toml");
     let mut job = character_job(&job_path, &asset_path(), &data, dir.path()).unwrap();
-    job.save.save_every = job.train.steps;
     job.sample.disable = true;
     job.validation.images = None;
     let report = train(&job, &job_path, &TrainOptions::default()).unwrap();
-    let lora = report.last_lora.unwrap();
 
     let model = base();
     let tok = ClipTokenizer::new();
-    let s = &job.sample;
-    let rows: Vec<_> = GRID_PROMPTS
-        .iter()
-        .map(|p| s.generate_params(p, Some(TRIGGER)))
-        .collect();
-    let with_trigger = |model: &SdxlModel| -> Vec<Analysis> {
-        rows[..3]
-            .iter()
-            .flat_map(|p| detect(model, &tok, p, SEEDS).unwrap())
+    let rounds = |model: &SdxlModel| -> Vec<Scores> {
+        (SAMPLE_SEEDS.iter())
+            .map(|&seed| {
+                let mut s = job.sample.clone();
+                s.seed = seed;
+                Scores::of(model, &tok, &s, SEEDS).unwrap()
+            })
             .collect()
     };
-    let body = Analysis::has_body;
-    let before = with_trigger(&model);
-    model
-        .attach_lora(LoraSet::load(&lora).unwrap(), s.strength)
-        .unwrap();
-    let after = with_trigger(&model);
-    let without = detect(&model, &tok, &rows[3], SEEDS).unwrap();
-    let square = share(&without, |a| a.colour.is_some_and(|c| c.0 == "green"));
-    println!(
-        "body: base {:.2}, trained {:.2} with the trigger, {:.2} without (green square {square:.2}); full character {:.2} / {:.2} / {:.2}",
-        share(&before, body),
-        share(&after, body),
-        share(&without, body),
-        character_rate(&before),
-        character_rate(&after),
-        character_rate(&without)
-    );
-    for (i, a) in after.iter().enumerate() {
-        println!(
-            "  {} body {:.3} hat {:.3}",
-            GRID_PROMPTS[i / SEEDS],
-            a.body,
-            a.hat
-        );
+    let before = Scores::mean(&rounds(&model));
+    let mut after = Vec::new();
+    for step in STEPS {
+        let last = step == job.train.steps;
+        let path = checkpoint_path(&report.run_dir, &job.job.name, step, last);
+        model.detach_loras();
+        model
+            .attach_lora(LoraSet::load(&path).unwrap(), job.sample.strength)
+            .unwrap();
+        for (seed, s) in SAMPLE_SEEDS.iter().zip(rounds(&model)) {
+            println!("  step {step} sampling seed {seed}: {s:?}");
+            after.push(s);
+        }
     }
-    assert!(
-        share(&before, body) <= 0.1,
-        "the base already draws it: {before:?}"
+    let after = Scores::mean(&after);
+    println!(
+        "base: {before:?}\ntrained (mean of {} rounds): {after:?}",
+        STEPS.len() * SAMPLE_SEEDS.len()
     );
+    assert!(before.body <= 0.1, "the base already draws it: {before:?}");
     assert!(
-        share(&after, body) >= BODY_AFTER,
+        after.body >= BODY_AFTER,
         "the LoRA did not teach the body: {after:?}"
     );
     assert!(
-        character_rate(&after) >= CHARACTER_AFTER,
+        after.character >= CHARACTER_AFTER,
         "the LoRA did not teach the whole character: {after:?}"
     );
-    assert!(share(&without, body) <= 0.25, "concept bleed: {without:?}");
     assert!(
-        character_rate(&without) <= 0.125,
-        "concept bleed: {without:?}"
+        after.body - after.bleed_body >= TRIGGER_EFFECT,
+        "the body comes as much without the trigger as with it: {after:?}"
     );
     assert!(
-        square >= 0.5,
-        "the prompt without the trigger lost its square: {without:?}"
+        after.bleed_character <= BLEED_CHARACTER,
+        "concept bleed: {after:?}"
+    );
+    assert!(
+        after.green_square >= GREEN_SQUARE,
+        "the prompt without the trigger lost its square: {after:?}"
     );
 }
