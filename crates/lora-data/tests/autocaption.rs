@@ -254,6 +254,27 @@ fn images_are_sent_shrunk_with_the_key_which_never_appears_in_a_report() {
     );
     assert_eq!((report.failed(), report.not_started()), (1, 1));
     assert_eq!(refusing.requests().len(), 1, "a 401 is not retried");
+
+    // A redirect is not followed: the key goes to the address given, only.
+    let elsewhere = FakeEndpoint::start(|_, _| FakeReply::content("stolen"));
+    let target = format!("{}/chat/completions", elsewhere.url());
+    let redirecting =
+        FakeEndpoint::start(move |_, _| FakeReply::raw(307, "").with_header("Location", &target));
+    let keyed = endpoint(&redirecting, 2000, 3)
+        .with_api_key_env("LORAKIT_TEST_CAPTION_KEY")
+        .unwrap();
+    let overwrite = AutoCaptionOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let report = run(dir.path(), &keyed, &overwrite);
+    let why = report.aborted.clone().unwrap();
+    assert!(
+        why.contains("redirects") && why.contains(&elsewhere.url()),
+        "{why}"
+    );
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed");
+    assert_eq!(redirecting.requests().len(), 1, "a redirect is not retried");
     assert_eq!(
         std::fs::read_to_string(dir.path().join("big.txt")).unwrap(),
         "large\n"

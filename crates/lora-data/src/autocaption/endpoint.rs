@@ -146,6 +146,9 @@ impl Endpoint {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(settings.timeout))
+            // A redirect is an error, never followed: the API key goes to
+            // the address the user gave and nowhere else.
+            .max_redirects(0)
             .user_agent(concat!("lorakit/", env!("CARGO_PKG_VERSION")));
         if is_loopback(&base) {
             config = config.proxy(None);
@@ -161,16 +164,31 @@ impl Endpoint {
 
     /// Sends `Authorization: Bearer $VAR` with every request. The key is
     /// read once, here, and never printed.
-    pub fn with_api_key_env(mut self, var: &str) -> Result<Self> {
+    pub fn with_api_key_env(self, var: &str) -> Result<Self> {
         let key = std::env::var(var).map_err(|_| {
             DataError::Invalid(format!(
                 "--api-key-env {var}: the environment variable {var} is not set (export {var}=… first)"
             ))
         })?;
-        if key.trim().is_empty() {
-            return Err(DataError::Invalid(format!(
+        self.with_api_key(&key).map_err(|_| {
+            DataError::Invalid(format!(
                 "--api-key-env {var}: the environment variable {var} is empty"
-            )));
+            ))
+        })
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every request (surrounding
+    /// whitespace trimmed), to this endpoint only: redirects are not
+    /// followed. The key is never printed.
+    ///
+    /// ```
+    /// use lora_data::autocaption::{Endpoint, EndpointSettings};
+    /// let e = Endpoint::new("http://127.0.0.1:8080/v1", EndpointSettings::default()).unwrap();
+    /// assert!(e.with_api_key("  ").is_err());
+    /// ```
+    pub fn with_api_key(mut self, key: &str) -> Result<Self> {
+        if key.trim().is_empty() {
+            return Err(DataError::Invalid("the API key is empty".into()));
         }
         self.api_key = Some(key.trim().to_string());
         Ok(self)
@@ -313,6 +331,10 @@ impl Endpoint {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(60)));
+        let location = (resp.headers().get("location"))
+            .and_then(|v| v.to_str().ok())
+            .map(|l| l.chars().take(200).collect::<String>())
+            .unwrap_or_default();
         let text = resp
             .body_mut()
             .with_config()
@@ -334,6 +356,9 @@ impl Endpoint {
                 retry_after,
             )),
             500..=599 => Err(Attempt::Retry(format!("HTTP {status}{}", detail()), None)),
+            300..=399 => Err(Attempt::Give(RequestError::Fatal(format!(
+                "{url}: HTTP {status}: the endpoint redirects to {location:?}; redirects are not followed (the API key goes only to the address given): use the address it names"
+            )))),
             401 | 403 => Err(Attempt::Give(RequestError::Fatal(format!(
                 "{url}: HTTP {status}: the endpoint refused the request's credentials; pass the key's environment variable with --api-key-env{}",
                 detail()

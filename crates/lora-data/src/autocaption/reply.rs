@@ -8,8 +8,6 @@
 //! I can't…" so a refusal is reported as a failure instead of being written
 //! as a caption.
 
-use crate::caption::same_tag;
-
 /// Openings of a refusal (matched case-insensitively at the start of the
 /// cleaned reply).
 const REFUSALS: &[&str] = &[
@@ -31,18 +29,27 @@ const REFUSALS: &[&str] = &[
 
 /// Removes reasoning blocks (`<think>…</think>`, as Qwen3 / DeepSeek-style
 /// models emit) and keeps the inside of markdown code fences when there are any.
+/// One pass over the reply (a hostile endpoint may send megabytes of blocks).
 fn strip_wrappers(reply: &str) -> String {
-    let mut text = reply.to_string();
-    while let Some(start) = text.find("<think>") {
-        match text[start..].find("</think>") {
-            Some(end) => text.replace_range(start..start + end + "</think>".len(), ""),
+    const OPEN: &str = "<think>";
+    const CLOSE: &str = "</think>";
+    let mut text = String::with_capacity(reply.len());
+    let mut rest = reply;
+    while let Some(start) = rest.find(OPEN) {
+        text.push_str(&rest[..start]);
+        match rest[start..].find(CLOSE) {
+            Some(end) => rest = &rest[start + end + CLOSE.len()..],
             // An unclosed block: the answer never came.
-            None => text.truncate(start),
+            None => {
+                rest = "";
+                break;
+            }
         }
     }
+    text.push_str(rest);
     // A reply may also start with a bare `</think>` (the opening was in the prompt template).
-    if let Some(end) = text.find("</think>") {
-        text.replace_range(..end + "</think>".len(), "");
+    if let Some(end) = text.find(CLOSE) {
+        text.replace_range(..end + CLOSE.len(), "");
     }
     if text.contains("```") {
         let inside: Vec<&str> = text
@@ -64,23 +71,62 @@ fn strip_wrappers(reply: &str) -> String {
     text
 }
 
+/// The length of a list marker at the start of `s` — a bullet (`-`, `*`,
+/// `•`, `+`) or a number with `.` or `)` (`1.`, `12)`) — with the space
+/// after it, or 0. `1girl`, `(smile:1.2)` and `-1` are not markers.
+fn marker_len(s: &str) -> usize {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let mark = if digits > 0 {
+        match s[digits..].chars().next() {
+            Some(c @ ('.' | ')')) => digits + c.len_utf8(),
+            _ => return 0,
+        }
+    } else {
+        match s.chars().next() {
+            Some(c @ ('-' | '*' | '•' | '+')) => c.len_utf8(),
+            _ => return 0,
+        }
+    };
+    match s[mark..].chars().next() {
+        Some(c) if c.is_whitespace() => mark + c.len_utf8(),
+        _ => 0,
+    }
+}
+
 /// Strips a line's list marker (`- `, `* `, `• `, `1. `, `2) `), heading
 /// hashes and emphasis markers.
 fn strip_line_markup(line: &str) -> String {
     let mut l = line.trim().trim_start_matches('#').trim_start();
-    for bullet in ["- ", "* ", "• ", "+ "] {
-        if let Some(rest) = l.strip_prefix(bullet) {
-            l = rest;
-        }
-    }
-    let digits = l.chars().take_while(|c| c.is_ascii_digit()).count();
-    if digits > 0 {
-        let rest = &l[digits..];
-        if let Some(r) = rest.strip_prefix(". ").or_else(|| rest.strip_prefix(") ")) {
-            l = r;
-        }
-    }
+    l = &l[marker_len(l)..];
     l.replace("**", "").replace("__", " ").replace('`', "")
+}
+
+/// Splits a line of tags at commas, semicolons and list markers that start
+/// a word, so a list written on one line — `1. sitting, 2. indoors`,
+/// `1) sitting 2) indoors`, `• sitting • indoors`, `- sitting - indoors` —
+/// gives its items without their numbers or bullets. One pass.
+fn list_items(line: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let (mut start, mut word_start) = (0, true);
+    let mut i = 0;
+    while i < line.len() {
+        let rest = &line[i..];
+        let c = rest.chars().next().unwrap_or(' ');
+        if c == ',' || c == ';' {
+            items.push(&line[start..i]);
+            (start, word_start) = (i + 1, true);
+        } else if word_start && marker_len(rest) > 0 {
+            items.push(&line[start..i]);
+            i += marker_len(rest);
+            (start, word_start) = (i, true);
+            continue;
+        } else {
+            word_start = c.is_whitespace();
+        }
+        i += c.len_utf8();
+    }
+    items.push(&line[start..]);
+    items
 }
 
 /// Drops a lead-in such as `Here are the tags:` or `Tags:` at the start of a
@@ -136,16 +182,18 @@ fn normalise_tag(tag: &str) -> String {
     t.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// A tag-style reply → tags: every line and every comma or semicolon
+/// A tag-style reply → tags: every line, comma, semicolon and list marker
 /// separates tags; duplicates (case-insensitive) keep their first place.
 /// `truncated` (the reply hit the token limit) drops the last tag, which may
-/// be cut in half.
+/// be cut in half. Linear in the reply's length.
 pub fn clean_tags(reply: &str, truncated: bool) -> Vec<String> {
     let mut tags: Vec<String> = Vec::new();
+    // normalise_tag lower-cases and trims: equal keys are `same_tag`s
+    let mut seen = std::collections::HashSet::new();
     for line in lines(reply) {
-        for part in line.split([',', ';']) {
+        for part in list_items(&line) {
             let tag = normalise_tag(part);
-            if !tag.is_empty() && !tags.iter().any(|t| same_tag(t, &tag)) {
+            if !tag.is_empty() && seen.insert(tag.clone()) {
                 tags.push(tag);
             }
         }
@@ -204,6 +252,64 @@ mod tests {
         assert!(refusal("sorry, face, 1girl").is_some());
         assert!(refusal("1girl, sorry face").is_none());
         assert!(refusal("- icon, cannot see").is_none());
+    }
+
+    #[test]
+    fn lists_on_one_line_lose_their_numbers_and_bullets() {
+        let want = ["sitting", "indoors", "laptop"];
+        for reply in [
+            "1. sitting, 2. indoors, 3. laptop",
+            "1) sitting, 2) indoors, 3) laptop",
+            "1. sitting 2. indoors 3. laptop",
+            "1) sitting 2) indoors 3) laptop",
+            "Tags: 1. sitting; 2. indoors; 3. laptop.",
+            "• sitting • indoors • laptop",
+            "- sitting - indoors - laptop",
+            "* sitting, * indoors, * laptop",
+            "1. sitting\n2. indoors\n3. laptop",
+            "1) sitting\n2) indoors\n10) laptop",
+            "- sitting\n- indoors, 3. laptop",
+        ] {
+            assert_eq!(clean_tags(reply, false), want, "{reply:?}");
+        }
+        // numbers that are tags, weights and hyphens inside a tag stay
+        assert_eq!(
+            clean_tags("1girl, 2boys, (smile:1.2), half-closed eyes, -1, 3d", false),
+            [
+                "1girl",
+                "2boys",
+                "(smile:1.2)",
+                "half-closed eyes",
+                "-1",
+                "3d"
+            ]
+        );
+    }
+
+    #[test]
+    fn cleaning_is_linear_in_the_reply() {
+        // 16 MiB of distinct tags (the reply cap) and 16 MiB of think blocks:
+        // a quadratic pass takes hours here (125 KiB of tags took 11 s, ×4
+        // per doubling), a linear one well under a second in a release
+        // build; the bound leaves room for a loaded debug build.
+        let mut tags = String::new();
+        let mut i = 0;
+        while tags.len() < 16 << 20 {
+            tags += &format!("tag{i}, ");
+            i += 1;
+        }
+        let thinks = "<think>x</think>".repeat((16 << 20) / 16) + "a, b";
+        // on a thread, so a quadratic mutation fails at the bound instead
+        // of running for hours
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let counts = (clean_tags(&tags, false).len(), clean_tags(&thinks, false));
+            let _ = tx.send(counts);
+        });
+        let (n, tail) = (rx.recv_timeout(std::time::Duration::from_secs(20)))
+            .expect("32 MiB of replies not cleaned within 20 s");
+        assert_eq!(n, i);
+        assert_eq!(tail, ["a", "b"]);
     }
 
     #[test]
