@@ -218,10 +218,16 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
 fn main() -> ExitCode {
     let version: &'static str = Box::leak(version_string().into_boxed_str());
     let matches = Cli::command().version(version).get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    if let (Command::Ui(a), Some(m)) = (&mut cli.command, matches.subcommand_matches("ui")) {
+        if let Err(e) = a.pair_endpoints(m) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     init_logging(cli.verbose, cli.quiet);
     match run(cli) {
         Ok(code) => code,

@@ -169,6 +169,20 @@ async fn new_job(c: &Client, base: &str, name: &str, steps: u64) -> R {
     Ok(())
 }
 
+/// Without the token the browser gets the sign-in page; the printed link
+/// signs it in and leaves the address without the token.
+async fn sign_in(c: &Client, ui: &UiProcess) -> R {
+    c.goto(&format!("{}/#/datasets", ui.base)).await?;
+    let text = c.find(Locator::Css("body")).await?.text().await?;
+    assert!(text.contains("Open the link"), "{text}");
+    shot(c, "sign-in").await?;
+    c.goto(&ui.link).await?;
+    let url = c.current_url().await?;
+    assert!(!url.as_str().contains("token"), "{url}");
+    wait_text(c, "h1", 10, |t| t == "Datasets").await?;
+    Ok(())
+}
+
 async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) -> R {
     // Datasets: New Dataset, Add Images, edit a caption.
     c.goto(&format!("{base}/#/datasets")).await?;
@@ -211,18 +225,9 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
     wait_text(c, "#check-out pre", 30, |t| t.contains("image")).await?;
     wait_text(c, ".card .check-problem", 10, |t| t.contains("upscal")).await?;
 
-    // Auto-caption the rest with a vision model (a fake endpoint in this test process).
-    let fake =
-        lora_data::autocaption::fake::FakeEndpoint::start(|req, _| match req.path.as_str() {
-            "/v1/models" => {
-                lora_data::autocaption::fake::FakeReply::raw(200, r#"{"data":[{"id":"vl"}]}"#)
-            }
-            _ => lora_data::autocaption::fake::FakeReply::content(
-                "Tags: orange body, standing, pink background",
-            ),
-        });
+    // Auto-caption the rest with a vision model (a fake endpoint in this
+    // test process, configured with --caption-endpoint: the only choice).
     click(c, "#autocaption summary").await?;
-    fill(c, "endpoint", &fake.url()).await?;
     fill(c, "trigger", "trig").await?;
     fill(c, "remove", "orange body").await?;
     click(c, "#autocaption-form button[type=submit]").await?;
@@ -279,7 +284,9 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
     assert_eq!(links.len(), 2, "two checkpoints: step 3 and the final file");
     shot(c, "job-done").await?;
     let href = links[0].attr("href").await?.unwrap();
-    let mut resp = agent().get(&format!("{base}{href}")).call()?;
+    let mut resp = (agent().get(&format!("{base}{href}")))
+        .header("X-Lorakit-Token", TOKEN)
+        .call()?;
     let bytes = resp.body_mut().with_config().limit(1 << 30).read_to_vec()?;
     let got = root.join("downloaded.safetensors");
     std::fs::write(&got, bytes)?;
@@ -347,7 +354,16 @@ fn the_walkthrough_in_a_real_browser() {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
     images.sort();
-    let ui = start_ui(&root);
+    let fake =
+        lora_data::autocaption::fake::FakeEndpoint::start(|req, _| match req.path.as_str() {
+            "/v1/models" => {
+                lora_data::autocaption::fake::FakeReply::raw(200, r#"{"data":[{"id":"vl"}]}"#)
+            }
+            _ => lora_data::autocaption::fake::FakeReply::content(
+                "Tags: orange body, standing, pink background",
+            ),
+        });
+    let ui = start_ui(&root, &["--caption-endpoint", &fake.url()]);
     let (_driver, url) = chromedriver();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -355,7 +371,11 @@ fn the_walkthrough_in_a_real_browser() {
         .unwrap();
     rt.block_on(async {
         let c = browser(&url).await.expect("start chromium");
-        let result = walkthrough(&c, &ui.base, &root, &images).await;
+        let result = sign_in(&c, &ui).await;
+        let result = match result {
+            Ok(()) => walkthrough(&c, &ui.base, &root, &images).await,
+            e => e,
+        };
         if result.is_err() {
             let _ = shot(&c, "failure").await;
         }

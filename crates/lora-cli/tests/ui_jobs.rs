@@ -19,7 +19,7 @@ fn call(
     let url = format!("{}{path}", ui.base);
     let a = agent();
     let resp = match (method, body) {
-        ("GET", _) => a.get(&url).call(),
+        ("GET", _) => a.get(&url).header("X-Lorakit-Token", TOKEN).call(),
         ("DELETE", _) => a.delete(&url).header("X-Lorakit-Token", TOKEN).call(),
         (_, b) => a
             .post(&url)
@@ -77,7 +77,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let _runs = setup(&root);
-    let ui = start_ui(&root);
+    let ui = start_ui(&root, &[]);
     assert_eq!(
         call(&ui, "GET", "/api/models", None).1,
         serde_json::json!(["tiny.safetensors"])
@@ -101,6 +101,18 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     assert_eq!(
         (status, e["field"].as_str()),
         (422, Some("model.name_or_path")),
+        "{e}"
+    );
+
+    // A mask folder outside the root is refused like a dataset (issue 26).
+    let masks = tmp.path().join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    let mut masked = new_job("masked", 6);
+    masked["fields"]["datasets.mask_path"] = serde_json::json!(masks.to_str().unwrap());
+    let (status, e) = call(&ui, "POST", "/api/jobs", Some(masked));
+    assert_eq!(
+        (status, e["field"].as_str()),
+        (422, Some("datasets[0].mask_path")),
         "{e}"
     );
 
@@ -174,7 +186,11 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
         "{}/api/jobs/first/files/first_000000003.safetensors",
         ui.base
     );
-    let mut resp = agent().get(&url).call().unwrap();
+    let mut resp = agent()
+        .get(&url)
+        .header("X-Lorakit-Token", TOKEN)
+        .call()
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let bytes = resp
         .body_mut()
@@ -190,6 +206,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     assert_eq!(p["samples_step"].as_u64(), Some(6), "{p:#}");
     let mut grid = agent()
         .get(&format!("{}/api/jobs/first/samples/grid.png", ui.base))
+        .header("X-Lorakit-Token", TOKEN)
         .call()
         .unwrap();
     assert_eq!(grid.status().as_u16(), 200);
@@ -222,6 +239,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     let cell = cells[0]["file"].as_str().unwrap();
     let mut img = agent()
         .get(&format!("{}/api/jobs/first/compare/{cell}", ui.base))
+        .header("X-Lorakit-Token", TOKEN)
         .call()
         .unwrap();
     let png = img.body_mut().read_to_vec().unwrap();
@@ -251,6 +269,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     assert_eq!(
         agent()
             .get(&format!("{}/api/jobs/first/files/..%2Fjob.toml", ui.base))
+            .header("X-Lorakit-Token", TOKEN)
             .call()
             .unwrap()
             .status()
@@ -264,7 +283,7 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let root: PathBuf = tmp.path().join("root");
     let _runs = setup(&root);
-    let ui = start_ui(&root);
+    let ui = start_ui(&root, &[]);
     assert_eq!(
         call(&ui, "POST", "/api/jobs", Some(new_job("long", 5000))).0,
         201
@@ -293,7 +312,7 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
         state(j) == "running" && step_of(j) > stopped_at
     });
     drop(ui);
-    let ui = start_ui(&root);
+    let ui = start_ui(&root, &[]);
     let j = call(&ui, "GET", "/api/jobs/long", None).1;
     assert_eq!(
         state(&j),

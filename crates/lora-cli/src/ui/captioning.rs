@@ -1,7 +1,8 @@
 //! Auto-captioning a dataset from the UI: `lorakit caption auto` in a
 //! background thread, its progress and results polled by the page, a stop
-//! that lets the images in flight finish. The API key is read from an
-//! environment variable of the UI's own process; the browser never sees it.
+//! that lets the images in flight finish. The endpoint is one of those
+//! `lorakit ui` was started with (`endpoints.rs`), named by id: a request
+//! names no URL, no variable and no key.
 
 use super::datasets::existing;
 use super::{ApiError, ApiResult, Ui};
@@ -9,8 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use lora_data::autocaption::{
-    auto_caption, AutoCaptionOptions, CaptionEvent, CaptionStyle, Endpoint, EndpointSettings,
-    Outcome,
+    auto_caption, AutoCaptionOptions, CaptionEvent, CaptionStyle, EndpointSettings, Outcome,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,12 +32,13 @@ struct RunState {
     error: Option<String>,
 }
 
+/// Unknown fields are refused (an old page's `api_key_env` included).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CaptionBody {
+    /// The id of a configured endpoint (`GET /api/caption-endpoints`).
     endpoint: String,
     model: Option<String>,
-    /// The name of an environment variable of the UI's process.
-    api_key_env: Option<String>,
     trigger: Option<String>,
     #[serde(default)]
     remove: Vec<String>,
@@ -71,18 +72,12 @@ pub async fn start(
     Json(req): Json<CaptionBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let dir = existing(&ui, &name)?;
-    let bad = |e: lora_data::DataError| ApiError::new(StatusCode::BAD_REQUEST, e.to_string());
-    let mut endpoint = Endpoint::new(
-        &req.endpoint,
-        EndpointSettings {
-            model: req.model.clone().filter(|m| !m.trim().is_empty()),
-            ..Default::default()
-        },
-    )
-    .map_err(bad)?;
-    if let Some(var) = req.api_key_env.as_deref().filter(|v| !v.trim().is_empty()) {
-        endpoint = endpoint.with_api_key_env(var).map_err(bad)?;
-    }
+    let settings = EndpointSettings {
+        model: req.model.clone().filter(|m| !m.trim().is_empty()),
+        ..Default::default()
+    };
+    let mut endpoint = (ui.endpoints.endpoint(&req.endpoint, settings))
+        .map_err(|e| ApiError::field("endpoint", e))?;
     if !(1..=64).contains(&req.concurrency) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -137,6 +132,12 @@ pub async fn start(
         s.finished = true;
     });
     Ok((StatusCode::ACCEPTED, Json(json!({ "name": name }))))
+}
+
+/// `GET /api/caption-endpoints`: the endpoints the form may pick (id, URL,
+/// the key's variable name; never a key).
+pub async fn endpoints(State(ui): State<Arc<Ui>>) -> Json<Value> {
+    Json(ui.endpoints.public())
 }
 
 /// `GET /api/datasets/{name}/autocaption`: the run's progress and results.

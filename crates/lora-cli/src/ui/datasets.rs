@@ -80,14 +80,25 @@ pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiRes
                 .map(|p| json!({"severity": severity(p.severity), "message": p.message}))
                 .collect()
         };
-        let images: Vec<Value> = scan
-            .images
-            .iter()
+        // An image or caption that is a link out of the root is not shown
+        // (the scan follows links; the page must not reveal what they reach).
+        let inside = |p: &std::path::Path| {
+            p.canonicalize()
+                .is_ok_and(|c| c.starts_with(ui.root.dir()))
+        };
+        let images: Vec<Value> = (scan.images.iter())
+            .filter(|i| inside(&i.path))
             .map(|i| {
+                let linked_out = i.caption_path.as_deref().is_some_and(|c| !inside(c));
+                let mut problems = problems(&i.rel);
+                if linked_out {
+                    problems.push(json!({"severity": "error",
+                        "message": "the caption file is a link out of the UI's root: not shown, not trained on from here"}));
+                }
                 json!({
                     "file": i.rel, "width": i.width, "height": i.height,
-                    "caption": i.caption, "has_caption_file": i.caption_path.is_some(),
-                    "problems": problems(&i.rel),
+                    "caption": if linked_out { "" } else { i.caption.as_str() },
+                    "has_caption_file": i.caption_path.is_some(), "problems": problems,
                 })
             })
             .collect();

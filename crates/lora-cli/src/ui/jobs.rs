@@ -179,16 +179,21 @@ fn check_job(ui: &Ui, file: &std::path::Path, text: &str) -> ApiResult<()> {
             format!("must be a checkpoint under {}", models.display()),
         ));
     }
-    if let Some(i) = cfg
-        .datasets
-        .iter()
-        .position(|d| !under(&d.folder_path, "datasets"))
-    {
-        let datasets = ui.root.dir().join("datasets");
-        return Err(field_error(
-            &format!("datasets[{i}].folder_path"),
-            format!("must be a dataset under {}", datasets.display()),
-        ));
+    let datasets = ui.root.dir().join("datasets");
+    for (i, d) in cfg.datasets.iter().enumerate() {
+        if !under(&d.folder_path, "datasets") {
+            return Err(field_error(
+                &format!("datasets[{i}].folder_path"),
+                format!("must be a dataset under {}", datasets.display()),
+            ));
+        }
+        // the run reads its masks: they stay under the root too
+        if d.mask_path.as_ref().is_some_and(|m| !under(m, "datasets")) {
+            return Err(field_error(
+                &format!("datasets[{i}].mask_path"),
+                format!("must be a folder under {}", datasets.display()),
+            ));
+        }
     }
     Ok(())
 }

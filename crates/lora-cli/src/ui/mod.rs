@@ -8,7 +8,8 @@
 //!
 //! | concept | file |
 //! |---|---|
-//! | who may call (token, Host, CSRF) | `security.rs` |
+//! | who may call (token, cookie, Host, Origin, CSRF, framing) | `security.rs` |
+//! | the caption endpoints fixed at start-up, their keys | `endpoints.rs` |
 //! | names and paths kept under `--root` | `paths.rs` |
 //! | the Datasets API | `datasets.rs` |
 //! | auto-captioning a dataset (`caption auto` in the background) | `captioning.rs` |
@@ -20,6 +21,7 @@
 mod captioning;
 mod compare;
 mod datasets;
+mod endpoints;
 mod jobs;
 mod paths;
 mod queue;
@@ -39,18 +41,43 @@ pub struct UiArgs {
     /// outside it is ever read or written.
     #[arg(long, default_value = "lorakit-ui")]
     root: PathBuf,
-    /// The address to listen on (anything but a loopback address needs the token).
+    /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// The port (0: any free port).
     #[arg(long, default_value_t = 8675)]
     port: u16,
-    /// The access token (default: a new random one, printed).
+    /// Let reads through without the token (changes still need the page's
+    /// header): today's single-user behaviour; any local process can then
+    /// read datasets and checkpoints. The token itself comes from
+    /// LORAKIT_UI_TOKEN, or is new at each start.
     #[arg(long)]
-    token: Option<String>,
+    no_auth: bool,
+    /// An OpenAI-compatible endpoint the caption form may use (repeatable);
+    /// the page picks one of these and can name no other.
+    #[arg(long = "caption-endpoint", value_name = "URL")]
+    caption_endpoint: Vec<String>,
+    /// The environment variable holding the API key of the
+    /// --caption-endpoint given before it (read once at start-up; the key
+    /// is sent to that endpoint only).
+    #[arg(long = "caption-key-env", value_name = "NAME")]
+    caption_key_env: Vec<String>,
     /// Largest upload accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     max_upload_mb: usize,
+    /// The caption endpoints as paired on the command line (filled by
+    /// [`UiArgs::pair_endpoints`]).
+    #[arg(skip)]
+    endpoints: Vec<(String, Option<String>)>,
+}
+
+impl UiArgs {
+    /// Pairs each `--caption-key-env` with the `--caption-endpoint` before
+    /// it, from the `ui` subcommand's matches (clap's derive loses the order).
+    pub fn pair_endpoints(&mut self, m: &clap::ArgMatches) -> Result<(), String> {
+        self.endpoints = endpoints::pairs(m, ("caption_endpoint", "caption_key_env"))?;
+        Ok(())
+    }
 }
 
 /// What every handler shares.
@@ -64,11 +91,18 @@ pub struct Ui {
     compares: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
     /// Auto-captioning runs, per dataset.
     captioning: std::sync::Mutex<std::collections::HashMap<String, Arc<captioning::CaptionRun>>>,
+    /// The caption endpoints the page may pick from.
+    endpoints: endpoints::CaptionEndpoints,
 }
 
 impl Ui {
     /// The UI over `root`; runs are started with the `lorakit` binary `exe`.
-    fn new(root: paths::Root, token: String, exe: PathBuf) -> Arc<Self> {
+    fn new(
+        root: paths::Root,
+        token: String,
+        exe: PathBuf,
+        endpoints: endpoints::CaptionEndpoints,
+    ) -> Arc<Self> {
         let queue = queue::Queue::open(&root.dir().join("jobs"), exe.clone());
         Arc::new(Self {
             root,
@@ -77,6 +111,7 @@ impl Ui {
             exe,
             compares: Default::default(),
             captioning: Default::default(),
+            endpoints,
         })
     }
 
@@ -194,15 +229,12 @@ const COMPARE_JS: &str = include_str!("assets/compare.js");
 const APP_CSS: &str = include_str!("assets/app.css");
 
 async fn index(axum::extract::State(ui): axum::extract::State<Arc<Ui>>) -> Html<String> {
-    Html(INDEX.replace("{{TOKEN}}", &ui.token))
+    Html(INDEX.replace("{{TOKEN}}", &security::html_escape(&ui.token)))
 }
 
 /// The whole app: pages, API and the access guard around both.
-fn router(ui: Arc<Ui>, loopback: bool, max_upload: usize) -> Router {
-    let access = Arc::new(security::Access {
-        token: ui.token.clone(),
-        loopback,
-    });
+fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
+    let access = Arc::new(access);
     let asset = |mime: &'static str, text: &'static str| {
         get(move || async move { ([(header::CONTENT_TYPE, mime)], text) })
     };
@@ -234,6 +266,7 @@ fn router(ui: Arc<Ui>, loopback: bool, max_upload: usize) -> Router {
             "/api/datasets/{name}/autocaption",
             get(captioning::status).post(captioning::start),
         )
+        .route("/api/caption-endpoints", get(captioning::endpoints))
         .route(
             "/api/datasets/{name}/autocaption/stop",
             axum::routing::post(captioning::stop),
@@ -265,26 +298,82 @@ fn router(ui: Arc<Ui>, loopback: bool, max_upload: usize) -> Router {
         .with_state(ui)
 }
 
-/// Serves on `listener` until the process ends.
-async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    axum::serve(listener, app).await
+/// How many connections the UI serves at once, and how long a client may
+/// take to send a request's headers (an idle keep-alive connection counts:
+/// it is waiting for the next headers).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    /// 128 connections (a browser opens 6 per host), 10 s for headers.
+    fn default() -> Self {
+        Self {
+            connections: 128,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves on `listener` until the process ends. Unlike `axum::serve`, it
+/// holds at most `limits.connections` sockets (the rest wait in the
+/// kernel's backlog, costing this process no descriptor) and closes a
+/// connection whose headers do not arrive within `limits.header_timeout`:
+/// a flood of idle sockets can slow the UI down but cannot exhaust the
+/// descriptors that runs' logs and the queue need.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    loop {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // out of descriptors for a moment: wait instead of spinning
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The token: `LORAKIT_UI_TOKEN` (never argv, which `ps` shows), else new.
+fn token() -> Result<String, String> {
+    match std::env::var("LORAKIT_UI_TOKEN") {
+        Ok(t) if t.trim().len() < 16 => Err("LORAKIT_UI_TOKEN: use at least 16 characters".into()),
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(_) => Ok(security::new_token()),
+    }
 }
 
 /// `lorakit ui`.
 pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
-    let loopback = security::is_loopback_name(&a.host);
-    let token = match a.token {
-        Some(t) if t.len() < 16 => {
-            return Err("--token: use at least 16 characters".into());
-        }
-        Some(t) => t,
-        None => security::new_token(),
-    };
+    let token = token()?;
+    let endpoints = endpoints::CaptionEndpoints::new(a.endpoints, |v| std::env::var(v).ok())?;
     let root =
         paths::Root::open(&a.root).map_err(|e| format!("--root {}: {e}", a.root.display()))?;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the lorakit binary: {e}"))?;
-    let ui = Ui::new(root, token.clone(), exe);
+    let ui = Ui::new(root, token.clone(), exe, endpoints);
     ui.start_runner();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -294,21 +383,28 @@ pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
             .await
             .map_err(|e| format!("--host {} --port {}: {e}", a.host, a.port))?;
         let addr = listener.local_addr()?;
+        let access = security::Access {
+            token: token.clone(),
+            loopback: addr.ip().is_loopback(),
+            port: addr.port(),
+            auth: !a.no_auth,
+        };
         let shown = if addr.ip().is_unspecified() {
             format!("<this machine's address>:{}", addr.port())
         } else {
             addr.to_string()
         };
-        if loopback {
-            println!("lorakit ui: http://{shown}/  (root {})", ui.root.dir().display());
-        } else {
-            println!(
-                "lorakit ui: http://{shown}/?token={token}  (root {}; the token is needed from other machines)",
-                ui.root.dir().display()
+        println!(
+            "lorakit ui: http://{shown}/?token={token}  (root {})",
+            ui.root.dir().display()
+        );
+        if a.no_auth {
+            tracing::warn!(
+                "--no-auth: any local process can use this UI (reads need no token, and the page that carries it is served to anyone)"
             );
         }
-        let app = router(ui, loopback, a.max_upload_mb << 20);
-        serve(listener, app).await?;
+        let app = router(ui, access, a.max_upload_mb << 20);
+        serve(listener, app, Limits::default()).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -61,20 +61,56 @@ struct Inner {
     child: Option<Child>,
 }
 
-/// True while `pid` is a live `lorakit train` of this job: signal 0 checks
+/// Whether a run's process lives, as far as this process can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// A live `lorakit train` of this job.
+    Alive,
+    /// Gone, or the pid now belongs to another program.
+    Dead,
+    /// Cannot tell (no descriptor left to read `/proc`, no permission):
+    /// never taken for a death, which would start the next run beside it.
+    Unknown,
+}
+
+/// Whether `pid` is a live `lorakit train` of this job: signal 0 checks
 /// that it exists, and on Linux its command line must name the job file (a
 /// pid reused by another program after the run ended does not count).
-fn run_alive(pid: u32, job_file: &Path) -> bool {
+fn liveness(pid: u32, job_file: &Path) -> Liveness {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-        return false;
+    let exists = match unsafe { libc::kill(pid as libc::pid_t, 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    let cmdline = || std::fs::read(format!("/proc/{pid}/cmdline"));
+    judge(exists, cmdline, job_file, Path::new("/proc/self").exists())
+}
+
+/// [`liveness`]' rule, on what the system answered.
+fn judge(
+    exists: std::io::Result<()>,
+    cmdline: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    job_file: &Path,
+    have_proc: bool,
+) -> Liveness {
+    match exists {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Liveness::Dead,
+        Err(_) => return Liveness::Unknown,
+        Ok(()) => {}
     }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+    match cmdline() {
         Ok(cmd) => {
             let want = job_file.as_os_str().as_encoded_bytes();
-            cmd.windows(want.len().max(1)).any(|w| w == want)
+            match cmd.windows(want.len().max(1)).any(|w| w == want) {
+                true => Liveness::Alive,
+                false => Liveness::Dead,
+            }
         }
-        Err(_) => !Path::new("/proc/self").exists(),
+        // it ended between the two questions
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && have_proc => Liveness::Dead,
+        // no /proc (not Linux): the signal is all there is
+        Err(_) if !have_proc => Liveness::Alive,
+        Err(_) => Liveness::Unknown,
     }
 }
 
@@ -105,7 +141,8 @@ impl Queue {
             .unwrap_or_default();
         for e in &mut entries {
             let file = jobs_dir.join(&e.job).join("job.toml");
-            if e.state == State::Running && !e.pid.is_some_and(|p| run_alive(p, &file)) {
+            let dead = e.pid.is_none_or(|p| liveness(p, &file) == Liveness::Dead);
+            if e.state == State::Running && dead {
                 e.state = State::Interrupted;
                 e.pid = None;
             }
@@ -211,7 +248,9 @@ impl Queue {
                 // Re-attached after a restart: no exit status, only the pid.
                 None => {
                     let file = self.jobs_dir.join(&inner.entries[i].job).join("job.toml");
-                    (!inner.entries[i].pid.is_some_and(|p| run_alive(p, &file))).then_some(true)
+                    let dead =
+                        (inner.entries[i].pid).is_none_or(|p| liveness(p, &file) == Liveness::Dead);
+                    dead.then_some(true)
                 }
             };
             let Some(ok) = ended else { return };
@@ -244,7 +283,12 @@ impl Queue {
                 e.error = None;
                 inner.child = Some(child);
             }
-            Err(why) => {
+            // Out of descriptors or processes for now: the job stays queued.
+            Err((why, true)) => {
+                tracing::warn!("cannot start {job} yet, will retry: {why}");
+                return;
+            }
+            Err((why, false)) => {
                 let e = &mut inner.entries[i];
                 e.state = State::Failed;
                 e.error = Some(why);
@@ -255,17 +299,24 @@ impl Queue {
 
     /// `lorakit train jobs/<job>/job.toml [--resume]`, output appended to
     /// the job's `log.txt`. No shell: the arguments go to the program as they are.
-    fn spawn(&self, job: &str, resume: bool) -> Result<Child, String> {
+    /// An error says whether it is transient (out of descriptors or
+    /// processes): then the job is tried again at the next turn.
+    fn spawn(&self, job: &str, resume: bool) -> Result<Child, (String, bool)> {
         let dir = self.jobs_dir.join(job);
         let log_path = dir.join("log.txt");
+        let fail = |what: &Path, e: std::io::Error| {
+            let transient = matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN)
+            );
+            (format!("{}: {e}", what.display()), transient)
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            .map_err(|e| fail(&log_path, e))?;
+        let err = log.try_clone().map_err(|e| fail(&log_path, e))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("train").arg(dir.join("job.toml"));
         if resume {
@@ -279,6 +330,44 @@ impl Queue {
             .stderr(err)
             .current_dir(&dir)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))
+            .map_err(|e| {
+                let (why, transient) = fail(&self.exe, e);
+                (format!("cannot start {why}"), transient)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_run_that_cannot_be_checked_is_not_taken_for_dead() {
+        let job = Path::new("/r/jobs/a/job.toml");
+        let ours = || Ok(b"lorakit\0train\0/r/jobs/a/job.toml\0".to_vec());
+        let other = || Ok(b"bash\0".to_vec());
+        let emfile = || Err(Error::from_raw_os_error(libc::EMFILE));
+        let gone = || Err(Error::from(ErrorKind::NotFound));
+        let esrch = || Err(Error::from_raw_os_error(libc::ESRCH));
+        assert_eq!(judge(Ok(()), ours, job, true), Liveness::Alive);
+        assert_eq!(
+            judge(Ok(()), other, job, true),
+            Liveness::Dead,
+            "pid reused"
+        );
+        assert_eq!(judge(esrch(), ours, job, true), Liveness::Dead);
+        assert_eq!(judge(Ok(()), gone, job, true), Liveness::Dead);
+        // out of descriptors (issue 26: a flood of idle sockets made a
+        // training run look dead and the next one start beside it)
+        assert_eq!(judge(Ok(()), emfile, job, true), Liveness::Unknown);
+        let eperm = Err(Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(judge(eperm, ours, job, true), Liveness::Unknown);
+        assert_eq!(judge(Ok(()), emfile, job, false), Liveness::Alive);
+        // this process is alive and is not a run of that job
+        let me = std::process::id();
+        assert_eq!(liveness(me, job), Liveness::Dead);
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(liveness(me, &exe), Liveness::Alive);
     }
 }

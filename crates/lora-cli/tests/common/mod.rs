@@ -11,7 +11,10 @@ pub const TOKEN: &str = "ui-jobs-test-token-0001";
 
 pub struct UiProcess {
     child: Child,
+    /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// The link it printed: `http://127.0.0.1:PORT/?token=…`.
+    pub link: String,
 }
 
 impl Drop for UiProcess {
@@ -35,17 +38,13 @@ impl Drop for KillRuns {
     }
 }
 
-pub fn start_ui(root: &Path) -> UiProcess {
+/// `lorakit ui --root ROOT --port 0 EXTRA…` with the token [`TOKEN`] in
+/// `LORAKIT_UI_TOKEN`, once it has printed its link.
+pub fn start_ui(root: &Path, extra: &[&str]) -> UiProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
-        .args([
-            "ui",
-            "--root",
-            root.to_str().unwrap(),
-            "--port",
-            "0",
-            "--token",
-            TOKEN,
-        ])
+        .args(["ui", "--root", root.to_str().unwrap(), "--port", "0"])
+        .args(extra)
+        .env("LORAKIT_UI_TOKEN", TOKEN)
         .env_remove("LD_LIBRARY_PATH")
         .stdout(Stdio::piped())
         .spawn()
@@ -54,13 +53,14 @@ pub fn start_ui(root: &Path) -> UiProcess {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let base = line
+    let link = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches('/')
         .to_string();
-    UiProcess { child, base }
+    assert!(link.ends_with(&format!("/?token={TOKEN}")), "{line}");
+    let base = link.split("/?").next().unwrap().to_string();
+    UiProcess { child, base, link }
 }
 
 pub fn agent() -> ureq::Agent {

@@ -54,9 +54,8 @@ async function datasetPage(name) {
       <button type="button" class="plain" id="check">Check dataset</button></form>
     <details id="autocaption"><summary>Auto-caption with a vision model (any OpenAI-compatible endpoint)</summary>
       <form class="inline" id="autocaption-form">
-        <input name="endpoint" placeholder="http://127.0.0.1:8080/v1" size="28" required>
+        <select name="endpoint" id="autocaption-endpoint" required></select>
         <input name="model" placeholder="model (default: the endpoint's)">
-        <input name="api_key_env" placeholder="API key env var (e.g. OPENAI_API_KEY)">
         <input name="trigger" placeholder="trigger word">
         <input name="remove" placeholder="tags to remove (comma-separated)" size="30">
         <input name="character" placeholder="character description (optional)" size="30">
@@ -122,7 +121,7 @@ async function datasetPage(name) {
 
 // Pages by the first part of the address (#/datasets/NAME, #/jobs/NAME); jobs.js adds its own.
 const pages = { datasets: p => (p[1] ? datasetPage(p[1]) : datasetsPage()) };
-// Auto-captioning: start, then poll the run until it finishes (the API key stays in the UI's environment).
+// Auto-captioning: start, then poll the run until it finishes.
 function wireAutocaption(name) {
   const base = `/api/datasets/${enc(name)}/autocaption`;
   const out = document.getElementById("autocaption-out");
@@ -144,12 +143,20 @@ function wireAutocaption(name) {
   document.getElementById("autocaption-form").onsubmit = async e => {
     e.preventDefault();
     const f = e.target;
-    const body = { endpoint: f.endpoint.value.trim(), model: f.model.value.trim() || null,
-      api_key_env: f.api_key_env.value.trim() || null, trigger: f.trigger.value.trim() || null,
+    const body = { endpoint: f.endpoint.value, model: f.model.value.trim() || null,
+      trigger: f.trigger.value.trim() || null,
       remove: f.remove.value.split(",").map(s => s.trim()).filter(Boolean), character: f.character.value.trim() || null,
       natural: f.natural.checked, overwrite: f.overwrite.checked };
     try { await api("POST", base, body); poll(); } catch (err) { toast(err.message); }
   };
+  // The endpoints lorakit ui was started with (--caption-endpoint); keys stay in its environment.
+  api("GET", "/api/caption-endpoints").then(list => {
+    const sel = document.getElementById("autocaption-endpoint");
+    if (!sel) return;
+    sel.innerHTML = list.length
+      ? list.map(e => `<option value="${esc(e.id)}">${esc(e.url)}${e.key_env ? ` (key: $${esc(e.key_env)})` : ""}</option>`).join("")
+      : `<option value="">none: start lorakit ui with --caption-endpoint URL</option>`;
+  }).catch(err => toast(err.message));
   document.getElementById("autocaption-stop").onclick = () => api("POST", `${base}/stop`).catch(err => toast(err.message));
   poll();
 }
