@@ -298,6 +298,15 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
     wait_for(&ui, "long", 120, |j| {
         state(j) == "running" && step_of(j) >= 2
     });
+    // extending a running job is refused and leaves its job file as it was
+    let job_file = root.join("jobs/long/job.toml");
+    let before = std::fs::read_to_string(&job_file).unwrap();
+    let more = serde_json::json!({"steps": 9000});
+    assert_eq!(
+        call(&ui, "POST", "/api/jobs/long/extend", Some(more)).0,
+        409
+    );
+    assert_eq!(std::fs::read_to_string(&job_file).unwrap(), before);
     assert_eq!(call(&ui, "POST", "/api/jobs/long/stop", None).0, 200);
     let j = wait_for(&ui, "long", 60, |j| state(j) != "running");
     assert_eq!(state(&j), "stopped", "{j:#}");

@@ -343,8 +343,11 @@ pub async fn action(
                 JobConfig::parse_at(&file, &new).map_err(|e| field_error(&e.field, e.message))?;
             cfg.validate(&file)
                 .map_err(|e| field_error(&e.field, e.message))?;
-            lora_core::io::write_atomic(&file, new.as_bytes()).map_err(ApiError::bad)?;
-            ui.queue.enqueue(&name, has_state).map_err(conflict)?;
+            // written only once the queue has taken the job (issue 26: a
+            // 409 for a running job kept its new step count)
+            let write =
+                || lora_core::io::write_atomic(&file, new.as_bytes()).map_err(ApiError::bad);
+            (ui.queue.enqueue_after(&name, has_state, write)).map_err(conflict)??;
         }
         _ => {
             return Err(ApiError::new(

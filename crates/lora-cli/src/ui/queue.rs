@@ -180,12 +180,29 @@ impl Queue {
     /// Queues `job` (to continue from its state when `resume`). Refused
     /// while it is queued or running.
     pub fn enqueue(&self, job: &str, resume: bool) -> Result<(), String> {
+        let none = || Ok::<(), std::convert::Infallible>(());
+        self.enqueue_after(job, resume, none).map(|_| ())
+    }
+
+    /// [`Queue::enqueue`], with `prepare` (say, writing the job's new step
+    /// count) run under the queue's lock once the job is known to be
+    /// neither queued nor running: a refused job keeps its files as they
+    /// were. The outer error is that refusal, the inner one `prepare`'s.
+    pub fn enqueue_after<E>(
+        &self,
+        job: &str,
+        resume: bool,
+        prepare: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Result<(), E>, String> {
         let mut inner = self.inner.lock().unwrap();
         inner
             .entries
             .retain(|e| e.job != job || matches!(e.state, State::Queued | State::Running));
         if inner.entries.iter().any(|e| e.job == job) {
             return Err(format!("{job:?} is already queued or running"));
+        }
+        if let Err(e) = prepare() {
+            return Ok(Err(e));
         }
         inner.entries.push(Entry {
             job: job.to_string(),
@@ -195,7 +212,7 @@ impl Queue {
             error: None,
         });
         self.save(&inner);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Asks the running `job` to stop as Ctrl-C does (it saves a checkpoint
