@@ -19,7 +19,10 @@ pub fn is_image_path(p: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
-/// Guards against decompression bombs.
+/// Guards against decompression bombs: checked on the header, before any
+/// pixel is decoded, wherever lorakit reads an image (upload, `dataset
+/// check`, training, captioning); the `image` crate's own allocation limit
+/// stays on behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// Largest width or height accepted.
@@ -28,13 +31,51 @@ pub struct DecodeLimits {
     pub max_pixels: u64,
 }
 
+/// The environment variable that sets [`DecodeLimits::default`]'s pixel
+/// limit, in megapixels (2²⁰ pixels): `LORAKIT_MAX_MEGAPIXELS=128`.
+pub const MAX_MEGAPIXELS_ENV: &str = "LORAKIT_MAX_MEGAPIXELS";
+
+/// The default pixel limit: 64 megapixels (8192 × 8192; a 16-bit RGBA
+/// image that size decodes to 512 MiB).
+pub const DEFAULT_MAX_MEGAPIXELS: u64 = 64;
+
 impl Default for DecodeLimits {
+    /// 16384 px per side and [`DEFAULT_MAX_MEGAPIXELS`], or the megapixels
+    /// in `LORAKIT_MAX_MEGAPIXELS` (read once; a value that is not a whole
+    /// number from 1 to 4096 is ignored with a warning).
     fn default() -> Self {
-        // Pillow warns at 89.5 MP and refuses at 179 MP; 16k × 16k covers any real photo.
+        static MEGAPIXELS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let mp = *MEGAPIXELS.get_or_init(|| {
+            let Ok(v) = std::env::var(MAX_MEGAPIXELS_ENV) else {
+                return DEFAULT_MAX_MEGAPIXELS;
+            };
+            match v.trim().parse::<u64>() {
+                Ok(mp) if (1..=4096).contains(&mp) => mp,
+                _ => {
+                    tracing::warn!(
+                        "{MAX_MEGAPIXELS_ENV}={v:?}: not a whole number of megapixels from 1 to 4096; using {DEFAULT_MAX_MEGAPIXELS}"
+                    );
+                    DEFAULT_MAX_MEGAPIXELS
+                }
+            }
+        });
         Self {
             max_side: 16_384,
-            max_pixels: 178_956_970,
+            max_pixels: mp << 20,
         }
+    }
+}
+
+impl DecodeLimits {
+    /// The `image` crate's limits behind ours (which check the sides and
+    /// pixels first, naming the size): room to allocate the largest accepted
+    /// image at 16-bit RGBA (8 bytes a pixel), never less than the crate's
+    /// default of 512 MiB.
+    fn for_image_crate(&self) -> image::Limits {
+        let mut l = image::Limits::default();
+        let need = self.max_pixels.saturating_mul(8).saturating_add(1 << 20);
+        l.max_alloc = Some(l.max_alloc.unwrap_or(0).max(need));
+        l
     }
 }
 
@@ -53,14 +94,25 @@ fn check_limits(path: &Path, w: u32, h: u32, limits: &DecodeLimits) -> Result<()
         return Err(DataError::Image {
             path: path.to_path_buf(),
             reason: format!(
-                "image is {w}×{h} ({:.0} megapixels), over the decoding limit ({}px per side, {:.0} MP): a decompression-bomb guard; downscale the file",
-                pixels as f64 / 1e6,
+                "image is {w}×{h} ({:.0} megapixels), over the decoding limit ({}px per side, {} MP): not decoded (a decompression-bomb guard); downscale the file, or raise {MAX_MEGAPIXELS_ENV}",
+                pixels as f64 / (1u64 << 20) as f64,
                 limits.max_side,
-                limits.max_pixels as f64 / 1e6
+                limits.max_pixels >> 20
             ),
         });
     }
     Ok(())
+}
+
+/// The `image` crate refused: decoding would allocate more than it allows.
+fn over_limits(path: &Path, limits: &DecodeLimits) -> DataError {
+    DataError::Image {
+        path: path.to_path_buf(),
+        reason: format!(
+            "decoding it would need more memory than the decoding limit allows ({} MP): not decoded (a decompression-bomb guard); downscale the file, or raise {MAX_MEGAPIXELS_ENV}",
+            limits.max_pixels >> 20
+        ),
+    }
 }
 
 fn image_err(path: &Path, e: impl std::fmt::Display) -> DataError {
@@ -70,7 +122,11 @@ fn image_err(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
-fn decoder_for<'a>(path: &Path, bytes: &'a [u8]) -> Result<impl ImageDecoder + 'a> {
+fn decoder_for<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+) -> Result<impl ImageDecoder + 'a> {
     if bytes.is_empty() {
         return Err(DataError::Image {
             path: path.to_path_buf(),
@@ -86,19 +142,22 @@ fn decoder_for<'a>(path: &Path, bytes: &'a [u8]) -> Result<impl ImageDecoder + '
             reason: "not a PNG, JPEG, WebP or BMP image (unrecognised content)".into(),
         });
     }
-    reader.no_limits(); // our own limits are checked on the header below
-    reader.into_decoder().map_err(|e| image_err(path, e))
+    reader.limits(limits.for_image_crate());
+    reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => over_limits(path, limits),
+        e => image_err(path, e),
+    })
 }
 
 /// Whether the file's pixels have an alpha channel (from the header; false
 /// when it cannot be read).
 pub fn has_alpha(path: &Path, bytes: &[u8]) -> bool {
-    decoder_for(path, bytes).is_ok_and(|d| d.color_type().has_alpha())
+    decoder_for(path, bytes, &DecodeLimits::default()).is_ok_and(|d| d.color_type().has_alpha())
 }
 
 /// Reads the header: size after EXIF orientation. Enforces `limits`.
 pub fn probe(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<ImageInfo> {
-    let mut dec = decoder_for(path, bytes)?;
+    let mut dec = decoder_for(path, bytes, limits)?;
     let (w, h) = dec.dimensions();
     check_limits(path, w, h, limits)?;
     let o = dec
@@ -137,13 +196,16 @@ pub fn decode_rgb(
 
 /// Decodes in the file's own pixel mode, EXIF orientation applied.
 pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage> {
-    let mut dec = decoder_for(path, bytes)?;
+    let mut dec = decoder_for(path, bytes, limits)?;
     let (w, h) = dec.dimensions();
     check_limits(path, w, h, limits)?;
     let o = dec
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(dec).map_err(|e| image_err(path, e))?;
+    let mut img = DynamicImage::from_decoder(dec).map_err(|e| match e {
+        image::ImageError::Limits(_) => over_limits(path, limits),
+        e => image_err(path, e),
+    })?;
     img.apply_orientation(o);
     Ok(img)
 }
@@ -293,6 +355,29 @@ mod tests {
             e.contains("big.png") && e.contains("64×32") && e.contains("decompression"),
             "{e}"
         );
+        // a bomb (1.3 GiB of 16-bit RGBA behind a 100-byte header) is
+        // refused on its header, by name, under the default limit
+        let bomb = crate::synthetic::bomb_png(13_376, 13_376);
+        let e = probe(Path::new("bomb.png"), &bomb, &DecodeLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bomb.png") && e.contains("13376×13376") && e.contains("not decoded"),
+            "{e}"
+        );
+        let e = decode(Path::new("bomb.png"), &bomb, &DecodeLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not decoded"), "{e}");
+        // 8192 × 8192 is the default's edge: accepted by the header check
+        let edge = crate::synthetic::bomb_png(8192, 8192);
+        assert!(probe(Path::new("edge.png"), &edge, &DecodeLimits::default()).is_ok());
+        assert!(probe(
+            Path::new("over.png"),
+            &crate::synthetic::bomb_png(8192, 8193),
+            &DecodeLimits::default()
+        )
+        .is_err());
         let e = decode_rgb(p, b"", &small, [0; 3]).unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
         let e = decode_rgb(p, b"hello, not an image", &small, [0; 3])

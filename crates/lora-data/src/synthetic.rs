@@ -62,3 +62,52 @@ pub fn write_character_dataset(
     }
     Ok(stems)
 }
+
+/// A PNG whose header claims `width × height` 16-bit RGBA pixels while its
+/// data is a few bytes: what a decompression bomb looks like to a header
+/// check (a real one packs gigabytes of pixels into a small file). For
+/// tests: lorakit must refuse it by name, before decoding anything.
+///
+/// ```
+/// let png = lora_data::synthetic::bomb_png(13_376, 13_376);
+/// assert!(png.len() < 100);
+/// ```
+pub fn bomb_png(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend(kind);
+        out.extend(data);
+        let crc = crc32(&out[start..]);
+        out.extend(crc.to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([16, 6, 0, 0, 0]); // 16-bit RGBA, no interlace
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// CRC-32 (IEEE), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}

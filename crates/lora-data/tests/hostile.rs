@@ -1,6 +1,7 @@
 //! A folder with every kind of bad input, scanned to an exact report.
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
+use lora_data::synthetic::bomb_png;
 use lora_data::{check_dataset, CheckOptions, ScanOptions};
 use std::io::Cursor;
 use std::path::Path;
@@ -17,47 +18,6 @@ fn img_bytes(w: u32, h: u32, seed: u8, fmt: ImageFormat) -> Vec<u8> {
     DynamicImage::ImageRgb8(img)
         .write_to(&mut Cursor::new(&mut b), fmt)
         .unwrap();
-    b
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// A PNG whose header claims 100000×100000 pixels (a decompression bomb).
-fn bomb_png() -> Vec<u8> {
-    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend(100_000u32.to_be_bytes());
-    ihdr.extend(100_000u32.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]);
-    b.extend(13u32.to_be_bytes());
-    b.extend(&ihdr);
-    b.extend(crc32(&ihdr).to_be_bytes());
-    for (kind, data) in [
-        (
-            &b"IDAT"[..],
-            &[0x78u8, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01][..],
-        ),
-        (b"IEND", &[]),
-    ] {
-        let mut chunk = kind.to_vec();
-        chunk.extend(data);
-        b.extend((data.len() as u32).to_be_bytes());
-        b.extend(&chunk);
-        b.extend(crc32(&chunk).to_be_bytes());
-    }
     b
 }
 
@@ -94,7 +54,10 @@ pub fn hostile_folder(dir: &Path) {
     w("notrig.txt", b"1girl,, outdoors, ");
     w("latin1.png", &img_bytes(600, 600, 9, ImageFormat::Png));
     w("latin1.txt", b"trig, caf\xe9");
-    w("bomb.png", &bomb_png());
+    // over the side limit, and the issue's bomb: 1.3 GiB of 16-bit RGBA
+    // pixels, under the side limit but over the 64 MP one
+    w("bomb.png", &bomb_png(100_000, 100_000));
+    w("bomb2.png", &bomb_png(13_376, 13_376));
     w(".hidden.png", &img_bytes(600, 600, 10, ImageFormat::Png));
     w(
         "_cache/cached.png",
@@ -111,7 +74,8 @@ pub fn hostile_folder(dir: &Path) {
 
 const EXPECTED: &str = "\
 warning 3_extra/rep.txt: caption has several lines; only the first is used
-error   bomb.png: image is 100000×100000 (10000 megapixels), over the decoding limit (16384px per side, 179 MP): a decompression-bomb guard; downscale the file
+error   bomb.png: image is 100000×100000 (9537 megapixels), over the decoding limit (16384px per side, 64 MP): not decoded (a decompression-bomb guard); downscale the file, or raise LORAKIT_MAX_MEGAPIXELS
+error   bomb2.png: image is 13376×13376 (171 megapixels), over the decoding limit (16384px per side, 64 MP): not decoded (a decompression-bomb guard); downscale the file, or raise LORAKIT_MAX_MEGAPIXELS
 error   corrupt.png: not a PNG, JPEG, WebP or BMP image (unrecognised content)
 warning dup.png: 640×640 is smaller than every bucket at resolution 768 (×1.20): it will be upscaled (blurry); use a larger image or a lower resolution
 error   empty.jpg: the file is empty (0 bytes)
@@ -134,13 +98,13 @@ error   truncated.png: cannot decode: unexpected end of file
 warning wide.webp: extreme aspect ratio 2000×400 (1:5.0): 20% of the image is cropped away
 
 dataset:     <DIR>
-images:      10 usable of 14 image files (11 caption files)
+images:      10 usable of 15 image files (11 caption files)
 epoch:       24 samples = 12 image repeats × 2 resolution(s)
 short side:  <512: 2, 512–767: 7, 768–1023: 1
 buckets@512: 512x512 ×8, 576x448 ×1, 1024x256 ×1 (1 upscaled)
 buckets@768: 768x768 ×8, 896x640 ×1, 1024x256 ×1 (8 upscaled)
 top tags:    trig (7), 1girl (5), outdoors (2), smile (2), caf� (1), panorama (1), small (1)
-result:      4 error(s), 18 warning(s): usable, but some files will be skipped
+result:      5 error(s), 18 warning(s): usable, but some files will be skipped
 ";
 
 #[test]

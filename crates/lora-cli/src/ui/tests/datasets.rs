@@ -307,3 +307,25 @@ fn a_dataset_is_auto_captioned_through_a_configured_endpoint_only() {
     assert!(!st.to_string().contains("sk-ui-5150"));
     assert!(thief.requests().is_empty());
 }
+
+#[test]
+fn a_decompression_bomb_upload_is_refused_by_name_and_not_kept() {
+    let s = start(true, 1 << 20);
+    assert_eq!(create_dataset(s.port, "chars"), 201);
+    // issue 26: a 13376² 16-bit RGBA PNG (1.3 GiB decoded) passed the upload
+    let bomb = lora_data::synthetic::bomb_png(13_376, 13_376);
+    let (status, _, body) = http(
+        s.port,
+        "PUT",
+        "/api/datasets/chars/images/bomb.png",
+        &[],
+        &bomb,
+    );
+    assert_eq!(status, 422);
+    let why = json(&body)["error"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("bomb.png") && why.contains("not decoded"),
+        "{why}"
+    );
+    assert!(!s.root.join("datasets/chars/bomb.png").exists());
+}
