@@ -112,22 +112,34 @@ pub async fn start(
         ..Default::default()
     };
     std::thread::spawn(move || {
-        let result = endpoint
-            .probe()
-            .and_then(|()| endpoint.resolve_model().map(|_| ()))
-            .and_then(|()| {
-                auto_caption(&dir, &endpoint, &opts, &run.stop, &|e| {
-                    let mut s = run.state.lock().unwrap();
-                    match e {
-                        CaptionEvent::Planned { images, .. } => s.total = images,
-                        CaptionEvent::Done(r) => s.results.push(outcome_json(&r.rel, &r.outcome)),
-                    }
+        let state = || {
+            run.state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        // a panic ends this run with its message on the page, not the UI
+        let result = super::caught("auto-captioning", || {
+            endpoint
+                .probe()
+                .and_then(|()| endpoint.resolve_model().map(|_| ()))
+                .and_then(|()| {
+                    auto_caption(&dir, &endpoint, &opts, &run.stop, &|e| {
+                        let mut s = state();
+                        match e {
+                            CaptionEvent::Planned { images, .. } => s.total = images,
+                            CaptionEvent::Done(r) => {
+                                s.results.push(outcome_json(&r.rel, &r.outcome))
+                            }
+                        }
+                    })
                 })
-            });
-        let mut s = run.state.lock().unwrap();
+                .map_err(|e| e.to_string())
+        });
+        let mut s = state();
         match result {
-            Ok(report) => s.error = report.aborted,
-            Err(e) => s.error = Some(e.to_string()),
+            Ok(Ok(report)) => s.error = report.aborted,
+            Ok(Err(e)) => s.error = Some(e),
+            Err(panic) => s.error = Some(format!("internal error (a bug in lorakit): {panic}")),
         }
         s.finished = true;
     });

@@ -327,7 +327,11 @@ pub async fn action(
             )))
         }
         "resume" => ui.queue.enqueue(&name, true).map_err(conflict)?,
-        "stop" => ui.queue.stop(&name).map_err(conflict)?,
+        "stop" => {
+            let done = ui.queue.stop(&name).map_err(conflict)?;
+            let state = ui.queue.entry(&name).map(|e| e.state);
+            return Ok(Json(json!({ "name": name, "state": state, "done": done })));
+        }
         "extend" => {
             let steps = body
                 .and_then(|b| b.steps)

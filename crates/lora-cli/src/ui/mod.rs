@@ -115,17 +115,30 @@ impl Ui {
         })
     }
 
-    /// Turns the queue every half second, for as long as the process lives.
+    /// Turns the queue every half second, for as long as the process lives
+    /// (a panic in one turn is logged and the next turn comes).
     fn start_runner(self: &Arc<Self>) {
         let ui = Arc::downgrade(self);
         std::thread::spawn(move || {
             while let Some(ui) = ui.upgrade() {
-                ui.queue.tick();
+                let _ = caught("the job queue", || ui.queue.tick());
                 drop(ui);
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         });
     }
+}
+
+/// Runs `f`, turning a panic into its message (logged), so that a bug hit
+/// by one turn of a background thread is reported and the thread carries on.
+fn caught<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = (p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        tracing::error!("{what}: internal error (a bug in lorakit; please report it): {msg}");
+        msg
+    })
 }
 
 /// An API error: a status and one readable sentence, sent as

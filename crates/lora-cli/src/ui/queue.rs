@@ -59,6 +59,8 @@ struct Inner {
     entries: Vec<Entry>,
     /// The child we started (absent for a run re-attached after a restart).
     child: Option<Child>,
+    /// Stop requests sent to the running run so far (see [`Queue::stop`]).
+    stops: u32,
 }
 
 /// Whether a run's process lives, as far as this process can tell.
@@ -153,10 +155,20 @@ impl Queue {
             inner: Mutex::new(Inner {
                 entries,
                 child: None,
+                stops: 0,
             }),
         };
-        q.save(&q.inner.lock().unwrap());
+        q.save(&q.lock());
         q
+    }
+
+    /// The queue's state; a panic in an earlier turn (caught by the runner)
+    /// does not lock it for good: the entries are saved after each change,
+    /// so what the guard holds is consistent.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn save(&self, inner: &Inner) {
@@ -169,7 +181,7 @@ impl Queue {
 
     /// Every entry, in queue order.
     pub fn entries(&self) -> Vec<Entry> {
-        self.inner.lock().unwrap().entries.clone()
+        self.lock().entries.clone()
     }
 
     /// The entry of `job`.
@@ -194,7 +206,7 @@ impl Queue {
         resume: bool,
         prepare: impl FnOnce() -> Result<(), E>,
     ) -> Result<Result<(), E>, String> {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.lock();
         inner
             .entries
             .retain(|e| e.job != job || matches!(e.state, State::Queued | State::Running));
@@ -215,28 +227,53 @@ impl Queue {
         Ok(Ok(()))
     }
 
-    /// Asks the running `job` to stop as Ctrl-C does (it saves a checkpoint
-    /// and its state, then exits), or takes a queued one off the queue.
-    pub fn stop(&self, job: &str) -> Result<(), String> {
-        let mut inner = self.inner.lock().unwrap();
+    /// Stops `job`. A queued one leaves the queue. A running one is asked
+    /// as Ctrl-C asks (it finishes the step, saves a checkpoint and its
+    /// state, then exits); asked a second time it aborts without saving, as
+    /// a second Ctrl-C does; a third time its process group is killed (a
+    /// run hung in a driver call answers no signal). Says which it did.
+    pub fn stop(&self, job: &str) -> Result<&'static str, String> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
         let Some(e) = inner.entries.iter_mut().find(|e| e.job == job) else {
             return Err(format!("{job:?} is not in the queue"));
         };
-        match (e.state, e.pid) {
+        let done = match (e.state, e.pid) {
             (State::Running, Some(pid)) => {
-                // SAFETY: a signal to the run's own process, as Ctrl-C would send.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+                inner.stops += 1;
+                let pid = pid as libc::pid_t;
+                match inner.stops {
+                    1 | 2 => {
+                        // SAFETY: a signal to the run's own process, as Ctrl-C would send.
+                        unsafe { libc::kill(pid, libc::SIGINT) };
+                    }
+                    // SAFETY: the run's own process group (it leads it), or
+                    // the process alone when it leads none.
+                    _ => unsafe {
+                        if libc::kill(-pid, libc::SIGKILL) != 0 {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    },
+                }
+                match inner.stops {
+                    1 => "asked to stop: it saves a checkpoint and its state, then exits",
+                    2 => "asked again: it aborts without saving (Stop once more kills it)",
+                    _ => "killed",
+                }
             }
-            (State::Queued, _) => e.state = State::Stopped,
+            (State::Queued, _) => {
+                e.state = State::Stopped;
+                "taken off the queue"
+            }
             _ => return Err(format!("{job:?} is not running")),
-        }
-        self.save(&inner);
-        Ok(())
+        };
+        self.save(inner);
+        Ok(done)
     }
 
     /// Forgets `job` (refused while it is queued or running).
     pub fn remove(&self, job: &str) -> Result<(), String> {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.lock();
         if inner
             .entries
             .iter()
@@ -253,7 +290,7 @@ impl Queue {
     /// starts the next queued job when nothing runs. Called every half
     /// second by the UI's runner task.
     pub fn tick(&self) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(i) = inner.entries.iter().position(|e| e.state == State::Running) {
             let ended = match &mut inner.child {
@@ -299,6 +336,7 @@ impl Queue {
                 e.pid = Some(child.id());
                 e.error = None;
                 inner.child = Some(child);
+                inner.stops = 0;
             }
             // Out of descriptors or processes for now: the job stays queued.
             Err((why, true)) => {
@@ -358,6 +396,65 @@ impl Queue {
 mod tests {
     use super::*;
     use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_panic_under_the_lock_does_not_stop_the_queue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let q = Queue::open(tmp.path(), PathBuf::from("/nonexistent/lorakit"));
+        // a bug in a turn of the runner, caught by it, poisons the lock
+        std::thread::scope(|s| {
+            let r = s.spawn(|| {
+                let _held = q.lock();
+                panic!("a bug in tick");
+            });
+            assert!(r.join().is_err());
+        });
+        assert!(q.inner.is_poisoned());
+        // issue 26: the queue went on panicking for good; now it carries on
+        q.enqueue("a", false).unwrap();
+        assert_eq!(q.entry("a").map(|e| e.state), Some(State::Queued));
+        let caught = super::super::caught("test", || -> u8 { panic!("boom") });
+        assert_eq!(caught, Err("boom".to_string()));
+        assert_eq!(super::super::caught("test", || 7), Ok(7));
+    }
+
+    #[test]
+    fn stop_asks_twice_then_kills_a_run_that_does_not_listen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let q = Queue::open(tmp.path(), PathBuf::from("/nonexistent/lorakit"));
+        // a "run" that ignores Ctrl-C, in its own process group as runs are
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' INT; echo ready; sleep 60 & wait"]);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let mut ready = String::new();
+        let out = child.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut ready).unwrap();
+        assert_eq!(ready, "ready\n");
+        q.enqueue("hung", false).unwrap();
+        {
+            let mut inner = q.lock();
+            inner.entries[0].state = State::Running;
+            inner.entries[0].pid = Some(child.id());
+        }
+        let wait = |child: &mut Child, secs: u64| {
+            let t0 = std::time::Instant::now();
+            while t0.elapsed().as_secs() < secs {
+                if child.try_wait().unwrap().is_some() {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            false
+        };
+        assert!(q.stop("hung").unwrap().starts_with("asked to stop"));
+        assert!(!wait(&mut child, 1), "it ignores SIGINT");
+        assert!(q.stop("hung").unwrap().starts_with("asked again"));
+        assert!(!wait(&mut child, 1));
+        // issue 26: Stop was SIGINT only, so a hung run could not be stopped
+        assert_eq!(q.stop("hung").unwrap(), "killed");
+        assert!(wait(&mut child, 10), "the run was not killed");
+    }
 
     #[test]
     fn a_run_that_cannot_be_checked_is_not_taken_for_dead() {

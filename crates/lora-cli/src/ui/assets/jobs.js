@@ -139,7 +139,8 @@ async function act(name, what) {
       if (!steps) return;
       body = { steps };
     }
-    await api("POST", `${base}/${what}`, body);
+    const r = await api("POST", `${base}/${what}`, body);
+    if (r.done) toast(`${name}: ${r.done}`); // a Stop says what it did; pressed again it escalates
     jobPage(name);
   } catch (err) { toast(err.message); }
 }
