@@ -29,6 +29,7 @@ pub mod loader;
 pub mod masks;
 pub mod render;
 pub mod scan;
+mod scan_facts;
 pub mod synthetic;
 pub mod toy_world;
 

@@ -13,7 +13,7 @@
 
 use crate::caption::{read_caption, CaptionText};
 use crate::error::{DataError, Result};
-use crate::image_io::{content_hash, decode_rgb, is_image_path, probe, DecodeLimits};
+use crate::image_io::{content_hash, decode_rgb, is_image_path, probe, DecodeLimits, ImageInfo};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,10 @@ pub struct ScanOptions {
     pub verify: bool,
     /// Loss masks (`None`: unmasked).
     pub mask: Option<crate::masks::MaskSource>,
+    /// A file keeping each image's size and content hash by (path, byte
+    /// size, mtime): a second scan of an unchanged dataset reads no image
+    /// (not used while `mask` is set). `None`: every image is read.
+    pub facts: Option<PathBuf>,
 }
 
 impl Default for ScanOptions {
@@ -47,6 +51,7 @@ impl Default for ScanOptions {
             limits: DecodeLimits::default(),
             verify: true,
             mask: None,
+            facts: None,
         }
     }
 }
@@ -237,6 +242,10 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
         entry: Option<ImageEntry>,
         problems: Vec<Problem>,
     }
+    let facts = opts
+        .facts
+        .as_deref()
+        .map(crate::scan_facts::FactsFile::open);
     let probed: Vec<Probed> = found
         .images
         .par_iter()
@@ -244,25 +253,41 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
             let r = rel(root, path);
             let mut problems = Vec::new();
             let err = |msg: String| Problem { severity: Severity::Error, file: r.clone(), message: msg };
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                Err(e) => {
-                    return Probed { entry: None, problems: vec![err(format!("cannot read: {e}"))] };
+            // The facts of an unchanged file come from the facts file, unread.
+            let meta = std::fs::metadata(path).ok();
+            let known = match (&facts, &meta) {
+                (Some(f), Some(m)) if opts.mask.is_none() => f.get(path, m, opts.verify),
+                _ => None,
+            };
+            let (info, hash, file_size, has_alpha) = match known {
+                Some(k) => (ImageInfo { width: k.width, height: k.height }, k.hash, meta.as_ref().map_or(0, |m| m.len()), false),
+                None => {
+                    let bytes = match std::fs::read(path) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return Probed { entry: None, problems: vec![err(format!("cannot read: {e}"))] };
+                        }
+                    };
+                    let info = match probe(path, &bytes, &opts.limits) {
+                        Ok(i) => i,
+                        Err(e) => return Probed { entry: None, problems: vec![err(strip_path(&e, path))] },
+                    };
+                    if opts.verify {
+                        if let Err(e) = decode_rgb(path, &bytes, &opts.limits, opts.background) {
+                            return Probed { entry: None, problems: vec![err(strip_path(&e, path))] };
+                        }
+                    }
+                    let hash = content_hash(&bytes);
+                    if let (Some(f), Some(m)) = (&facts, &meta) {
+                        f.put(path, m, (info.width, info.height), &hash, opts.verify);
+                    }
+                    let alpha = matches!(opts.mask, Some(crate::masks::MaskSource::Alpha)) && crate::image_io::has_alpha(path, &bytes);
+                    (info, hash, bytes.len() as u64, alpha)
                 }
             };
-            let info = match probe(path, &bytes, &opts.limits) {
-                Ok(i) => i,
-                Err(e) => return Probed { entry: None, problems: vec![err(strip_path(&e, path))] },
-            };
-            if opts.verify {
-                if let Err(e) = decode_rgb(path, &bytes, &opts.limits, opts.background) {
-                    return Probed { entry: None, problems: vec![err(strip_path(&e, path))] };
-                }
-            }
             let mask = match &opts.mask {
                 None => None,
                 Some(source) => {
-                    let has_alpha = matches!(source, crate::masks::MaskSource::Alpha) && crate::image_io::has_alpha(path, &bytes);
                     let (mask, problem) = crate::masks::resolve_mask(source, &r, (info.width, info.height), has_alpha, &opts.limits);
                     match problem {
                         Some(p) if p.severity == Severity::Error => return Probed { entry: None, problems: vec![p] },
@@ -310,8 +335,8 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
                     repeats: *repeats,
                     caption_path,
                     caption,
-                    content_hash: content_hash(&bytes),
-                    file_size: bytes.len() as u64,
+                    content_hash: hash,
+                    file_size,
                     group: group.clone(),
                     mask,
                 }),
@@ -324,6 +349,9 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Scan> {
     for p in probed {
         problems.extend(p.problems);
         images.extend(p.entry);
+    }
+    if let Some(f) = &facts {
+        f.save(&images.iter().map(|i| i.path.clone()).collect::<Vec<_>>());
     }
     // duplicates (same bytes)
     let mut first_of: BTreeMap<&str, &str> = BTreeMap::new();

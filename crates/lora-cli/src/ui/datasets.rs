@@ -14,11 +14,19 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn scan_opts() -> ScanOptions {
+/// How the UI scans dataset `name`: header reads only, and each image's
+/// size and hash kept in `ROOT/.cache/datasets/<name>.facts.json` by (path,
+/// size, mtime), so a second view of an unchanged dataset reads no image.
+fn scan_opts(ui: &Ui, name: &str) -> ScanOptions {
     ScanOptions {
         verify: false,
+        facts: Some(facts_file(ui, name)),
         ..Default::default()
     }
+}
+
+fn facts_file(ui: &Ui, name: &str) -> std::path::PathBuf {
+    (ui.root.dir().join(".cache/datasets")).join(format!("{name}.facts.json"))
 }
 
 /// `GET /api/datasets`: every dataset folder with its image and caption counts.
@@ -38,7 +46,7 @@ pub async fn list(State(ui): State<Arc<Ui>>) -> ApiResult<Json<Value>> {
             let Ok(path) = ui.root.entry("datasets", "dataset", &name) else {
                 continue; // a symlink out of the root is not listed
             };
-            let scan = lora_data::scan(&path, &scan_opts()).map_err(ApiError::bad)?;
+            let scan = lora_data::scan(&path, &scan_opts(&ui, &name)).map_err(ApiError::bad)?;
             let captioned = scan.images.iter().filter(|i| !i.caption.is_empty()).count();
             out.push(json!({ "name": name, "images": scan.image_files, "captioned": captioned }));
         }
@@ -72,7 +80,7 @@ pub async fn create(
 pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let path = existing(&ui, &name)?;
     blocking(move || {
-        let scan = lora_data::scan(&path, &scan_opts()).map_err(ApiError::bad)?;
+        let scan = lora_data::scan(&path, &scan_opts(&ui, &name)).map_err(ApiError::bad)?;
         let problems = |file: &str| -> Vec<Value> {
             scan.problems
                 .iter()
@@ -267,7 +275,8 @@ pub async fn edit(
         EditBody::ReplaceTag { old, new } => CaptionEdit::ReplaceTag(old, new),
     };
     blocking(move || {
-        let changes = edit_captions(&dir, &scan_opts(), &edit, q.dry_run).map_err(ApiError::bad)?;
+        let opts = scan_opts(&ui, &name);
+        let changes = edit_captions(&dir, &opts, &edit, q.dry_run).map_err(ApiError::bad)?;
         let list: Vec<Value> = changes
             .iter()
             .map(|c| {
@@ -324,7 +333,11 @@ pub async fn check(
         let report = check_dataset(
             &dir,
             &CheckOptions {
-                scan: ScanOptions::default(),
+                // decodes every image once; unchanged verified ones are not decoded again
+                scan: ScanOptions {
+                    verify: true,
+                    ..scan_opts(&ui, &name)
+                },
                 trigger: trigger.clone(),
                 resolutions,
             },

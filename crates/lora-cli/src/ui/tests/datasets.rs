@@ -329,3 +329,27 @@ fn a_decompression_bomb_upload_is_refused_by_name_and_not_kept() {
     );
     assert!(!s.root.join("datasets/chars/bomb.png").exists());
 }
+
+#[test]
+fn a_second_view_of_a_dataset_reads_no_image() {
+    let s = start(true, 1 << 20);
+    let ds = s.root.join("datasets/chars");
+    std::fs::create_dir_all(&ds).unwrap();
+    std::fs::write(ds.join("a.png"), png_bytes(40, 30)).unwrap();
+    std::fs::write(ds.join("b.png"), png_bytes(41, 30)).unwrap();
+    let (_, _, b) = http(s.port, "GET", "/api/datasets", &[], b"");
+    assert_eq!(json(&b)[0]["images"], 2);
+    assert!(s.root.join(".cache/datasets/chars.facts.json").is_file());
+    // issue 26: every view read and hashed every image. Now the bytes may
+    // change behind the same size and mtime without the page noticing:
+    // it does not read them.
+    let a = ds.join("a.png");
+    let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::fs::write(&a, vec![b'x'; png_bytes(40, 30).len()]).unwrap();
+    let f = std::fs::File::options().write(true).open(&a).unwrap();
+    f.set_modified(mtime).unwrap();
+    let (_, _, b) = http(s.port, "GET", "/api/datasets/chars", &[], b"");
+    let page = json(&b);
+    assert_eq!(page["images"][0]["file"], "a.png", "{page}");
+    assert_eq!(page["images"][0]["width"], 40, "{page}");
+}
