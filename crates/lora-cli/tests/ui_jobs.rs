@@ -346,4 +346,16 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
         .join("jobs/long/output/long/state.safetensors")
         .is_file());
     assert!(!root.join("jobs/long/job.toml").exists());
+    // issue 26: a new job of that name started by resuming the old run.
+    // The name stays reserved while the old run's checkpoints are kept.
+    let (status, e) = call(&ui, "POST", "/api/jobs", Some(new_job("long", 6)));
+    assert_eq!(status, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("reserved"), "{e}");
+    let gone = "/api/jobs/long?confirm=true&with_checkpoints=true";
+    assert_eq!(call(&ui, "DELETE", gone, None).0, 200);
+    assert!(!root.join("jobs/long").exists());
+    assert_eq!(
+        call(&ui, "POST", "/api/jobs", Some(new_job("long", 6))).0,
+        201
+    );
 }

@@ -138,6 +138,19 @@ pub async fn create(
             format!("a job named {:?} exists already", req.name),
         ));
     }
+    // A deleted job whose checkpoints were kept reserves its name: a new
+    // job there would resume the old run's state (its weights and steps).
+    if dir.join("output").exists() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the name {:?} is reserved: the checkpoints of a deleted job of that name are kept in {} (a new job would resume that run); choose another name, or delete them (DELETE /api/jobs/{}?confirm=true&with_checkpoints=true)",
+                req.name,
+                dir.join("output").display(),
+                req.name
+            ),
+        ));
+    }
     let text = job_text(&req)?;
     blocking(move || {
         // The folder exists while the job is checked, so its relative paths
@@ -380,7 +393,17 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Json<Value>> {
-    let dir = existing(&ui, &name)?;
+    // a reserved name (a deleted job's kept checkpoints) can go with them
+    let dir = match existing(&ui, &name) {
+        Err(_) if q.with_checkpoints => ui.root.entry("jobs", "job", &name)?,
+        found => found?,
+    };
+    if !dir.is_dir() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job named {name:?}"),
+        ));
+    }
     if !q.confirm {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
