@@ -249,7 +249,41 @@ pub fn replace_atomic(
     path: impl AsRef<Path>,
     write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
-    let path = path.as_ref();
+    commit_atomic(path.as_ref(), write, |tmp, path| std::fs::rename(tmp, path))
+}
+
+/// Creates `path` atomically with what `write` puts in the temp file it is
+/// given, only when nothing has that name: the temp file is hard-linked to
+/// the name, which fails when it exists (a [`LoraError::Io`] of kind
+/// `AlreadyExists`). Two writers of one name cannot replace each other, and
+/// no reader sees half a file.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("a.png");
+/// lora_core::io::create_atomic(&p, |tmp| std::fs::write(tmp, b"first")).unwrap();
+/// assert!(lora_core::io::create_atomic(&p, |tmp| std::fs::write(tmp, b"second")).is_err());
+/// ```
+pub fn create_atomic(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    commit_atomic(path.as_ref(), write, |tmp, path| {
+        std::fs::hard_link(tmp, path)?;
+        std::fs::remove_file(tmp)
+    })
+}
+
+/// The temp file beside `path` that `write` fills, synced, then put in
+/// place by `publish(tmp, path)` and the folder synced; the temp file is
+/// removed on any error.
+fn commit_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+    publish: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> Result<()> {
+    // one temp name per call, also for threads writing at the same instant
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -264,11 +298,12 @@ pub fn replace_atomic(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{nanos}.{n}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         write(&tmp)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        publish(&tmp, path)?;
         if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();
         }
@@ -359,6 +394,22 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let n = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_second_creation_of_a_name_never_replaces_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.png");
+        create_atomic(&path, |tmp| std::fs::write(tmp, b"first")).unwrap();
+        let e = create_atomic(&path, |tmp| std::fs::write(tmp, b"second")).unwrap_err();
+        assert!(
+            matches!(&e, LoraError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        // no temporary file is left behind
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
     }
 
     #[test]

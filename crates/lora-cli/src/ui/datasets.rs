@@ -181,38 +181,23 @@ pub async fn upload(
         lora_data::image_io::probe(&path, &body, &Default::default()).map_err(|e| {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{clean}: {e}"))
         })?;
-        write_new(&path, &body).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => ApiError::new(
-                StatusCode::CONFLICT,
-                format!("{clean:?} exists already in {name:?}"),
-            ),
-            _ => ApiError::internal(&path, e),
-        })?;
+        // never replaces: a second upload of one name at the same moment is a 409
+        lora_core::io::create_atomic(&path, |tmp| std::fs::write(tmp, &body)).map_err(
+            |e| match e {
+                lora_core::LoraError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("{clean:?} exists already in {name:?}"),
+                    )
+                }
+                e => ApiError::internal(&path, e),
+            },
+        )?;
         Ok((StatusCode::CREATED, Json(json!({ "file": clean }))))
     })
     .await
-}
-
-/// Writes `bytes` to `path` only when no file has that name, atomically:
-/// a hidden file beside it (the scan skips dot-files), synced, then
-/// hard-linked to the name — which fails when the name exists — so two
-/// uploads of one name cannot replace each other, and a reader never sees
-/// half a file.
-fn write_new(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(
-        ".{name}.{}.upload",
-        crate::ui::security::new_token()
-    ));
-    let written = (|| {
-        let mut f = std::fs::File::create_new(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    written
 }
 
 #[derive(Deserialize)]
@@ -368,20 +353,4 @@ pub async fn check(
         })))
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_second_upload_of_a_name_never_replaces_the_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.png");
-        super::write_new(&path, b"first").unwrap();
-        let e = super::write_new(&path, b"second").unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(&path).unwrap(), b"first");
-        // no temporary file is left behind
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1);
-    }
 }
