@@ -82,3 +82,16 @@ impl LoraError {
         }
     }
 }
+
+/// The message of a caught panic (`std::panic::catch_unwind`'s payload):
+/// its `&str` or `String`, or a placeholder.
+///
+/// ```
+/// let p = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+/// assert_eq!(lora_core::error::panic_message(&*p), "boom 1");
+/// ```
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    (payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

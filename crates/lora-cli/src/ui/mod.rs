@@ -133,9 +133,7 @@ impl Ui {
 /// by one turn of a background thread is reported and the thread carries on.
 fn caught<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let msg = (p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
+        let msg = lora_core::error::panic_message(&*p);
         tracing::error!("{what}: internal error (a bug in lorakit; please report it): {msg}");
         msg
     })

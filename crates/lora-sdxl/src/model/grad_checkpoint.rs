@@ -52,11 +52,7 @@ extern "C" fn trampoline<R: Recompute>(
             0
         }
         Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = lora_core::error::panic_message(&*e);
             tracing::error!("checkpointed block failed: {msg}");
             1
         }
