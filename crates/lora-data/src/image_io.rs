@@ -104,8 +104,12 @@ fn check_limits(path: &Path, w: u32, h: u32, limits: &DecodeLimits) -> Result<()
     Ok(())
 }
 
-/// The `image` crate refused: decoding would allocate more than it allows.
-fn over_limits(path: &Path, limits: &DecodeLimits) -> DataError {
+/// A decoder's error: the `image` crate's refusal to allocate more than it
+/// allows is the decoding limit, said as such; anything else cannot decode.
+fn decoding_err(path: &Path, limits: &DecodeLimits, e: image::ImageError) -> DataError {
+    if !matches!(e, image::ImageError::Limits(_)) {
+        return image_err(path, e);
+    }
     DataError::Image {
         path: path.to_path_buf(),
         reason: format!(
@@ -143,10 +147,9 @@ fn decoder_for<'a>(
         });
     }
     reader.limits(limits.for_image_crate());
-    reader.into_decoder().map_err(|e| match e {
-        image::ImageError::Limits(_) => over_limits(path, limits),
-        e => image_err(path, e),
-    })
+    reader
+        .into_decoder()
+        .map_err(|e| decoding_err(path, limits, e))
 }
 
 /// Whether the file's pixels have an alpha channel (from the header; false
@@ -202,10 +205,7 @@ pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<Dynami
     let o = dec
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(dec).map_err(|e| match e {
-        image::ImageError::Limits(_) => over_limits(path, limits),
-        e => image_err(path, e),
-    })?;
+    let mut img = DynamicImage::from_decoder(dec).map_err(|e| decoding_err(path, limits, e))?;
     img.apply_orientation(o);
     Ok(img)
 }

@@ -18,15 +18,12 @@ use std::sync::Arc;
 /// size and hash kept in `ROOT/.cache/datasets/<name>.facts.json` by (path,
 /// size, mtime), so a second view of an unchanged dataset reads no image.
 fn scan_opts(ui: &Ui, name: &str) -> ScanOptions {
+    let facts = (ui.root.dir().join(".cache/datasets")).join(format!("{name}.facts.json"));
     ScanOptions {
         verify: false,
-        facts: Some(facts_file(ui, name)),
+        facts: Some(facts),
         ..Default::default()
     }
-}
-
-fn facts_file(ui: &Ui, name: &str) -> std::path::PathBuf {
-    (ui.root.dir().join(".cache/datasets")).join(format!("{name}.facts.json"))
 }
 
 /// `GET /api/datasets`: every dataset folder with its image and caption counts.
@@ -90,14 +87,10 @@ pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiRes
         };
         // An image or caption that is a link out of the root is not shown
         // (the scan follows links; the page must not reveal what they reach).
-        let inside = |p: &std::path::Path| {
-            p.canonicalize()
-                .is_ok_and(|c| c.starts_with(ui.root.dir()))
-        };
         let images: Vec<Value> = (scan.images.iter())
-            .filter(|i| inside(&i.path))
+            .filter(|i| ui.root.contains(&i.path))
             .map(|i| {
-                let linked_out = i.caption_path.as_deref().is_some_and(|c| !inside(c));
+                let linked_out = (i.caption_path.as_deref()).is_some_and(|c| !ui.root.contains(c));
                 let mut problems = problems(&i.rel);
                 if linked_out {
                     problems.push(json!({"severity": "error",

@@ -9,7 +9,7 @@
 //! whether some variable exists.
 
 use clap::ArgMatches;
-use lora_data::autocaption::{Endpoint, EndpointSettings};
+use lora_data::autocaption::{check_url, Endpoint, EndpointSettings};
 use serde_json::{json, Value};
 
 /// One configured endpoint.
@@ -64,8 +64,7 @@ impl CaptionEndpoints {
     ) -> Result<Self, String> {
         let mut list = Vec::new();
         for (i, (url, key_env)) in pairs.into_iter().enumerate() {
-            let checked = Endpoint::new(&url, EndpointSettings::default())
-                .map_err(|e| format!("--caption-endpoint {url}: {e}"))?;
+            let base = check_url(&url).map_err(|e| format!("--caption-endpoint {url}: {e}"))?;
             let key = match &key_env {
                 Some(var) => match env(var) {
                     Some(k) if !k.trim().is_empty() => Some(k.trim().to_string()),
@@ -79,7 +78,7 @@ impl CaptionEndpoints {
             };
             list.push(CaptionEndpoint {
                 id: (i + 1).to_string(),
-                url: checked.base().to_string(),
+                url: base,
                 key_env,
                 key,
             });

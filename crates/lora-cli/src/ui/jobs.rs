@@ -332,6 +332,7 @@ pub async fn action(
         .join(&name)
         .join("state.safetensors")
         .is_file();
+    let mut done = None;
     match what.as_str() {
         "start" => ui.queue.enqueue(&name, has_state).map_err(conflict)?,
         "resume" if !has_state => {
@@ -340,11 +341,8 @@ pub async fn action(
             )))
         }
         "resume" => ui.queue.enqueue(&name, true).map_err(conflict)?,
-        "stop" => {
-            let done = ui.queue.stop(&name).map_err(conflict)?;
-            let state = ui.queue.entry(&name).map(|e| e.state);
-            return Ok(Json(json!({ "name": name, "state": state, "done": done })));
-        }
+        // what a Stop did: it escalates when pressed again
+        "stop" => done = Some(ui.queue.stop(&name).map_err(conflict)?),
         "extend" => {
             let steps = body
                 .and_then(|b| b.steps)
@@ -373,9 +371,8 @@ pub async fn action(
             ))
         }
     }
-    Ok(Json(
-        json!({ "name": name, "state": ui.queue.entry(&name).map(|e| e.state) }),
-    ))
+    let state = ui.queue.entry(&name).map(|e| e.state);
+    Ok(Json(json!({ "name": name, "state": state, "done": done })))
 }
 
 #[derive(Deserialize, Default)]

@@ -105,6 +105,11 @@ impl Root {
         self.inside(&folder.join(file))
     }
 
+    /// Whether `path` (links followed) lies under the root.
+    pub fn contains(&self, path: &Path) -> bool {
+        self.inside(path).is_ok()
+    }
+
     /// `path` itself when it does not exist yet (its parent must be inside),
     /// else its canonical form, which must be inside.
     fn inside(&self, path: &Path) -> Result<PathBuf, Refused> {

@@ -143,8 +143,9 @@ impl Queue {
             .unwrap_or_default();
         for e in &mut entries {
             let file = jobs_dir.join(&e.job).join("job.toml");
-            let dead = e.pid.is_none_or(|p| liveness(p, &file) == Liveness::Dead);
-            if e.state == State::Running && dead {
+            // only a run that was running is asked about (a pid check and a /proc read)
+            let dead = || e.pid.is_none_or(|p| liveness(p, &file) == Liveness::Dead);
+            if e.state == State::Running && dead() {
                 e.state = State::Interrupted;
                 e.pid = None;
             }

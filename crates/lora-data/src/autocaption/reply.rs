@@ -115,9 +115,9 @@ fn list_items(line: &str) -> Vec<&str> {
         if c == ',' || c == ';' {
             items.push(&line[start..i]);
             (start, word_start) = (i + 1, true);
-        } else if word_start && marker_len(rest) > 0 {
+        } else if let Some(n) = Some(marker_len(rest)).filter(|&n| word_start && n > 0) {
             items.push(&line[start..i]);
-            i += marker_len(rest);
+            i += n;
             (start, word_start) = (i, true);
             continue;
         } else {
