@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn call(
@@ -36,11 +36,18 @@ fn call(
     )
 }
 
-/// Polls the job until `done` says so (at most `secs` seconds).
+/// How long a run may take to reach what a test waits for. A deadline, not
+/// a measurement: on this machine each wait ends within 40 s, but CI showed
+/// one stop (a step, two atomic writes with fsync) unfinished after 60 s
+/// on a loaded machine, so the deadline is generous, and a miss prints
+/// where each of the run's threads sleeps in the kernel.
+const DEADLINE: u64 = 300;
+
+/// Polls the job until `done` says so (at most [`DEADLINE`] seconds).
 fn wait_for(
     ui: &UiProcess,
+    root: &Path,
     job: &str,
-    secs: u64,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let t0 = Instant::now();
@@ -49,9 +56,49 @@ fn wait_for(
         if done(&j) {
             return j;
         }
-        assert!(t0.elapsed().as_secs() < secs, "gave up waiting: {j:#}");
+        if t0.elapsed().as_secs() >= DEADLINE {
+            panic!(
+                "gave up waiting after {DEADLINE} s: {j:#}\nthe run's threads: {}",
+                run_threads(root)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// For a failure message: each thread of the running job's process (pid
+/// from the queue file) with its state and kernel wait channel, so a hang
+/// shows whether it sleeps in a lock (`futex_…`) or on the disk (`jbd2_…`).
+fn run_threads(root: &Path) -> String {
+    let queue = std::fs::read(root.join("jobs/queue.json")).unwrap_or_default();
+    let entries: serde_json::Value = serde_json::from_slice(&queue).unwrap_or_default();
+    let pids = entries.as_array().into_iter().flatten();
+    let Some(pid) = pids.filter_map(|e| e["pid"].as_u64()).next() else {
+        return format!("no running pid in queue.json: {entries}");
+    };
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten());
+    let Ok(tasks) = tasks else {
+        return format!("pid {pid}: gone");
+    };
+    tasks
+        .map(|t| {
+            let stat = read(t.path().join("stat"));
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            format!(
+                "\n  {} {} {}: {}",
+                t.file_name().to_string_lossy(),
+                read(t.path().join("comm")).trim(),
+                state.unwrap_or("?"),
+                read(t.path().join("wchan"))
+            )
+        })
+        .collect()
 }
 
 fn new_job(name: &str, steps: u64) -> serde_json::Value {
@@ -151,7 +198,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     assert_eq!(call(&ui, "POST", "/api/jobs", Some(broken)).0, 201);
     assert_eq!(call(&ui, "POST", "/api/jobs/broken/start", None).0, 200);
     assert_eq!(call(&ui, "POST", "/api/jobs/first/start", None).0, 200);
-    let b = wait_for(&ui, "broken", 120, |j| {
+    let b = wait_for(&ui, &root, "broken", |j| {
         !matches!(state(j), "queued" | "running" | "")
     });
     assert_eq!(state(&b), "failed", "{b:#}");
@@ -159,7 +206,7 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
         b["error"].as_str().unwrap().contains("broken.safetensors"),
         "{b:#}"
     );
-    let j = wait_for(&ui, "first", 240, |j| {
+    let j = wait_for(&ui, &root, "first", |j| {
         !matches!(state(j), "queued" | "running" | "")
     });
     assert_eq!(state(&j), "done", "{j:#}");
@@ -295,7 +342,7 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
         "one entry per job"
     );
     let step_of = |j: &serde_json::Value| j["progress"]["step"].as_u64().unwrap_or(0);
-    wait_for(&ui, "long", 120, |j| {
+    wait_for(&ui, &root, "long", |j| {
         state(j) == "running" && step_of(j) >= 2
     });
     // extending a running job is refused and leaves its job file as it was
@@ -308,7 +355,7 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
     );
     assert_eq!(std::fs::read_to_string(&job_file).unwrap(), before);
     assert_eq!(call(&ui, "POST", "/api/jobs/long/stop", None).0, 200);
-    let j = wait_for(&ui, "long", 60, |j| state(j) != "running");
+    let j = wait_for(&ui, &root, "long", |j| state(j) != "running");
     assert_eq!(state(&j), "stopped", "{j:#}");
     let stopped_at = step_of(&j);
     assert!(root
@@ -317,7 +364,7 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
 
     // Resume, then kill the UI (not the run) and start a new one on the same root.
     assert_eq!(call(&ui, "POST", "/api/jobs/long/resume", None).0, 200);
-    wait_for(&ui, "long", 120, |j| {
+    wait_for(&ui, &root, "long", |j| {
         state(j) == "running" && step_of(j) > stopped_at
     });
     drop(ui);
@@ -329,9 +376,9 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
         "the restarted UI follows the live run: {j:#}"
     );
     let before = step_of(&j);
-    wait_for(&ui, "long", 60, |j| step_of(j) > before);
+    wait_for(&ui, &root, "long", |j| step_of(j) > before);
     assert_eq!(call(&ui, "POST", "/api/jobs/long/stop", None).0, 200);
-    let j = wait_for(&ui, "long", 60, |j| state(j) != "running");
+    let j = wait_for(&ui, &root, "long", |j| state(j) != "running");
     assert_eq!(state(&j), "stopped", "{j:#}");
     assert!(step_of(&j) > stopped_at);
     // Deleting keeps the checkpoints unless asked.
