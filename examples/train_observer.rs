@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     let job_path = out.join("job.toml");
-    let text = JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san"));
+    let text = JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san"), None);
     std::fs::write(&job_path, &text)?;
     let mut job = JobConfig::load(&job_path)?;
     job.job.device = Some("cpu".into());

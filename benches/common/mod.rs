@@ -169,7 +169,12 @@ pub fn bench_job(
     let job_path = dir.join("job.toml");
     let mut job = lorakit::sdxl::JobConfig::parse(
         &job_path,
-        &lorakit::sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("myakumyaku-san")),
+        &lorakit::sdxl::JobConfig::template(
+            model.to_str(),
+            data.to_str(),
+            Some("myakumyaku-san"),
+            None,
+        ),
     )
     .unwrap();
     job.job.name = name.into();

@@ -244,7 +244,7 @@ fn train(args: &[String]) -> AnyResult<Value> {
     let job_path = work.join(format!("job_{res}_{batch}_{ckpt}.toml"));
     std::fs::write(
         &job_path,
-        JobConfig::template(Some(model), data.to_str(), Some("gpucheck")),
+        JobConfig::template(Some(model), data.to_str(), Some("gpucheck"), None),
     )?;
     let mut job = JobConfig::load(&job_path)?;
     job.job.name = format!("run_{res}_{batch}_{ckpt}");

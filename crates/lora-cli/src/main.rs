@@ -196,10 +196,12 @@ fn run(cli: Cli) -> AnyResult<ExitCode> {
             force,
         } => {
             check_output(&out, &[], force)?;
+            let id = lora_sdxl::JobConfig::new_id();
             let text = lora_sdxl::JobConfig::template(
                 model.as_deref(),
                 dataset.as_deref(),
                 trigger.as_deref(),
+                Some(&id),
             );
             lora_core::io::write_atomic(&out, text.as_bytes())?;
             println!("{}", init_message(&out, model.is_some(), dataset.is_some()));

@@ -414,7 +414,8 @@ fn train_stops_cleanly_on_sigint_and_resumes() {
     let data = dir.path().join("data");
     lora_data::synthetic::write_character_dataset(&data, 4, 256, 256, "trig", 1).unwrap();
     let job = dir.path().join("job.toml");
-    let mut text_job = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"));
+    let mut text_job =
+        lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"), None);
     text_job = text_job
         .replace("steps = 3000", "steps = 400")
         .replace("save_every = 100", "save_every = 1000")
@@ -716,6 +717,9 @@ fn init_writes_a_valid_template() {
     cfg.validate(&out).unwrap();
     assert_eq!(cfg.job.trigger_word.as_deref(), Some("myakumyaku-san"));
     assert_eq!(cfg.train.lr, 7e-5);
+    // a fresh identity, so its state is never resumed by another job
+    let id = cfg.job.id.clone().unwrap_or_default();
+    assert!(id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
     // no overwrite without --force
     let o = lorakit(&args);
     assert!(!o.status.success() && text(&o).1.contains("--force"));
@@ -727,6 +731,8 @@ fn init_writes_a_valid_template() {
         said.contains("model.name_or_path and datasets.folder_path"),
         "{said}"
     );
+    let other = lora_sdxl::JobConfig::load(&bare).unwrap().job.id;
+    assert!(other.is_some() && other != cfg.job.id, "each init its own id");
 }
 
 /// `lora resize`: rank 2 everywhere keeps ΔW of rank-2 modules and reduces

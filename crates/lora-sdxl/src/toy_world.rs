@@ -74,7 +74,7 @@ pub fn character_job(
 ) -> Result<JobConfig, JobError> {
     let mut job = JobConfig::parse(
         job_path,
-        &JobConfig::template(model.to_str(), data.to_str(), Some(TRIGGER)),
+        &JobConfig::template(model.to_str(), data.to_str(), Some(TRIGGER), None),
     )?;
     job.job.name = "demo".into();
     job.job.output_dir = out.to_path_buf();

@@ -54,7 +54,7 @@ fn setup() -> Setup {
 }
 
 fn job(s: &Setup, name: &str, steps: u64, save_every: u64, keep: u64) -> (JobConfig, PathBuf) {
-    let text = JobConfig::template(s.model.to_str(), s.data.to_str(), Some("myaku"));
+    let text = JobConfig::template(s.model.to_str(), s.data.to_str(), Some("myaku"), None);
     let path = s.root.join(format!("{name}.toml"));
     std::fs::write(&path, &text).unwrap();
     let mut c = JobConfig::load(&path).unwrap();
@@ -161,7 +161,8 @@ fn resume_is_bit_identical_and_extends() {
     let s = setup();
     let (full, path) = job(&s, "full", 6, 3, 10);
     train(&full, &path, &quiet()).unwrap();
-    let (part, path2) = job(&s, "part", 6, 3, 10);
+    let (mut part, path2) = job(&s, "part", 6, 3, 10);
+    part.job.id = Some("part-1".into()); // every resume below is by its writer
     let r = train(
         &part,
         &path2,
@@ -234,6 +235,24 @@ fn resume_is_bit_identical_and_extends() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("other network/model settings"), "{e}");
+    // issue 26: another job reusing the folder resumed its run
+    let mut foreign = longer.clone();
+    foreign.train.steps = 10;
+    foreign.job.id = Some("part-2".into());
+    let e = train(
+        &foreign,
+        &path2,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("written by another job (job.id = \"part-1\")"),
+        "{e}"
+    );
 }
 
 #[test]

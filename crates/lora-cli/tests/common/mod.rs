@@ -41,9 +41,15 @@ impl Drop for KillRuns {
 /// `lorakit ui --root ROOT --port 0 EXTRA…` with the token [`TOKEN`] in
 /// `LORAKIT_UI_TOKEN`, once it has printed its link.
 pub fn start_ui(root: &Path, extra: &[&str]) -> UiProcess {
+    start_ui_env(root, extra, &[])
+}
+
+/// [`start_ui`] with these environment variables set too.
+pub fn start_ui_env(root: &Path, extra: &[&str], env: &[(&str, &str)]) -> UiProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lorakit"))
         .args(["ui", "--root", root.to_str().unwrap(), "--port", "0"])
         .args(extra)
+        .envs(env.iter().copied())
         .env("LORAKIT_UI_TOKEN", TOKEN)
         .env_remove("LD_LIBRARY_PATH")
         .stdout(Stdio::piped())
@@ -116,16 +122,17 @@ pub fn tiny_job(
         .unwrap();
         lora_data::synthetic::write_character_dataset(&data, 4, res, res, "trig", 1).unwrap();
     }
-    let mut text = lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"))
-        .replace("name = \"trig\"", &format!("name = \"{name}\""))
-        .replace("steps = 3000", &format!("steps = {steps}"))
-        .replace("save_every = 100", &format!("save_every = {save_every}"))
-        .replace("batch_size = 2", &format!("batch_size = {batch}"))
-        .replace("resolution = [512, 768]", &format!("resolution = [{res}]"))
-        .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
-        .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
-        .replace("# device = \"cuda\"", "device = \"cpu\"")
-        .replace("# images = 4", "images = 1");
+    let mut text =
+        lora_sdxl::JobConfig::template(model.to_str(), data.to_str(), Some("trig"), None)
+            .replace("name = \"trig\"", &format!("name = \"{name}\""))
+            .replace("steps = 3000", &format!("steps = {steps}"))
+            .replace("save_every = 100", &format!("save_every = {save_every}"))
+            .replace("batch_size = 2", &format!("batch_size = {batch}"))
+            .replace("resolution = [512, 768]", &format!("resolution = [{res}]"))
+            .replace("dtype = \"bf16\"", "dtype = \"fp32\"")
+            .replace("gradient_accumulation = 2", "gradient_accumulation = 1")
+            .replace("# device = \"cuda\"", "device = \"cpu\"")
+            .replace("# images = 4", "images = 1");
     for (from, to) in edits {
         assert!(text.contains(from), "{from} is not in the template");
         text = text.replace(from, to);

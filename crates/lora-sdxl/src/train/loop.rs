@@ -270,6 +270,7 @@ impl Run {
             self.optim.opt.as_ref(),
             self.optim.ema.as_ref(),
             &self.hash,
+            env.job.job.id.as_deref(),
             self.pos,
         )?;
         Ok((path, state))

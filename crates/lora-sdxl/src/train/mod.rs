@@ -44,3 +44,4 @@ pub use events::{Event, ObserveFn, Observer, Observers, RunView};
 pub use inputs::{DecodeStats, PREFETCH_DEPTH};
 pub use observers::loss_chart::write_loss_chart;
 pub use run::{train, train_with, Run, TrainOptions, TrainReport};
+pub use state::foreign_state;

@@ -394,6 +394,7 @@ impl Run {
             let pos = restore_state(
                 &state,
                 &hash,
+                job.job.id.as_deref(),
                 &network,
                 optim.opt.as_mut(),
                 optim.ema.as_mut(),

@@ -64,6 +64,51 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
     lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()
 }
 
+/// The metadata key of the `job.id` that wrote a state.
+const JOB_ID: &str = "lorakit.job_id";
+
+/// Why a job with `job_id` may not resume the state at `path` (`None`: it
+/// may): a state records the `job.id` of the job that wrote it, and a job
+/// with an id resumes only its own. A job without one is not checked (job
+/// files from before ids).
+fn refusal(path: &Path, state_id: Option<&str>, job_id: Option<&str>) -> Option<String> {
+    let id = job_id?;
+    if state_id == Some(id) {
+        return None;
+    }
+    let writer = match state_id {
+        Some(other) => format!("another job (job.id = {other:?})"),
+        None => "a job without a job.id".into(),
+    };
+    Some(format!(
+        "{} was written by {writer}, not by this one (job.id = {id:?}): resuming it would continue that run's weights and step count. Start a new run under another job.name or output_dir, or delete that run's folder; to resume it on purpose, set job.id to the writer's",
+        path.display()
+    ))
+}
+
+/// Why a job with `job_id` may not resume the state at `path`, from its
+/// header alone (what `lorakit ui` asks before it queues a resume).
+///
+/// ```no_run
+/// let why = lora_sdxl::train::foreign_state("output/x/state.safetensors".as_ref(), Some("5e1f0c2a9b7d4e63"))?;
+/// assert!(why.is_none(), "{why:?}");
+/// # Ok::<(), lora_sdxl::SdxlError>(())
+/// ```
+pub fn foreign_state(path: &Path, job_id: Option<&str>) -> Result<Option<String>> {
+    if job_id.is_none() {
+        return Ok(None);
+    }
+    let file = std::fs::File::open(path).map_err(|e| terr(format!("{}: {e}", path.display())))?;
+    // SAFETY: read-only map of a state file, read while this process holds it
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| terr(format!("{}: {e}", path.display())))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| terr(format!("{}: not a state file: {e}", path.display())))?;
+    let md = meta.metadata().as_ref();
+    let state_id = md.and_then(|m| m.get(JOB_ID)).map(String::as_str);
+    Ok(refusal(path, state_id, job_id))
+}
+
 /// Writes the state atomically.
 pub(crate) fn save_state(
     path: &Path,
@@ -71,6 +116,7 @@ pub(crate) fn save_state(
     opt: &dyn Optimizer,
     ema: Option<&Ema>,
     hash: &str,
+    job_id: Option<&str>,
     pos: Position,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -89,6 +135,9 @@ pub(crate) fn save_state(
             pos.global_batch.to_string(),
         ),
     ]);
+    if let Some(id) = job_id {
+        md.insert(JOB_ID.into(), id.to_string());
+    }
     tensors.extend(opt.state_tensors());
     if let Some(e) = ema {
         let cpu = e.weights().iter().map(|t| t.to_device(Device::Cpu));
@@ -110,6 +159,7 @@ pub(crate) fn save_state(
 pub(crate) fn restore_state(
     path: &Path,
     hash: &str,
+    job_id: Option<&str>,
     network: &Network,
     opt: &mut dyn Optimizer,
     ema: Option<&mut Ema>,
@@ -117,6 +167,9 @@ pub(crate) fn restore_state(
 ) -> Result<Position> {
     let st = lora_core::io::read_tensors(path).map_err(|e| terr(format!("--resume: {e}")))?;
     let md = &st.metadata;
+    if let Some(why) = refusal(path, md.get(JOB_ID).map(String::as_str), job_id) {
+        return Err(terr(format!("--resume: {why}")));
+    }
     if md.get("lorakit.job_hash").map(String::as_str) != Some(hash) {
         return Err(terr(format!(
             "--resume: {} was saved for other network/model settings (rank, alpha, conv, trained parts, LoRA+ on or off, or base model changed); start a new run (another job.name) or restore those settings",
@@ -219,5 +272,42 @@ pub(crate) fn remove_stale_temp_files(run_dir: &Path) {
         if name.starts_with('.') && name.ends_with(".tmp") {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn a_job_resumes_only_a_state_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, id: Option<&str>| {
+            let path = dir.path().join(name);
+            let mut md = BTreeMap::new();
+            if let Some(id) = id {
+                md.insert(JOB_ID.to_string(), id.to_string());
+            }
+            let t = vec![(
+                "x".to_string(),
+                Tensor::zeros([2], (tch::Kind::Float, Device::Cpu)),
+            )];
+            lora_core::io::write_atomic(&path, &lora_core::io::serialize(&t, &md).unwrap())
+                .unwrap();
+            path
+        };
+        let ours = write("ours.safetensors", Some("aaaa"));
+        let theirs = write("theirs.safetensors", Some("bbbb"));
+        let old = write("old.safetensors", None);
+        assert_eq!(foreign_state(&ours, Some("aaaa")).unwrap(), None);
+        // issue 26: a new job in an old job's folder continued its run
+        let why = foreign_state(&theirs, Some("aaaa")).unwrap().unwrap();
+        assert!(why.contains("another job (job.id = \"bbbb\")"), "{why}");
+        assert!(foreign_state(&old, Some("aaaa"))
+            .unwrap()
+            .unwrap()
+            .contains("without a job.id"));
+        // a job file from before ids is not checked
+        assert_eq!(foreign_state(&theirs, None).unwrap(), None);
     }
 }

@@ -27,7 +27,7 @@ pub fn template_job(root: &Path, model: &Path, data: &Path) -> (JobConfig, PathB
     let path = root.join("job.toml");
     std::fs::write(
         &path,
-        JobConfig::template(model.to_str(), data.to_str(), Some("myaku")),
+        JobConfig::template(model.to_str(), data.to_str(), Some("myaku"), None),
     )
     .unwrap();
     (JobConfig::load(&path).unwrap(), path)

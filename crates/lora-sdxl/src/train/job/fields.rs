@@ -178,6 +178,7 @@ const T: f64 = crate::model::schedule::NUM_TIMESTEPS as f64;
 /// Every key, in template order.
 pub const FIELDS: &[Field] = &[
     f("job", "name", Rule::Free, "files: <output_dir>/<name>/<name>_<step>.safetensors"),
+    f("job", "id", Rule::Free, "this job's identity, kept in its saved state: --resume refuses a state another job wrote (lorakit init and lorakit ui set one; keep it when you edit)").example("\"5e1f0c2a9b7d4e63\""),
     f("job", "trigger_word", Rule::Free, "inserted first in every caption; replaces [trigger] in prompts").example("\"myakumyaku-san\""),
     f("job", "output_dir", Rule::Free, "output folder (relative to this file)"),
     f("job", "device", Rule::Free, "\"cuda\", \"cuda:N\" or \"cpu\"; default: CUDA when available").example("\"cuda\""),

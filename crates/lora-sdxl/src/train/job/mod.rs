@@ -46,6 +46,9 @@ pub struct JobError {
 pub struct JobSection {
     /// Run name: files are `<output_dir>/<name>/<name>_<step>.safetensors`.
     pub name: String,
+    /// This job's identity, recorded in its saved state: `--resume`
+    /// refuses a state written under another id (or none).
+    pub id: Option<String>,
     /// Trigger word (inserted first in captions; replaces `[trigger]`).
     pub trigger_word: Option<String>,
     /// Output folder.
@@ -60,6 +63,7 @@ impl Default for JobSection {
     fn default() -> Self {
         Self {
             name: "my_lora".into(),
+            id: None,
             trigger_word: None,
             output_dir: "output".into(),
             device: None,

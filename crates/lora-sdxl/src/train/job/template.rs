@@ -13,6 +13,7 @@ struct Filled {
     trigger: Option<String>,
     model: String,
     dataset: String,
+    id: Option<String>,
 }
 
 fn quote(s: &str) -> String {
@@ -25,6 +26,7 @@ impl Filled {
         Some(match (section, key) {
             ("job", "name") => quote(&self.name),
             ("job", "trigger_word") => quote(self.trigger.as_deref()?),
+            ("job", "id") => quote(self.id.as_deref()?),
             ("model", "name_or_path") => quote(&self.model),
             ("datasets", "folder_path") => quote(&self.dataset),
             ("sample", "prompts") => "[\"[trigger], 1girl, standing, outdoors\"]".into(),
@@ -36,15 +38,24 @@ impl Filled {
 impl JobConfig {
     /// A commented job file with the defaults of a first character LoRA
     /// (linear 16, conv 8, save every 100 keeping 30, batch 2 × accumulation 2,
-    /// 3000 steps, lr 7e-5, resolutions 512 and 768, sampling off).
+    /// 3000 steps, lr 7e-5, resolutions 512 and 768, sampling off), and
+    /// `job.id` when given (see [`JobConfig::new_id`]).
     ///
     /// ```
-    /// let text = lora_sdxl::JobConfig::template(Some("sdxl.safetensors"), Some("data"), Some("myakumyaku-san"));
-    /// let job = lora_sdxl::JobConfig::parse("job.toml".as_ref(), &text).unwrap();
+    /// use lora_sdxl::JobConfig;
+    /// let id = JobConfig::new_id();
+    /// let text = JobConfig::template(Some("sdxl.safetensors"), Some("data"), Some("myakumyaku-san"), Some(&id));
+    /// let job = JobConfig::parse("job.toml".as_ref(), &text).unwrap();
     /// assert_eq!(job.network.linear, 16);
     /// assert_eq!(job.job.trigger_word.as_deref(), Some("myakumyaku-san"));
+    /// assert_eq!(job.job.id, Some(id));
     /// ```
-    pub fn template(model: Option<&str>, dataset: Option<&str>, trigger: Option<&str>) -> String {
+    pub fn template(
+        model: Option<&str>,
+        dataset: Option<&str>,
+        trigger: Option<&str>,
+        id: Option<&str>,
+    ) -> String {
         let filled = Filled {
             name: trigger
                 .map(|t| {
@@ -59,6 +70,7 @@ impl JobConfig {
                 .unwrap_or("path/to/sdxl_checkpoint.safetensors")
                 .to_string(),
             dataset: dataset.unwrap_or("path/to/dataset").to_string(),
+            id: id.map(str::to_string),
         };
         let mut defaults = toml::Value::try_from(JobConfig::default())
             .expect("the default job serialises to TOML");
@@ -97,6 +109,15 @@ impl JobConfig {
             }
         }
         out
+    }
+}
+
+impl JobConfig {
+    /// A fresh `job.id`: 16 random hexadecimal digits. `lorakit init` and
+    /// `lorakit ui` give each job they create one, so a run's saved state
+    /// is never resumed by another job that reuses its folder.
+    pub fn new_id() -> String {
+        format!("{:016x}", rand::random::<u64>())
     }
 }
 

@@ -3,7 +3,12 @@ use std::path::Path;
 
 #[test]
 fn template_parses_to_the_documented_defaults() {
-    let t = JobConfig::template(Some("m.safetensors"), Some("data"), Some("myakumyaku-san"));
+    let t = JobConfig::template(
+        Some("m.safetensors"),
+        Some("data"),
+        Some("myakumyaku-san"),
+        None,
+    );
     let c = JobConfig::parse(Path::new("job.toml"), &t).unwrap();
     assert_eq!(c.job.name, "myakumyaku-san");
     assert_eq!(c.job.trigger_word.as_deref(), Some("myakumyaku-san"));
@@ -78,7 +83,7 @@ fn values_are_validated_with_the_field_named() {
     std::fs::write(&model, b"x").unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let base = JobConfig::template(model.to_str(), data.to_str(), Some("trig"));
+    let base = JobConfig::template(model.to_str(), data.to_str(), Some("trig"), None);
     let job = dir.path().join("job.toml");
     let check = |edit: &dyn Fn(&mut JobConfig)| {
         let mut c = JobConfig::parse(&job, &base).unwrap();
@@ -160,6 +165,7 @@ fn the_field_table_lists_every_key_once() {
     c.train.ema_decay = Some(0.999);
     c.train.ema_power = Some(0.67);
     c.train.vram = Some("24gb".into());
+    c.job.id = Some("5e1f0c2a9b7d4e63".into());
     c.train.sigmoid_scale = Some(5.0);
     c.train.down_lr_weight = Some(crate::train::blocks::BlockWeights::Preset("sine".into()));
     c.train.mid_lr_weight = Some(vec![1.0; 3]);
@@ -205,7 +211,7 @@ fn the_field_table_lists_every_key_once() {
 
 #[test]
 fn the_template_shows_every_key_with_its_help_and_range() {
-    let t = JobConfig::template(None, None, None);
+    let t = JobConfig::template(None, None, None, None);
     for f in super::fields::FIELDS {
         let line = t
             .lines()
