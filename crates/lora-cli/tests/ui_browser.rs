@@ -1,6 +1,6 @@
 //! `lorakit ui` in a real headless Chromium (Debian's `chromium` +
 //! `chromium-driver`, installed by `.ci/run` / `make test`), driven over
-//! WebDriver: a dataset made by uploading the demo character's images, a
+//! WebDriver: a dataset made by uploading the demo character's images (into a kohya repeat folder), a
 //! caption edited, a job filled in on the form, started, run to the end
 //! with its chart and two checkpoints, one downloaded and loaded as a LoRA;
 //! a second job stopped and resumed with the page's buttons. Screenshots of
@@ -195,6 +195,9 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
     let files = c.wait().for_element(Locator::Id("files")).await?;
     let list: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
     files.send_keys(&list.join("\n")).await?;
+    // into a new kohya repeat folder, as kohya users lay datasets out
+    let folder = c.find(Locator::Id("upload-new-folder")).await?;
+    folder.send_keys("3_myaku").await?;
     click(c, "#upload button").await?;
     let t0 = Instant::now();
     while c.find_all(Locator::Css(".card img")).await?.len() < images.len() {
@@ -204,6 +207,10 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    wait_text(c, "h2.folder", 10, |t| {
+        t == "3_myaku · 3 repeats · 3 image(s)"
+    })
+    .await?;
     let ta = c.find(Locator::Css(".card textarea")).await?;
     ta.clear().await?;
     ta.send_keys("trig, sitting, edited in the browser").await?;
@@ -215,7 +222,7 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
         .to_string_lossy()
         .replace(".png", ".txt");
     assert_eq!(
-        std::fs::read_to_string(root.join("datasets/myaku").join(first))?,
+        std::fs::read_to_string(root.join("datasets/myaku/3_myaku").join(first))?,
         "trig, sitting, edited in the browser\n"
     );
     shot(c, "dataset").await?;
@@ -244,7 +251,8 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
                 .unwrap()
                 .to_string_lossy()
                 .replace(".png", ".txt");
-            std::fs::read_to_string(root.join("datasets/myaku").join(txt)).unwrap_or_default()
+            std::fs::read_to_string(root.join("datasets/myaku/3_myaku").join(txt))
+                .unwrap_or_default()
         })
         .collect();
     assert_eq!(

@@ -2,7 +2,8 @@
 //! are real `lorakit train` child processes on a tiny SDXL-architecture
 //! model. A job is created from the form's fields, queued, run to the end
 //! and its checkpoint downloaded; a second is stopped, resumed, and
-//! followed by a restarted UI after the first UI was killed.
+//! followed by a restarted UI after the first UI was killed. The caption
+//! endpoints come from the flags, then `ROOT/ui.toml`.
 
 mod common;
 
@@ -270,7 +271,8 @@ fn a_job_from_the_form_runs_to_the_end_and_its_checkpoint_downloads() {
     let t0 = Instant::now();
     let g = loop {
         let (_, g) = call(&ui, "GET", "/api/jobs/first/compare", None);
-        if g["state"] != "running" {
+        // queued behind any run, then rendering
+        if g["state"] != "queued" && g["state"] != "running" {
             break g;
         }
         assert!(t0.elapsed().as_secs() < 180, "{g:#}");
@@ -405,4 +407,53 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
         call(&ui, "POST", "/api/jobs", Some(new_job("long", 6))).0,
         201
     );
+}
+
+#[test]
+fn caption_endpoints_come_from_the_flags_then_ui_toml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let toml = "[[caption_endpoint]]\nurl = \"http://127.0.0.1:9/v1\"\nkey_env = \"LORAKIT_UI_TOML_TEST_KEY\"\n";
+    std::fs::write(root.join("ui.toml"), toml).unwrap();
+    // the key's variable must be set, or the start stops and names it
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .args(["ui", "--root", root.to_str().unwrap(), "--port", "0"])
+        .env("LORAKIT_UI_TOKEN", TOKEN)
+        .env_remove("LORAKIT_UI_TOML_TEST_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("LORAKIT_UI_TOML_TEST_KEY") && err.contains("not set"),
+        "{err}"
+    );
+    let key = [("LORAKIT_UI_TOML_TEST_KEY", "sk-from-env")];
+    let ui = start_ui_env(
+        &root,
+        &["--caption-endpoint", "http://127.0.0.1:8/v1"],
+        &key,
+    );
+    let (_, list) = call(&ui, "GET", "/api/caption-endpoints", None);
+    assert_eq!(
+        list,
+        serde_json::json!([
+            {"id": "1", "url": "http://127.0.0.1:8/v1", "key_env": null},
+            {"id": "2", "url": "http://127.0.0.1:9/v1", "key_env": "LORAKIT_UI_TOML_TEST_KEY"},
+        ])
+    );
+    // a misspelt key stops the start, naming the file and the key
+    std::fs::write(
+        root.join("ui.toml"),
+        "[[caption_endpoint]]\nurl = \"http://a/v1\"\napi_key = \"x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorakit"))
+        .args(["ui", "--root", root.to_str().unwrap(), "--port", "0"])
+        .env("LORAKIT_UI_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ui.toml") && err.contains("api_key"), "{err}");
 }

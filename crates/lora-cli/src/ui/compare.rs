@@ -5,6 +5,7 @@
 //! copied out as the final LoRA (`ROOT/loras/<job>.safetensors`).
 
 use super::jobs::existing;
+use super::queue::{Kind, State as QueueState};
 use super::{blocking, send_file, ApiError, ApiResult, Ui};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -12,7 +13,6 @@ use axum::response::Response;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -85,16 +85,22 @@ pub async fn start(
     if size == 0 || size % 8 != 0 || size > 2048 {
         return Err(bad(format!("size {size}: a multiple of 8 up to 2048")));
     }
+    let out = dir.join("compare");
     let grid = Grid {
         model: cfg.model.name_or_path.clone(),
         device: cfg.job.device.clone(),
         loras,
-        prompts,
         size,
     };
-    let child = spawn_grid(&ui, &dir.join("compare"), &grid, &req)?;
-    ui.compares.lock().unwrap().insert(name.clone(), child);
-    Ok((StatusCode::ACCEPTED, Json(json!({ "name": name }))))
+    let args = grid_args(&grid, &out, &req)?;
+    blocking(move || {
+        // queued behind any run; a previous grid of this job is ended first
+        let prepare = || prepare_folder(&out, &prompts);
+        (ui.queue.enqueue_grid(&name, args, prepare))
+            .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))??;
+        Ok((StatusCode::ACCEPTED, Json(json!({ "name": name }))))
+    })
+    .await
 }
 
 /// What one grid renders (checked by [`start`]).
@@ -102,55 +108,57 @@ struct Grid {
     model: std::path::PathBuf,
     device: Option<String>,
     loras: Vec<std::path::PathBuf>,
-    prompts: Vec<String>,
     size: u32,
 }
 
-/// Starts `lorakit grid` into a fresh `out` folder (prompts in
-/// `prompts.txt`, its output in `log.txt`).
-fn spawn_grid(
-    ui: &Ui,
-    out: &std::path::Path,
-    g: &Grid,
-    req: &CompareBody,
-) -> ApiResult<std::process::Child> {
+/// `lorakit grid`'s arguments for `g`, writing into `out` (prompts in
+/// `out/prompts.txt`). Kept as text in the queue file, so a path must be
+/// UTF-8.
+fn grid_args(g: &Grid, out: &std::path::Path, req: &CompareBody) -> ApiResult<Vec<String>> {
+    let text = |p: &std::path::Path| {
+        p.to_str().map(str::to_string).ok_or_else(|| {
+            let m = format!("{}: the path is not UTF-8; rename it", p.display());
+            ApiError::new(StatusCode::BAD_REQUEST, m)
+        })
+    };
+    let mut args = vec!["--model".to_string(), text(&g.model)?, "--loras".into()];
+    for l in &g.loras {
+        args.push(text(l)?);
+    }
+    let size = g.size.to_string();
+    args.extend([
+        "--prompts".into(),
+        text(&out.join("prompts.txt"))?,
+        "--strength".into(),
+        req.strength.to_string(),
+        "--seed".into(),
+        req.seed.to_string(),
+        "--steps".into(),
+        req.steps.to_string(),
+        "--width".into(),
+        size.clone(),
+        "--height".into(),
+        size,
+        "--out".into(),
+        text(out)?,
+    ]);
+    if let Some(d) = &g.device {
+        args.extend(["--device".into(), d.clone()]);
+    }
+    Ok(args)
+}
+
+/// A fresh `out` folder holding the grid's `prompts.txt` and an empty
+/// `log.txt` (run by the queue once no earlier grid writes there).
+fn prepare_folder(out: &std::path::Path, prompts: &[String]) -> ApiResult<()> {
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| ApiError::internal(out, e))?;
     }
     std::fs::create_dir_all(out).map_err(|e| ApiError::internal(out, e))?;
-    let prompts_file = out.join("prompts.txt");
-    lora_core::io::write_atomic(&prompts_file, g.prompts.join("\n").as_bytes())
+    lora_core::io::write_atomic(out.join("prompts.txt"), prompts.join("\n").as_bytes())
         .map_err(ApiError::bad)?;
-    let log = std::fs::File::create(out.join("log.txt")).map_err(|e| ApiError::internal(out, e))?;
-    let err = log.try_clone().map_err(|e| ApiError::internal(out, e))?;
-    // No shell: every argument goes to the program as it is.
-    let mut cmd = Command::new(&ui.exe);
-    cmd.arg("grid")
-        .arg("--model")
-        .arg(&g.model)
-        .arg("--loras")
-        .args(&g.loras)
-        .arg("--prompts")
-        .arg(&prompts_file)
-        .args(["--strength", &req.strength.to_string()])
-        .args(["--seed", &req.seed.to_string()])
-        .args(["--steps", &req.steps.to_string()])
-        .args([
-            "--width",
-            &g.size.to_string(),
-            "--height",
-            &g.size.to_string(),
-        ])
-        .arg("--out")
-        .arg(out);
-    if let Some(d) = &g.device {
-        cmd.args(["--device", d]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| ApiError::internal(&ui.exe, e))
+    std::fs::File::create(out.join("log.txt")).map_err(|e| ApiError::internal(out, e))?;
+    Ok(())
 }
 
 /// `GET /api/jobs/{name}/compare`: the grid's state and, when done, its
@@ -158,25 +166,16 @@ fn spawn_grid(
 pub async fn status(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let dir = existing(&ui, &name)?;
     let out = dir.join("compare");
-    let running = {
-        let mut map = ui.compares.lock().unwrap();
-        match map.get_mut(&name).map(|c| c.try_wait()) {
-            Some(Ok(None)) => true,
-            Some(_) => {
-                map.remove(&name);
-                false
-            }
-            None => false,
-        }
-    };
+    let entry = ui.queue.entry_of(&name, Kind::Grid);
     let picked = std::fs::read(dir.join("picked.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
     blocking(move || {
-        let state = match (running, out.join("grid.png").is_file(), out.exists()) {
-            (true, _, _) => "running",
-            (false, true, _) => "done",
-            (false, false, true) => "failed",
+        let state = match (entry.map(|e| e.state), out.join("grid.png").is_file()) {
+            (Some(QueueState::Queued), _) => "queued",
+            (Some(QueueState::Running), _) => "running",
+            (Some(QueueState::Done) | None, true) => "done",
+            (_, _) if out.exists() => "failed",
             _ => "none",
         };
         let mut cells: Vec<Value> = Vec::new();

@@ -97,7 +97,8 @@ pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiRes
                         "message": "the caption file is a link out of the UI's root: not shown, not trained on from here"}));
                 }
                 json!({
-                    "file": i.rel, "width": i.width, "height": i.height,
+                    "file": i.rel, "folder": i.group, "repeats": i.repeats,
+                    "width": i.width, "height": i.height,
                     "caption": if linked_out { "" } else { i.caption.as_str() },
                     "has_caption_file": i.caption_path.is_some(), "problems": problems,
                 })
@@ -111,11 +112,37 @@ pub async fn show(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiRes
                 |p| json!({"file": p.file, "severity": severity(p.severity), "message": p.message}),
             )
             .collect();
+        let folders = folders(&path, &scan);
         Ok(Json(
-            json!({ "name": name, "images": images, "problems": other }),
+            json!({ "name": name, "folders": folders, "images": images, "problems": other }),
         ))
     })
     .await
+}
+
+/// The dataset's own folder (`.`, each image once per epoch) and its
+/// kohya repeat folders (`10_name`: ten times), empty ones included (the
+/// page uploads into them), each with its image count.
+fn folders(dir: &std::path::Path, scan: &lora_data::Scan) -> Vec<Value> {
+    let mut subs: Vec<(String, u32)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            check_name("folder", &name).ok()?;
+            Some((name.clone(), lora_data::scan::repeat_prefix(&name)?))
+        })
+        .collect();
+    subs.sort();
+    subs.insert(0, (".".into(), 1));
+    subs.into_iter()
+        .map(|(name, repeats)| {
+            let images = scan.images.iter().filter(|i| i.group == name).count();
+            json!({ "name": name, "repeats": repeats, "images": images })
+        })
+        .collect()
 }
 
 fn severity(s: Severity) -> &'static str {
@@ -143,7 +170,7 @@ pub async fn image(
     Path((name, file)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let dir = existing(&ui, &name)?;
-    let path = ui.root.file_in(&dir, &file)?;
+    let path = ui.root.dataset_file(&dir, &file)?;
     if !lora_data::image_io::is_image_path(&path) || !path.is_file() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -159,11 +186,17 @@ pub async fn image(
 pub async fn upload(
     State(ui): State<Arc<Ui>>,
     Path((name, file)): Path<(String, String)>,
+    Query(q): Query<UploadQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let dir = existing(&ui, &name)?;
-    let clean = sanitize_upload_name(&file)?;
-    let path = ui.root.file_in(&dir, &clean)?;
+    let base = sanitize_upload_name(&file)?;
+    // `clean`: the image's name in the dataset, as the page lists it
+    let (dir, clean) = match q.folder.as_deref().filter(|f| !f.is_empty() && *f != ".") {
+        None => (dir, base.clone()),
+        Some(sub) => (repeat_folder(&ui, &dir, sub)?, format!("{sub}/{base}")),
+    };
+    let path = ui.root.file_in(&dir, &base)?;
     if path.exists() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -193,6 +226,29 @@ pub async fn upload(
     .await
 }
 
+#[derive(Deserialize, Default)]
+pub struct UploadQuery {
+    /// A kohya repeat folder (`10_name`) to add the image to, created when
+    /// missing; absent or `.`: the dataset's own folder.
+    folder: Option<String>,
+}
+
+/// The repeat folder `sub` of the dataset at `dir`, created when missing:
+/// `N_name` with N ≥ 1 (so training reads it, N times per epoch).
+fn repeat_folder(ui: &Ui, dir: &std::path::Path, sub: &str) -> ApiResult<std::path::PathBuf> {
+    if check_name("folder", sub).is_err() || lora_data::scan::repeat_prefix(sub).is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("folder {sub:?}: a kohya repeat folder is named N_name (say 10_mychar), N ≥ 1, letters, digits, '_', '-', '.'"),
+        ));
+    }
+    let path = ui.root.file_in(dir, sub)?;
+    if !path.is_dir() {
+        std::fs::create_dir(&path).map_err(|e| ApiError::internal(&path, e))?;
+    }
+    Ok(path)
+}
+
 #[derive(Deserialize)]
 pub struct CaptionBody {
     caption: String,
@@ -206,17 +262,20 @@ pub async fn save_caption(
     Json(req): Json<CaptionBody>,
 ) -> ApiResult<Json<Value>> {
     let dir = existing(&ui, &name)?;
-    let image = ui.root.file_in(&dir, &file)?;
+    let image = ui.root.dataset_file(&dir, &file)?;
     if !lora_data::image_io::is_image_path(&image) || !image.is_file() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no image {file:?} in {name:?}"),
         ));
     }
+    // beside the image, in its (repeat) folder
     let txt = lora_data::caption::caption_path(&image, "txt");
-    let txt = ui
-        .root
-        .file_in(&dir, &txt.file_name().unwrap_or_default().to_string_lossy())?;
+    let folder = image.parent().unwrap_or(&dir);
+    let txt = (ui.root).file_in(
+        folder,
+        &txt.file_name().unwrap_or_default().to_string_lossy(),
+    )?;
     let caption = lora_data::caption::join_tags(&lora_data::caption::split_tags(
         &req.caption.replace(['\r', '\n'], " "),
     ));

@@ -1,6 +1,13 @@
 //! The caption endpoints the UI may call, fixed when it starts:
 //! `lorakit ui --caption-endpoint URL [--caption-key-env NAME]`, repeatable
-//! (a `--caption-key-env` belongs to the `--caption-endpoint` before it).
+//! (a `--caption-key-env` belongs to the `--caption-endpoint` before it),
+//! then those of `ROOT/ui.toml`:
+//!
+//! ```toml
+//! [[caption_endpoint]]
+//! url = "http://127.0.0.1:8080/v1"
+//! key_env = "OPENAI_API_KEY"   # optional: the variable holding its key
+//! ```
 //!
 //! A request names one of them by id and can name nothing else: no URL, no
 //! variable, no key ever comes from a request. Each key is read from the
@@ -10,7 +17,9 @@
 
 use clap::ArgMatches;
 use lora_data::autocaption::{check_url, Endpoint, EndpointSettings};
+use serde::Deserialize;
 use serde_json::{json, Value};
+use std::path::Path;
 
 /// One configured endpoint.
 pub struct CaptionEndpoint {
@@ -52,6 +61,44 @@ pub fn pairs(
         }
     }
     Ok(pairs)
+}
+
+/// `ROOT/ui.toml`: the UI's settings file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UiFile {
+    #[serde(default)]
+    caption_endpoint: Vec<FileEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    url: String,
+    key_env: Option<String>,
+}
+
+/// The caption endpoints `(url, key variable)` of the settings file at
+/// `path` (none when there is no such file); an error names the file and
+/// what is wrong in it.
+pub fn from_file(path: &Path) -> Result<Vec<(String, Option<String>)>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let file: UiFile = toml::from_str(&text).map_err(|e| {
+        format!(
+            "{}: {} (expected [[caption_endpoint]] tables with url and, optionally, key_env)",
+            path.display(),
+            e.message()
+        )
+    })?;
+    Ok(file
+        .caption_endpoint
+        .into_iter()
+        .map(|e| (e.url, e.key_env))
+        .collect())
 }
 
 impl CaptionEndpoints {
@@ -98,7 +145,7 @@ impl CaptionEndpoints {
     pub fn endpoint(&self, id: &str, settings: EndpointSettings) -> Result<Endpoint, String> {
         let e = (self.0.iter().find(|e| e.id == id)).ok_or_else(|| {
             if self.0.is_empty() {
-                "no caption endpoint is configured: start lorakit ui with --caption-endpoint URL [--caption-key-env NAME]".to_string()
+                "no caption endpoint is configured: start lorakit ui with --caption-endpoint URL [--caption-key-env NAME], or list them in ui.toml under its --root".to_string()
             } else {
                 format!("endpoint: no configured endpoint has id {id:?}")
             }
@@ -181,6 +228,37 @@ mod tests {
         ]);
         let err = pairs(&m, ("url", "key")).err().unwrap();
         assert!(err.contains("has a key variable already"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_come_from_ui_toml_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ui.toml");
+        assert_eq!(from_file(&file).unwrap(), vec![], "no file: none");
+        let text = "[[caption_endpoint]]\nurl = \"http://127.0.0.1:1/v1\"\n\n[[caption_endpoint]]\nurl = \"https://api.example/v1\"\nkey_env = \"LORAKIT_TEST_KEY_B\"\n";
+        std::fs::write(&file, text).unwrap();
+        let pairs = from_file(&file).unwrap();
+        assert_eq!(
+            pairs,
+            vec![
+                ("http://127.0.0.1:1/v1".to_string(), None),
+                (
+                    "https://api.example/v1".to_string(),
+                    Some("LORAKIT_TEST_KEY_B".to_string())
+                ),
+            ]
+        );
+        let env = |v: &str| (v == "LORAKIT_TEST_KEY_B").then(|| "sk-b".to_string());
+        let e = CaptionEndpoints::new(pairs, env).unwrap();
+        assert_eq!(e.0[1].key.as_deref(), Some("sk-b"));
+        // a misspelt key is named, with the file
+        std::fs::write(
+            &file,
+            "[[caption_endpoint]]\nurl = \"http://a/v1\"\napi_key = \"sk\"\n",
+        )
+        .unwrap();
+        let err = from_file(&file).unwrap_err();
+        assert!(err.contains("ui.toml") && err.contains("api_key"), "{err}");
     }
 
     #[test]

@@ -80,7 +80,7 @@ fn job_text(req: &NewJob) -> ApiResult<String> {
     let dataset = req.dataset.as_deref().map(|d| rel("datasets", d));
     let text = match &req.toml {
         Some(t) => t.clone(),
-        None => JobConfig::template(model.as_deref(), dataset.as_deref(), None),
+        None => JobConfig::template(model.as_deref(), dataset.as_deref(), None, None),
     };
     let mut doc: toml_edit::DocumentMut = text
         .parse()
@@ -120,6 +120,8 @@ fn job_text(req: &NewJob) -> ApiResult<String> {
         set(path, to_toml(path, v)?)?;
     }
     set("job.name", toml_edit::value(req.name.as_str()))?;
+    // a new job's identity: it never resumes a state another job wrote
+    set("job.id", toml_edit::value(JobConfig::new_id()))?;
     set("job.output_dir", toml_edit::value("output"))?;
     Ok(doc.to_string())
 }
@@ -327,11 +329,11 @@ pub async fn action(
 ) -> ApiResult<Json<Value>> {
     let dir = existing(&ui, &name)?;
     let conflict = |e: String| ApiError::new(StatusCode::CONFLICT, e);
-    let has_state = dir
-        .join("output")
-        .join(&name)
-        .join("state.safetensors")
-        .is_file();
+    let state_file = dir.join("output").join(&name).join("state.safetensors");
+    let has_state = state_file.is_file();
+    if has_state && what != "stop" {
+        own_state(&dir, &state_file)?;
+    }
     let mut done = None;
     match what.as_str() {
         "start" => ui.queue.enqueue(&name, has_state).map_err(conflict)?,
@@ -373,6 +375,18 @@ pub async fn action(
     }
     let state = ui.queue.entry(&name).map(|e| e.state);
     Ok(Json(json!({ "name": name, "state": state, "done": done })))
+}
+
+/// Refuses (409, with the reason) a start that would resume a state
+/// another job wrote: a job resumes only the state of its own `job.id`.
+fn own_state(dir: &std::path::Path, state: &std::path::Path) -> ApiResult<()> {
+    let file = dir.join("job.toml");
+    let cfg = JobConfig::load(&file).map_err(|e| field_error(&e.field, e.message))?;
+    match lora_sdxl::train::foreign_state(state, cfg.job.id.as_deref()) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+        Err(e) => Err(ApiError::bad(e)),
+    }
 }
 
 #[derive(Deserialize, Default)]

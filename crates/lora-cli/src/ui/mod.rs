@@ -9,12 +9,12 @@
 //! | concept | file |
 //! |---|---|
 //! | who may call (token, cookie, Host, Origin, CSRF, framing) | `security.rs` |
-//! | the caption endpoints fixed at start-up, their keys | `endpoints.rs` |
+//! | the caption endpoints fixed at start-up (flags, `ui.toml`), their keys | `endpoints.rs` |
 //! | names and paths kept under `--root` | `paths.rs` |
 //! | the Datasets API | `datasets.rs` |
 //! | auto-captioning a dataset (`caption auto` in the background) | `captioning.rs` |
 //! | the Jobs API: form, job files, progress, checkpoints | `jobs.rs` |
-//! | the queue: one run at a time as a child process | `queue.rs` |
+//! | the queue of GPU work: runs and grids, one child process at a time | `queue/` (`liveness.rs`: is a pid still our run) |
 //! | Compare: the prompts × steps grid, the picked step, export | `compare.rs` |
 //! | the page | `assets/` |
 
@@ -85,33 +85,30 @@ pub struct Ui {
     root: paths::Root,
     token: String,
     queue: queue::Queue,
-    /// The `lorakit` binary runs and grids are started with.
-    exe: PathBuf,
-    /// A grid being rendered, per job (`lorakit grid` children).
-    compares: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
     /// Auto-captioning runs, per dataset.
     captioning: std::sync::Mutex<std::collections::HashMap<String, Arc<captioning::CaptionRun>>>,
     /// The caption endpoints the page may pick from.
     endpoints: endpoints::CaptionEndpoints,
+    /// The last panic of the queue's runner (shown in the page).
+    queue_fault: std::sync::Mutex<Option<String>>,
 }
 
 impl Ui {
-    /// The UI over `root`; runs are started with the `lorakit` binary `exe`.
+    /// The UI over `root`; runs and grids are started with the `lorakit` binary `exe`.
     fn new(
         root: paths::Root,
         token: String,
         exe: PathBuf,
         endpoints: endpoints::CaptionEndpoints,
     ) -> Arc<Self> {
-        let queue = queue::Queue::open(&root.dir().join("jobs"), exe.clone());
+        let queue = queue::Queue::open(&root.dir().join("jobs"), exe);
         Arc::new(Self {
             root,
             token,
             queue,
-            exe,
-            compares: Default::default(),
             captioning: Default::default(),
             endpoints,
+            queue_fault: Default::default(),
         })
     }
 
@@ -121,12 +118,36 @@ impl Ui {
         let ui = Arc::downgrade(self);
         std::thread::spawn(move || {
             while let Some(ui) = ui.upgrade() {
-                let _ = caught("the job queue", || ui.queue.tick());
+                ui.turn(|| ui.queue.tick());
                 drop(ui);
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         });
     }
+}
+
+impl Ui {
+    /// One turn of the queue's runner: a panic in it is logged and kept for
+    /// the page (`GET /api/status`), and the next turn comes.
+    fn turn(&self, f: impl FnOnce()) {
+        if let Err(msg) = caught("the job queue", f) {
+            let mut fault = self.queue_fault.lock().unwrap_or_else(|p| p.into_inner());
+            *fault = Some(msg);
+        }
+    }
+}
+
+/// `GET /api/status`: what the page shows above every view: the last
+/// internal error of the job queue's runner, if there was one.
+async fn status(
+    axum::extract::State(ui): axum::extract::State<Arc<Ui>>,
+) -> axum::Json<serde_json::Value> {
+    let fault = ui
+        .queue_fault
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    axum::Json(serde_json::json!({ "queue_fault": fault }))
 }
 
 /// Runs `f`, turning a panic into its message (logged), so that a bug hit
@@ -243,6 +264,10 @@ async fn index(axum::extract::State(ui): axum::extract::State<Arc<Ui>>) -> Html<
     Html(INDEX.replace("{{TOKEN}}", &security::html_escape(&ui.token)))
 }
 
+/// The largest body of a request other than an image upload (which has
+/// `--max-upload-mb`): a job form with many prompts is a few KiB.
+const JSON_BODY_LIMIT: usize = 256 << 10;
+
 /// The whole app: pages, API and the access guard around both.
 fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
     let access = Arc::new(access);
@@ -267,7 +292,9 @@ fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
         )
         .route(
             "/api/datasets/{name}/images/{file}",
-            get(datasets::image).put(datasets::upload),
+            get(datasets::image)
+                .put(datasets::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(max_upload)),
         )
         .route(
             "/api/datasets/{name}/captions/{file}",
@@ -282,6 +309,7 @@ fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
             "/api/datasets/{name}/autocaption/stop",
             axum::routing::post(captioning::stop),
         )
+        .route("/api/status", get(status))
         .route("/api/models", get(jobs::models))
         .route("/api/jobs", get(jobs::list).post(jobs::create))
         .route("/api/jobs/{name}", get(jobs::show).delete(jobs::delete))
@@ -301,7 +329,8 @@ fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
             "/api/jobs/{name}/{action}",
             axum::routing::post(jobs::action),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(max_upload))
+        // every other body is a small JSON document (a form, a caption, prompts)
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             access,
             security::guard,
@@ -379,9 +408,12 @@ fn token() -> Result<String, String> {
 /// `lorakit ui`.
 pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
     let token = token()?;
-    let endpoints = endpoints::CaptionEndpoints::new(a.endpoints, |v| std::env::var(v).ok())?;
     let root =
         paths::Root::open(&a.root).map_err(|e| format!("--root {}: {e}", a.root.display()))?;
+    // the command line's endpoints, then those of ROOT/ui.toml
+    let mut pairs = a.endpoints;
+    pairs.extend(endpoints::from_file(&root.dir().join("ui.toml"))?);
+    let endpoints = endpoints::CaptionEndpoints::new(pairs, |v| std::env::var(v).ok())?;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the lorakit binary: {e}"))?;
     let ui = Ui::new(root, token.clone(), exe, endpoints);

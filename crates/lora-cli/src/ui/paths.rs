@@ -69,6 +69,12 @@ pub fn sanitize_upload_name(name: &str) -> Result<String, Refused> {
     Ok(clean)
 }
 
+/// One path component that names nothing but itself: not empty, not
+/// hidden (so never `.` or `..`), no separator or NUL.
+fn plain(part: &str) -> bool {
+    !part.is_empty() && !part.starts_with('.') && !part.contains(['/', '\\', '\0'])
+}
+
 impl Root {
     /// Creates `dir` with its `datasets/` and `jobs/` folders when missing.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
@@ -95,14 +101,21 @@ impl Root {
     /// A file directly in `folder` (already resolved by [`Root::entry`]):
     /// one plain component, and not a symlink out of the root.
     pub fn file_in(&self, folder: &Path, file: &str) -> Result<PathBuf, Refused> {
-        let plain = !file.is_empty()
-            && !file.starts_with('.')
-            && !file.contains(['/', '\\', '\0'])
-            && file != "..";
-        if !plain {
+        if !plain(file) {
             return Err(Refused(format!("{file:?}: not a plain file name")));
         }
         self.inside(&folder.join(file))
+    }
+
+    /// A file of a dataset in `folder`: `file`, or `sub/file` in one of
+    /// its sub-folders (kohya's `10_name/` repeat folders): each part a
+    /// plain name, and not a symlink out of the root.
+    pub fn dataset_file(&self, folder: &Path, rel: &str) -> Result<PathBuf, Refused> {
+        match rel.split_once('/') {
+            None => self.file_in(folder, rel),
+            Some((sub, file)) if plain(sub) => self.file_in(&self.inside(&folder.join(sub))?, file),
+            Some(_) => Err(Refused(format!("{rel:?}: not a file or folder/file name"))),
+        }
     }
 
     /// Whether `path` (links followed) lies under the root.
@@ -180,5 +193,25 @@ mod tests {
         assert!(root.file_in(&real, "new.png").is_ok());
         assert!(root.file_in(&real, "../x.png").is_err());
         assert!(root.entry("datasets", "dataset", "new one").is_ok());
+        // kohya repeat folders: one level of plain names, links still checked
+        std::fs::create_dir(real.join("10_char")).unwrap();
+        std::os::unix::fs::symlink(&outside, real.join("5_out")).unwrap();
+        let inner = root.dataset_file(&real, "10_char/a.png").unwrap();
+        assert_eq!(inner, real.join("10_char/a.png"));
+        assert_eq!(
+            root.dataset_file(&real, "a.png").unwrap(),
+            real.join("a.png")
+        );
+        for bad in [
+            "5_out/secret.png",
+            "../real/a.png",
+            "10_char/../a.png",
+            "a/b/c.png",
+            ".x/a.png",
+            "/a.png",
+            "10_char/",
+        ] {
+            assert!(root.dataset_file(&real, bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -26,8 +26,10 @@ async function showCompare(name) {
   const out = document.getElementById("compare-out");
   if (!out) return;
   const g = await api("GET", `${base}/compare`);
-  if (g.state === "running") {
-    out.innerHTML = `<p class="state">rendering…</p><pre class="report">${esc(g.log)}</pre>`;
+  if (g.state === "running" || g.state === "queued") {
+    // grids share the queue with training runs: one thing on the GPU at a time
+    const what = g.state === "queued" ? "queued: it renders when the running job ends…" : "rendering…";
+    out.innerHTML = `<p class="state">${what}</p><pre class="report">${esc(g.log)}</pre>`;
     setTimeout(() => document.getElementById("compare-out") && showCompare(name), 1000);
     return;
   }

@@ -239,6 +239,9 @@ fn a_dataset_is_auto_captioned_through_a_configured_endpoint_only() {
     std::fs::write(ds.join("a.png"), png_bytes(40, 30)).unwrap();
     std::fs::write(ds.join("b.png"), png_bytes(41, 30)).unwrap();
     std::fs::write(ds.join("b.txt"), "kept\n").unwrap();
+    // a kohya repeat folder's image is captioned too (issue 26, item 11)
+    std::fs::create_dir(ds.join("10_char")).unwrap();
+    std::fs::write(ds.join("10_char/c.png"), png_bytes(42, 30)).unwrap();
     let post = |body: serde_json::Value| {
         let (status, _, b) = http(
             s.port,
@@ -288,20 +291,22 @@ fn a_dataset_is_auto_captioned_through_a_configured_endpoint_only() {
     assert_eq!(st["error"], serde_json::Value::Null, "{st}");
     assert_eq!(
         (st["total"].as_u64(), st["done"].as_u64()),
-        (Some(2), Some(2)),
+        (Some(3), Some(3)),
         "{st}"
     );
-    assert_eq!(
-        std::fs::read_to_string(ds.join("a.txt")).unwrap(),
-        "myakumyaku-san, sitting, office\n"
-    );
+    for txt in ["a.txt", "10_char/c.txt"] {
+        assert_eq!(
+            std::fs::read_to_string(ds.join(txt)).unwrap(),
+            "myakumyaku-san, sitting, office\n"
+        );
+    }
     assert_eq!(std::fs::read_to_string(ds.join("b.txt")).unwrap(), "kept\n");
     let posts: Vec<_> = fake
         .requests()
         .into_iter()
         .filter(|r| r.method == "POST")
         .collect();
-    assert_eq!(posts.len(), 1);
+    assert_eq!(posts.len(), 2);
     assert_eq!(posts[0].header("authorization"), Some("Bearer sk-ui-5150"));
     assert_eq!(posts[0].model().as_deref(), Some("vl"));
     assert!(!st.to_string().contains("sk-ui-5150"));
@@ -352,4 +357,126 @@ fn a_second_view_of_a_dataset_reads_no_image() {
     let page = json(&b);
     assert_eq!(page["images"][0]["file"], "a.png", "{page}");
     assert_eq!(page["images"][0]["width"], 40, "{page}");
+}
+
+#[test]
+fn a_kohya_repeat_folder_is_usable_from_the_page() {
+    let s = start(true, 1 << 20);
+    let ds = s.root.join("datasets/chars");
+    std::fs::create_dir_all(ds.join("10_char")).unwrap();
+    std::fs::create_dir_all(ds.join("2_empty")).unwrap();
+    std::fs::create_dir_all(ds.join("not_repeats")).unwrap();
+    std::fs::write(ds.join("b.png"), png_bytes(40, 30)).unwrap();
+    std::fs::write(ds.join("10_char/a.png"), png_bytes(48, 32)).unwrap();
+    std::fs::write(ds.join("10_char/a.txt"), "trig, sitting\n").unwrap();
+    let get = |path: &str| http(s.port, "GET", path, &[AUTH], b"");
+
+    // The page shows each folder with its repeats, and each image's folder.
+    let (status, _, b) = get("/api/datasets/chars");
+    assert_eq!(status, 200);
+    let d = json(&b);
+    assert_eq!(
+        d["folders"],
+        serde_json::json!([
+            {"name": ".", "repeats": 1, "images": 1},
+            {"name": "10_char", "repeats": 10, "images": 1},
+            {"name": "2_empty", "repeats": 2, "images": 0},
+        ]),
+        "{d}"
+    );
+    let a = &d["images"][0];
+    assert_eq!(
+        (&a["file"], &a["folder"], &a["repeats"]),
+        (&"10_char/a.png".into(), &"10_char".into(), &10.into())
+    );
+    assert_eq!(a["caption"], "trig, sitting");
+
+    // issue 26: its images could not be viewed or captioned (400: `file_in` refused '/')
+    let (status, _, bytes) = get("/api/datasets/chars/images/10_char%2Fa.png");
+    assert_eq!(status, 200);
+    assert_eq!(bytes, std::fs::read(ds.join("10_char/a.png")).unwrap());
+    let body = serde_json::json!({"caption": "trig, standing"}).to_string();
+    let put = |path: &str, body: &[u8]| http(s.port, "PUT", path, &[AUTH, JSON_CT], body).0;
+    assert_eq!(
+        put(
+            "/api/datasets/chars/captions/10_char%2Fa.png",
+            body.as_bytes()
+        ),
+        200
+    );
+    assert_eq!(
+        std::fs::read_to_string(ds.join("10_char/a.txt")).unwrap(),
+        "trig, standing\n"
+    );
+    assert!(
+        !ds.join("a.txt").exists(),
+        "the caption goes beside its image"
+    );
+
+    // Uploads go into a repeat folder, a new one is created; anything else is refused.
+    let png = png_bytes(40, 40);
+    assert_eq!(
+        put("/api/datasets/chars/images/c.png?folder=10_char", &png),
+        201
+    );
+    assert_eq!(std::fs::read(ds.join("10_char/c.png")).unwrap(), png);
+    assert_eq!(
+        put("/api/datasets/chars/images/d.png?folder=3_new", &png),
+        201
+    );
+    assert!(ds.join("3_new/d.png").is_file());
+    for bad in [
+        "not_repeats",
+        "0_zero",
+        "..%2F10_char",
+        "10_char%2Fx",
+        ".hidden",
+        "5_a%2F..%2F..%2F..%2Fx",
+    ] {
+        let path = format!("/api/datasets/chars/images/e.png?folder={bad}");
+        assert_eq!(put(&path, &png), 400, "{bad}");
+    }
+    let (_, _, b) = get("/api/datasets/chars");
+    let files: Vec<String> = (json(&b)["images"].as_array().unwrap().iter())
+        .map(|i| i["file"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        files,
+        ["10_char/a.png", "10_char/c.png", "3_new/d.png", "b.png"]
+    );
+
+    // Paths that leave the dataset stay refused.
+    for bad in [
+        "..%2Fchars%2Fb.png",
+        "10_char%2F..%2Fb.png",
+        "a%2Fb%2Fc.png",
+        "%2Fetc%2Fpasswd",
+    ] {
+        let (status, _, _) = get(&format!("/api/datasets/chars/images/{bad}"));
+        assert_eq!(status, 400, "{bad}");
+    }
+}
+
+#[test]
+fn request_bodies_are_limited_per_route() {
+    // uploads may be as large as --max-upload-mb says (here 4 MiB) …
+    let s = start(true, 4 << 20);
+    assert_eq!(create_dataset(s.port, "chars"), 201);
+    let mut png = png_bytes(64, 64);
+    png.resize(2 << 20, 0); // trailing bytes after IEND: still a PNG
+    let put = |path: &str, body: &[u8]| http(s.port, "PUT", path, &[AUTH, JSON_CT], body).0;
+    assert_eq!(put("/api/datasets/chars/images/big.png", &png), 201);
+    // … every other body is JSON of at most 256 KiB (issue 26: each route
+    // took the upload limit, so a 64 MiB JSON body was read and parsed)
+    let caption = "x".repeat(300 << 10);
+    let body = serde_json::json!({ "caption": caption }).to_string();
+    assert_eq!(
+        put("/api/datasets/chars/captions/big.png", body.as_bytes()),
+        413
+    );
+    let small = serde_json::json!({ "caption": "trig, sitting" }).to_string();
+    assert_eq!(
+        put("/api/datasets/chars/captions/big.png", small.as_bytes()),
+        200
+    );
 }

@@ -11,6 +11,7 @@ const TOKEN: &str = "test-token-0123456789abcdef";
 struct Server {
     port: u16,
     root: PathBuf,
+    ui: Arc<Ui>,
     _tmp: tempfile::TempDir,
 }
 
@@ -53,6 +54,7 @@ fn start_limited(
         port,
         auth,
     };
+    let served = ui.clone();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -61,13 +63,14 @@ fn start_limited(
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            serve(listener, router(ui, access, max_upload), limits)
+            serve(listener, router(served, access, max_upload), limits)
                 .await
                 .unwrap();
         });
     });
     Server {
         port,
+        ui,
         root: root_dir.canonicalize().unwrap(),
         _tmp: tmp,
     }
@@ -171,3 +174,4 @@ fn png_bytes(w: u32, h: u32) -> Vec<u8> {
 
 mod access;
 mod datasets;
+mod jobs;
