@@ -719,7 +719,10 @@ fn init_writes_a_valid_template() {
     assert_eq!(cfg.train.lr, 7e-5);
     // a fresh identity, so its state is never resumed by another job
     let id = cfg.job.id.clone().unwrap_or_default();
-    assert!(id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
+    assert!(
+        id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id:?}"
+    );
     // no overwrite without --force
     let o = lorakit(&args);
     assert!(!o.status.success() && text(&o).1.contains("--force"));
@@ -732,7 +735,10 @@ fn init_writes_a_valid_template() {
         "{said}"
     );
     let other = lora_sdxl::JobConfig::load(&bare).unwrap().job.id;
-    assert!(other.is_some() && other != cfg.job.id, "each init its own id");
+    assert!(
+        other.is_some() && other != cfg.job.id,
+        "each init its own id"
+    );
 }
 
 /// `lora resize`: rank 2 everywhere keeps ΔW of rank-2 modules and reduces

@@ -174,20 +174,19 @@ fn resume_is_bit_identical_and_extends() {
     .unwrap();
     assert!(r.interrupted);
     assert_eq!(r.step, 3);
+    let resume = |job: &JobConfig| {
+        let opts = TrainOptions {
+            resume: true,
+            ..quiet()
+        };
+        train(job, &path2, &opts)
+    };
     let a3 = lora_tensors(&s.root.join("out/full/full_000000003.safetensors"));
     let b3 = lora_tensors(&s.root.join("out/part/part_000000003.safetensors"));
     for ((ka, ta), (_, tb)) in a3.iter().zip(&b3) {
         assert!(ta.equal(tb), "{ka} differs at step 3 already");
     }
-    let r = train(
-        &part,
-        &path2,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap();
+    let r = resume(&part).unwrap();
     assert_eq!(r.step, 6);
     let a = lora_tensors(&s.root.join("out/full/full.safetensors"));
     let b = lora_tensors(&s.root.join("out/part/part.safetensors"));
@@ -197,58 +196,23 @@ fn resume_is_bit_identical_and_extends() {
         assert!(ta.equal(tb), "{ka} differs after resume");
     }
     // finished: resuming again says so; raising steps extends the run
-    let e = train(
-        &part,
-        &path2,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&part).unwrap_err().to_string();
     assert!(e.contains("raise train.steps"), "{e}");
     let mut longer = part.clone();
     longer.train.steps = 8;
-    let r = train(
-        &longer,
-        &path2,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap();
+    let r = resume(&longer).unwrap();
     assert_eq!(r.step, 8);
     // an incompatible change is refused
     let mut other = part.clone();
     other.train.steps = 10;
     other.network.linear = 8;
-    let e = train(
-        &other,
-        &path2,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&other).unwrap_err().to_string();
     assert!(e.contains("other network/model settings"), "{e}");
     // issue 26: another job reusing the folder resumed its run
     let mut foreign = longer.clone();
     foreign.train.steps = 10;
     foreign.job.id = Some("part-2".into());
-    let e = train(
-        &foreign,
-        &path2,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&foreign).unwrap_err().to_string();
     assert!(
         e.contains("written by another job (job.id = \"part-1\")"),
         "{e}"

@@ -74,6 +74,19 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A new entry waiting for its turn.
+    fn queued(job: &str, kind: Kind, resume: bool, args: Vec<String>) -> Self {
+        Self {
+            job: job.to_string(),
+            kind,
+            state: State::Queued,
+            resume,
+            pid: None,
+            error: None,
+            args,
+        }
+    }
+
     /// The path its process's command line names: the job file of a run,
     /// the output folder of a grid (how a pid is told to be ours).
     fn marker(&self, jobs_dir: &Path) -> PathBuf {
@@ -216,15 +229,9 @@ impl Queue {
         if let Err(e) = prepare() {
             return Ok(Err(e));
         }
-        inner.entries.push(Entry {
-            job: job.to_string(),
-            kind: Kind::Train,
-            state: State::Queued,
-            resume,
-            pid: None,
-            error: None,
-            args: Vec::new(),
-        });
+        inner
+            .entries
+            .push(Entry::queued(job, Kind::Train, resume, Vec::new()));
         self.save(&inner);
         Ok(Ok(()))
     }
@@ -254,15 +261,9 @@ impl Queue {
         if let Err(e) = prepare() {
             return Ok(Err(e));
         }
-        inner.entries.push(Entry {
-            job: job.to_string(),
-            kind: Kind::Grid,
-            state: State::Queued,
-            resume: false,
-            pid: None,
-            error: None,
-            args,
-        });
+        inner
+            .entries
+            .push(Entry::queued(job, Kind::Grid, false, args));
         self.save(inner);
         Ok(Ok(()))
     }
