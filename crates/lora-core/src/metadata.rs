@@ -15,6 +15,33 @@ pub enum Prediction {
     V,
 }
 
+impl Prediction {
+    /// The names a job file or a diffusers scheduler config gives them.
+    pub const NAMES: &'static [&'static str] = &["epsilon", "v_prediction"];
+
+    /// Its name in a job file or a scheduler config (`prediction_type`).
+    ///
+    /// ```
+    /// use lora_core::Prediction;
+    /// assert_eq!(Prediction::parse("v_prediction").map(Prediction::name), Some("v_prediction"));
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::V => "v_prediction",
+        }
+    }
+
+    /// From its name (`None` for a name not in [`Prediction::NAMES`]).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "epsilon" => Some(Self::Epsilon),
+            "v_prediction" => Some(Self::V),
+            _ => None,
+        }
+    }
+}
+
 /// What a LoRA file says about how it was trained. Fields map one-to-one to
 /// kohya's keys; `extra` carries any further `ss_*` key verbatim.
 #[derive(Debug, Clone, Default)]

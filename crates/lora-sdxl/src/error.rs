@@ -39,6 +39,16 @@ pub enum SdxlError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A job file's value is refused (its file and field named).
+    #[error(transparent)]
+    Job(#[from] crate::train::job::JobError),
+    /// Training cannot go on (diverged, a state that does not fit, a
+    /// resume past the end, …): what happened and what to do.
+    #[error("{reason}")]
+    Train {
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// A LoRA problem.
     #[error(transparent)]
     Lora(#[from] lora_core::LoraError),
@@ -62,6 +72,13 @@ pub enum SdxlError {
 pub type Result<T, E = SdxlError> = std::result::Result<T, E>;
 
 impl SdxlError {
+    /// A [`SdxlError::Train`] error.
+    pub(crate) fn train(reason: impl Into<String>) -> Self {
+        SdxlError::Train {
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         SdxlError::Io {
             path: path.into(),

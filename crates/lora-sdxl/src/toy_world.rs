@@ -168,8 +168,12 @@ impl Scores {
         sample: &SampleSection,
         n: usize,
     ) -> Result<Scores> {
+        let sampler = (sample.sampler.parse()).map_err(|reason| crate::SdxlError::Param {
+            name: "sample.sampler",
+            reason,
+        })?;
         let rows: Vec<GenerateParams> = (GRID_PROMPTS.iter())
-            .map(|p| sample.generate_params(p, Some(TRIGGER)))
+            .map(|p| sample.generate_params(sampler, p, Some(TRIGGER)))
             .collect();
         let mut with = Vec::new();
         for p in &rows[..3] {

@@ -4,7 +4,7 @@
 
 mod common;
 use lora_sdxl::train::job::TrainSection;
-use lora_sdxl::train::timesteps::{sigmoid_weights, TimestepSampler};
+use lora_sdxl::train::timesteps::{sigmoid_weights, TimestepSampler, TimestepSampling};
 use lora_testkit::Tolerance;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -62,7 +62,12 @@ fn the_continuous_path_and_its_shift_match_onetrainer() {
             t.max_timestep = p[1] as u32;
             t.timestep_shift = p[2];
         });
-        let got = TimestepSampler::new(&t, Device::Cpu).from_unit(u);
+        let got = TimestepSampler::new(
+            &t,
+            TimestepSampling::parse(&t.timestep_sampling).unwrap(),
+            Device::Cpu,
+        )
+        .from_unit(u);
         let want = &f[&format!("continuous.{i}.timesteps")];
         let differ = got.ne_tensor(want).sum(Kind::Int64).int64_value(&[]);
         assert_eq!(
@@ -74,7 +79,12 @@ fn the_continuous_path_and_its_shift_match_onetrainer() {
 
 fn draws(t: &TrainSection) -> Tensor {
     tch::manual_seed(3);
-    let ts = TimestepSampler::new(t, Device::Cpu).sample(200_000, Device::Cpu);
+    let ts = TimestepSampler::new(
+        t,
+        TimestepSampling::parse(&t.timestep_sampling).unwrap(),
+        Device::Cpu,
+    )
+    .sample(200_000, Device::Cpu);
     assert_eq!(ts.kind(), Kind::Int64);
     ts.to_kind(Kind::Double)
 }

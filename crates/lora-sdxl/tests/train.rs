@@ -198,6 +198,7 @@ fn resume_is_bit_identical_and_extends() {
     // finished: resuming again says so; raising steps extends the run
     let e = resume(&part).unwrap_err().to_string();
     assert!(e.contains("raise train.steps"), "{e}");
+    assert!(e.starts_with("--resume:"), "no empty path before it: {e}");
     let mut longer = part.clone();
     longer.train.steps = 8;
     let r = resume(&longer).unwrap();
@@ -236,6 +237,20 @@ fn bad_jobs_fail_before_training() {
     c.job.device = Some("cuda:7".into());
     let e = train(&c, &path, &quiet()).unwrap_err().to_string();
     assert!(e.contains("job.device"), "{e}");
+    // a refused value is a typed job error naming its file and field
+    // (issue 27: it was a string posing as a checkpoint error, ": …")
+    let (mut c, path) = job(&s, "bad4", 2, 1, 1);
+    c.train.loss = "l1".into();
+    match train(&c, &path, &quiet()) {
+        Err(lora_sdxl::SdxlError::Job(e)) => {
+            assert_eq!(
+                (e.field.as_str(), e.file.as_path()),
+                ("train.loss", path.as_path())
+            );
+            assert!(e.message.contains("l2, huber"), "{e}");
+        }
+        other => panic!("{:?}", other.err()),
+    }
 }
 
 #[test]

@@ -159,13 +159,8 @@ fn noising_and_targets() {
 #[test]
 fn lr_schedules_match_diffusers() {
     let r = reference();
-    for name in [
-        "constant",
-        "constant_with_warmup",
-        "linear",
-        "cosine",
-        "cosine_with_restarts",
-    ] {
+    // every schedule a job can name
+    for &name in LrSchedule::NAMES {
         let s = LrSchedule::parse(name).unwrap();
         let (worst, at) = (floats(&r["lr"][name]).into_iter().enumerate())
             .map(|(step, want)| ((s.lr(1e-4, step as u64, 100, 10) - want).abs(), step))
@@ -369,13 +364,13 @@ fn optimizer_state_converts_between_fp32_and_8bit() {
 /// says so; without a warm-up it stays constant.
 #[test]
 fn constant_schedule_with_warmup_warms_up() {
-    let (s, note) = LrSchedule::for_job("constant", 10).unwrap();
+    let (s, note) = LrSchedule::Constant.for_job(10);
     assert_eq!(s, LrSchedule::ConstantWithWarmup);
     assert!(note.unwrap().contains("warmup_steps = 10"));
     // the warm-up starts at 0: base · 0 / 10, exact in f64
     assert_eq!(s.lr(1e-4, 0, 100, 10), 0.0);
     assert_eq!(s.lr(1e-4, 50, 100, 10), 1e-4);
-    let (s, note) = LrSchedule::for_job("constant", 0).unwrap();
+    let (s, note) = LrSchedule::Constant.for_job(0);
     assert_eq!((s, note), (LrSchedule::Constant, None));
-    assert!(LrSchedule::for_job("nope", 0).is_none());
+    assert!(LrSchedule::parse("nope").is_none());
 }

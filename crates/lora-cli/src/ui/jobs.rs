@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State as Axum};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
+use lora_sdxl::train::Event;
 use lora_sdxl::JobConfig;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -234,28 +235,32 @@ fn progress(run_dir: &std::path::Path) -> Value {
     let mut samples: Option<u64> = None;
     let mut seen = std::collections::BTreeSet::new();
     let mut last: Option<String> = None;
+    // read through the trainer's own type: a renamed field is a compile
+    // error here, not zeros on the page
     for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<Value>(line) else {
+        let Ok(e) = serde_json::from_str::<Event>(line) else {
             continue;
         };
-        let s = e["step"].as_u64().unwrap_or(0);
-        last = e["event"].as_str().map(str::to_string);
-        match e["event"].as_str().unwrap_or_default() {
-            "started" => total = e["total_steps"].as_u64().unwrap_or(total),
-            "step" => {
+        last = Some(e.name().to_string());
+        match e {
+            Event::Started { total_steps, .. } => total = total_steps,
+            Event::Step {
+                step: s,
+                loss,
+                train_seconds,
+                ..
+            } => {
                 step = s;
-                if let Some(l) = e["loss"].as_f64() {
+                if let Some(l) = loss {
                     losses.push(json!([s, l]));
                 }
-                let t = e["train_seconds"].as_f64().unwrap_or(0.0);
-                if t > 0.0 {
-                    rate = Some(s as f64 / t);
+                if train_seconds > 0.0 {
+                    rate = Some(s as f64 / train_seconds);
                 }
             }
-            "validation" => vals.push(json!([s, e["loss"]])),
-            "samples" => samples = Some(s),
-            "checkpoint" => {
-                let path = PathBuf::from(e["path"].as_str().unwrap_or_default());
+            Event::Validation { step: s, loss, .. } => vals.push(json!([s, loss])),
+            Event::Samples { step: s, .. } => samples = Some(s),
+            Event::Checkpoint { step: s, path, .. } => {
                 let file = path
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
@@ -266,7 +271,7 @@ fn progress(run_dir: &std::path::Path) -> Value {
                     }
                 }
             }
-            _ => {}
+            Event::Stopped { .. } | Event::Finished { .. } => {}
         }
     }
     for c in &mut checkpoints {

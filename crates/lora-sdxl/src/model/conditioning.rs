@@ -122,10 +122,10 @@ pub(crate) fn encode_chunks(
 pub(crate) fn check_vocabulary(te1: &ClipTextModel, te2: &ClipTextModel) -> Result<()> {
     for te in [te1, te2] {
         if te.config.vocab_size <= EOS {
-            return Err(SdxlError::Checkpoint {
-                path: Default::default(),
+            return Err(SdxlError::Param {
+                name: "model.name_or_path",
                 reason: format!(
-                    "this text encoder has a reduced vocabulary ({} tokens); prompts need CLIP's 49408",
+                    "the checkpoint's text encoder has a reduced vocabulary ({} tokens); prompts need CLIP's 49408: use a full SDXL checkpoint",
                     te.config.vocab_size
                 ),
             });

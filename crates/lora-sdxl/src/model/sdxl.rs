@@ -126,16 +126,14 @@ fn schedule_of(ck: &Checkpoint) -> Result<(Prediction, bool, String)> {
                 reason: format!("not valid JSON: {e}"),
             })?;
         let prediction = match v.get("prediction_type").and_then(|p| p.as_str()) {
-            Some("v_prediction") => Prediction::V,
-            Some("epsilon") | None => Prediction::Epsilon,
-            Some(other) => {
-                return Err(SdxlError::Checkpoint {
-                    path: config,
-                    reason: format!(
-                        "prediction_type `{other}` is not supported (epsilon or v_prediction)"
-                    ),
-                })
-            }
+            None => Prediction::Epsilon,
+            Some(name) => Prediction::parse(name).ok_or_else(|| SdxlError::Checkpoint {
+                path: config.clone(),
+                reason: format!(
+                    "prediction_type `{name}` is not supported ({})",
+                    Prediction::NAMES.join(" or ")
+                ),
+            })?,
         };
         let ztsnr = v
             .get("rescale_betas_zero_snr")

@@ -9,3 +9,5 @@
 pub mod grid;
 pub mod samplers;
 pub mod txt2img;
+
+pub use samplers::{SamplerSpec, SAMPLER_NAMES};

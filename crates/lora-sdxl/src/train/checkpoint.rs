@@ -6,6 +6,7 @@ use super::data::Data;
 use super::ema::Ema;
 use super::job::JobConfig;
 use super::network::Network;
+use super::plan::{NetworkKind, Plan};
 use crate::error::Result;
 use lora_core::{Prediction, TrainingMetadata};
 use lora_data::caption::{CaptionProcessing, TagStats};
@@ -35,7 +36,7 @@ pub fn checkpoint_step_of(file_name: &str, name: &str) -> Option<u64> {
 
 /// kohya's training metadata for a LoRA saved at `step`.
 pub(crate) fn training_metadata(
-    job: &JobConfig,
+    (job, plan): (&JobConfig, &Plan),
     data: &Data,
     prediction: Prediction,
     step: u64,
@@ -62,9 +63,9 @@ pub(crate) fn training_metadata(
         network_dropout: (n.dropout > 0.0).then_some(n.dropout),
         rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
         module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
-        network_module: (matches!(n.r#type.as_str(), "loha" | "lokr") || n.dora)
+        network_module: (plan.network.is_lycoris() || plan.dora)
             .then(|| "lycoris.kohya".to_string()),
-        network_args: network_args(n, &job.train),
+        network_args: network_args(plan, n, &job.train),
         steps: step,
         // kohya: the 0-based epoch in progress for step saves, the number of
         // epochs run for the final save
@@ -98,11 +99,16 @@ pub(crate) fn training_metadata(
                 "ss_gradient_accumulation_steps".to_string(),
                 job.train.gradient_accumulation.to_string(),
             ),
+            // the name the job gave, as kohya echoes it (the plan's may
+            // differ: constant with a warm-up runs as constant_with_warmup)
             (
                 "ss_lr_scheduler".to_string(),
                 job.train.lr_scheduler.clone(),
             ),
-            ("ss_optimizer".to_string(), optimizer_name(job)),
+            (
+                "ss_optimizer".to_string(),
+                plan.optimizer.describe(job.train.weight_decay),
+            ),
             (
                 "ss_max_token_length".to_string(),
                 match job.train.max_token_length {
@@ -145,7 +151,7 @@ pub(crate) fn training_metadata(
             ),
             (
                 "ss_timestep_sampling".to_string(),
-                job.train.timestep_sampling.clone(),
+                plan.timesteps.name().to_string(),
             ),
             (
                 "ss_sigmoid_scale".to_string(),
@@ -186,40 +192,31 @@ pub(crate) fn training_metadata(
 /// `factor`, `decompose_both`, as LyCORIS' kohya wrapper takes them, all
 /// strings) and the block-wise settings.
 fn network_args(
+    plan: &Plan,
     n: &crate::train::job::NetworkSection,
     t: &crate::train::job::TrainSection,
 ) -> Vec<(String, String)> {
     let mut args = Vec::new();
-    if matches!(n.r#type.as_str(), "loha" | "lokr") {
-        args.push(("algo".to_string(), n.r#type.clone()));
-    } else if n.dora {
+    if plan.network.is_lycoris() {
+        args.push(("algo".to_string(), plan.network.name().to_string()));
+    } else if plan.dora {
         args.push(("algo".to_string(), "lora".to_string()));
     }
-    if n.dora {
+    if plan.dora {
         // the input-axis form (see lora_core::dora)
         args.push(("dora_wd".to_string(), "True".to_string()));
         args.push(("wd_on_output".to_string(), "False".to_string()));
     }
-    if n.r#type == "lokr" {
-        args.push(("factor".to_string(), n.factor.to_string()));
-        if n.decompose_both {
+    if plan.network == NetworkKind::Lokr {
+        let (factor, decompose_both) = plan.lokr;
+        args.push(("factor".to_string(), factor.to_string()));
+        if decompose_both {
             // LyCORIS passes this one raw: any non-empty string turns it on
             args.push(("decompose_both".to_string(), "True".to_string()));
         }
     }
     args.extend(crate::train::blocks::BlockPlan::network_args(n, t));
     args
-}
-
-/// `ss_optimizer`: the optimizer actually used and its arguments, kohya style
-/// (`class(k=v,…)`).
-fn optimizer_name(job: &JobConfig) -> String {
-    let t = &job.train;
-    match crate::train::optim::OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, t.weight_decay)
-    {
-        Ok(args) => args.describe(t.weight_decay),
-        Err(_) => t.optimizer.clone(), // a validated job always parses
-    }
 }
 
 /// `ss_tag_frequency` as kohya writes it: per dataset folder (a kohya
@@ -260,7 +257,7 @@ fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<Stri
 
 /// Writes the LoRA of `step` with its metadata and returns its path.
 pub(crate) fn save_lora(
-    job: &JobConfig,
+    (job, plan): (&JobConfig, &Plan),
     run_dir: &Path,
     network: &Network,
     ema: Option<&Ema>,
@@ -268,7 +265,7 @@ pub(crate) fn save_lora(
     last: bool,
     md: &TrainingMetadata,
 ) -> Result<PathBuf> {
-    let kind = lora_core::io::kind_from_name(&job.save.dtype).unwrap_or(tch::Kind::Float);
+    let kind = plan.save_dtype.kind();
     let path = checkpoint_path(run_dir, &job.job.name, step, last);
     let mut meta = md.to_map();
     if let Some(e) = ema {

@@ -4,7 +4,7 @@
 //! same batches.
 
 use super::job::JobConfig;
-use crate::error::{Result, SdxlError};
+use crate::error::Result;
 use lora_data::caption::CaptionProcessing;
 use lora_data::loader::{
     batch_groups, derived_rng, epoch_rng, plan_epoch, plan_items, ItemGroups, PlannedBatch,
@@ -14,14 +14,6 @@ use lora_data::{ImageEntry, PlanConfig, ScanOptions, Severity};
 use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// A training error that is not about one file.
-pub(crate) fn terr(reason: impl Into<String>) -> SdxlError {
-    SdxlError::Checkpoint {
-        path: PathBuf::new(),
-        reason: reason.into(),
-    }
-}
 
 /// One item of a planned batch: which image, from which dataset.
 #[derive(Debug, Clone)]
@@ -34,7 +26,7 @@ pub(crate) struct Sample {
 pub(crate) type Batch = (PlannedBatch, Vec<Sample>);
 
 /// How many usable images one `[[datasets]]` folder gave.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetSummary {
     /// The folder.
     pub folder: PathBuf,
@@ -94,7 +86,7 @@ impl Data {
                     ..Default::default()
                 },
             )
-            .map_err(|e| terr(e.to_string()))?;
+            .map_err(|e| crate::SdxlError::train(e.to_string()))?;
             for p in scan
                 .problems
                 .iter()
@@ -138,7 +130,7 @@ impl Data {
                 .iter()
                 .map(|d| d.folder_path.display().to_string())
                 .collect();
-            return Err(terr(format!(
+            return Err(crate::SdxlError::train(format!(
                 "no usable image in {}: nothing to train on (run `lorakit dataset check` on the folder)",
                 dirs.join(", ")
             )));

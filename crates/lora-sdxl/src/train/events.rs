@@ -30,7 +30,7 @@ use super::job::JobConfig;
 use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
 use crate::model::tokenizer::ClipTokenizer;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,10 @@ use std::path::{Path, PathBuf};
 /// then [`Event::Checkpoint`] when files were saved (they are on disk by
 /// then). [`Event::Samples`] is emitted by the samples observer after it
 /// rendered a round.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+///
+/// The same type reads `events.jsonl` back (`lorakit ui` does): one schema
+/// for the writer and its readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The run is set up and about to train (from `step`; `resumed` when
@@ -128,11 +131,28 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// Its name in `events.jsonl` (the `event` field).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Started { .. } => "started",
+            Event::Step { .. } => "step",
+            Event::Validation { .. } => "validation",
+            Event::Checkpoint { .. } => "checkpoint",
+            Event::Samples { .. } => "samples",
+            Event::Stopped { .. } => "stopped",
+            Event::Finished { .. } => "finished",
+        }
+    }
+}
+
 /// What observers may read of a run: the job, its folder, and the model
 /// with the LoRA under training attached (for sampling with it).
 pub struct RunView<'a> {
     /// The job.
     pub job: &'a JobConfig,
+    /// Its named choices, typed.
+    pub plan: &'a crate::train::plan::Plan,
     /// The job file (for messages).
     pub job_path: &'a Path,
     /// `<output_dir>/<name>`.
@@ -147,6 +167,7 @@ pub struct RunView<'a> {
 impl<'a> RunView<'a> {
     pub(crate) fn new(
         job: &'a JobConfig,
+        plan: &'a crate::train::plan::Plan,
         job_path: &'a Path,
         run_dir: &'a Path,
         model: &'a SdxlModel,
@@ -154,6 +175,7 @@ impl<'a> RunView<'a> {
     ) -> Self {
         Self {
             job,
+            plan,
             job_path,
             run_dir,
             model,
@@ -203,4 +225,72 @@ pub(crate) fn dispatch(
         queue.extend(view.emitted.borrow_mut().drain(..));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event reads back as it was written, under the name `name()`
+    /// gives (the UI reads `events.jsonl` through this type).
+    #[test]
+    fn every_event_reads_back_as_written() {
+        let events = [
+            Event::Started {
+                step: 0,
+                total_steps: 9,
+                resumed: true,
+                datasets: vec![DatasetSummary {
+                    folder: "data".into(),
+                    usable: 3,
+                    files: 4,
+                    is_reg: false,
+                    samples_per_epoch: 30,
+                }],
+                modules: 258,
+                images: 3,
+                samples_per_epoch: 30,
+                device: "Cpu".into(),
+                notes: vec!["a note".into()],
+            },
+            Event::Step {
+                step: 1,
+                loss: Some(0.25),
+                lr: 1e-4,
+                seconds: 1.5,
+                train_seconds: 1.0,
+            },
+            Event::Step {
+                step: 2,
+                loss: None,
+                lr: 1e-4,
+                seconds: 2.5,
+                train_seconds: 2.0,
+            },
+            Event::Validation {
+                step: 2,
+                loss: 0.5,
+                reg_loss: Some(0.75),
+                seconds: 3.0,
+            },
+            Event::Checkpoint {
+                step: 2,
+                path: "out/x_000000002.safetensors".into(),
+                state: "out/state.safetensors".into(),
+                last: false,
+            },
+            Event::Samples {
+                step: 2,
+                dir: "out/samples".into(),
+            },
+            Event::Stopped { step: 2 },
+            Event::Finished { step: 9 },
+        ];
+        for e in events {
+            let line = serde_json::to_string(&e).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["event"], e.name(), "{line}");
+            assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e, "{line}");
+        }
+    }
 }

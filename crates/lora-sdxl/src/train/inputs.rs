@@ -3,7 +3,7 @@
 //! images decoded on a background thread meanwhile) and its text and size
 //! conditioning (optionally from the in-memory text-embedding cache).
 
-use super::data::{terr, Batch, Sample};
+use super::data::{Batch, Sample};
 use super::run::Env;
 use super::schedule::latent_mask;
 use super::shard::rows;
@@ -246,7 +246,8 @@ impl Env {
                 let (moments, mask) = (cpu(&e.moments), e.mask.as_ref().map(cpu));
                 let mut stored = vec![("moments", &moments)];
                 stored.extend(mask.as_ref().map(|m| ("mask", m)));
-                c.put(k, &stored).map_err(|e| terr(e.to_string()))?;
+                c.put(k, &stored)
+                    .map_err(|e| crate::SdxlError::train(e.to_string()))?;
                 self.inputs.memory.borrow_mut().insert(k.clone(), e.clone());
             }
         }
@@ -395,7 +396,7 @@ impl Env {
             }
         };
         if !lb.skipped.is_empty() || lb.items.is_empty() {
-            return Err(terr(format!(
+            return Err(crate::SdxlError::train(format!(
                 "could not read {}: the dataset changed during training",
                 lb.skipped.join(", ")
             )));

@@ -56,7 +56,7 @@ impl LossMeter {
 
 /// The error of a run whose loss or gradients became NaN or Inf.
 fn diverged(step: u64, loss: f64) -> crate::SdxlError {
-    super::data::terr(format!(
+    crate::SdxlError::train(format!(
         "training diverged: the loss (or a gradient norm) is {loss} by step {step}. Nothing was saved for this step; the last checkpoint and state.safetensors are kept. Lower train.lr, or use train.dtype = \"bf16\" or \"fp32\", then resume or restart"
     ))
 }
@@ -75,7 +75,14 @@ impl Run {
     ) -> Result<TrainReport> {
         let env = &self.env;
         let (job, t) = (&env.job, &env.job.train);
-        let view = RunView::new(job, &env.job_path, &env.run_dir, &env.model, &env.tok);
+        let view = RunView::new(
+            job,
+            &env.plan,
+            &env.job_path,
+            &env.run_dir,
+            &env.model,
+            &env.tok,
+        );
         let mut report = TrainReport {
             step: self.pos.step,
             interrupted: false,
@@ -246,7 +253,7 @@ impl Run {
     fn save(&self, last: bool) -> Result<(PathBuf, PathBuf)> {
         let env = &self.env;
         let md = training_metadata(
-            &env.job,
+            (&env.job, &env.plan),
             &env.data,
             env.model.detected.prediction,
             self.pos.step,
@@ -255,7 +262,7 @@ impl Run {
             last,
         );
         let path = save_lora(
-            &env.job,
+            (&env.job, &env.plan),
             &env.run_dir,
             &self.network,
             self.optim.ema.as_ref(),

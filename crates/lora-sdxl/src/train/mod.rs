@@ -3,6 +3,7 @@
 //! | concept | file |
 //! |---|---|
 //! | the job file: schema, defaults, validation, template | [`job`] |
+//! | every named choice of a job parsed once into enums ([`plan::Plan`]) | [`plan`] |
 //! | setup: validate, load, attach the LoRA, resume ([`Run::prepare`]) | [`run`] |
 //! | the loop ([`Run::fit`]) | `loop.rs` |
 //! | one step's objective: noise, target, loss; validation loss | `step.rs` |
@@ -22,6 +23,7 @@
 
 pub mod blocks;
 pub mod checkpoint;
+mod choice;
 pub mod data;
 pub mod ema;
 pub mod events;
@@ -32,6 +34,7 @@ mod network;
 pub mod noise;
 pub mod observers;
 pub mod optim;
+pub mod plan;
 pub mod run;
 pub mod schedule;
 mod shard;

@@ -3,7 +3,8 @@
 //! LyCORIS' LoHa / LoKr factors — attached to the model's slots.
 
 use super::blocks::{block_index, BlockPlan};
-use super::job::{JobConfig, NetworkSection};
+use super::job::JobConfig;
+use super::plan::{NetworkKind, Plan};
 use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
 use crate::model::targets::{lora_targets, Target, TargetScope};
@@ -66,10 +67,10 @@ pub(crate) struct Network {
 impl Network {
     /// Builds kohya-initialised adapters (seeded by `job.seed`) for every
     /// module the job trains and attaches them to `model` at strength 1.
-    pub fn attach(job: &JobConfig, model: &SdxlModel, device: Device) -> Result<Self> {
+    pub fn attach(job: &JobConfig, kind: &Plan, model: &SdxlModel, device: Device) -> Result<Self> {
         let n = &job.network;
         let plan = BlockPlan::new(n, &job.train)
-            .map_err(|(field, m)| super::data::terr(format!("{field}: {m}")))?;
+            .map_err(|(field, m)| crate::SdxlError::train(format!("{field}: {m}")))?;
         let conv = match &plan {
             Some(p) => p.conv_dims.iter().any(|&d| d > 0),
             None => n.conv > 0,
@@ -94,8 +95,8 @@ impl Network {
             if rank == 0 {
                 continue; // a block without LoRA (block_dims or a zero rate weight)
             }
-            let mut a = new_adapter(n, &t, rank, alpha, device)?;
-            if n.dora {
+            let mut a = new_adapter(kind, &t, rank, alpha, device)?;
+            if kind.dora {
                 let slot = model.slots.get(&t.key).ok_or_else(|| {
                     crate::error::SdxlError::Lora(lora_core::LoraError::Invalid(format!(
                         "`{}` has no layer to decompose",
@@ -179,10 +180,10 @@ impl Network {
     }
 }
 
-/// A fresh adapter of `network.type` for target `t`: a kohya pair, or
-/// LyCORIS' LoHa / LoKr (`network.factor`, `network.decompose_both`).
+/// A fresh adapter of the plan's network type for target `t`: a kohya
+/// pair, or LyCORIS' LoHa / LoKr (`network.factor`, `network.decompose_both`).
 fn new_adapter(
-    n: &NetworkSection,
+    plan: &Plan,
     t: &Target,
     rank: i64,
     alpha: f64,
@@ -190,8 +191,8 @@ fn new_adapter(
 ) -> Result<LoraAdapter> {
     let opts = (Kind::Float, device);
     let (i, o) = (t.in_features, t.out_features);
-    Ok(match n.r#type.as_str() {
-        "loha" => LoraAdapter::from_lyco(LycoAdapter::new_loha(
+    Ok(match plan.network {
+        NetworkKind::Loha => LoraAdapter::from_lyco(LycoAdapter::new_loha(
             i,
             o,
             rank,
@@ -199,15 +200,17 @@ fn new_adapter(
             t.geometry,
             opts,
         )?),
-        "lokr" => LoraAdapter::from_lyco(LycoAdapter::new_lokr(
+        NetworkKind::Lokr => LoraAdapter::from_lyco(LycoAdapter::new_lokr(
             i,
             o,
             rank,
             Some(alpha),
-            (n.factor, n.decompose_both),
+            plan.lokr,
             t.geometry,
             opts,
         )?),
-        _ => LoraAdapter::new(i, o, rank, Some(alpha), t.geometry, Kind::Float, device)?,
+        NetworkKind::Lora | NetworkKind::Locon => {
+            LoraAdapter::new(i, o, rank, Some(alpha), t.geometry, Kind::Float, device)?
+        }
     })
 }

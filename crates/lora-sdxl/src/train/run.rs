@@ -20,13 +20,14 @@
 //! empty file, and holds nothing once the process has ended).
 
 use super::blocks::BlockPlan;
-use super::data::{terr, Batch, Data};
+use super::data::{Batch, Data};
 use super::ema::Ema;
 use super::events::Observers;
 use super::inputs::Inputs;
 use super::job::JobConfig;
 use super::network::{Leaf, Network};
-use super::optim::{clear_grads, clip_grad_norm, Optimizer, OptimizerArgs};
+use super::optim::{clear_grads, clip_grad_norm, Optimizer};
+use super::plan::Plan;
 use super::schedule::{LrSchedule, NoiseSchedule, ScheduleTables};
 use super::state::{remove_stale_temp_files, restore_state, shape_hash, Position, RunLock};
 use crate::error::{Result, SdxlError};
@@ -112,6 +113,8 @@ pub fn train_with<'o>(
 /// What a step reads: the job, the model, the data and the caches.
 pub(crate) struct Env {
     pub job: JobConfig,
+    /// Every named choice of `job`, typed.
+    pub plan: Plan,
     pub job_path: PathBuf,
     pub run_dir: PathBuf,
     pub model: SdxlModel,
@@ -145,15 +148,17 @@ pub(crate) struct Optimizers {
 }
 
 impl Optimizers {
-    fn new(job: &JobConfig, network: &Network, notes: &mut Vec<String>) -> Result<Self> {
+    fn new(
+        job: &JobConfig,
+        plan: &Plan,
+        network: &Network,
+        notes: &mut Vec<String>,
+    ) -> Result<Self> {
         let t = &job.train;
-        let (schedule, note) = LrSchedule::for_job(&t.lr_scheduler, t.warmup_steps)
-            .ok_or_else(|| terr("bad lr_scheduler"))?;
-        if let Some(note) = note {
+        if let Some(note) = &plan.schedule_note {
             tracing::warn!("{note}");
         }
-        let args = OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, t.weight_decay)
-            .map_err(|(k, m)| terr(format!("train.optimizer_args.{k}: {m}")))?;
+        let args = &plan.optimizer;
         if let Some(note) = args.note() {
             tracing::warn!("{note}");
             notes.push(note);
@@ -171,7 +176,7 @@ impl Optimizers {
             lrs: vec![0.0; factors.len()],
             factors,
             params: network.all_params(),
-            schedule,
+            schedule: plan.schedule,
             lr: t.lr,
             te_lr: t.text_encoder_lr.unwrap_or(t.lr),
             warmup: t.warmup_steps,
@@ -211,7 +216,8 @@ type Factor = (bool, f64);
 /// LoRA+ splits each into down and up matrices (`…_up`, rate × ratio).
 fn param_groups(job: &JobConfig, network: &Network) -> Result<(Vec<Group>, Vec<Factor>)> {
     let t = &job.train;
-    let plan = BlockPlan::new(&job.network, t).map_err(|(f, m)| terr(format!("{f}: {m}")))?;
+    let plan = BlockPlan::new(&job.network, t)
+        .map_err(|(f, m)| crate::SdxlError::train(format!("{f}: {m}")))?;
     let ratio = t.loraplus_lr_ratio;
     let (mut groups, mut factors) = (Vec::new(), Vec::new());
     let mut add = |name: String, te: bool, f: f64, params: Vec<Vec<Tensor>>| {
@@ -287,14 +293,11 @@ pub struct Run {
 /// go into `notes`. `detected` is updated so that samples use the same.
 fn objective_of(
     job: &JobConfig,
+    plan: &Plan,
     detected: &mut Detected,
     notes: &mut Vec<String>,
 ) -> (Prediction, bool) {
-    let prediction = match job.model.prediction.as_deref() {
-        Some("v_prediction") => Prediction::V,
-        Some(_) => Prediction::Epsilon,
-        None => detected.prediction,
-    };
+    let prediction = plan.prediction.unwrap_or(detected.prediction);
     let ztsnr = job
         .model
         .zero_terminal_snr
@@ -313,7 +316,7 @@ fn objective_of(
         } else {
             "epsilon"
         },
-        from(job.model.prediction.is_some()),
+        from(plan.prediction.is_some()),
         if ztsnr { "on" } else { "off" },
         from(job.model.zero_terminal_snr.is_some()),
     ));
@@ -331,14 +334,16 @@ impl Run {
     /// other (data, device, model, run folder and lock, LoRA, optimizers,
     /// saved state, data-parallel group), read as one sequence.
     pub fn prepare(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Self> {
-        job.validate(job_path).map_err(|e| terr(e.to_string()))?;
+        let plan = job.validate(job_path)?;
         let started = Instant::now();
         let started_unix = lora_core::metadata::now_unix();
         let world = opts.dist.as_ref().map_or(1, |pg| pg.world());
         let main = opts.dist.as_ref().is_none_or(|pg| pg.is_main());
         let data = Data::scan(job, world)?;
-        let device = crate::model::sdxl::resolve_device(job.job.device.as_deref())
-            .map_err(|e| terr(format!("{}: job.device: {e}", job_path.display())))?;
+        let device =
+            crate::model::sdxl::resolve_device(job.job.device.as_deref()).map_err(|e| {
+                crate::SdxlError::train(format!("{}: job.device: {e}", job_path.display()))
+            })?;
         let info = crate::device::DeviceInfo::query();
         // one GPU per local rank (ranks share GPUs when there are more)
         let device = match (&opts.dist, device) {
@@ -347,10 +352,10 @@ impl Run {
             }
             _ => device,
         };
-        let kind = lora_core::io::kind_from_name(&job.train.dtype).unwrap_or(tch::Kind::Float);
+        let kind = plan.train_dtype.kind();
         let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
         let mut notes = vec![info.describe(device, kind)];
-        let (prediction, ztsnr) = objective_of(job, &mut model.detected, &mut notes);
+        let (prediction, ztsnr) = objective_of(job, &plan, &mut model.detected, &mut notes);
         let (checkpointing, why) = job.train.gradient_checkpointing.resolve(
             "train.gradient_checkpointing",
             device.is_cuda(),
@@ -365,7 +370,7 @@ impl Run {
             if checkpointing { "on" } else { "off" }
         ));
         model.set_gradient_checkpointing(checkpointing);
-        if let Some(p) = job.train.vram.as_deref().and_then(super::job::vram::find) {
+        if let Some(p) = plan.vram {
             notes.push(p.note());
         }
         let schedule = NoiseSchedule::sdxl(ztsnr);
@@ -379,9 +384,9 @@ impl Run {
         } else {
             None
         };
-        let network = Network::attach(job, &model, device)?;
-        let mut optim = Optimizers::new(job, &network, &mut notes)?;
-        let hash = shape_hash(job);
+        let network = Network::attach(job, &plan, &model, device)?;
+        let mut optim = Optimizers::new(job, &plan, &network, &mut notes)?;
+        let hash = shape_hash(job, &plan);
         let state = run_dir.join("state.safetensors");
         let resumed = opts.resume && state.exists();
         if opts.resume && !resumed {
@@ -401,7 +406,7 @@ impl Run {
                 device,
             )?;
             if pos.step >= job.train.steps {
-                return Err(terr(format!(
+                return Err(crate::SdxlError::train(format!(
                     "--resume: the run already reached step {} of train.steps = {}; raise train.steps to extend it",
                     pos.step, job.train.steps
                 )));
@@ -465,7 +470,12 @@ impl Run {
                 run_dir,
                 v_pred: prediction == Prediction::V,
                 tables: ScheduleTables::new(&schedule, device),
-                timesteps: crate::train::timesteps::TimestepSampler::new(&job.train, device),
+                timesteps: crate::train::timesteps::TimestepSampler::new(
+                    &job.train,
+                    plan.timesteps,
+                    device,
+                ),
+                plan,
                 model,
                 tok: ClipTokenizer::new(),
                 data,

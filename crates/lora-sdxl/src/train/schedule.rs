@@ -122,39 +122,28 @@ pub fn batch_loss(per: &Tensor, reg: usize, prior_loss_weight: f64) -> Tensor {
     (train + prior) / b as f64
 }
 
-/// Learning-rate schedules (diffusers `get_scheduler` semantics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LrSchedule {
-    /// Constant.
-    Constant,
-    /// Linear warm-up, then constant.
-    ConstantWithWarmup,
-    /// Warm-up, then linear decay to 0.
-    Linear,
-    /// Warm-up, then half a cosine to 0.
-    Cosine,
-    /// Warm-up, then cosine with hard restarts (one cycle).
-    CosineWithRestarts,
+super::choice::choices! {
+    /// Learning-rate schedules (diffusers `get_scheduler` semantics).
+    pub enum LrSchedule {
+        /// Constant.
+        Constant = "constant",
+        /// Linear warm-up, then constant.
+        ConstantWithWarmup = "constant_with_warmup",
+        /// Warm-up, then half a cosine to 0.
+        Cosine = "cosine",
+        /// Warm-up, then linear decay to 0.
+        Linear = "linear",
+        /// Warm-up, then cosine with hard restarts (one cycle).
+        CosineWithRestarts = "cosine_with_restarts",
+    }
 }
 
 impl LrSchedule {
-    /// From the job file name.
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "constant" => Self::Constant,
-            "constant_with_warmup" => Self::ConstantWithWarmup,
-            "linear" => Self::Linear,
-            "cosine" => Self::Cosine,
-            "cosine_with_restarts" => Self::CosineWithRestarts,
-            _ => return None,
-        })
-    }
     /// The schedule a job runs: `constant` with `warmup_steps > 0` runs as
     /// `constant_with_warmup` (diffusers' `constant` would silently ignore
     /// the warm-up the user asked for); the second value says so, for the log.
-    pub fn for_job(name: &str, warmup: u64) -> Option<(Self, Option<String>)> {
-        let s = Self::parse(name)?;
-        Some(if s == Self::Constant && warmup > 0 {
+    pub fn for_job(self, warmup: u64) -> (Self, Option<String>) {
+        if self == Self::Constant && warmup > 0 {
             (
                 Self::ConstantWithWarmup,
                 Some(format!(
@@ -162,8 +151,8 @@ impl LrSchedule {
                 )),
             )
         } else {
-            (s, None)
-        })
+            (self, None)
+        }
     }
     /// The learning rate at optimizer step `step` (0-based) of `total`.
     pub fn lr(self, base: f64, step: u64, total: u64, warmup: u64) -> f64 {

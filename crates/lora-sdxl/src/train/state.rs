@@ -3,11 +3,11 @@
 //! the data (step, epoch, batch) and a hash of the settings the state depends
 //! on. Written atomically (temp file, fsync, rename).
 
-use super::data::terr;
 use super::ema::Ema;
 use super::job::JobConfig;
 use super::network::Network;
 use super::optim::Optimizer;
+use super::plan::{NetworkKind, Plan};
 use crate::error::Result;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,7 +28,7 @@ pub(crate) struct Position {
 }
 
 /// Hash of the settings a saved state depends on (ranks, alphas, targets, base model).
-pub(crate) fn shape_hash(job: &JobConfig) -> String {
+pub(crate) fn shape_hash(job: &JobConfig, plan: &Plan) -> String {
     let model_size = std::fs::metadata(&job.model.name_or_path)
         .map(|m| m.len())
         .unwrap_or(0);
@@ -51,11 +51,10 @@ pub(crate) fn shape_hash(job: &JobConfig) -> String {
     if job.train.loraplus_lr_ratio.is_some() {
         s.push_str(" loraplus"); // its optimizer groups differ
     }
-    if n.r#type != "lora" || n.dora {
-        s.push_str(&format!(
-            " type={} factor={} both={}",
-            n.r#type, n.factor, n.decompose_both
-        ));
+    if plan.network != NetworkKind::Lora || plan.dora {
+        let (factor, both) = plan.lokr;
+        let kind = plan.network.name();
+        s.push_str(&format!(" type={kind} factor={factor} both={both}"));
     }
     // block-wise ranks change the modules, block rates the groups
     for (k, v) in crate::train::blocks::BlockPlan::network_args(n, &job.train) {
@@ -98,12 +97,14 @@ pub fn foreign_state(path: &Path, job_id: Option<&str>) -> Result<Option<String>
     if job_id.is_none() {
         return Ok(None);
     }
-    let file = std::fs::File::open(path).map_err(|e| terr(format!("{}: {e}", path.display())))?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| crate::SdxlError::train(format!("{}: {e}", path.display())))?;
     // SAFETY: read-only map of a state file, read while this process holds it
     let map = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| terr(format!("{}: {e}", path.display())))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
-        .map_err(|e| terr(format!("{}: not a state file: {e}", path.display())))?;
+        .map_err(|e| crate::SdxlError::train(format!("{}: {e}", path.display())))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+        crate::SdxlError::train(format!("{}: not a state file: {e}", path.display()))
+    })?;
     let md = meta.metadata().as_ref();
     let state_id = md.and_then(|m| m.get(JOB_ID)).map(String::as_str);
     Ok(refusal(path, state_id, job_id))
@@ -165,13 +166,14 @@ pub(crate) fn restore_state(
     ema: Option<&mut Ema>,
     device: Device,
 ) -> Result<Position> {
-    let st = lora_core::io::read_tensors(path).map_err(|e| terr(format!("--resume: {e}")))?;
+    let st = lora_core::io::read_tensors(path)
+        .map_err(|e| crate::SdxlError::train(format!("--resume: {e}")))?;
     let md = &st.metadata;
     if let Some(why) = refusal(path, md.get(JOB_ID).map(String::as_str), job_id) {
-        return Err(terr(format!("--resume: {why}")));
+        return Err(crate::SdxlError::train(format!("--resume: {why}")));
     }
     if md.get("lorakit.job_hash").map(String::as_str) != Some(hash) {
-        return Err(terr(format!(
+        return Err(crate::SdxlError::train(format!(
             "--resume: {} was saved for other network/model settings (rank, alpha, conv, trained parts, LoRA+ on or off, or base model changed); start a new run (another job.name) or restore those settings",
             path.display()
         )));
@@ -179,7 +181,7 @@ pub(crate) fn restore_state(
     let num = |k: &str| {
         md.get(k)
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| terr(format!("--resume: state lacks {k}")))
+            .ok_or_else(|| crate::SdxlError::train(format!("--resume: state lacks {k}")))
     };
     let pos = Position {
         step: num("lorakit.step")?,
@@ -191,7 +193,7 @@ pub(crate) fn restore_state(
     let get = |k: String| {
         map.get(&k)
             .map(|t| t.to_device(device))
-            .ok_or_else(|| terr(format!("--resume: state lacks `{k}`")))
+            .ok_or_else(|| crate::SdxlError::train(format!("--resume: state lacks `{k}`")))
     };
     tch::no_grad(|| -> Result<()> {
         for l in &network.leaves {
@@ -203,7 +205,7 @@ pub(crate) fn restore_state(
     })?;
     let family = md.get("lorakit.optimizer").map_or("adam", String::as_str);
     if family != opt.family() {
-        return Err(terr(format!(
+        return Err(crate::SdxlError::train(format!(
             "--resume: {} holds a {family} state but train.optimizer is now {}; restore train.optimizer or start a new run (another job.name)",
             path.display(),
             opt.family()
@@ -213,7 +215,7 @@ pub(crate) fn restore_state(
     let steps = num("lorakit.optimizer.steps").or_else(|_| num("lorakit.adam.unet.steps"))?;
     let lookup = |k: &str| map.get(k).map(|t| t.shallow_clone());
     opt.load_state(&lookup, steps)
-        .map_err(|k| terr(format!("--resume: state lacks `{k}`")))?;
+        .map_err(|k| crate::SdxlError::train(format!("--resume: state lacks `{k}`")))?;
     if let Some(e) = ema {
         match md.get("lorakit.ema.steps").and_then(|v| v.parse::<u64>().ok()) {
             Some(n) => {
@@ -251,7 +253,7 @@ impl RunLock {
             .map_err(|e| crate::SdxlError::io(&path, e))?;
         match file.try_lock() {
             Ok(()) => Ok(Self { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(terr(format!(
+            Err(std::fs::TryLockError::WouldBlock) => Err(crate::SdxlError::train(format!(
                 "another training run is using {} (it holds {}); wait for it to finish or stop it, or give this job another job.name",
                 run_dir.display(),
                 path.display()

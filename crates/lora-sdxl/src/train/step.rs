@@ -3,6 +3,7 @@
 
 use super::data::{Batch, Sample};
 use super::noise::{input_noise, training_noise};
+use super::plan::Loss;
 use super::run::Env;
 use super::schedule::{batch_loss, per_sample_loss};
 use super::shard::rows;
@@ -78,7 +79,7 @@ impl Env {
             .model
             .unet
             .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
-        let huber = (t.loss == "huber").then_some((&self.tables, &ts));
+        let huber = (self.plan.loss == Loss::Huber).then_some((&self.tables, &ts));
         let mut per = per_sample_loss(&pred, &target, huber, mask.as_ref());
         if let Some(g) = t.min_snr_gamma {
             per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);

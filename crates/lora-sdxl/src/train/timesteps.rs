@@ -21,26 +21,15 @@ use super::job::TrainSection;
 use super::schedule::NUM_TIMESTEPS;
 use tch::{Device, Kind, Tensor};
 
-/// `train.timestep_sampling`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimestepSampling {
-    /// Uniform over the range.
-    Uniform,
-    /// Discrete sigmoid-weighted.
-    Sigmoid,
-    /// Logit-normal.
-    LogitNormal,
-}
-
-impl TimestepSampling {
-    /// From the job file's name (`None` for an unknown one).
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "uniform" => Self::Uniform,
-            "sigmoid" => Self::Sigmoid,
-            "logit_normal" => Self::LogitNormal,
-            _ => return None,
-        })
+super::choice::choices! {
+    /// `train.timestep_sampling`.
+    pub enum TimestepSampling {
+        /// Uniform over the range.
+        Uniform = "uniform",
+        /// Discrete sigmoid-weighted.
+        Sigmoid = "sigmoid",
+        /// Logit-normal.
+        LogitNormal = "logit_normal",
     }
 }
 
@@ -69,10 +58,9 @@ pub struct TimestepSampler {
 }
 
 impl TimestepSampler {
-    /// The sampler of a job's `[train]` on `device`.
-    pub fn new(t: &TrainSection, device: Device) -> Self {
-        let kind =
-            TimestepSampling::parse(&t.timestep_sampling).unwrap_or(TimestepSampling::Uniform);
+    /// The sampler of a job's `[train]` drawing as `kind` (the plan's
+    /// `timestep_sampling`) on `device`.
+    pub fn new(t: &TrainSection, kind: TimestepSampling, device: Device) -> Self {
         let (min, max) = (i64::from(t.min_timestep), i64::from(t.max_timestep));
         let scale = t.sigmoid_scale.unwrap_or(0.0);
         let bias = t.sigmoid_bias;

@@ -11,6 +11,7 @@
 //! runs it started still alive and follows them, and marks the others
 //! interrupted (resumable).
 
+use lora_sdxl::train::Event;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -122,12 +123,11 @@ struct Inner {
     stops: u32,
 }
 
-/// The last event name in a run's `events.jsonl` (`finished`, `stopped`, …).
-pub fn last_event(run_dir: &Path) -> Option<String> {
+/// The last event in a run's `events.jsonl`, read through the trainer's type.
+fn last_event(run_dir: &Path) -> Option<Event> {
     let text = std::fs::read_to_string(run_dir.join("events.jsonl")).ok()?;
     let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    v["event"].as_str().map(str::to_string)
+    serde_json::from_str(line).ok()
 }
 
 /// The last `lines` lines of a text file (empty when it cannot be read).
@@ -352,9 +352,9 @@ impl Queue {
             e.state = match (ok, e.kind) {
                 (false, _) => State::Failed,
                 (true, Kind::Grid) => State::Done,
-                (true, Kind::Train) => match last_event(&run_dir).as_deref() {
-                    Some("finished") => State::Done,
-                    Some("stopped") => State::Stopped,
+                (true, Kind::Train) => match last_event(&run_dir) {
+                    Some(Event::Finished { .. }) => State::Done,
+                    Some(Event::Stopped { .. }) => State::Stopped,
                     _ => State::Interrupted,
                 },
             };

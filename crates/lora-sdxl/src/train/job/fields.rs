@@ -2,6 +2,14 @@
 //! its value must follow. The unknown-key check, the value checks and the
 //! template (`lorakit init`) are all read from this table; defaults come from
 //! the sections' `Default` impls.
+//!
+//! A named choice's list is its enum's `NAMES` (see `train::plan`), so the
+//! names validated here are the names the plan parses.
+
+use crate::train::optim::OptimizerArgs;
+use crate::train::plan::{Loss, NetworkKind, SaveDtype, TrainDtype};
+use crate::train::schedule::LrSchedule;
+use crate::train::timesteps::TimestepSampling;
 
 /// What a value must be (beyond its TOML type, which serde checks).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -185,9 +193,9 @@ pub const FIELDS: &[Field] = &[
     f("job", "seed", Rule::Free, "seed of everything random"),
     f("model", "arch", Rule::OneOf(&["sdxl"]), "SDXL 1.0 and fine-tunes (Illustrious, Pony, NoobAI…)"),
     f("model", "name_or_path", Rule::Free, "single-file checkpoint (.safetensors) or diffusers folder"),
-    f("model", "prediction", Rule::OneOf(&["epsilon", "v_prediction"]), "default: from the checkpoint (v_pred key, or a folder's scheduler config)").example("\"v_prediction\""),
+    f("model", "prediction", Rule::OneOf(lora_core::Prediction::NAMES), "default: from the checkpoint (v_pred key, or a folder's scheduler config)").example("\"v_prediction\""),
     f("model", "zero_terminal_snr", Rule::Free, "rescale the noise schedule to zero terminal SNR; default: from the checkpoint (ztsnr key, or a folder's scheduler config)").example("true"),
-    f("network", "type", Rule::OneOf(&["lora", "locon", "loha", "lokr"]), "lora / locon: kohya's LoRA (LoCon when conv > 0); loha / lokr: LyCORIS' LoHa (Hadamard product of two low-rank pairs) and LoKr (Kronecker product; small files), saved as LyCORIS saves them"),
+    f("network", "type", Rule::OneOf(NetworkKind::NAMES), "lora / locon: kohya's LoRA (LoCon when conv > 0); loha / lokr: LyCORIS' LoHa (Hadamard product of two low-rank pairs) and LoKr (Kronecker product; small files), saved as LyCORIS saves them"),
     f("network", "factor", closed(-1.0, 1024.0), "LoKr: LyCORIS' factor, how the dimensions are split (-1: most balanced; 4-16 typical)"),
     f("network", "decompose_both", Rule::Free, "LoKr: make the small Kronecker factor low-rank too (LyCORIS' decompose_both)"),
     f("network", "dora", Rule::Free, "DoRA (LyCORIS' dora_wd) on any type: W' = (W + ΔW) · m / ‖W + ΔW‖ with a learned magnitude m per input channel (dora_scale), written in the form ComfyUI and A1111 apply"),
@@ -204,15 +212,15 @@ pub const FIELDS: &[Field] = &[
     f("network", "conv_block_alphas", closed(0.0, 1024.0), "their 23 alphas (default: conv_alpha)").example("[0, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 0]"),
     f("save", "save_every", AT_LEAST_1, "a checkpoint every this many steps"),
     f("save", "max_step_saves_to_keep", AT_LEAST_1, "the newest this many step files are kept"),
-    f("save", "dtype", Rule::OneOf(&["fp16", "bf16", "fp32"]), "dtype of the saved LoRA"),
+    f("save", "dtype", Rule::OneOf(SaveDtype::NAMES), "dtype of the saved LoRA"),
     f("train", "batch_size", closed(1.0, 256.0), "images per micro-batch"),
     f("train", "gradient_accumulation", AT_LEAST_1, "micro-batches per optimizer step (effective batch = batch_size × this)"),
     f("train", "steps", AT_LEAST_1, "optimizer steps"),
     f("train", "lr", LEARNING_RATE, "UNet learning rate").hint("typical LoRA rates are 1e-5 to 1e-3 for adamw and adafactor, 3-10x lower for lion, 1.0 for prodigy"),
     f("train", "text_encoder_lr", LEARNING_RATE, "text-encoder learning rate (default: lr)").example("7e-5"),
-    f("train", "optimizer", Rule::OneOf(&["adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"]), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory; lion: sign updates, one moment (lion8bit: bitsandbytes' Lion8bit, 8-bit momentum); prodigy: estimates its own step size (lr = 1.0); adafactor: factored second moments, least memory"),
+    f("train", "optimizer", Rule::OneOf(OptimizerArgs::NAMES), "adamw8bit: bitsandbytes-style 8-bit moments, ¼ of the optimizer memory; lion: sign updates, one moment (lion8bit: bitsandbytes' Lion8bit, 8-bit momentum); prodigy: estimates its own step size (lr = 1.0); adafactor: factored second moments, least memory"),
     f("train", "optimizer_args", Rule::Free, "the optimizer's own settings, as its package names them: adamw betas, eps; lion betas; prodigy betas, beta3, eps, decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p; adafactor eps, clip_threshold, decay_rate, beta1, scale_parameter, relative_step (default true: train.lr unused), warmup_init").example("{ d_coef = 1.0, use_bias_correction = true, safeguard_warmup = true }"),
-    f("train", "lr_scheduler", Rule::OneOf(&["constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts"]), "learning-rate schedule"),
+    f("train", "lr_scheduler", Rule::OneOf(LrSchedule::NAMES), "learning-rate schedule"),
     f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),
     f("train", "weight_decay", RATE, "weight decay (decoupled, scaled by the step size) of every optimizer"),
     f("train", "max_grad_norm", closed(0.0, INF), "gradient-norm clipping; 0 = off"),
@@ -231,16 +239,16 @@ pub const FIELDS: &[Field] = &[
     f("train", "block_lr_zero_threshold", closed(0.0, 100.0), "block weights at or below this count as 0"),
     f("train", "prior_loss_weight", closed(0.0, 100.0), "loss weight of regularisation samples (kohya's prior_loss_weight)"),
     f("train", "min_snr_gamma", POSITIVE, "min-SNR-γ loss weighting").hint("5 is the usual value").example("5.0"),
-    f("train", "loss", Rule::OneOf(&["l2", "huber"]), "loss function"),
+    f("train", "loss", Rule::OneOf(Loss::NAMES), "loss function"),
     f("train", "min_timestep", closed(0.0, T - 1.0), "lowest timestep drawn"),
     f("train", "max_timestep", closed(1.0, T), "highest timestep drawn (exclusive)"),
-    f("train", "timestep_sampling", Rule::OneOf(&["uniform", "sigmoid", "logit_normal"]), "timestep distribution (OneTrainer's): sigmoid weights steps by sigmoid(sigmoid_scale·(x − 0.5 − sigmoid_bias)); logit_normal draws sigmoid(N(sigmoid_bias, sigmoid_scale + 1))"),
+    f("train", "timestep_sampling", Rule::OneOf(TimestepSampling::NAMES), "timestep distribution (OneTrainer's): sigmoid weights steps by sigmoid(sigmoid_scale·(x − 0.5 − sigmoid_bias)); logit_normal draws sigmoid(N(sigmoid_bias, sigmoid_scale + 1))"),
     f("train", "sigmoid_scale", closed(-100.0, 100.0), "OneTrainer's noising_weight: the sigmoid's steepness (needed with sigmoid; > 0 favours noisy steps), the logit-normal's std − 1 (default 0)").example("5.0"),
     f("train", "sigmoid_bias", closed(-5.0, 5.0), "OneTrainer's noising_bias: moves the sigmoid's centre, or the logit-normal's mean"),
     f("train", "timestep_shift", closed(0.01, 100.0), "OneTrainer's timestep_shift, any distribution: t ↦ 1000·s·t/((s−1)·t + 1000); > 1 draws noisier steps, 1 = off (applied after min/max_timestep, so it can pass max_timestep)"),
     f("train", "train_unet", Rule::Free, "train the UNet's LoRA"),
     f("train", "train_text_encoder", Rule::Free, "train LoRAs on both text encoders too"),
-    f("train", "dtype", Rule::OneOf(&["bf16", "fp32"]), "dtype of the frozen base model").hint("fp16 is refused: without loss scaling, which lorakit does not have yet, gradients through an fp16 UNet underflow and the LoRA learns little; bf16 has fp32's range"),
+    f("train", "dtype", Rule::OneOf(TrainDtype::NAMES), "dtype of the frozen base model").hint("fp16 is refused: without loss scaling, which lorakit does not have yet, gradients through an fp16 UNet underflow and the LoRA learns little; bf16 has fp32's range"),
     f("train", "gradient_checkpointing", Rule::Free, "true | false | \"auto\": recompute activations in backward (far less VRAM, ~30% slower); auto = on for CUDA, off on CPU"),
     f("train", "vram", Rule::OneOf(&super::vram::NAMES), "a memory preset for your GPU: fills gradient_checkpointing and (8gb, 12gb) optimizer = \"adamw8bit\" where the job leaves them unset, and caps batch_size × resolution² (8gb: 1 × 1024², 12gb: 2, 16gb: 4, 24gb: 8; max: no cap, no checkpointing)").example("\"12gb\""),
     f("train", "cache_latents", Rule::Free, "encode each image once; latents cached under the run folder"),

@@ -429,9 +429,11 @@ impl Default for SampleSection {
 }
 
 impl SampleSection {
-    /// Generation parameters for one prompt (`[trigger]` becomes the trigger word).
+    /// Generation parameters for one prompt (`[trigger]` becomes the
+    /// trigger word) drawn with `sampler` (the plan's `sample.sampler`).
     pub fn generate_params(
         &self,
+        sampler: crate::sample::SamplerSpec,
         prompt: &str,
         trigger: Option<&str>,
     ) -> crate::sample::txt2img::GenerateParams {
@@ -444,7 +446,7 @@ impl SampleSection {
             negative: fill(&self.negative_prompt),
             steps: self.sample_steps as usize,
             cfg: self.guidance_scale,
-            sampler: self.sampler.parse().unwrap_or_default(),
+            sampler,
             seed: self.seed,
             width: self.width,
             height: self.height,

@@ -3,6 +3,8 @@
 
 use super::fields::{Rule, FIELDS};
 use super::{JobConfig, JobError};
+use crate::train::plan::{NetworkKind, Plan};
+use crate::train::timesteps::TimestepSampling;
 use std::path::Path;
 
 /// The first value that breaks its field's rule, as `(field path, message)`.
@@ -57,7 +59,7 @@ fn check(rule: Rule, v: &toml::Value) -> Option<String> {
     }
 }
 
-fn fail(file: &Path, field: &str, message: String) -> Result<(), JobError> {
+fn fail<T>(file: &Path, field: &str, message: String) -> Result<T, JobError> {
     Err(JobError {
         file: file.to_path_buf(),
         field: field.into(),
@@ -68,7 +70,7 @@ fn fail(file: &Path, field: &str, message: String) -> Result<(), JobError> {
 impl JobConfig {
     /// Checks every value (ranges, choices, files). Does not open the model
     /// or scan the datasets (see the trainer for those checks).
-    pub fn validate(&self, file: &Path) -> Result<(), JobError> {
+    pub fn validate(&self, file: &Path) -> Result<Plan, JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         if let Some((field, message)) = rule_error(self) {
             return err(&field, message);
@@ -104,22 +106,24 @@ impl JobConfig {
                 format!("{} does not exist", self.model.name_or_path.display()),
             );
         }
-        self.validate_network(file)?;
-        self.validate_train(file)?;
-        self.validate_datasets(file)?;
-        self.validate_sample(file)
+        let plan = Plan::resolve(self, file)?;
+        self.validate_network(&plan, file)?;
+        self.validate_train(&plan, file)?;
+        self.validate_datasets(&plan, file)?;
+        self.validate_sample(&plan, file)?;
+        Ok(plan)
     }
 
     /// `network.type` and the settings that only some types use.
-    fn validate_network(&self, file: &Path) -> Result<(), JobError> {
+    fn validate_network(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         let n = &self.network;
         // LyCORIS' modules (and DoRA's decomposed weight) offer module dropout only
-        let lyco = matches!(n.r#type.as_str(), "loha" | "lokr") || n.dora;
-        if n.r#type == "locon" && n.conv == 0 && n.conv_block_dims.is_none() {
+        let lyco = plan.network.is_lycoris() || plan.dora;
+        if plan.network == NetworkKind::Locon && n.conv == 0 && n.conv_block_dims.is_none() {
             return err("network.conv", "network.type = \"locon\" needs a conv rank: set conv (e.g. 8), or use type = \"lora\"".into());
         }
-        if n.r#type != "lokr" && (n.factor != -1 || n.decompose_both) {
+        if plan.network != NetworkKind::Lokr && (n.factor != -1 || n.decompose_both) {
             let field = if n.factor != -1 {
                 "network.factor"
             } else {
@@ -129,7 +133,7 @@ impl JobConfig {
                 field,
                 format!(
                     "is a LoKr setting and has no effect with network.type = \"{}\"",
-                    n.r#type
+                    plan.network.name()
                 ),
             );
         }
@@ -151,14 +155,14 @@ impl JobConfig {
             let with = if n.dora {
                 "network.dora".to_string()
             } else {
-                format!("network.type = \"{}\"", n.r#type)
+                format!("network.type = \"{}\"", plan.network.name())
             };
             return err(field, format!("is not available with {with} (LyCORIS offers module_dropout; LoRA+ needs lora_up matrices alone): remove it"));
         }
         Ok(())
     }
 
-    fn validate_train(&self, file: &Path) -> Result<(), JobError> {
+    fn validate_train(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         let t = &self.train;
         if t.warmup_steps > t.steps {
@@ -176,17 +180,10 @@ impl JobConfig {
                 ),
             );
         }
-        let args = crate::train::optim::OptimizerArgs::parse(
-            &t.optimizer,
-            &t.optimizer_args,
-            t.weight_decay,
-        )
-        .map_err(|(k, m)| JobError {
-            file: file.to_path_buf(),
-            field: format!("train.optimizer_args.{k}"),
-            message: m,
-        })?;
-        let prodigy = matches!(args, crate::train::optim::OptimizerArgs::Prodigy(_));
+        let prodigy = matches!(
+            plan.optimizer,
+            crate::train::optim::OptimizerArgs::Prodigy(_)
+        );
         if !prodigy && t.lr >= 0.1 {
             return err(
                 "train.lr",
@@ -199,7 +196,7 @@ impl JobConfig {
                 "prodigy takes one rate for every parameter, and LoRA+ needs a higher one for the up matrices: remove loraplus_lr_ratio or use another optimizer".into(),
             );
         }
-        let plan =
+        let blocks =
             crate::train::blocks::BlockPlan::new(&self.network, t).map_err(|(field, m)| {
                 JobError {
                     file: file.to_path_buf(),
@@ -207,13 +204,13 @@ impl JobConfig {
                     message: m,
                 }
             })?;
-        if prodigy && plan.as_ref().is_some_and(|p| p.lr_weights.is_some()) {
+        if prodigy && blocks.as_ref().is_some_and(|p| p.lr_weights.is_some()) {
             return err(
                 "train.down_lr_weight",
                 "prodigy takes one rate for every parameter, so block learning-rate weights would change its estimate rather than the blocks' rates: remove down/mid/up_lr_weight or use another optimizer".into(),
             );
         }
-        if plan
+        if blocks
             .as_ref()
             .is_some_and(|p| p.dims.iter().chain(&p.conv_dims).all(|&d| d == 0))
             && !t.train_text_encoder
@@ -241,7 +238,7 @@ impl JobConfig {
                 "has no effect while ip_noise_gamma = 0: set ip_noise_gamma (e.g. 0.1)".into(),
             );
         }
-        self.validate_timesteps(file)?;
+        self.validate_timesteps(plan, file)?;
         if t.ema_power.is_some() && t.ema_decay.is_none() {
             return err(
                 "train.ema_power",
@@ -264,19 +261,19 @@ impl JobConfig {
     }
 
     /// `timestep_sampling`'s parameters must each change the distribution.
-    fn validate_timesteps(&self, file: &Path) -> Result<(), JobError> {
+    fn validate_timesteps(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         let t = &self.train;
-        match t.timestep_sampling.as_str() {
-            "sigmoid" if t.sigmoid_scale.unwrap_or(0.0) == 0.0 => err(
+        match plan.timesteps {
+            TimestepSampling::Sigmoid if t.sigmoid_scale.unwrap_or(0.0) == 0.0 => err(
                 "train.sigmoid_scale",
                 "timestep_sampling = \"sigmoid\" needs a non-zero sigmoid_scale (a flat sigmoid is uniform): set e.g. sigmoid_scale = 5.0".into(),
             ),
-            "logit_normal" if t.sigmoid_scale.is_some_and(|s| s <= -1.0) => err(
+            TimestepSampling::LogitNormal if t.sigmoid_scale.is_some_and(|s| s <= -1.0) => err(
                 "train.sigmoid_scale",
                 "the logit-normal's standard deviation is sigmoid_scale + 1, so it must be above -1 (0 gives a standard normal)".into(),
             ),
-            "uniform" if t.sigmoid_scale.is_some() || t.sigmoid_bias != 0.0 => err(
+            TimestepSampling::Uniform if t.sigmoid_scale.is_some() || t.sigmoid_bias != 0.0 => err(
                 if t.sigmoid_scale.is_some() { "train.sigmoid_scale" } else { "train.sigmoid_bias" },
                 "has no effect with timestep_sampling = \"uniform\": set timestep_sampling = \"sigmoid\" or \"logit_normal\", or remove it".into(),
             ),
@@ -284,7 +281,7 @@ impl JobConfig {
         }
     }
 
-    fn validate_datasets(&self, file: &Path) -> Result<(), JobError> {
+    fn validate_datasets(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         if self.datasets.is_empty() {
             return err(
@@ -325,7 +322,7 @@ impl JobConfig {
                     format!("{r} must be a multiple of 64 between 64 and 2048"),
                 );
             }
-            let preset = self.train.vram.as_deref().and_then(super::vram::find);
+            let preset = plan.vram;
             let largest = d.resolution.iter().copied().max().unwrap_or(0);
             if let Some(e) = preset.and_then(|p| p.batch_error(self.train.batch_size, largest)) {
                 return err(
@@ -355,14 +352,11 @@ impl JobConfig {
         Ok(())
     }
 
-    fn validate_sample(&self, file: &Path) -> Result<(), JobError> {
+    fn validate_sample(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
         let s = &self.sample;
-        if let Err(e) = s.sampler.parse::<crate::sample::samplers::SamplerSpec>() {
-            return err("sample.sampler", e);
-        }
         if let Err(crate::SdxlError::Param { name, reason }) =
-            s.generate_params("", None).validate()
+            s.generate_params(plan.sampler, "", None).validate()
         {
             let field = match name {
                 "steps" => "sample_steps",

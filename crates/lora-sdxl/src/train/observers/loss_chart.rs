@@ -2,7 +2,6 @@
 //! validation loss by step, drawn from `loss.csv` at every checkpoint.
 
 use crate::error::{Result, SdxlError};
-use crate::train::data::terr;
 use crate::train::events::{Event, Observer, RunView};
 use std::path::{Path, PathBuf};
 
@@ -64,5 +63,5 @@ pub fn write_loss_chart(csv: &Path, png: &Path, title: &str) -> Result<()> {
     ];
     let img = line_chart(title, "step", &series, 900, 500);
     save_png(png, &img, &[("software", &crate::sample::grid::software())])
-        .map_err(|e| terr(e.to_string()))
+        .map_err(|e| crate::SdxlError::train(e.to_string()))
 }

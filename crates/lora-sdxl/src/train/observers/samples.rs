@@ -7,7 +7,7 @@
 use crate::error::{Result, SdxlError};
 use crate::model::sdxl::SdxlModel;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::train::data::terr;
+use crate::sample::SamplerSpec;
 use crate::train::events::{Event, Observer, RunView};
 use crate::train::job::JobConfig;
 use std::path::{Path, PathBuf};
@@ -28,10 +28,16 @@ impl Observer for Samples {
             }
             _ => return Ok(()),
         };
-        let dir = run
-            .model
-            .slots
-            .in_eval(|| training_samples(run.job, run.model, run.tokenizer, run.run_dir, step))?;
+        let dir = run.model.slots.in_eval(|| {
+            training_samples(
+                run.job,
+                run.plan.sampler,
+                run.model,
+                run.tokenizer,
+                run.run_dir,
+                step,
+            )
+        })?;
         run.emit(Event::Samples { step, dir });
         Ok(())
     }
@@ -42,6 +48,7 @@ impl Observer for Samples {
 /// `<run>/samples/grid.png` (prompts × steps).
 fn training_samples(
     job: &JobConfig,
+    sampler: SamplerSpec,
     model: &SdxlModel,
     tok: &ClipTokenizer,
     run_dir: &Path,
@@ -57,7 +64,7 @@ fn training_samples(
     let prompts: Vec<String> = s
         .prompts
         .iter()
-        .map(|p| s.generate_params(p, trigger).prompt)
+        .map(|p| s.generate_params(sampler, p, trigger).prompt)
         .collect();
     let model_name = job
         .model
@@ -72,7 +79,7 @@ fn training_samples(
     model.slots.set_multiplier(s.strength);
     let result = (|| -> Result<()> {
         for (r, prompt) in s.prompts.iter().enumerate() {
-            let p = s.generate_params(prompt, trigger);
+            let p = s.generate_params(sampler, prompt, trigger);
             let img = crate::sample::txt2img::txt2img(model, tok, &p, &mut |_| {})?.remove(0);
             let text = parameters_text(&p, &model_name, std::slice::from_ref(&lora), &[]);
             lora_data::render::save_png(
@@ -80,13 +87,13 @@ fn training_samples(
                 &img,
                 &[("parameters", &text), ("software", &software())],
             )
-            .map_err(|e| terr(e.to_string()))?;
+            .map_err(|e| crate::SdxlError::train(e.to_string()))?;
         }
         Ok(())
     })();
     model.slots.set_multiplier(1.0);
     result?;
-    let (sampler, schedule) = s.generate_params("", None).sampler.a1111_names();
+    let (sampler, schedule) = sampler.a1111_names();
     let title = format!(
         "{} | seed {} | {} steps | {sampler} {schedule} | CFG {} | strength {} | {}x{}",
         job.job.name, s.seed, s.sample_steps, s.guidance_scale, s.strength, s.width, s.height

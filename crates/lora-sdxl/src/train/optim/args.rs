@@ -123,6 +123,32 @@ fn positive(x: f64) -> bool {
 }
 
 impl OptimizerArgs {
+    /// The names `train.optimizer` takes.
+    pub const NAMES: &'static [&'static str] = &[
+        "adamw",
+        "adamw8bit",
+        "lion",
+        "lion8bit",
+        "prodigy",
+        "adafactor",
+    ];
+
+    /// Its `train.optimizer` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AdamW {
+                eightbit: false, ..
+            } => "adamw",
+            Self::AdamW { eightbit: true, .. } => "adamw8bit",
+            Self::Lion {
+                eightbit: false, ..
+            } => "lion",
+            Self::Lion { eightbit: true, .. } => "lion8bit",
+            Self::Prodigy(_) => "prodigy",
+            Self::Adafactor(_) => "adafactor",
+        }
+    }
+
     /// Parses `train.optimizer = name` with its `optimizer_args`;
     /// `weight_decay` is `train.weight_decay`.
     pub fn parse(
@@ -182,7 +208,10 @@ impl OptimizerArgs {
                     warmup_init,
                 })
             }
-            other => return Err((String::new(), format!("unknown optimizer `{other}`"))),
+            other => {
+                let names = Self::NAMES.join(", ");
+                return Err((String::new(), format!("`{other}` is not one of: {names}")));
+            }
         })
     }
 
@@ -285,15 +314,4 @@ impl OptimizerArgs {
             ),
         }
     }
-}
-
-/// Parses the job's optimizer and builds it over `groups`; errors name the
-/// `optimizer_args` key.
-pub fn build(
-    name: &str,
-    args: &BTreeMap<String, toml::Value>,
-    weight_decay: f64,
-    groups: Vec<(String, Vec<Tensor>)>,
-) -> Result<Box<dyn Optimizer>, ArgError> {
-    Ok(OptimizerArgs::parse(name, args, weight_decay)?.build(weight_decay, groups))
 }

@@ -8,7 +8,8 @@
 //! | `adafactor` | `transformers.optimization.Adafactor` | [`adafactor`] |
 //!
 //! [`Optimizer`] is what the trainer drives: one object over the parameter
-//! groups (UNet, text encoders), built from the job by [`build`]. Gradient
+//! groups (UNet, text encoders), built by [`OptimizerArgs::build`] from the
+//! plan's parsed arguments (`train::plan`). Gradient
 //! clipping and clearing go through the C++ shim.
 
 pub mod adafactor;
@@ -20,7 +21,7 @@ pub mod quant8;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::AdamW;
-pub use args::{build, OptimizerArgs};
+pub use args::OptimizerArgs;
 pub use lion::Lion;
 pub use prodigy::{Prodigy, ProdigyConfig};
 pub use quant8::{dynamic_map, QuantMap, Quantized, BLOCK_SIZE, MIN_8BIT_SIZE};
