@@ -276,6 +276,11 @@ async fn walkthrough(c: &Client, base: &str, root: &Path, images: &[PathBuf]) ->
 
     // A job from the form, started, run to the end.
     new_job(c, base, "browser", 6).await?;
+    // the alphas followed the ranks typed (issue 27: rank 32 kept alpha 16,
+    // scale 0.5); the form's fields came from the trainer's table
+    let job = lora_sdxl::JobConfig::load(&root.join("jobs/browser/job.toml"))?;
+    assert_eq!((job.network.linear, job.network.linear_alpha), (4, 4.0));
+    assert_eq!((job.network.conv, job.network.conv_alpha), (2, 2.0));
     click(c, "button[data-act=start]").await?;
     wait_text(c, "h1 .state", 240, |t| t == "done" || t == "failed").await?;
     assert_eq!(

@@ -14,6 +14,7 @@
 //! | the Datasets API | `datasets.rs` |
 //! | auto-captioning a dataset (`caption auto` in the background) | `captioning.rs` |
 //! | the Jobs API: form, job files, progress, checkpoints | `jobs.rs` |
+//! | the New Job form's fields, from the trainer's field table | `job_fields.rs` |
 //! | the queue of GPU work: runs and grids, one child process at a time | `queue/` (`liveness.rs`: is a pid still our run) |
 //! | Compare: the prompts × steps grid, the picked step, export | `compare.rs` |
 //! | the page | `assets/` |
@@ -22,6 +23,7 @@ mod captioning;
 mod compare;
 mod datasets;
 mod endpoints;
+mod job_fields;
 mod jobs;
 mod paths;
 mod queue;
@@ -311,6 +313,7 @@ fn router(ui: Arc<Ui>, access: security::Access, max_upload: usize) -> Router {
         )
         .route("/api/status", get(status))
         .route("/api/models", get(jobs::models))
+        .route("/api/job-fields", get(job_fields::list))
         .route("/api/jobs", get(jobs::list).post(jobs::create))
         .route("/api/jobs/{name}", get(jobs::show).delete(jobs::delete))
         .route("/api/jobs/{name}/files/{file}", get(jobs::file))

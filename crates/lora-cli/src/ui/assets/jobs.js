@@ -1,23 +1,6 @@
 // lorakit ui: the Jobs pages (list, New Job form, a job's live page). Uses api/esc/toast/view from app.js.
 "use strict";
 
-// The walkthrough's table first: [field, label, default, kind].
-const JOB_FIELDS = [
-  ["job.trigger_word", "Trigger word", "", "text"],
-  ["network.linear", "Linear rank", 16, "int"],
-  ["network.conv", "Conv rank", 8, "int"],
-  ["save.save_every", "Save every (steps)", 100, "int"],
-  ["save.max_step_saves_to_keep", "Keep (checkpoints)", 30, "int"],
-  ["train.batch_size", "Batch size", 2, "int"],
-  ["train.gradient_accumulation", "Gradient accumulation", 2, "int"],
-  ["train.steps", "Steps", 3000, "int"],
-  ["train.lr", "Learning rate", 7e-5, "float"],
-  ["datasets.resolution", "Resolutions", "512, 768", "ints"],
-  ["sample.disable", "Sampling off", true, "bool"],
-  ["job.device", "Device", "", "select:|cuda|cpu"],
-  ["train.dtype", "Precision of the base model", "bf16", "select:bf16|fp32"],
-];
-
 async function jobsPage() {
   const jobs = await api("GET", "/api/jobs");
   view.innerHTML = `<h1>Jobs</h1><p><a href="#/jobs/new"><button>New Job</button></a></p>
@@ -26,14 +9,17 @@ async function jobsPage() {
       || `<tr><td colspan="2">No jobs yet.</td></tr>`}</tbody></table>`;
 }
 
+// The form's fields come from the server (GET /api/job-fields: the trainer's
+// own defaults, choices, ranges and help); none are copied here.
 async function newJobPage() {
-  const [models, datasets] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/datasets")]);
+  const [models, datasets, form] = await Promise.all([api("GET", "/api/models"), api("GET", "/api/datasets"), api("GET", "/api/job-fields")]);
   const opt = list => list.map(v => `<option value="${esc(v)}">${esc(v)}</option>`).join("");
-  const input = ([f, label, def, kind]) => `<label class="field" data-field="${f}">${esc(label)}
-      ${kind === "bool" ? `<input type="checkbox" name="${f}" ${def ? "checked" : ""}>`
-        : kind.startsWith("select:") ? `<select name="${f}">${kind.slice(7).split("|").map(o =>
-            `<option value="${o}" ${o === def ? "selected" : ""}>${o || "auto (CUDA when available)"}</option>`).join("")}</select>`
-        : `<input name="${f}" value="${esc(def)}">`}
+  const shown = d => Array.isArray(d) ? d.join(", ") : d;
+  const input = f => `<label class="field" data-field="${esc(f.key)}" title="${esc(f.help)}${f.range ? ` (${esc(f.range)})` : ""}">${esc(f.label)}
+      ${f.kind === "bool" ? `<input type="checkbox" name="${esc(f.key)}" ${f.default ? "checked" : ""}>`
+        : f.kind === "select" ? `<select name="${esc(f.key)}">${f.choices.map(o =>
+            `<option value="${esc(o)}" ${o === f.default ? "selected" : ""}>${esc(o || "auto (CUDA when available)")}</option>`).join("")}</select>`
+        : `<input name="${esc(f.key)}" value="${esc(shown(f.default))}">`}
       <span class="field-error"></span></label>`;
   view.innerHTML = `<h1>New Job</h1>
     <form id="job-form" class="job-form">
@@ -42,22 +28,30 @@ async function newJobPage() {
         <select name="model">${opt(models)}</select><span class="field-error"></span></label>
       <label class="field" data-field="datasets.folder_path">Dataset
         <select name="dataset">${opt(datasets.map(d => d.name))}</select><span class="field-error"></span></label>
-      ${JOB_FIELDS.map(input).join("")}
+      ${form.map(input).join("")}
       <details><summary>Advanced: the whole job file (TOML; leave empty for the defaults)</summary>
         <textarea name="toml" rows="16" spellcheck="false"></textarea></details>
       <p class="field-error" data-field="other"></p>
       <button type="submit">Create Job</button>
     </form>`;
-  document.getElementById("job-form").onsubmit = async e => {
+  const f0 = document.getElementById("job-form");
+  // An alpha follows its rank (alpha = rank: scale 1) until the user sets it.
+  for (const f of form.filter(f => f.follows)) {
+    const alpha = f0.elements[f.key], rank = f0.elements[f.follows];
+    let own = false;
+    alpha.addEventListener("input", () => (own = true));
+    rank.addEventListener("input", () => { if (!own) alpha.value = rank.value; });
+  }
+  f0.onsubmit = async e => {
     e.preventDefault();
     const f = e.target, fields = {};
-    for (const [name, , , kind] of JOB_FIELDS) {
-      const el = f.elements[name];
-      if (kind === "bool") fields[name] = el.checked;
-      else if (kind === "int") fields[name] = parseInt(el.value, 10);
-      else if (kind === "float") fields[name] = parseFloat(el.value);
-      else if (kind === "ints") fields[name] = el.value.split(",").map(s => parseInt(s, 10)).filter(n => !isNaN(n));
-      else if (el.value.trim()) fields[name] = el.value.trim();
+    for (const { key, kind } of form) {
+      const el = f.elements[key];
+      if (kind === "bool") fields[key] = el.checked;
+      else if (kind === "int") fields[key] = parseInt(el.value, 10);
+      else if (kind === "float") fields[key] = parseFloat(el.value);
+      else if (kind === "ints") fields[key] = el.value.split(",").map(s => parseInt(s, 10)).filter(n => !isNaN(n));
+      else if (el.value.trim()) fields[key] = el.value.trim();
     }
     const body = { name: f.name.value.trim(), model: f.model.value, dataset: f.dataset.value, fields };
     if (f.toml.value.trim()) body.toml = f.toml.value;
