@@ -3,18 +3,22 @@
 //! images decoded on a background thread meanwhile) and its text and size
 //! conditioning (optionally from the in-memory text-embedding cache).
 
-use super::data::{Batch, Sample};
-use super::run::Env;
+use super::data::{Batch, Data, Sample};
+use super::job::JobConfig;
+use super::plan::Plan;
 use super::schedule::latent_mask;
+use super::schedule::ScheduleTables;
 use super::shard::rows;
 use crate::error::Result;
 use crate::model::captions::encode_captions;
 use crate::model::conditioning::{time_ids, TextConditioning};
+use crate::model::sdxl::SdxlModel;
+use crate::model::tokenizer::ClipTokenizer;
 use lora_data::image_io::DecodeLimits;
 use lora_data::loader::{load_batch, LoadedBatch, PlannedBatch};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use tch::{Device, Kind, Tensor};
 
@@ -49,6 +53,27 @@ impl Clone for Encoded {
             mask: self.mask.as_ref().map(Tensor::shallow_clone),
         }
     }
+}
+
+/// What a step reads: the job and its plan, the model, the data and the
+/// caches. Defined here, beside its input methods (latents, conditioning,
+/// prefetch); `step.rs` adds the step itself. Built by `Run::prepare`.
+pub(crate) struct Env {
+    pub job: JobConfig,
+    /// Every named choice of `job`, typed.
+    pub plan: Plan,
+    pub job_path: PathBuf,
+    pub run_dir: PathBuf,
+    pub model: SdxlModel,
+    pub tok: ClipTokenizer,
+    pub tables: ScheduleTables,
+    pub timesteps: crate::train::timesteps::TimestepSampler,
+    pub v_pred: bool,
+    pub data: Data,
+    pub inputs: Inputs,
+    /// This process's part of each batch (the whole batch outside a
+    /// data-parallel run).
+    pub shard: super::shard::Shard,
 }
 
 /// The caches a run keeps between steps.

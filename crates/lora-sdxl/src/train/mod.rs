@@ -7,7 +7,7 @@
 //! | setup: validate, load, attach the LoRA, resume ([`Run::prepare`]) | [`run`] |
 //! | the loop ([`Run::fit`]) | `loop.rs` |
 //! | one step's objective: noise, target, loss; validation loss | `step.rs` |
-//! | a step's inputs: latent cache, prefetch, text conditioning | `inputs.rs` |
+//! | what a step reads (`Env`) and its inputs: latent cache, prefetch, text conditioning | `inputs.rs` |
 //! | datasets, epochs, the validation set | [`data`] |
 //! | the LoRA under training | `network.rs` |
 //! | block-wise ranks and learning rates | [`blocks`] |

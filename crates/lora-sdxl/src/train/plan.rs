@@ -16,6 +16,7 @@
 //! | base model and saved LoRA dtypes | `train.dtype`, `save.dtype` | [`TrainDtype`], [`SaveDtype`] |
 //! | in-training sampler | `sample.sampler` | [`SamplerSpec`] |
 //! | memory preset | `train.vram` | [`VramPreset`] |
+//! | validation images, seed and cadence | `[validation]` (defaults from the job) | [`ValidationPlan`] |
 //!
 //! Device-dependent decisions (the GPU per rank, gradient checkpointing's
 //! `auto`) are still taken in `Run::prepare`, where the device is known.
@@ -105,6 +106,18 @@ impl SaveDtype {
     }
 }
 
+/// The validation loss's settings, defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationPlan {
+    /// Images in the fixed validation set (`validation.images`, default 4).
+    pub images: usize,
+    /// Seed of its noise and timesteps (`validation.seed`, default derived
+    /// from `job.seed`).
+    pub seed: u64,
+    /// Steps between measurements (`validation.every`, default `save.save_every`).
+    pub every: u64,
+}
+
 /// Every named choice of a job, typed. Built by [`Plan::resolve`].
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -133,6 +146,8 @@ pub struct Plan {
     pub save_dtype: SaveDtype,
     /// The in-training samples' sampler.
     pub sampler: SamplerSpec,
+    /// The fixed-seed validation loss: how many images, its seed, how often.
+    pub validation: ValidationPlan,
     /// The memory preset the job named (already applied to the job's
     /// values when it was loaded; kept for its note).
     pub vram: Option<&'static VramPreset>,
@@ -197,7 +212,14 @@ impl Plan {
             None => None,
             Some(v) => Some(vram::find(v).ok_or_else(|| named("train.vram", v, &vram::NAMES))?),
         };
+        let val = &job.validation;
+        let validation = ValidationPlan {
+            images: val.images.unwrap_or(4).max(1),
+            seed: val.seed.unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465),
+            every: val.every.unwrap_or(job.save.save_every),
+        };
         Ok(Plan {
+            validation,
             network,
             lokr: (n.factor, n.decompose_both),
             dora: n.dora,

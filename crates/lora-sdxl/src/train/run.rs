@@ -23,7 +23,7 @@ use super::blocks::BlockPlan;
 use super::data::{Batch, Data};
 use super::ema::Ema;
 use super::events::Observers;
-use super::inputs::Inputs;
+use super::inputs::{Env, Inputs};
 use super::job::JobConfig;
 use super::network::{Leaf, Network};
 use super::optim::{clear_grads, clip_grad_norm, Optimizer};
@@ -108,25 +108,6 @@ pub fn train_with<'o>(
         observers.extend(extra);
     }
     run.fit(&mut observers, opts)
-}
-
-/// What a step reads: the job, the model, the data and the caches.
-pub(crate) struct Env {
-    pub job: JobConfig,
-    /// Every named choice of `job`, typed.
-    pub plan: Plan,
-    pub job_path: PathBuf,
-    pub run_dir: PathBuf,
-    pub model: SdxlModel,
-    pub tok: ClipTokenizer,
-    pub tables: ScheduleTables,
-    pub timesteps: crate::train::timesteps::TimestepSampler,
-    pub v_pred: bool,
-    pub data: Data,
-    pub inputs: Inputs,
-    /// This process's part of each batch (the whole batch outside a
-    /// data-parallel run).
-    pub shard: super::shard::Shard,
 }
 
 /// The optimizer over both groups (UNet, text encoders) and the LR schedule.
@@ -432,17 +413,14 @@ impl Run {
             }
             None => None,
         };
-        let n = job.validation.images.unwrap_or(4).max(1);
+        let (n, v) = (plan.validation.images, &plan.validation);
         let validation = Validation {
             items: data.validation_set(n, data.first_dataset(false).unwrap_or(0)),
             reg_items: (data.first_dataset(true))
                 .map(|d| data.validation_set(n, d))
                 .unwrap_or_default(),
-            seed: job
-                .validation
-                .seed
-                .unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465),
-            every: job.validation.every.unwrap_or(job.save.save_every),
+            seed: v.seed,
+            every: v.every,
         };
         if job.train.cache_latents {
             for (i, d) in job

@@ -2,9 +2,9 @@
 //! loss and its min-SNR weighting — and the fixed-seed validation loss.
 
 use super::data::{Batch, Sample};
+use super::inputs::Env;
 use super::noise::{input_noise, training_noise};
 use super::plan::Loss;
-use super::run::Env;
 use super::schedule::{batch_loss, per_sample_loss};
 use super::shard::rows;
 use crate::error::Result;
