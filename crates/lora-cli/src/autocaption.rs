@@ -1,7 +1,7 @@
 //! `lorakit caption auto`: captions a folder with a vision model behind an
 //! OpenAI-compatible endpoint (the work is in `lora_data::autocaption`).
 
-use crate::data::FolderArgs;
+use crate::folder::FolderArgs;
 use crate::AnyResult;
 use clap::{Args, ValueEnum};
 use lora_data::autocaption::{

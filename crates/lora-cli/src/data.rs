@@ -1,35 +1,13 @@
 //! `lorakit dataset …` and `lorakit caption …`.
 
+use crate::folder::FolderArgs;
 use crate::AnyResult;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use lora_data::caption::{edit_captions, TagStats};
 use lora_data::masks::MaskSource;
 use lora_data::{check_dataset, CaptionEdit, CheckOptions, ScanOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-/// Options shared by the dataset commands.
-#[derive(Args, Debug, Clone)]
-pub struct FolderArgs {
-    /// The dataset folder (images with same-name caption files).
-    pub dir: PathBuf,
-    /// Caption file extension.
-    #[arg(long, default_value = "txt")]
-    pub caption_ext: String,
-    /// Also scan every sub-folder (kohya `N_name` repeat folders are always scanned).
-    #[arg(long)]
-    pub recursive: bool,
-}
-
-impl FolderArgs {
-    pub(crate) fn scan_options(&self) -> ScanOptions {
-        ScanOptions {
-            caption_ext: self.caption_ext.clone(),
-            recursive: self.recursive,
-            ..Default::default()
-        }
-    }
-}
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCommand {

@@ -4,6 +4,7 @@ mod autocaption;
 mod console;
 mod data;
 mod demo;
+mod folder;
 mod launch;
 mod lora;
 mod model;

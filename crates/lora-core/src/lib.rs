@@ -11,7 +11,8 @@
 //!   normalises them to one [`LoraSet`]; unknown keys are reported by name.
 //! * [`LoraSummary`]: what `lorakit lora inspect` prints.
 //! * [`LycoAdapter`]: LyCORIS' LoHa and LoKr (their maths, initialisation
-//!   and file tensors; not yet wired into sets, files or training).
+//!   and file tensors), held in a [`LoraAdapter`] like a kohya pair, so sets,
+//!   files and training take them as they take LoRAs.
 //! * [`resize_set`]: rank reduction by truncated SVD (kohya's `resize_lora`),
 //!   fixed or per-module ranks ([`RankRule`]); [`adapter_from_delta`]: a LoRA
 //!   from a weight difference (extraction from two checkpoints).

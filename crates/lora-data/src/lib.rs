@@ -1,6 +1,7 @@
 //! # lora-data
 //!
-//! Datasets for SDXL LoRA training, without libtorch:
+//! Datasets for SDXL LoRA training (libtorch is used only by [`cache`], for
+//! the cached latents' and embeddings' tensors):
 //!
 //! * [`scan`](scan::scan): a folder of images with same-name captions (kohya
 //!   `N_name` repeat folders, any pixel mode, EXIF orientation, bomb limits);

@@ -16,8 +16,10 @@
 //!
 //! Text-encoder modules are not in any block: they keep `network.linear`.
 
+/// The job file's `down_lr_weight` / `up_lr_weight` (defined with the job
+/// file's other types; resolved here).
+pub use super::job::BlockWeights;
 use super::job::{NetworkSection, TrainSection};
-use serde::{Deserialize, Serialize};
 
 /// Block indices of SDXL's UNet.
 pub const BLOCKS: usize = 23;
@@ -40,18 +42,6 @@ pub fn block_index(path: &str) -> Option<usize> {
         ("out", _) => 22,
         _ => return None,
     })
-}
-
-/// `down_lr_weight` / `up_lr_weight`: values or a preset name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum BlockWeights {
-    /// One weight per block (shallow to deep for `down`, deep to shallow
-    /// for `up`).
-    List(Vec<f64>),
-    /// `cosine`, `sine`, `linear`, `reverse_linear` or `zeros`, with an
-    /// optional `+base` added to every weight (`sine+0.25`).
-    Preset(String),
 }
 
 impl BlockWeights {

@@ -40,6 +40,19 @@ pub struct JobError {
     pub message: String,
 }
 
+/// `down_lr_weight` / `up_lr_weight`: values or a preset name (resolved to
+/// the 9 weights by `train::blocks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BlockWeights {
+    /// One weight per block (shallow to deep for `down`, deep to shallow
+    /// for `up`).
+    List(Vec<f64>),
+    /// `cosine`, `sine`, `linear`, `reverse_linear` or `zeros`, with an
+    /// optional `+base` added to every weight (`sine+0.25`).
+    Preset(String),
+}
+
 /// `[job]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,11 +242,11 @@ pub struct TrainSection {
     /// its default); without it the decay ramps as (1 + k)/(10 + k).
     pub ema_power: Option<f64>,
     /// Learning-rate weights of `input_blocks.0–8` (kohya's `down_lr_weight`).
-    pub down_lr_weight: Option<crate::train::blocks::BlockWeights>,
+    pub down_lr_weight: Option<BlockWeights>,
     /// Learning-rate weights of `middle_block.0–2`.
     pub mid_lr_weight: Option<Vec<f64>>,
     /// Learning-rate weights of `output_blocks.0–8`.
-    pub up_lr_weight: Option<crate::train::blocks::BlockWeights>,
+    pub up_lr_weight: Option<BlockWeights>,
     /// Block weights at or below this are 0 (no LoRA in that block).
     pub block_lr_zero_threshold: f64,
     /// Loss weight of regularisation samples (kohya's `prior_loss_weight`).
