@@ -76,14 +76,14 @@ pub struct AutoArgs {
     retries: u32,
 }
 
-fn options(a: &AutoArgs) -> AnyResult<AutoCaptionOptions> {
-    if !(64..=8192).contains(&a.max_side) {
-        return Err(format!("--max-side {}: use 64 to 8192 pixels", a.max_side).into());
+fn options(args: &AutoArgs) -> AnyResult<AutoCaptionOptions> {
+    if !(64..=8192).contains(&args.max_side) {
+        return Err(format!("--max-side {}: use 64 to 8192 pixels", args.max_side).into());
     }
-    if !(1..=64).contains(&a.concurrency) {
-        return Err(format!("--concurrency {}: use 1 to 64", a.concurrency).into());
+    if !(1..=64).contains(&args.concurrency) {
+        return Err(format!("--concurrency {}: use 1 to 64", args.concurrency).into());
     }
-    let instruction = match &a.prompt_file {
+    let instruction = match &args.prompt_file {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| format!("--prompt-file {}: {e}", p.display()))?;
@@ -95,44 +95,44 @@ fn options(a: &AutoArgs) -> AnyResult<AutoCaptionOptions> {
         None => None,
     };
     Ok(AutoCaptionOptions {
-        style: match a.style {
+        style: match args.style {
             Style::Tags => CaptionStyle::Tags,
             Style::Natural => CaptionStyle::Natural,
         },
         instruction,
-        trigger: a.trigger.clone(),
-        remove: a.remove.iter().map(|t| t.trim().to_string()).collect(),
-        character: a.character.clone(),
-        max_side: a.max_side,
-        concurrency: a.concurrency,
-        overwrite: a.overwrite && !a.only_missing,
-        dry_run: a.dry_run,
+        trigger: args.trigger.clone(),
+        remove: args.remove.iter().map(|t| t.trim().to_string()).collect(),
+        character: args.character.clone(),
+        max_side: args.max_side,
+        concurrency: args.concurrency,
+        overwrite: args.overwrite && !args.only_missing,
+        dry_run: args.dry_run,
         scan: ScanOptions {
             verify: false,
-            ..a.folder.scan_options()
+            ..args.folder.scan_options()
         },
     })
 }
 
-pub fn run(a: AutoArgs, quiet: bool) -> AnyResult<ExitCode> {
-    if a.timeout == 0 {
+pub fn run(args: AutoArgs, quiet: bool) -> AnyResult<ExitCode> {
+    if args.timeout == 0 {
         return Err("--timeout must be at least 1 second".into());
     }
-    let opts = options(&a)?;
+    let opts = options(&args)?;
     let mut endpoint = Endpoint::new(
-        &a.endpoint,
+        &args.endpoint,
         EndpointSettings {
-            model: a.model.clone(),
-            timeout: Duration::from_secs(a.timeout),
-            retries: a.retries,
+            model: args.model.clone(),
+            timeout: Duration::from_secs(args.timeout),
+            retries: args.retries,
             backoff: Duration::from_secs(2),
         },
     )?;
-    if let Some(var) = &a.api_key_env {
+    if let Some(var) = &args.api_key_env {
         endpoint = endpoint.with_api_key_env(var)?;
     }
     endpoint.probe()?;
-    if a.model.is_none() {
+    if args.model.is_none() {
         let m = endpoint.resolve_model()?;
         if !quiet {
             eprintln!("model: {m} (the endpoint's first; choose with --model)");
@@ -143,7 +143,7 @@ pub fn run(a: AutoArgs, quiet: bool) -> AnyResult<ExitCode> {
         "quit; every caption written so far is complete",
     );
     let bar = crate::console::progress_bar(0, "images", quiet);
-    let dry_run = a.dry_run;
+    let dry_run = args.dry_run;
     let on_event = |e: CaptionEvent<'_>| {
         let r = match e {
             CaptionEvent::Planned { images, .. } => {
@@ -178,7 +178,7 @@ pub fn run(a: AutoArgs, quiet: bool) -> AnyResult<ExitCode> {
             b.inc(1);
         }
     };
-    let report = auto_caption(&a.folder.dir, &endpoint, &opts, &stop, &on_event)?;
+    let report = auto_caption(&args.folder.dir, &endpoint, &opts, &stop, &on_event)?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

@@ -56,10 +56,13 @@ pub fn run(out: &Path) -> AnyResult {
     let train_s = t_train.elapsed().as_secs_f64();
 
     println!("[4/5] validation loss");
-    let v = &report.val_losses;
-    let curve: Vec<String> = v.iter().map(|(s, l)| format!("{s}: {l:.4}")).collect();
+    let val_losses = &report.val_losses;
+    let curve: Vec<String> = val_losses
+        .iter()
+        .map(|(s, l)| format!("{s}: {l:.4}"))
+        .collect();
     println!("      by step: {}", curve.join(", "));
-    if let (Some(first), Some(last)) = (v.first(), v.last()) {
+    if let (Some(first), Some(last)) = (val_losses.first(), val_losses.last()) {
         println!(
             "      falls by {:.1}% from step {} to step {}",
             100.0 * (first.1 - last.1) / first.1,

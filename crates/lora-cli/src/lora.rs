@@ -133,11 +133,11 @@ fn default_out(file: &Path, rank: i64, rule: RankRule) -> PathBuf {
     file.with_file_name(format!("{stem}-{tag}.safetensors"))
 }
 
-fn resize(a: ResizeArgs) -> AnyResult {
-    let rule = RankRule::parse(&a.rule).map_err(|e| format!("--rule: {e}"))?;
+fn resize(args: ResizeArgs) -> AnyResult {
+    let rule = RankRule::parse(&args.rule).map_err(|e| format!("--rule: {e}"))?;
     let opts = ResizeOptions {
-        rank: a.rank,
-        conv_rank: a.conv_rank.unwrap_or(a.rank),
+        rank: args.rank,
+        conv_rank: args.conv_rank.unwrap_or(args.rank),
         rule,
     };
     for (flag, r) in [("--rank", opts.rank), ("--conv-rank", opts.conv_rank)] {
@@ -145,13 +145,13 @@ fn resize(a: ResizeArgs) -> AnyResult {
             return Err(format!("{flag} must be at least 1, got {r}").into());
         }
     }
-    let out = a
+    let out = args
         .out
         .clone()
-        .unwrap_or_else(|| default_out(&a.file, opts.rank, rule));
-    crate::check_output(&out, &[(&a.file, "input")], a.force)?;
-    let loaded = load_lora(&a.file, UnknownKeys::Reject)?;
-    let kind = match a.dtype.as_deref() {
+        .unwrap_or_else(|| default_out(&args.file, opts.rank, rule));
+    crate::check_output(&out, &[(&args.file, "input")], args.force)?;
+    let loaded = load_lora(&args.file, UnknownKeys::Reject)?;
+    let kind = match args.dtype.as_deref() {
         Some(d) => dtype_kind(d)?,
         None => input_kind(&loaded.dtypes),
     };
@@ -162,7 +162,7 @@ fn resize(a: ResizeArgs) -> AnyResult {
     note_resize(&mut meta, &opts, &stats);
     let saved = set.save(&out, kind, &meta)?;
 
-    if a.per_module {
+    if args.per_module {
         for (key, s) in &stats {
             println!(
                 "{:<75} | rank {:>3} → {:<3} | Σσ kept {:>5.1}% | Frobenius kept {:>5.1}%",
@@ -217,40 +217,40 @@ fn resize(a: ResizeArgs) -> AnyResult {
     Ok(())
 }
 
-fn extract(a: ExtractArgs) -> AnyResult {
-    let kind = dtype_kind(&a.dtype)?;
-    let stem = a
+fn extract(args: ExtractArgs) -> AnyResult {
+    let kind = dtype_kind(&args.dtype)?;
+    let stem = args
         .tuned
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "extracted".into());
-    let out = a
+    let out = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{stem}-lora-r{}.safetensors", a.rank)));
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}-lora-r{}.safetensors", args.rank)));
     crate::check_output(
         &out,
-        &[(&a.base, "base model"), (&a.tuned, "tuned model")],
-        a.force,
+        &[(&args.base, "base model"), (&args.tuned, "tuned model")],
+        args.force,
     )?;
-    if !(a.clamp_quantile > 0.0 && a.clamp_quantile <= 1.0) {
+    if !(args.clamp_quantile > 0.0 && args.clamp_quantile <= 1.0) {
         return Err(format!(
             "--clamp-quantile must be in (0, 1], got {}",
-            a.clamp_quantile
+            args.clamp_quantile
         )
         .into());
     }
-    let device = lora_sdxl::model::sdxl::resolve_device(a.device.as_deref())
+    let device = lora_sdxl::model::sdxl::resolve_device(args.device.as_deref())
         .map_err(|e| format!("--device: {e}"))?;
     let opts = lora_sdxl::ExtractOptions {
-        rank: a.rank,
-        conv_rank: a.conv_rank,
-        clamp_quantile: Some(a.clamp_quantile),
-        min_diff: a.min_diff,
+        rank: args.rank,
+        conv_rank: args.conv_rank,
+        clamp_quantile: Some(args.clamp_quantile),
+        min_diff: args.min_diff,
         device,
     };
     let bar = crate::console::progress_bar(0, "modules", false);
-    let x = lora_sdxl::extract_lora(&a.base, &a.tuned, &opts, &mut |done, total| {
+    let x = lora_sdxl::extract_lora(&args.base, &args.tuned, &opts, &mut |done, total| {
         if let Some(b) = &bar {
             b.set_length(total as u64);
             b.set_position(done as u64);
@@ -263,7 +263,7 @@ fn extract(a: ExtractArgs) -> AnyResult {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| stem.clone());
-    let meta = x.metadata(&title, &opts, &a.base, &a.tuned);
+    let meta = x.metadata(&title, &opts, &args.base, &args.tuned);
     let saved = x.set.save(&out, kind, &meta)?;
     let count = |c: lora_core::Component| x.set.count(c);
     println!(
@@ -277,19 +277,19 @@ fn extract(a: ExtractArgs) -> AnyResult {
     if x.text_encoders {
         println!(
             "text encoders differ (max |ΔW| {:.3e} > {}): extracted",
-            x.text_encoder_max_diff, a.min_diff
+            x.text_encoder_max_diff, args.min_diff
         );
     } else {
         println!(
             "text encoders are the same (max |ΔW| {:.3e} ≤ {}): UNet only",
-            x.text_encoder_max_diff, a.min_diff
+            x.text_encoder_max_diff, args.min_diff
         );
     }
     let (mean, std) = fro_retained_summary(&x.modules);
     println!(
         "Frobenius norm of ΔW kept at rank {}{}: mean {:.1}% (std {:.3})",
-        a.rank,
-        a.conv_rank
+        args.rank,
+        args.conv_rank
             .map(|c| format!(" / conv {c}"))
             .unwrap_or_default(),
         100.0 * mean,
@@ -300,8 +300,8 @@ fn extract(a: ExtractArgs) -> AnyResult {
         out.display(),
         saved.size as f64 / 1e6,
         lora_core::io::kind_name(kind),
-        a.base.display(),
-        a.tuned.display()
+        args.base.display(),
+        args.tuned.display()
     );
     Ok(())
 }

@@ -69,7 +69,7 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
     let ck = Checkpoint::open(&file)?;
     let d = detect(&ck)?;
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-    let c = &d.config;
+    let config = &d.config;
     println!(
         "file:        {} ({:.2} GB, {} tensors)",
         file.display(),
@@ -89,7 +89,7 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
             ""
         }
     );
-    let u = &c.unet;
+    let u = &config.unet;
     println!(
         "unet:        channels {} × {:?}, transformer depth {:?} (middle {}), context {}, adm {}, {} params",
         u.model_channels,
@@ -100,7 +100,7 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
         u.adm_in_channels,
         group(d.parameters[0].1)
     );
-    for ((name, cfg), (_, n)) in [("te1 (CLIP-L)", &c.te1), ("te2 (bigG)", &c.te2)]
+    for ((name, cfg), (_, n)) in [("te1 (CLIP-L)", &config.te1), ("te2 (bigG)", &config.te2)]
         .iter()
         .zip(&d.parameters[1..])
     {
@@ -119,10 +119,10 @@ pub fn run(cmd: ModelCommand) -> AnyResult<ExitCode> {
     }
     println!(
         "vae:         channels {} × {:?}, {} resnets/level, latent {}, {} params",
-        c.vae.base_channels,
-        c.vae.channel_mult,
-        c.vae.num_res_blocks,
-        c.vae.latent_channels,
+        config.vae.base_channels,
+        config.vae.channel_mult,
+        config.vae.num_res_blocks,
+        config.vae.latent_channels,
         group(d.vae_parameters)
     );
     let dt: Vec<String> = d.dtypes.iter().map(|(k, n)| format!("{k} ×{n}")).collect();

@@ -167,9 +167,9 @@ fn next_index(dir: &Path) -> u32 {
         .unwrap_or(0)
 }
 
-pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
-    let params = a.common.params(&a.prompt, a.batch)?;
-    let loras = a
+pub fn sample(args: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
+    let params = args.common.params(&args.prompt, args.batch)?;
+    let loras = args
         .loras
         .iter()
         .map(|l| parse_lora(l))
@@ -179,7 +179,7 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
             return Err(format!("--lora: {} does not exist", l.path.display()).into());
         }
     }
-    let (model, model_name) = a.common.load()?;
+    let (model, model_name) = args.common.load()?;
     let hashes = attach_all(&model, &loras)?;
     let tok = ClipTokenizer::new();
     let pb = crate::console::progress_bar(params.steps as u64, "sampler steps", quiet);
@@ -191,11 +191,11 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
     if let Some(b) = pb {
         b.finish_and_clear();
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let text = parameters_text(&params, &model_name, &loras, &hashes);
-    let first = next_index(&a.out);
+    let first = next_index(&args.out);
     for (i, img) in images.iter().enumerate() {
-        let path = a
+        let path = args
             .out
             .join(format!("{:05}-{}.png", first + i as u32, params.seed));
         lora_data::render::save_png(
@@ -210,9 +210,9 @@ pub fn sample(a: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_prompts(a: &GridArgs) -> AnyResult<Vec<String>> {
+fn read_prompts(args: &GridArgs) -> AnyResult<Vec<String>> {
     let mut prompts = Vec::new();
-    if let Some(f) = &a.prompts {
+    if let Some(f) = &args.prompts {
         let text =
             std::fs::read_to_string(f).map_err(|e| format!("--prompts {}: {e}", f.display()))?;
         prompts.extend(
@@ -222,38 +222,38 @@ fn read_prompts(a: &GridArgs) -> AnyResult<Vec<String>> {
                 .map(String::from),
         );
     }
-    prompts.extend(a.prompt.iter().cloned());
+    prompts.extend(args.prompt.iter().cloned());
     if prompts.is_empty() {
         return Err("no prompts: pass --prompts FILE (one per line) or --prompt TEXT".into());
     }
     Ok(prompts)
 }
 
-pub fn grid(a: GridArgs, quiet: bool) -> AnyResult<ExitCode> {
-    let prompts = read_prompts(&a)?;
-    let base = a.common.params("", 1)?;
-    for f in &a.loras {
+pub fn grid(args: GridArgs, quiet: bool) -> AnyResult<ExitCode> {
+    let prompts = read_prompts(&args)?;
+    let base = args.common.params("", 1)?;
+    for f in &args.loras {
         if !f.is_file() {
             return Err(format!("--loras: {} does not exist", f.display()).into());
         }
     }
-    let strengths = match (a.strength, a.strengths.is_empty()) {
+    let strengths = match (args.strength, args.strengths.is_empty()) {
         (Some(s), _) => vec![s],
-        (None, false) => a.strengths.clone(),
+        (None, false) => args.strengths.clone(),
         (None, true) => vec![1.0],
     };
     if let Some(s) = strengths.iter().find(|s| !s.is_finite()) {
         return Err(format!("--strengths: {s} is not a number").into());
     }
     let mut columns = Vec::new();
-    if a.with_base {
+    if args.with_base {
         columns.push(Column {
             label: "no LoRA".into(),
             loras: Vec::new(),
         });
     }
-    columns.extend(checkpoint_columns(&a.loras, &strengths));
-    let (model, model_name) = a.common.load()?;
+    columns.extend(checkpoint_columns(&args.loras, &strengths));
+    let (model, model_name) = args.common.load()?;
     let tok = ClipTokenizer::new();
     let total = (prompts.len() * columns.len() * base.steps) as u64;
     if !quiet {
@@ -273,7 +273,7 @@ pub fn grid(a: GridArgs, quiet: bool) -> AnyResult<ExitCode> {
             prompts: &prompts,
             columns: &columns,
             base: &base,
-            out_dir: &a.out,
+            out_dir: &args.out,
         },
         &mut |done, _| {
             if let Some(b) = &pb {

@@ -215,16 +215,16 @@ impl fmt::Display for CheckReport {
         if !self.problems.is_empty() {
             writeln!(f)?;
         }
-        let s = &self.scan;
-        writeln!(f, "dataset:     {}", s.root.display())?;
+        let scan = &self.scan;
+        writeln!(f, "dataset:     {}", scan.root.display())?;
         writeln!(
             f,
             "images:      {} usable of {} image files ({} caption files)",
-            s.images.len(),
-            s.image_files,
-            s.caption_files
+            scan.images.len(),
+            scan.image_files,
+            scan.caption_files
         )?;
-        let repeats: u64 = s.images.iter().map(|i| i.repeats as u64).sum();
+        let repeats: u64 = scan.images.iter().map(|i| i.repeats as u64).sum();
         writeln!(
             f,
             "epoch:       {} samples = {} image repeats × {} resolution(s)",

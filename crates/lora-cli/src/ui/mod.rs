@@ -409,12 +409,12 @@ fn token() -> Result<String, String> {
 }
 
 /// `lorakit ui`.
-pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
+pub fn run(args: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
     let token = token()?;
-    let root =
-        paths::Root::open(&a.root).map_err(|e| format!("--root {}: {e}", a.root.display()))?;
+    let root = paths::Root::open(&args.root)
+        .map_err(|e| format!("--root {}: {e}", args.root.display()))?;
     // the command line's endpoints, then those of ROOT/ui.toml
-    let mut pairs = a.endpoints;
+    let mut pairs = args.endpoints;
     pairs.extend(endpoints::from_file(&root.dir().join("ui.toml"))?);
     let endpoints = endpoints::CaptionEndpoints::new(pairs, |v| std::env::var(v).ok())?;
     let exe =
@@ -425,15 +425,15 @@ pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
-            .map_err(|e| format!("--host {} --port {}: {e}", a.host, a.port))?;
+            .map_err(|e| format!("--host {} --port {}: {e}", args.host, args.port))?;
         let addr = listener.local_addr()?;
         let access = security::Access {
             token: token.clone(),
             loopback: addr.ip().is_loopback(),
             port: addr.port(),
-            auth: !a.no_auth,
+            auth: !args.no_auth,
         };
         let shown = if addr.ip().is_unspecified() {
             format!("<this machine's address>:{}", addr.port())
@@ -444,12 +444,12 @@ pub fn run(a: UiArgs) -> crate::AnyResult<std::process::ExitCode> {
             "lorakit ui: http://{shown}/?token={token}  (root {})",
             ui.root.dir().display()
         );
-        if a.no_auth {
+        if args.no_auth {
             tracing::warn!(
                 "--no-auth: any local process can use this UI (reads need no token, and the page that carries it is served to anyone)"
             );
         }
-        let app = router(ui, access, a.max_upload_mb << 20);
+        let app = router(ui, access, args.max_upload_mb << 20);
         serve(listener, app, Limits::default()).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;

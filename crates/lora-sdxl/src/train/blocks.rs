@@ -129,13 +129,16 @@ fn array<T: Copy>(v: &[T], field: &'static str) -> Result<[T; BLOCKS], FieldErro
 
 impl BlockPlan {
     /// The job's block plan, or `None` when it uses no block-wise setting.
-    pub fn new(n: &NetworkSection, t: &TrainSection) -> Result<Option<Self>, FieldError> {
-        let lr_weights = lr_weights(t)?;
-        if n.block_dims.is_none() && lr_weights.is_none() {
+    pub fn new(network: &NetworkSection, train: &TrainSection) -> Result<Option<Self>, FieldError> {
+        let lr_weights = lr_weights(train)?;
+        if network.block_dims.is_none() && lr_weights.is_none() {
             for (set, field) in [
-                (n.block_alphas.is_some(), "network.block_alphas"),
-                (n.conv_block_dims.is_some(), "network.conv_block_dims"),
-                (n.conv_block_alphas.is_some(), "network.conv_block_alphas"),
+                (network.block_alphas.is_some(), "network.block_alphas"),
+                (network.conv_block_dims.is_some(), "network.conv_block_dims"),
+                (
+                    network.conv_block_alphas.is_some(),
+                    "network.conv_block_alphas",
+                ),
             ] {
                 if set {
                     return Err((field, "is used only with network.block_dims or a block learning-rate weight (kohya's rule): set block_dims too".into()));
@@ -143,27 +146,27 @@ impl BlockPlan {
             }
             return Ok(None);
         }
-        let dims = match &n.block_dims {
+        let dims = match &network.block_dims {
             Some(v) => array(v, "network.block_dims")?,
-            None => [n.linear; BLOCKS],
+            None => [network.linear; BLOCKS],
         };
-        let alphas = match &n.block_alphas {
+        let alphas = match &network.block_alphas {
             Some(v) => array(v, "network.block_alphas")?,
-            None => [n.linear_alpha; BLOCKS],
+            None => [network.linear_alpha; BLOCKS],
         };
-        let conv_dims = match &n.conv_block_dims {
+        let conv_dims = match &network.conv_block_dims {
             Some(v) => array(v, "network.conv_block_dims")?,
-            None => [n.conv; BLOCKS],
+            None => [network.conv; BLOCKS],
         };
-        let conv_alphas = match &n.conv_block_alphas {
-            Some(v) if n.conv_block_dims.is_some() => array(v, "network.conv_block_alphas")?,
+        let conv_alphas = match &network.conv_block_alphas {
+            Some(v) if network.conv_block_dims.is_some() => array(v, "network.conv_block_alphas")?,
             Some(_) => {
                 return Err((
                     "network.conv_block_alphas",
                     "needs network.conv_block_dims".into(),
                 ))
             }
-            None => [n.conv_alpha; BLOCKS],
+            None => [network.conv_alpha; BLOCKS],
         };
         let mut plan = Self {
             dims,
@@ -184,7 +187,7 @@ impl BlockPlan {
 
     /// What kohya would warn about: lists shorter than their blocks (the
     /// rest is filled with 1).
-    pub fn notes(t: &TrainSection) -> Vec<String> {
+    pub fn notes(train: &TrainSection) -> Vec<String> {
         let short = |field: &str, len: Option<usize>, want: usize| {
             len.filter(|&l| l < want).map(|l| {
                 format!("train.{field} has {l} of {want} values: the other blocks keep weight 1")
@@ -195,9 +198,13 @@ impl BlockPlan {
             _ => None,
         };
         [
-            short("down_lr_weight", list(&t.down_lr_weight), SIDE),
-            short("mid_lr_weight", t.mid_lr_weight.as_ref().map(Vec::len), MID),
-            short("up_lr_weight", list(&t.up_lr_weight), SIDE),
+            short("down_lr_weight", list(&train.down_lr_weight), SIDE),
+            short(
+                "mid_lr_weight",
+                train.mid_lr_weight.as_ref().map(Vec::len),
+                MID,
+            ),
+            short("up_lr_weight", list(&train.up_lr_weight), SIDE),
         ]
         .into_iter()
         .flatten()
@@ -227,7 +234,7 @@ impl BlockPlan {
 
     /// The settings as kohya's `ss_network_args` holds them (comma-separated
     /// strings).
-    pub fn network_args(n: &NetworkSection, t: &TrainSection) -> Vec<(String, String)> {
+    pub fn network_args(network: &NetworkSection, train: &TrainSection) -> Vec<(String, String)> {
         let join = |v: &[String]| v.join(",");
         let ints = |v: &[i64]| join(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
         let floats = |v: &[f64]| {
@@ -243,22 +250,26 @@ impl BlockPlan {
         };
         let mut out = Vec::new();
         let mut put = |k: &str, v: Option<String>| out.extend(v.map(|v| (k.to_string(), v)));
-        put("block_dims", n.block_dims.as_deref().map(ints));
-        put("block_alphas", n.block_alphas.as_deref().map(floats));
-        put("conv_block_dims", n.conv_block_dims.as_deref().map(ints));
+        put("block_dims", network.block_dims.as_deref().map(ints));
+        put("block_alphas", network.block_alphas.as_deref().map(floats));
+        put(
+            "conv_block_dims",
+            network.conv_block_dims.as_deref().map(ints),
+        );
         put(
             "conv_block_alphas",
-            n.conv_block_alphas.as_deref().map(floats),
+            network.conv_block_alphas.as_deref().map(floats),
         );
-        put("down_lr_weight", t.down_lr_weight.as_ref().map(weights));
-        put("mid_lr_weight", t.mid_lr_weight.as_deref().map(floats));
-        put("up_lr_weight", t.up_lr_weight.as_ref().map(weights));
-        let any =
-            t.down_lr_weight.is_some() || t.mid_lr_weight.is_some() || t.up_lr_weight.is_some();
+        put("down_lr_weight", train.down_lr_weight.as_ref().map(weights));
+        put("mid_lr_weight", train.mid_lr_weight.as_deref().map(floats));
+        put("up_lr_weight", train.up_lr_weight.as_ref().map(weights));
+        let any = train.down_lr_weight.is_some()
+            || train.mid_lr_weight.is_some()
+            || train.up_lr_weight.is_some();
         put(
             "block_lr_zero_threshold",
-            (any && t.block_lr_zero_threshold != 0.0)
-                .then(|| lora_core::metadata::py_float(t.block_lr_zero_threshold)),
+            (any && train.block_lr_zero_threshold != 0.0)
+                .then(|| lora_core::metadata::py_float(train.block_lr_zero_threshold)),
         );
         out
     }
@@ -266,11 +277,14 @@ impl BlockPlan {
 
 /// kohya's `get_block_lr_weight` for SDXL: 23 weights (1 for the embedding
 /// and `out` ends), `None` when no weight is set.
-fn lr_weights(t: &TrainSection) -> Result<Option<[f64; BLOCKS]>, FieldError> {
-    if t.down_lr_weight.is_none() && t.mid_lr_weight.is_none() && t.up_lr_weight.is_none() {
+fn lr_weights(train: &TrainSection) -> Result<Option<[f64; BLOCKS]>, FieldError> {
+    if train.down_lr_weight.is_none()
+        && train.mid_lr_weight.is_none()
+        && train.up_lr_weight.is_none()
+    {
         return Ok(None);
     }
-    let z = t.block_lr_zero_threshold;
+    let z = train.block_lr_zero_threshold;
     // a given list is filled with 1, then cut at the threshold; an unset
     // side stays 1 (kohya)
     let clip =
@@ -285,9 +299,9 @@ fn lr_weights(t: &TrainSection) -> Result<Option<[f64; BLOCKS]>, FieldError> {
             None => vec![1.0; SIDE],
         })
     };
-    let down = side(&t.down_lr_weight, "train.down_lr_weight")?;
-    let up = side(&t.up_lr_weight, "train.up_lr_weight")?;
-    let mid = match &t.mid_lr_weight {
+    let down = side(&train.down_lr_weight, "train.down_lr_weight")?;
+    let up = side(&train.up_lr_weight, "train.up_lr_weight")?;
+    let mid = match &train.mid_lr_weight {
         Some(m) if m.len() > MID => {
             return Err((
                 "train.mid_lr_weight",

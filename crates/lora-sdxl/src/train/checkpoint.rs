@@ -53,19 +53,19 @@ pub(crate) fn training_metadata(
         .max()
         .unwrap_or(1024);
     let now = lora_core::metadata::now_unix();
-    let n = &job.network;
+    let network = &job.network;
     TrainingMetadata {
         output_name: name.clone(),
-        network_dim: n.linear,
-        network_alpha: n.linear_alpha,
-        conv_dim: (n.conv > 0).then_some(n.conv),
-        conv_alpha: (n.conv > 0).then_some(n.conv_alpha),
-        network_dropout: (n.dropout > 0.0).then_some(n.dropout),
-        rank_dropout: (n.rank_dropout > 0.0).then_some(n.rank_dropout),
-        module_dropout: (n.module_dropout > 0.0).then_some(n.module_dropout),
+        network_dim: network.linear,
+        network_alpha: network.linear_alpha,
+        conv_dim: (network.conv > 0).then_some(network.conv),
+        conv_alpha: (network.conv > 0).then_some(network.conv_alpha),
+        network_dropout: (network.dropout > 0.0).then_some(network.dropout),
+        rank_dropout: (network.rank_dropout > 0.0).then_some(network.rank_dropout),
+        module_dropout: (network.module_dropout > 0.0).then_some(network.module_dropout),
         network_module: (plan.network.is_lycoris() || plan.dora)
             .then(|| "lycoris.kohya".to_string()),
-        network_args: network_args(plan, n, &job.train),
+        network_args: network_args(plan, network, &job.train),
         steps: step,
         // kohya: the 0-based epoch in progress for step saves, the number of
         // epochs run for the final save
@@ -113,7 +113,7 @@ pub(crate) fn training_metadata(
                 "ss_max_token_length".to_string(),
                 match job.train.max_token_length {
                     75 => "None".to_string(),
-                    n => n.to_string(),
+                    network => network.to_string(),
                 },
             ),
             (
@@ -128,7 +128,7 @@ pub(crate) fn training_metadata(
                 "ss_multires_noise_iterations".to_string(),
                 match job.train.multires_noise_iterations {
                     0 => "None".to_string(),
-                    n => n.to_string(),
+                    network => network.to_string(),
                 },
             ),
             (
@@ -193,8 +193,8 @@ pub(crate) fn training_metadata(
 /// strings) and the block-wise settings.
 fn network_args(
     plan: &Plan,
-    n: &crate::train::job::NetworkSection,
-    t: &crate::train::job::TrainSection,
+    network: &crate::train::job::NetworkSection,
+    train: &crate::train::job::TrainSection,
 ) -> Vec<(String, String)> {
     let mut args = Vec::new();
     if plan.network.is_lycoris() {
@@ -215,7 +215,9 @@ fn network_args(
             args.push(("decompose_both".to_string(), "True".to_string()));
         }
     }
-    args.extend(crate::train::blocks::BlockPlan::network_args(n, t));
+    args.extend(crate::train::blocks::BlockPlan::network_args(
+        network, train,
+    ));
     args
 }
 

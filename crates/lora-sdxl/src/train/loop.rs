@@ -74,7 +74,7 @@ impl Run {
         opts: &TrainOptions,
     ) -> Result<TrainReport> {
         let env = &self.env;
-        let (job, t) = (&env.job, &env.job.train);
+        let (job, train) = (&env.job, &env.job.train);
         let view = RunView::new(
             job,
             &env.plan,
@@ -111,7 +111,7 @@ impl Run {
             )?;
         }
 
-        let accum = t.gradient_accumulation as u64;
+        let accum = train.gradient_accumulation as u64;
         let first_step = self.pos.step;
         let mut meter = LossMeter::new(env.model.unet_device());
         let mut micro = 0u64;
@@ -161,7 +161,7 @@ impl Run {
                 if let Some(d) = &mut self.dist {
                     stopping = d.any_stop(stopping)?;
                 }
-                let last = step >= t.steps;
+                let last = step >= train.steps;
                 let save = step.is_multiple_of(job.save.save_every) || last || stopping;
                 let loss = if step.is_multiple_of(10) || save {
                     Some(meter.take(self.dist.as_ref())?)

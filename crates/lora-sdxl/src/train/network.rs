@@ -68,12 +68,12 @@ impl Network {
     /// Builds kohya-initialised adapters (seeded by `job.seed`) for every
     /// module the job trains and attaches them to `model` at strength 1.
     pub fn attach(job: &JobConfig, kind: &Plan, model: &SdxlModel, device: Device) -> Result<Self> {
-        let n = &job.network;
-        let plan = BlockPlan::new(n, &job.train)
+        let network = &job.network;
+        let plan = BlockPlan::new(network, &job.train)
             .map_err(|(field, m)| crate::SdxlError::train(format!("{field}: {m}")))?;
         let conv = match &plan {
             Some(p) => p.conv_dims.iter().any(|&d| d > 0),
-            None => n.conv > 0,
+            None => network.conv > 0,
         };
         let scope = TargetScope {
             unet: job.train.train_unet,
@@ -89,8 +89,8 @@ impl Network {
                 Some(p) if t.key.component == Component::Unet => {
                     p.rank(&t.key.path, t.uses_conv_rank())
                 }
-                _ if t.uses_conv_rank() => (n.conv, n.conv_alpha),
-                _ => (n.linear, n.linear_alpha),
+                _ if t.uses_conv_rank() => (network.conv, network.conv_alpha),
+                _ => (network.linear, network.linear_alpha),
             };
             if rank == 0 {
                 continue; // a block without LoRA (block_dims or a zero rate weight)
@@ -110,11 +110,11 @@ impl Network {
                 .collect();
             a.set_parameters(params.iter().map(Tensor::shallow_clone).collect())?;
             a.set_dropouts(Dropouts {
-                dropout: n.dropout,
-                rank_dropout: n.rank_dropout,
-                module_dropout: n.module_dropout,
+                dropout: network.dropout,
+                rank_dropout: network.rank_dropout,
+                module_dropout: network.module_dropout,
             })?;
-            let names = a.named_tensors().into_iter().map(|(n, _)| n);
+            let names = a.named_tensors().into_iter().map(|(name, _)| name);
             leaves.push(Leaf {
                 key: t.key.clone(),
                 params: names.zip(params).collect(),

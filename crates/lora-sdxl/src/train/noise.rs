@@ -11,18 +11,21 @@ use tch::{Kind, Tensor};
 
 /// The noise for latents `x0` `[B, C, H, W]` (torch's generator, seeded by
 /// the caller; `rng` draws the pyramid's scale factors).
-pub fn training_noise(t: &TrainSection, x0: &Tensor, rng: &mut impl Rng) -> Tensor {
+pub fn training_noise(train: &TrainSection, x0: &Tensor, rng: &mut impl Rng) -> Tensor {
     let noise = x0.randn_like();
     let (b, c) = (x0.size()[0], x0.size()[1]);
-    if t.noise_offset > 0.0 {
-        noise + Tensor::randn([b, c, 1, 1], (Kind::Float, x0.device())) * t.noise_offset
-    } else if t.multires_noise_iterations > 0 {
-        let factors: Vec<f64> = (0..t.multires_noise_iterations)
+    if train.noise_offset > 0.0 {
+        noise + Tensor::randn([b, c, 1, 1], (Kind::Float, x0.device())) * train.noise_offset
+    } else if train.multires_noise_iterations > 0 {
+        let factors: Vec<f64> = (0..train.multires_noise_iterations)
             .map(|_| rng.gen::<f64>() * 2.0 + 2.0)
             .collect();
-        multires_noise(&noise, t.multires_noise_discount, &factors, &mut |shape| {
-            Tensor::randn(shape, (Kind::Float, x0.device()))
-        })
+        multires_noise(
+            &noise,
+            train.multires_noise_discount,
+            &factors,
+            &mut |shape| Tensor::randn(shape, (Kind::Float, x0.device())),
+        )
     } else {
         noise
     }
@@ -62,15 +65,15 @@ pub fn multires_noise(
 /// `ip_noise_gamma` (γ drawn from [0, γ) per step with
 /// `ip_noise_gamma_random_strength`); `noise` itself when γ is 0. The
 /// training target keeps `noise`.
-pub fn input_noise(t: &TrainSection, noise: &Tensor) -> Tensor {
-    if t.ip_noise_gamma <= 0.0 {
+pub fn input_noise(train: &TrainSection, noise: &Tensor) -> Tensor {
+    if train.ip_noise_gamma <= 0.0 {
         return noise.shallow_clone();
     }
     let extra = noise.randn_like();
-    if t.ip_noise_gamma_random_strength {
-        let strength = Tensor::rand([1], (Kind::Float, noise.device())) * t.ip_noise_gamma;
+    if train.ip_noise_gamma_random_strength {
+        let strength = Tensor::rand([1], (Kind::Float, noise.device())) * train.ip_noise_gamma;
         noise + extra * strength
     } else {
-        noise + extra * t.ip_noise_gamma
+        noise + extra * train.ip_noise_gamma
     }
 }

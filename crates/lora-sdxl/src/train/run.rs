@@ -135,7 +135,7 @@ impl Optimizers {
         network: &Network,
         notes: &mut Vec<String>,
     ) -> Result<Self> {
-        let t = &job.train;
+        let train = &job.train;
         if let Some(note) = &plan.schedule_note {
             tracing::warn!("{note}");
         }
@@ -144,25 +144,25 @@ impl Optimizers {
             tracing::warn!("{note}");
             notes.push(note);
         }
-        for note in BlockPlan::notes(t) {
+        for note in BlockPlan::notes(train) {
             tracing::warn!("{note}");
             notes.push(note);
         }
         let (groups, factors) = param_groups(job, network)?;
         Ok(Self {
-            opt: args.build(t.weight_decay, groups),
-            ema: t
+            opt: args.build(train.weight_decay, groups),
+            ema: train
                 .ema_decay
-                .map(|d| Ema::new(&network.all_params(), d, t.ema_power)),
+                .map(|d| Ema::new(&network.all_params(), d, train.ema_power)),
             lrs: vec![0.0; factors.len()],
             factors,
             params: network.all_params(),
             schedule: plan.schedule,
-            lr: t.lr,
-            te_lr: t.text_encoder_lr.unwrap_or(t.lr),
-            warmup: t.warmup_steps,
-            total: t.steps,
-            max_grad_norm: t.max_grad_norm,
+            lr: train.lr,
+            te_lr: train.text_encoder_lr.unwrap_or(train.lr),
+            warmup: train.warmup_steps,
+            total: train.steps,
+            max_grad_norm: train.max_grad_norm,
         })
     }
 
@@ -196,10 +196,10 @@ type Factor = (bool, f64);
 /// block with block-wise rates, each weighted) and the text encoders;
 /// LoRA+ splits each into down and up matrices (`…_up`, rate × ratio).
 fn param_groups(job: &JobConfig, network: &Network) -> Result<(Vec<Group>, Vec<Factor>)> {
-    let t = &job.train;
-    let plan = BlockPlan::new(&job.network, t)
+    let train = &job.train;
+    let plan = BlockPlan::new(&job.network, train)
         .map_err(|(f, m)| crate::SdxlError::train(format!("{f}: {m}")))?;
-    let ratio = t.loraplus_lr_ratio;
+    let ratio = train.loraplus_lr_ratio;
     let (mut groups, mut factors) = (Vec::new(), Vec::new());
     let mut add = |name: String, te: bool, f: f64, params: Vec<Vec<Tensor>>| {
         let mut parts = params.into_iter();

@@ -60,16 +60,16 @@ impl Shard {
 
 /// The run note of a data-parallel rank: who it is and the batch sizes.
 pub(crate) fn note(job: &super::job::JobConfig, pg: &ProcessGroup) -> String {
-    let t = &job.train;
-    let global = t.batch_size * pg.world();
+    let train = &job.train;
+    let global = train.batch_size * pg.world();
     format!(
         "data-parallel: rank {} of {} (c10d Gloo); each global batch of {global} = train.batch_size {} × {} ranks is split between the ranks, effective batch {} with train.gradient_accumulation {}; rank 0 writes the files",
         pg.rank(),
         pg.world(),
-        t.batch_size,
+        train.batch_size,
         pg.world(),
-        global * t.gradient_accumulation,
-        t.gradient_accumulation,
+        global * train.gradient_accumulation,
+        train.gradient_accumulation,
     )
 }
 

@@ -32,13 +32,13 @@ pub(crate) fn shape_hash(job: &JobConfig, plan: &Plan) -> String {
     let model_size = std::fs::metadata(&job.model.name_or_path)
         .map(|m| m.len())
         .unwrap_or(0);
-    let n = &job.network;
+    let network = &job.network;
     let mut s = format!(
         "v1 linear={} alpha={} conv={} conv_alpha={} unet={} te={} model={} size={}",
-        n.linear,
-        n.linear_alpha,
-        n.conv,
-        n.conv_alpha,
+        network.linear,
+        network.linear_alpha,
+        network.conv,
+        network.conv_alpha,
         job.train.train_unet,
         job.train.train_text_encoder,
         job.model
@@ -57,7 +57,7 @@ pub(crate) fn shape_hash(job: &JobConfig, plan: &Plan) -> String {
         s.push_str(&format!(" type={kind} factor={factor} both={both}"));
     }
     // block-wise ranks change the modules, block rates the groups
-    for (k, v) in crate::train::blocks::BlockPlan::network_args(n, &job.train) {
+    for (k, v) in crate::train::blocks::BlockPlan::network_args(network, &job.train) {
         s.push_str(&format!(" {k}={v}"));
     }
     lora_core::io::hex(&<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))[..16].to_string()

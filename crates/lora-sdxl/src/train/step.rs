@@ -38,7 +38,7 @@ impl Env {
         samples: &[Sample],
         micro_id: u64,
     ) -> Result<Option<Tensor>> {
-        let t = &self.job.train;
+        let train = &self.job.train;
         let seed = self.job.job.seed;
         let mut rng = derived_rng(seed, &[3, micro_id]);
         let mut captions: Vec<String> = planned
@@ -70,8 +70,8 @@ impl Env {
         } else {
             Tensor::empty(global.as_slice(), (x0.kind(), device))
         };
-        let noise = training_noise(t, &template, &mut rng);
-        let input = rows(input_noise(t, &noise), rows_of);
+        let noise = training_noise(train, &template, &mut rng);
+        let input = rows(input_noise(train, &noise), rows_of);
         let noise = rows(noise, rows_of);
         let (noisy, target) = self.noised(&x0, &input, noise, &ts);
         let (context, y) = self.conditioning(&planned, &samples, captions)?;
@@ -81,15 +81,15 @@ impl Env {
             .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
         let huber = (self.plan.loss == Loss::Huber).then_some((&self.tables, &ts));
         let mut per = per_sample_loss(&pred, &target, huber, mask.as_ref());
-        if let Some(g) = t.min_snr_gamma {
+        if let Some(g) = train.min_snr_gamma {
             per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);
         }
-        if t.debiased_estimation_loss {
+        if train.debiased_estimation_loss {
             per = &per * self.tables.debiased_weights(&ts, self.v_pred);
         }
         // regularisation samples come last in a batch
         let reg = self.data.reg_count(&samples);
-        let loss = batch_loss(&per, reg, t.prior_loss_weight);
+        let loss = batch_loss(&per, reg, train.prior_loss_weight);
         let factor = self.shard.loss_factor(hi - lo, n);
         Ok(Some(if factor == 1.0 { loss } else { loss * factor }))
     }

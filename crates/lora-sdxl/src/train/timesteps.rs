@@ -60,11 +60,11 @@ pub struct TimestepSampler {
 impl TimestepSampler {
     /// The sampler of a job's `[train]` drawing as `kind` (the plan's
     /// `timestep_sampling`) on `device`.
-    pub fn new(t: &TrainSection, kind: TimestepSampling, device: Device) -> Self {
-        let (min, max) = (i64::from(t.min_timestep), i64::from(t.max_timestep));
-        let scale = t.sigmoid_scale.unwrap_or(0.0);
-        let bias = t.sigmoid_bias;
-        let shift = t.timestep_shift;
+    pub fn new(train: &TrainSection, kind: TimestepSampling, device: Device) -> Self {
+        let (min, max) = (i64::from(train.min_timestep), i64::from(train.max_timestep));
+        let scale = train.sigmoid_scale.unwrap_or(0.0);
+        let bias = train.sigmoid_bias;
+        let shift = train.timestep_shift;
         let draw = match kind {
             TimestepSampling::Uniform if shift == 1.0 => Draw::Randint,
             TimestepSampling::Uniform => Draw::Uniform,

@@ -75,14 +75,14 @@ impl JobConfig {
         if let Some((field, message)) = rule_error(self) {
             return err(&field, message);
         }
-        let j = &self.job;
-        if j.name.trim().is_empty() || j.name.contains(['/', '\\']) {
+        let job = &self.job;
+        if job.name.trim().is_empty() || job.name.contains(['/', '\\']) {
             return err(
                 "job.name",
                 "must be a non-empty file name (no slashes)".into(),
             );
         }
-        if let Some(d) = &j.device {
+        if let Some(d) = &job.device {
             let ok = d == "cpu"
                 || d == "cuda"
                 || d.strip_prefix("cuda:")
@@ -117,14 +117,17 @@ impl JobConfig {
     /// `network.type` and the settings that only some types use.
     fn validate_network(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
-        let n = &self.network;
+        let network = &self.network;
         // LyCORIS' modules (and DoRA's decomposed weight) offer module dropout only
         let lyco = plan.network.is_lycoris() || plan.dora;
-        if plan.network == NetworkKind::Locon && n.conv == 0 && n.conv_block_dims.is_none() {
+        if plan.network == NetworkKind::Locon
+            && network.conv == 0
+            && network.conv_block_dims.is_none()
+        {
             return err("network.conv", "network.type = \"locon\" needs a conv rank: set conv (e.g. 8), or use type = \"lora\"".into());
         }
-        if plan.network != NetworkKind::Lokr && (n.factor != -1 || n.decompose_both) {
-            let field = if n.factor != -1 {
+        if plan.network != NetworkKind::Lokr && (network.factor != -1 || network.decompose_both) {
+            let field = if network.factor != -1 {
                 "network.factor"
             } else {
                 "network.decompose_both"
@@ -137,22 +140,22 @@ impl JobConfig {
                 ),
             );
         }
-        if n.factor == 0 {
+        if network.factor == 0 {
             return err(
                 "network.factor",
                 "must be -1 (the most balanced split) or at least 1".into(),
             );
         }
         let unsupported = [
-            ("network.dropout", n.dropout > 0.0),
-            ("network.rank_dropout", n.rank_dropout > 0.0),
+            ("network.dropout", network.dropout > 0.0),
+            ("network.rank_dropout", network.rank_dropout > 0.0),
             (
                 "train.loraplus_lr_ratio",
                 self.train.loraplus_lr_ratio.is_some(),
             ),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, on)| lyco && *on) {
-            let with = if n.dora {
+            let with = if network.dora {
                 "network.dora".to_string()
             } else {
                 format!("network.type = \"{}\"", plan.network.name())
@@ -164,19 +167,22 @@ impl JobConfig {
 
     fn validate_train(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
-        let t = &self.train;
-        if t.warmup_steps > t.steps {
+        let train = &self.train;
+        if train.warmup_steps > train.steps {
             return err(
                 "train.warmup_steps",
-                format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
+                format!(
+                    "{} is more than train.steps ({})",
+                    train.warmup_steps, train.steps
+                ),
             );
         }
-        if t.min_timestep >= t.max_timestep {
+        if train.min_timestep >= train.max_timestep {
             return err(
                 "train.min_timestep",
                 format!(
                     "need 0 ≤ min_timestep < max_timestep ≤ 1000, got {}..{}",
-                    t.min_timestep, t.max_timestep
+                    train.min_timestep, train.max_timestep
                 ),
             );
         }
@@ -184,20 +190,20 @@ impl JobConfig {
             plan.optimizer,
             crate::train::optim::OptimizerArgs::Prodigy(_)
         );
-        if !prodigy && t.lr >= 0.1 {
+        if !prodigy && train.lr >= 0.1 {
             return err(
                 "train.lr",
-                format!("{} is far too high for {} (typical LoRA rates are 1e-5 to 1e-3; 1.0 is Prodigy's rate: train.optimizer = \"prodigy\")", t.lr, t.optimizer),
+                format!("{} is far too high for {} (typical LoRA rates are 1e-5 to 1e-3; 1.0 is Prodigy's rate: train.optimizer = \"prodigy\")", train.lr, train.optimizer),
             );
         }
-        if prodigy && t.loraplus_lr_ratio.is_some() {
+        if prodigy && train.loraplus_lr_ratio.is_some() {
             return err(
                 "train.loraplus_lr_ratio",
                 "prodigy takes one rate for every parameter, and LoRA+ needs a higher one for the up matrices: remove loraplus_lr_ratio or use another optimizer".into(),
             );
         }
         let blocks =
-            crate::train::blocks::BlockPlan::new(&self.network, t).map_err(|(field, m)| {
+            crate::train::blocks::BlockPlan::new(&self.network, train).map_err(|(field, m)| {
                 JobError {
                     file: file.to_path_buf(),
                     field: field.into(),
@@ -213,45 +219,48 @@ impl JobConfig {
         if blocks
             .as_ref()
             .is_some_and(|p| p.dims.iter().chain(&p.conv_dims).all(|&d| d == 0))
-            && !t.train_text_encoder
+            && !train.train_text_encoder
         {
             return err(
                 "network.block_dims",
                 "every block's rank (or rate weight) is 0, so there is nothing to train: give some blocks a rank".into(),
             );
         }
-        if prodigy && t.train_text_encoder && t.text_encoder_lr.is_some_and(|r| r != t.lr) {
+        if prodigy
+            && train.train_text_encoder
+            && train.text_encoder_lr.is_some_and(|r| r != train.lr)
+        {
             return err(
                 "train.text_encoder_lr",
                 "prodigy estimates one step size for the UNet and the text encoders together, so their rates must be equal: leave text_encoder_lr unset".into(),
             );
         }
-        if t.multires_noise_iterations > 0 && t.noise_offset > 0.0 {
+        if train.multires_noise_iterations > 0 && train.noise_offset > 0.0 {
             return err(
                 "train.multires_noise_iterations",
                 "kohya uses multires noise only without a noise offset, so one of them would have no effect: set noise_offset = 0 or multires_noise_iterations = 0".into(),
             );
         }
-        if t.ip_noise_gamma_random_strength && t.ip_noise_gamma == 0.0 {
+        if train.ip_noise_gamma_random_strength && train.ip_noise_gamma == 0.0 {
             return err(
                 "train.ip_noise_gamma_random_strength",
                 "has no effect while ip_noise_gamma = 0: set ip_noise_gamma (e.g. 0.1)".into(),
             );
         }
         self.validate_timesteps(plan, file)?;
-        if t.ema_power.is_some() && t.ema_decay.is_none() {
+        if train.ema_power.is_some() && train.ema_decay.is_none() {
             return err(
                 "train.ema_power",
                 "has no effect without train.ema_decay: set ema_decay (e.g. 0.999) or remove ema_power".into(),
             );
         }
-        if !t.train_unet && !t.train_text_encoder {
+        if !train.train_unet && !train.train_text_encoder {
             return err(
                 "train.train_unet",
                 "nothing to train: enable train_unet and/or train_text_encoder".into(),
             );
         }
-        if t.cache_text_embeddings && t.train_text_encoder {
+        if train.cache_text_embeddings && train.train_text_encoder {
             return err(
                 "train.cache_text_embeddings",
                 "cannot cache text embeddings while training the text encoders".into(),
@@ -263,18 +272,18 @@ impl JobConfig {
     /// `timestep_sampling`'s parameters must each change the distribution.
     fn validate_timesteps(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
-        let t = &self.train;
+        let train = &self.train;
         match plan.timesteps {
-            TimestepSampling::Sigmoid if t.sigmoid_scale.unwrap_or(0.0) == 0.0 => err(
+            TimestepSampling::Sigmoid if train.sigmoid_scale.unwrap_or(0.0) == 0.0 => err(
                 "train.sigmoid_scale",
                 "timestep_sampling = \"sigmoid\" needs a non-zero sigmoid_scale (a flat sigmoid is uniform): set e.g. sigmoid_scale = 5.0".into(),
             ),
-            TimestepSampling::LogitNormal if t.sigmoid_scale.is_some_and(|s| s <= -1.0) => err(
+            TimestepSampling::LogitNormal if train.sigmoid_scale.is_some_and(|s| s <= -1.0) => err(
                 "train.sigmoid_scale",
                 "the logit-normal's standard deviation is sigmoid_scale + 1, so it must be above -1 (0 gives a standard normal)".into(),
             ),
-            TimestepSampling::Uniform if t.sigmoid_scale.is_some() || t.sigmoid_bias != 0.0 => err(
-                if t.sigmoid_scale.is_some() { "train.sigmoid_scale" } else { "train.sigmoid_bias" },
+            TimestepSampling::Uniform if train.sigmoid_scale.is_some() || train.sigmoid_bias != 0.0 => err(
+                if train.sigmoid_scale.is_some() { "train.sigmoid_scale" } else { "train.sigmoid_bias" },
                 "has no effect with timestep_sampling = \"uniform\": set timestep_sampling = \"sigmoid\" or \"logit_normal\", or remove it".into(),
             ),
             _ => Ok(()),
@@ -354,9 +363,9 @@ impl JobConfig {
 
     fn validate_sample(&self, plan: &Plan, file: &Path) -> Result<(), JobError> {
         let err = |field: &str, message: String| fail(file, field, message);
-        let s = &self.sample;
+        let sample = &self.sample;
         if let Err(crate::SdxlError::Param { name, reason }) =
-            s.generate_params(plan.sampler, "", None).validate()
+            sample.generate_params(plan.sampler, "", None).validate()
         {
             let field = match name {
                 "steps" => "sample_steps",
@@ -365,7 +374,7 @@ impl JobConfig {
             };
             return err(&format!("sample.{field}"), reason);
         }
-        if !s.disable && s.prompts.is_empty() {
+        if !sample.disable && sample.prompts.is_empty() {
             return err(
                 "sample.prompts",
                 "sampling is enabled but there are no prompts".into(),

@@ -77,7 +77,7 @@ impl Console {
         else {
             return;
         };
-        let t = &run.job.train;
+        let train = &run.job.train;
         for d in datasets {
             println!(
                 "dataset {}: {} usable image(s) of {}",
@@ -91,7 +91,7 @@ impl Console {
         }
         println!(
             "training {modules} LoRA modules on {images} image(s): {samples_per_epoch} samples per epoch (images × repeats × resolutions), batch {} × accumulation {}, {total_steps} steps, {} on {device}",
-            t.batch_size, t.gradient_accumulation, t.dtype
+            train.batch_size, train.gradient_accumulation, train.dtype
         );
         for n in notes {
             println!("{n}");

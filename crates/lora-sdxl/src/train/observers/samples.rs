@@ -18,11 +18,11 @@ pub struct Samples;
 
 impl Observer for Samples {
     fn on_event(&mut self, event: &Event, run: &RunView<'_>) -> Result<()> {
-        let s = &run.job.sample;
+        let sample = &run.job.sample;
         let step = match *event {
             Event::Started { resumed: false, .. } => 0,
             Event::Step { step, .. }
-                if step.is_multiple_of(s.sample_every) || step == run.job.train.steps =>
+                if step.is_multiple_of(sample.sample_every) || step == run.job.train.steps =>
             {
                 step
             }
@@ -57,14 +57,14 @@ fn training_samples(
     use crate::sample::grid::{
         parameters_text, software, training_sample_name, training_samples_grid,
     };
-    let s = &job.sample;
+    let sample = &job.sample;
     let dir = run_dir.join("samples");
     std::fs::create_dir_all(&dir).map_err(|e| SdxlError::io(&dir, e))?;
     let trigger = job.job.trigger_word.as_deref();
-    let prompts: Vec<String> = s
+    let prompts: Vec<String> = sample
         .prompts
         .iter()
-        .map(|p| s.generate_params(sampler, p, trigger).prompt)
+        .map(|p| sample.generate_params(sampler, p, trigger).prompt)
         .collect();
     let model_name = job
         .model
@@ -74,12 +74,12 @@ fn training_samples(
         .unwrap_or_default();
     let lora = crate::sample::grid::LoraUse {
         path: PathBuf::from(format!("{}_{step:09}.safetensors", job.job.name)),
-        strength: s.strength,
+        strength: sample.strength,
     };
-    model.slots.set_multiplier(s.strength);
+    model.slots.set_multiplier(sample.strength);
     let result = (|| -> Result<()> {
-        for (r, prompt) in s.prompts.iter().enumerate() {
-            let p = s.generate_params(sampler, prompt, trigger);
+        for (r, prompt) in sample.prompts.iter().enumerate() {
+            let p = sample.generate_params(sampler, prompt, trigger);
             let img = crate::sample::txt2img::txt2img(model, tok, &p, &mut |_| {})?.remove(0);
             let text = parameters_text(&p, &model_name, std::slice::from_ref(&lora), &[]);
             lora_data::render::save_png(
@@ -96,7 +96,13 @@ fn training_samples(
     let (sampler, schedule) = sampler.a1111_names();
     let title = format!(
         "{} | seed {} | {} steps | {sampler} {schedule} | CFG {} | strength {} | {}x{}",
-        job.job.name, s.seed, s.sample_steps, s.guidance_scale, s.strength, s.width, s.height
+        job.job.name,
+        sample.seed,
+        sample.sample_steps,
+        sample.guidance_scale,
+        sample.strength,
+        sample.width,
+        sample.height
     );
     training_samples_grid(&dir, &prompts, &title)?;
     Ok(dir)

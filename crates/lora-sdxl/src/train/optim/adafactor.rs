@@ -133,15 +133,15 @@ impl PerParam for Adafactor {
     /// One update; `lr` is ignored with `relative_step`.
     fn step(&mut self, lr: f64) {
         self.step += 1;
-        let c = &self.cfg;
+        let cfg = &self.cfg;
         let t = self.step as f64;
-        let rel = if c.relative_step {
-            let min_step = if c.warmup_init { 1e-6 * t } else { 1e-2 };
+        let rel = if cfg.relative_step {
+            let min_step = if cfg.warmup_init { 1e-6 * t } else { 1e-2 };
             min_step.min(1.0 / t.sqrt())
         } else {
             lr
         };
-        let beta2t = 1.0 - t.powf(c.decay_rate);
+        let beta2t = 1.0 - t.powf(cfg.decay_rate);
         tch::no_grad(|| {
             for ((p, second), first) in self
                 .params
@@ -156,8 +156,10 @@ impl PerParam for Adafactor {
                 let g = g.to_kind(Kind::Float);
                 // The step size: a tensor when scaled by the weights' RMS, else
                 // the host number itself (no host-to-device copy per parameter).
-                let scaled = c.scale_parameter.then(|| rms(p).clamp_min(c.eps.1) * rel);
-                let sq = &g * &g + c.eps.0;
+                let scaled = cfg
+                    .scale_parameter
+                    .then(|| rms(p).clamp_min(cfg.eps.1) * rel);
+                let sq = &g * &g + cfg.eps.0;
                 let mut update = match second {
                     Second::Factored { row, col } => {
                         *row =
@@ -175,20 +177,20 @@ impl PerParam for Adafactor {
                         v.rsqrt() * &g
                     }
                 };
-                update = &update / (rms(&update) / c.clip_threshold).clamp_min(1.0);
+                update = &update / (rms(&update) / cfg.clip_threshold).clamp_min(1.0);
                 update = match &scaled {
                     Some(alpha) => update * alpha,
                     None => update * rel,
                 };
-                if let (Some(b1), Some(m)) = (c.beta1, first.as_mut()) {
+                if let (Some(b1), Some(m)) = (cfg.beta1, first.as_mut()) {
                     *m = &*m * b1 + &update * (1.0 - b1);
                     update = m.shallow_clone();
                 }
                 let mut p = p.shallow_clone();
-                if c.weight_decay != 0.0 {
+                if cfg.weight_decay != 0.0 {
                     let decay = match &scaled {
-                        Some(alpha) => &p * (alpha * c.weight_decay),
-                        None => &p * (rel * c.weight_decay),
+                        Some(alpha) => &p * (alpha * cfg.weight_decay),
+                        None => &p * (rel * cfg.weight_decay),
                     };
                     let _ = p.g_sub_(&decay);
                 }

@@ -148,9 +148,9 @@ impl Prodigy {
     /// The package's step; long because its two passes share many locals
     /// (the second uses the `d` that the first estimates).
     fn update(&mut self, lrs: &[f64]) {
-        let c = &self.cfg;
-        let (b1, b2) = c.betas;
-        let b3 = c.beta3.unwrap_or(b2.sqrt());
+        let cfg = &self.cfg;
+        let (b1, b2) = cfg.betas;
+        let b3 = cfg.beta3.unwrap_or(b2.sqrt());
         // Groups without parameters (text encoders not trained) take no part,
         // as they are absent from a kohya run.
         let lr = (self.groups.iter().zip(lrs))
@@ -159,16 +159,16 @@ impl Prodigy {
         let f32 = |t: &Tensor| t.to_kind(Kind::Float);
         let d = self.d.shallow_clone();
         // Computed from the device's k: no host-to-device copy (a sync on CUDA).
-        let dlr = if c.use_bias_correction {
+        let dlr = if cfg.use_bias_correction {
             let k1 = &self.k + 1.0;
             let pow = |b: f64| Tensor::pow_scalar(b, &k1);
             &d * lr * (pow(b2).g_mul_scalar(-1.0) + 1.0).sqrt() / (pow(b1).g_mul_scalar(-1.0) + 1.0)
         } else {
             &d * lr
         };
-        let ratio = (&d / c.d0) * &dlr; // (d/d₀)·dlr
-        let s_alpha = if c.safeguard_warmup {
-            (&d / c.d0) * &d
+        let ratio = (&d / cfg.d0) * &dlr; // (d/d₀)·dlr
+        let s_alpha = if cfg.safeguard_warmup {
+            (&d / cfg.d0) * &d
         } else {
             ratio.shallow_clone()
         };
@@ -188,15 +188,15 @@ impl Prodigy {
                 if !g.defined() {
                     continue;
                 }
-                if c.weight_decay != 0.0 && !c.decouple {
-                    g = &g + &slot.p.detach() * c.weight_decay;
+                if cfg.weight_decay != 0.0 && !cfg.decouple {
+                    g = &g + &slot.p.detach() * cfg.weight_decay;
                 }
                 let p0 = slot
                     .p0
-                    .get_or_insert_with(|| Self::sliced(&slot.p, c.slice_p).copy());
+                    .get_or_insert_with(|| Self::sliced(&slot.p, cfg.slice_p).copy());
                 if group_lr > 0.0 {
-                    let sg = Self::sliced(&g, c.slice_p);
-                    let dot = sg.dot(&(&*p0 - Self::sliced(&slot.p, c.slice_p)));
+                    let sg = Self::sliced(&g, cfg.slice_p);
+                    let dot = sg.dot(&(&*p0 - Self::sliced(&slot.p, cfg.slice_p)));
                     numerator += &ratio * dot.to_kind(Kind::Double);
                     slot.exp_avg = &slot.exp_avg * b1 + &g * &m_alpha;
                     // addcmul's order, v + (value · g) · g.
@@ -210,19 +210,19 @@ impl Prodigy {
         let live = denom.gt(0.0);
         let (mut new_d, mut d_max) = (d.shallow_clone(), self.d_max.shallow_clone());
         if lr > 0.0 {
-            let d_hat = (&numerator * c.d_coef) / denom.where_scalarother(&live, 1.0);
-            let first = d.eq(c.d0);
+            let d_hat = (&numerator * cfg.d_coef) / denom.where_scalarother(&live, 1.0);
+            let first = d.eq(cfg.d0);
             new_d = d.maximum(&d_hat).where_self(&first, &d);
             d_max = d_max.maximum(&d_hat);
-            new_d = d_max.minimum(&(&new_d * c.growth_rate));
+            new_d = d_max.minimum(&(&new_d * cfg.growth_rate));
         }
         self.d = new_d.where_self(&live, &d);
         self.d_max = d_max.where_self(&live, &self.d_max);
         self.numerator = numerator.where_self(&live, &self.numerator);
         self.k = (&self.k + 1.0).where_self(&live, &self.k);
-        let eps_d = f32(&self.d) * c.eps;
+        let eps_d = f32(&self.d) * cfg.eps;
         let dlr = f32(&dlr.where_scalarother(&live, 0.0));
-        let (neg_dlr, decay) = (-&dlr, &dlr * c.weight_decay);
+        let (neg_dlr, decay) = (-&dlr, &dlr * cfg.weight_decay);
         for slot in self.groups.iter_mut().flatten() {
             let g = slot.p.grad();
             if !g.defined() {
@@ -230,7 +230,7 @@ impl Prodigy {
             }
             let mut p = slot.p.shallow_clone();
             let denom = slot.exp_avg_sq.sqrt() + &eps_d;
-            if c.weight_decay != 0.0 && c.decouple {
+            if cfg.weight_decay != 0.0 && cfg.decouple {
                 let _ = p.g_sub_(&(&p * &decay));
             }
             // addcdiv's order, p + (−dlr · m) / denom: the same roundings as the package.
