@@ -8,44 +8,9 @@
 //! zeros, so a fresh adapter leaves the base output unchanged.
 
 use crate::error::{LoraError, Result};
+pub use crate::geometry::Geometry;
 use crate::lycoris::LycoAdapter;
 use tch::{Device, Kind, Tensor};
-
-/// The kind of base layer an adapter wraps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Geometry {
-    /// A `Linear` layer (also used for `proj_in`/`proj_out` in SDXL).
-    Linear,
-    /// A `Conv2d` layer; the down projection reuses the base conv's
-    /// kernel, stride, padding and dilation, the up projection is 1x1.
-    Conv2d {
-        /// `[kh, kw]`.
-        kernel: [i64; 2],
-        /// Base conv stride.
-        stride: [i64; 2],
-        /// Base conv padding.
-        padding: [i64; 2],
-        /// Base conv dilation.
-        dilation: [i64; 2],
-    },
-}
-
-impl Geometry {
-    /// A conv geometry with stride 1, "same" padding and dilation 1.
-    pub fn conv(kh: i64, kw: i64) -> Self {
-        Geometry::Conv2d {
-            kernel: [kh, kw],
-            stride: [1, 1],
-            padding: [kh / 2, kw / 2],
-            dilation: [1, 1],
-        }
-    }
-
-    /// True for convolutions whose kernel is not 1x1 (these use the conv rank in LoCon).
-    pub fn is_spatial_conv(&self) -> bool {
-        matches!(self, Geometry::Conv2d { kernel, .. } if *kernel != [1, 1])
-    }
-}
 
 /// Training-only regularisation with kohya's semantics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -73,20 +38,6 @@ impl Dropouts {
             }
         }
         Ok(())
-    }
-}
-
-/// The base layer's op with weight `w` and no bias: `x Wᵀ`, or the conv
-/// with the layer's stride, padding and dilation.
-pub(crate) fn layer_op(geometry: Geometry, x: &Tensor, w: &Tensor) -> Tensor {
-    match geometry {
-        Geometry::Linear => x.linear::<&Tensor>(w, None),
-        Geometry::Conv2d {
-            stride,
-            padding,
-            dilation,
-            ..
-        } => x.conv2d::<&Tensor>(w, None, stride, padding, dilation, 1),
     }
 }
 

@@ -9,8 +9,12 @@
 //! `[out, 1(, 1, 1)]`, LyCORIS ≥ 3.2's default, is read too). A strength
 //! `s` applies `W + s · (W' − W)`, as the UIs do.
 
-use crate::adapter::{layer_op, LoraAdapter};
+// dora.rs and adapter.rs use each other on purpose: DoRA is a mode of a
+// LoraAdapter (its forward is added here, beside DoRA's maths), and
+// LoraAdapter's merge calls `decomposed`, the one definition of W'.
+use crate::adapter::LoraAdapter;
 use crate::error::Result;
+use crate::geometry::layer_op;
 use tch::{Kind, Tensor};
 
 /// `‖W‖` per input channel: `[1, in(, 1, 1)]`.

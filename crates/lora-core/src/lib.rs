@@ -33,6 +33,7 @@ pub mod adapter;
 pub mod dora;
 pub mod error;
 pub mod formats;
+pub mod geometry;
 pub mod inspect;
 pub mod io;
 mod lora_pair;

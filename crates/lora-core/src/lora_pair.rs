@@ -2,7 +2,8 @@
 //! `up(drop(down(x))) · multiplier · alpha / rank` with neuron, rank and
 //! module dropout, for [`LoraAdapter::delta`].
 
-use crate::adapter::{layer_op, Geometry, LoraAdapter};
+use crate::adapter::LoraAdapter;
+use crate::geometry::{layer_op, Geometry};
 use tch::{Kind, Tensor};
 
 impl LoraAdapter {

@@ -16,8 +16,8 @@
 //! Every factor product is a matrix `[out, in·kh·kw]`; a conv's ΔW is that
 //! matrix viewed as `[out, in, kh, kw]`.
 
-use crate::adapter::Geometry;
 use crate::error::{LoraError, Result};
+use crate::geometry::Geometry;
 use tch::{Device, Kind, Tensor};
 
 /// The key suffixes of the LyCORIS tensors lorakit reads and writes (LoHa,
@@ -364,7 +364,7 @@ impl LycoAdapter {
     /// `multiplier · ΔW` (bias-free), in `x`'s dtype.
     pub fn delta(&self, x: &Tensor, multiplier: f64) -> Tensor {
         let w = (self.delta_weight() * multiplier).to_kind(x.kind());
-        crate::adapter::layer_op(self.geometry, x, &w)
+        crate::geometry::layer_op(self.geometry, x, &w)
     }
 
     /// The tensors as a LyCORIS file names them (without `alpha`), in its
