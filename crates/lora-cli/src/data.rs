@@ -3,7 +3,8 @@
 use crate::folder::FolderArgs;
 use crate::AnyResult;
 use clap::Subcommand;
-use lora_data::caption::{edit_captions, TagStats};
+use lora_data::caption::TagStats;
+use lora_data::caption_edit::edit_captions;
 use lora_data::masks::MaskSource;
 use lora_data::{check_dataset, CaptionEdit, CheckOptions, ScanOptions};
 use std::path::PathBuf;

@@ -6,8 +6,9 @@
 //! * [`scan`](scan::scan): a folder of images with same-name captions (kohya
 //!   `N_name` repeat folders, any pixel mode, EXIF orientation, bomb limits);
 //! * [`check_dataset`]: every problem by file, plus a summary (`lorakit dataset check`);
-//! * [`caption`]: tag edits for `lorakit caption`, tag statistics, per-step
+//! * [`caption`]: caption files and tag rules, tag statistics, per-step
 //!   caption processing (trigger, keep_tokens, shuffle, dropouts);
+//!   [`caption_edit`]: the bulk edits of `lorakit caption` over a scanned folder;
 //! * [`buckets`]: kohya's aspect buckets, never-upscale assignment and SDXL's
 //!   size/crop conditioning from the actual crop;
 //! * [`loader`]: seeded epoch plans and a parallel prefetching batch loader;
@@ -23,6 +24,7 @@ pub mod autocaption;
 pub mod buckets;
 pub mod cache;
 pub mod caption;
+pub mod caption_edit;
 pub mod check;
 pub mod error;
 pub mod image_io;

@@ -2,7 +2,7 @@
 //! they must, atomically, keeping other tags and their order.
 
 use image::RgbImage;
-use lora_data::caption::edit_captions;
+use lora_data::caption_edit::edit_captions;
 use lora_data::{CaptionEdit, ScanOptions};
 
 #[test]
