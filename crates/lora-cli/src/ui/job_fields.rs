@@ -5,7 +5,7 @@
 
 use axum::Json;
 use lora_sdxl::train::job::fields::{Rule, FIELDS};
-use lora_sdxl::JobConfig;
+use lora_sdxl::train::job::JobDefaults;
 use serde_json::{json, Value};
 
 /// One field of the form: its key, its label, and for an alpha the rank it
@@ -64,18 +64,11 @@ pub async fn list() -> Json<Value> {
 }
 
 fn form_fields() -> Vec<Value> {
-    let mut defaults =
-        toml::Value::try_from(JobConfig::default()).unwrap_or(toml::Value::Integer(0));
-    if let (Some(t), Ok(d)) = (
-        defaults.as_table_mut(),
-        toml::Value::try_from(lora_sdxl::train::job::DatasetSection::default()),
-    ) {
-        t.insert("datasets".into(), d);
-    }
+    let defaults = JobDefaults::new();
     FORM.iter()
         .filter_map(|f| {
             let spec = FIELDS.iter().find(|x| x.path() == f.key)?;
-            let default = defaults.get(spec.section).and_then(|s| s.get(spec.key));
+            let default = defaults.get(spec.section, spec.key);
             let choices: Option<Vec<&str>> = match spec.rule {
                 Rule::OneOf(names) => Some(names.to_vec()),
                 _ if f.key == "job.device" => Some(DEVICES.to_vec()),
@@ -112,7 +105,7 @@ mod tests {
         assert_eq!(fields.len(), FORM.len(), "every form key is a job key");
         let get = |k: &str| fields.iter().find(|f| f["key"] == k).unwrap().clone();
         // defaults are the trainer's (issue 27: a copy lived in jobs.js)
-        let d = JobConfig::default();
+        let d = lora_sdxl::JobConfig::default();
         assert_eq!(get("network.linear")["default"], d.network.linear);
         assert_eq!(get("train.lr")["default"], d.train.lr);
         assert_eq!(get("train.lr")["kind"], "float");

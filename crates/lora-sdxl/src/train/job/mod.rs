@@ -20,6 +20,7 @@ pub mod fields;
 mod keys;
 mod load;
 mod template;
+pub use template::JobDefaults;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -72,13 +72,7 @@ impl JobConfig {
             dataset: dataset.unwrap_or("path/to/dataset").to_string(),
             id: id.map(str::to_string),
         };
-        let mut defaults = toml::Value::try_from(JobConfig::default())
-            .expect("the default job serialises to TOML");
-        if let Some(t) = defaults.as_table_mut() {
-            let one = toml::Value::try_from(super::DatasetSection::default())
-                .expect("the default dataset serialises to TOML");
-            t.insert("datasets".into(), toml::Value::Array(vec![one]));
-        }
+        let defaults = JobDefaults::new();
         let mut out = String::from(
             "# lorakit job file. Run with: lorakit train job.toml\n\
              # Names follow AI Toolkit, so settings carry over. Unknown keys are errors.\n",
@@ -91,12 +85,8 @@ impl JobConfig {
             };
             out.push('\n');
             out.push_str(&line(&header, about));
-            let table = match defaults.get(*section) {
-                Some(toml::Value::Array(a)) => a.first(),
-                other => other,
-            };
             for field in FIELDS.iter().filter(|f| f.section == *section) {
-                let default = table.and_then(|t| t.get(field.key)).map(|v| v.to_string());
+                let default = defaults.get(section, field.key).map(|v| v.to_string());
                 let text = match filled.value(section, field.key).or(default) {
                     Some(v) => format!("{} = {v}", field.key),
                     None => format!("# {} = {}", field.key, field.example.unwrap_or("\"\"")),
@@ -109,6 +99,40 @@ impl JobConfig {
             }
         }
         out
+    }
+}
+
+/// Every key's default as TOML, from the sections' `Default` impls (what
+/// the template writes and the UI's form shows).
+pub struct JobDefaults(toml::Value);
+
+impl JobDefaults {
+    /// The defaults of a job with one `[[datasets]]` table.
+    pub fn new() -> Self {
+        let mut defaults = toml::Value::try_from(JobConfig::default())
+            .expect("the default job serialises to TOML");
+        if let Some(t) = defaults.as_table_mut() {
+            let one = toml::Value::try_from(super::DatasetSection::default())
+                .expect("the default dataset serialises to TOML");
+            t.insert("datasets".into(), toml::Value::Array(vec![one]));
+        }
+        Self(defaults)
+    }
+
+    /// The default of `section.key` (the `[[datasets]]` table's for
+    /// `datasets`); `None` for a key without one (an `Option` left unset).
+    pub fn get(&self, section: &str, key: &str) -> Option<&toml::Value> {
+        let table = match self.0.get(section) {
+            Some(toml::Value::Array(a)) => a.first(),
+            other => other,
+        };
+        table.and_then(|t| t.get(key))
+    }
+}
+
+impl Default for JobDefaults {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
