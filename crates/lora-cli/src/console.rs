@@ -1,5 +1,6 @@
 //! What the commands share on the terminal: progress bars and Ctrl-C.
 
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -34,5 +35,66 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Arc<AtomicBo
             std::process::exit(130);
         }
     });
+    deliver_ctrl_c();
     stop
+}
+
+/// Unblocks SIGINT in this thread, once a Ctrl-C handler is installed: the
+/// UI starts runs with it blocked (`ui/queue`), so a Stop that came while
+/// the run was starting is delivered now, to the handler, instead of
+/// killing the run before it could save anything.
+pub fn deliver_ctrl_c() {
+    // SAFETY: plain signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// What a child's exit status says, for messages about a run or rank that
+/// ended badly: "exited with status 1", "was killed by signal 11 (SIGSEGV)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => {
+            let name = match s {
+                libc::SIGINT => " (SIGINT)",
+                libc::SIGABRT => " (SIGABRT: an abort, e.g. a C++ exception nobody caught)",
+                libc::SIGKILL => " (SIGKILL: killed, e.g. by the out-of-memory killer)",
+                libc::SIGSEGV => " (SIGSEGV: a crash)",
+                libc::SIGBUS => " (SIGBUS: a crash)",
+                libc::SIGTERM => " (SIGTERM)",
+                _ => "",
+            };
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("was killed by signal {s}{name}{core}")
+        }
+        _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_exit;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    #[test]
+    fn an_exit_status_is_described_with_its_code_or_signal() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(1 << 8)),
+            "exited with status 1"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGSEGV)),
+            "was killed by signal 11 (SIGSEGV: a crash)"
+        );
+    }
 }

@@ -19,16 +19,6 @@ use std::time::{Duration, Instant};
 /// killed.
 const GRACE: Duration = Duration::from_secs(30);
 
-/// What an exit status says, for the message naming a failed rank.
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(s)) => format!("was killed by signal {s}"),
-        _ => "ended".into(),
-    }
-}
-
 fn spawn(
     job: &Path,
     resume: bool,
@@ -86,6 +76,7 @@ pub fn launch(job: &Path, resume: bool, quiet: bool, n: usize) -> AnyResult<Exit
             unsafe { libc::kill(pid, libc::SIGINT) };
         }
     });
+    crate::console::deliver_ctrl_c();
     let mut status: Vec<Option<ExitStatus>> = vec![None; n];
     let mut failed: Option<(usize, ExitStatus, Instant)> = None;
     while status.iter().any(Option::is_none) {
@@ -114,7 +105,7 @@ pub fn launch(job: &Path, resume: bool, quiet: bool, n: usize) -> AnyResult<Exit
         None => Ok(ExitCode::SUCCESS),
         Some((rank, s, _)) => Err(format!(
             "rank {rank} of {n} {}; the run stopped on every rank (the last checkpoint and state.safetensors are kept; `lorakit train {} --nproc {n} --resume` continues)",
-            describe(s),
+            crate::console::describe_exit(s),
             job.display()
         )
         .into()),

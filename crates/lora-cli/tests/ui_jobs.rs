@@ -410,6 +410,29 @@ fn stop_resume_and_a_restarted_ui_follow_the_run() {
 }
 
 #[test]
+fn a_stop_while_the_run_starts_stops_it_after_its_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root: PathBuf = tmp.path().join("root");
+    let _runs = setup(&root);
+    let ui = start_ui(&root, &[]);
+    assert_eq!(
+        call(&ui, "POST", "/api/jobs", Some(new_job("early", 5000))).0,
+        201
+    );
+    assert_eq!(call(&ui, "POST", "/api/jobs/early/start", None).0, 200);
+    // Stop as soon as the queue started the process: it is still loading
+    // libtorch, long before its Ctrl-C handler exists.
+    wait_for(&ui, &root, "early", |j| state(j) == "running");
+    assert_eq!(call(&ui, "POST", "/api/jobs/early/stop", None).0, 200);
+    let j = wait_for(&ui, &root, "early", |j| state(j) != "running");
+    // stop 36: the SIGINT killed the starting run and the job showed failed
+    assert_eq!(state(&j), "stopped", "{j:#}");
+    assert!(root
+        .join("jobs/early/output/early/state.safetensors")
+        .is_file());
+}
+
+#[test]
 fn caption_endpoints_come_from_the_flags_then_ui_toml() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");

@@ -330,36 +330,48 @@ impl Queue {
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(i) = inner.entries.iter().position(|e| e.state == State::Running) {
-            let ended = match &mut inner.child {
+            // Some(Ok) ended well, Some(Err(why)) ended badly, None still runs.
+            // A run a second or third Stop ended (exit 130: aborted without
+            // saving; SIGKILL) ended as asked: interrupted, not failed.
+            let asked = inner.stops > 1;
+            let ended: Option<Result<(), String>> = match &mut inner.child {
                 Some(c) => match c.try_wait() {
-                    Ok(Some(status)) => Some(status.success()),
+                    Ok(Some(status)) if status.success() || (asked && aborted(status)) => {
+                        Some(Ok(()))
+                    }
+                    Ok(Some(status)) => Some(Err(format!(
+                        "the run {}",
+                        crate::console::describe_exit(status)
+                    ))),
                     Ok(None) => None,
-                    Err(_) => Some(false),
+                    Err(e) => Some(Err(format!("its exit status is unknown: {e}"))),
                 },
                 // Re-attached after a restart: no exit status, only the pid.
                 None => {
                     let marker = inner.entries[i].marker(&self.jobs_dir);
                     let dead = (inner.entries[i].pid)
                         .is_none_or(|p| liveness(p, &marker) == Liveness::Dead);
-                    dead.then_some(true)
+                    dead.then_some(Ok(()))
                 }
             };
-            let Some(ok) = ended else { return };
+            let Some(ended) = ended else { return };
             inner.child = None;
             let e = &mut inner.entries[i];
             e.pid = None;
             let run_dir = self.jobs_dir.join(&e.job).join("output").join(&e.job);
-            e.state = match (ok, e.kind) {
-                (false, _) => State::Failed,
-                (true, Kind::Grid) => State::Done,
-                (true, Kind::Train) => match last_event(&run_dir) {
+            e.state = match (&ended, e.kind) {
+                (Err(_), _) => State::Failed,
+                (Ok(()), Kind::Grid) => State::Done,
+                (Ok(()), Kind::Train) => match last_event(&run_dir) {
                     Some(Event::Finished { .. }) => State::Done,
                     Some(Event::Stopped { .. }) => State::Stopped,
                     _ => State::Interrupted,
                 },
             };
-            if e.state == State::Failed {
-                e.error = Some(tail(&e.log(&self.jobs_dir), 12));
+            if let Err(why) = ended {
+                // the log's last lines, then how the process ended (a crash
+                // prints nothing of its own)
+                e.error = Some(format!("{}\n{why}", tail(&e.log(&self.jobs_dir), 12)));
             }
             self.save(inner);
             return;
@@ -429,6 +441,22 @@ impl Queue {
         // Its own process group: a Ctrl-C of the UI does not stop it, and
         // a restarted UI follows it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // SIGINT blocked until the run has installed its Ctrl-C handler
+        // (`console::stop_on_ctrl_c` unblocks it): a Stop pressed while it
+        // starts then stops it after its first step instead of killing it
+        // (stop 36: "Resume" then "Stop" at once left a failed job).
+        // SAFETY: sigemptyset/sigaddset/sigprocmask are async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                match libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
         cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -439,6 +467,13 @@ impl Queue {
                 (format!("cannot start {why}"), transient)
             })
     }
+}
+
+/// Whether a run ended as a second or third Stop ends it: exit 130 (its
+/// Ctrl-C handler aborting without saving) or SIGKILL.
+fn aborted(status: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.code() == Some(130) || status.signal() == Some(libc::SIGKILL)
 }
 
 /// SIGKILL to the process group `pid` leads, or to the process alone when

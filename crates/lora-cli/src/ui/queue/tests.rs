@@ -64,16 +64,11 @@ fn stop_asks_twice_then_kills_a_run_that_does_not_listen() {
 /// A stand-in for the `lorakit` binary: it notes `<command> <pid>` in
 /// `calls`, then runs until the file `release-<command>` exists.
 fn fake_lorakit(dir: &Path) -> PathBuf {
-    let exe = dir.join("fake-lorakit");
     let d = dir.display();
-    let script = format!(
-        "#!/bin/sh\necho \"$1 $$\" >> {d}/calls\nwhile [ ! -e {d}/release-$1 ]; do sleep 0.05; done\n"
-    );
-    std::fs::write(&exe, script).unwrap();
-    let mut perms = std::fs::metadata(&exe).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&exe, perms).unwrap();
-    exe
+    script_lorakit(
+        dir,
+        &format!("echo \"$1 $$\" >> {d}/calls\nwhile [ ! -e {d}/release-$1 ]; do sleep 0.05; done"),
+    )
 }
 
 /// Ticks the queue until `done` holds (at most 30 s).
@@ -180,4 +175,73 @@ fn a_new_grid_ends_the_previous_one_before_its_folder_is_touched() {
     tick_until(&q, "the second grid's end", |q| {
         state_of(q, "a", Kind::Grid) == Some(State::Done)
     });
+}
+
+/// A stand-in `lorakit` in `dir` that runs `script` (sh).
+fn script_lorakit(dir: &Path, script: &str) -> PathBuf {
+    let exe = dir.join("script-lorakit");
+    std::fs::write(&exe, format!("#!/bin/sh\n{script}\n")).unwrap();
+    let mut perms = std::fs::metadata(&exe).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&exe, perms).unwrap();
+    exe
+}
+
+#[test]
+fn a_run_that_crashes_is_failed_with_its_signal_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jobs = tmp.path().join("jobs");
+    std::fs::create_dir_all(jobs.join("a")).unwrap();
+    // a "run" that prints its last words, then crashes as a segfault would
+    let exe = script_lorakit(tmp.path(), "echo 'step 4/10'\nkill -SEGV $$");
+    let q = Queue::open(&jobs, exe);
+    q.enqueue("a", false).unwrap();
+    tick_until(&q, "the crash", |q| {
+        state_of(q, "a", Kind::Train) == Some(State::Failed)
+    });
+    // stop 36: a run ended badly after its last line and the page showed
+    // only that line, not how the process ended
+    let error = q.entry_of("a", Kind::Train).unwrap().error.unwrap();
+    assert!(error.starts_with("step 4/10\n"), "{error}");
+    assert!(
+        error.ends_with("the run was killed by signal 11 (SIGSEGV: a crash)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_run_stop_kills_is_interrupted_not_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jobs = tmp.path().join("jobs");
+    std::fs::create_dir_all(jobs.join("a")).unwrap();
+    // a run that never answers Ctrl-C (its SIGINT stays blocked, as the
+    // queue starts runs with it blocked until their handler is in place)
+    let exe = script_lorakit(tmp.path(), "echo started\nexec sleep 60");
+    let q = Queue::open(&jobs, exe);
+    q.enqueue("a", false).unwrap();
+    tick_until(&q, "the run", |q| {
+        state_of(q, "a", Kind::Train) == Some(State::Running)
+    });
+    let log = q.entry_of("a", Kind::Train).unwrap().log(&jobs);
+    tick_until(&q, "its first line", |_| {
+        std::fs::read_to_string(&log).is_ok_and(|t| t == "started\n")
+    });
+    q.stop("a").unwrap();
+    q.stop("a").unwrap();
+    for _ in 0..10 {
+        q.tick();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        state_of(&q, "a", Kind::Train),
+        Some(State::Running),
+        "SIGINT is blocked in a run until it asks for it"
+    );
+    assert_eq!(q.stop("a").unwrap(), "killed");
+    tick_until(&q, "the end", |q| {
+        state_of(q, "a", Kind::Train) != Some(State::Running)
+    });
+    // the user asked: a killed run is resumable from its last state, not failed
+    let e = q.entry_of("a", Kind::Train).unwrap();
+    assert_eq!((e.state, e.error), (State::Interrupted, None));
 }
