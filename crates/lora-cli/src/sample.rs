@@ -198,7 +198,7 @@ pub fn sample(args: SampleArgs, quiet: bool) -> AnyResult<ExitCode> {
         let path = args
             .out
             .join(format!("{:05}-{}.png", first + i as u32, params.seed));
-        lora_data::render::save_png(
+        lora_sdxl::render::save_png(
             &path,
             img,
             &[("parameters", &text), ("software", &software())],

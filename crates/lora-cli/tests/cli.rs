@@ -217,7 +217,7 @@ fn bad_input_is_one_clear_error_and_no_panic() {
 }
 
 fn png_parameters(path: &Path) -> String {
-    lora_data::render::png_text(path)
+    lora_sdxl::render::png_text(path)
         .unwrap()
         .into_iter()
         .find(|(k, _)| k == "parameters")

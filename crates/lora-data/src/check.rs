@@ -4,7 +4,8 @@
 use crate::buckets::{place, select_bucket, Bucket, BucketSpec};
 use crate::caption::{has_tag, split_tags, TagStats};
 use crate::error::Result;
-use crate::scan::{scan, Problem, Scan, ScanOptions, Severity};
+use crate::problem::{Problem, Severity};
+use crate::scan::{scan, Scan, ScanOptions};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;

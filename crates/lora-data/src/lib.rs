@@ -13,7 +13,7 @@
 //!   size/crop conditioning from the actual crop;
 //! * [`loader`]: seeded epoch plans and a parallel prefetching batch loader;
 //! * [`masks`]: loss masks from mask files or alpha channels, aligned with
-//!   their images' crops;
+//!   their images' crops; [`problem`]: what a check reports about a file;
 //! * [`cache`]: content-keyed latent / text-embedding caches;
 //! * [`autocaption`]: captions from a vision model behind any
 //!   OpenAI-compatible endpoint (`lorakit caption auto`);
@@ -30,7 +30,7 @@ pub mod error;
 pub mod image_io;
 pub mod loader;
 pub mod masks;
-pub mod render;
+pub mod problem;
 pub mod scan;
 mod scan_facts;
 pub mod synthetic;
@@ -42,4 +42,5 @@ pub use caption::{CaptionEdit, CaptionProcessing, TagStats};
 pub use check::{check_dataset, CheckOptions, CheckReport};
 pub use error::{DataError, Result};
 pub use loader::{plan_epoch, LoadedBatch, Loader, PlanConfig, PlannedBatch};
-pub use scan::{scan, ImageEntry, Problem, Scan, ScanOptions, Severity};
+pub use problem::{Problem, Severity};
+pub use scan::{scan, ImageEntry, Scan, ScanOptions};

@@ -193,7 +193,7 @@ pub fn load_item(
     let decoded = decode(&img.path, &bytes, limits)?;
     let mask = match &img.mask {
         Some(m) => Some(crate::masks::load_mask(
-            img,
+            (&img.path, (img.width, img.height)),
             m,
             &decoded,
             (&item.placement, item.flip),

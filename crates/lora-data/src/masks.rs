@@ -9,7 +9,7 @@
 use crate::buckets::Placement;
 use crate::error::{DataError, Result};
 use crate::image_io::{decode, probe, resize_crop_gray, to_rgb, DecodeLimits, IMAGE_EXTENSIONS};
-use crate::scan::{ImageEntry, Problem, Severity};
+use crate::problem::{Problem, Severity};
 use image::{DynamicImage, GrayImage};
 use std::path::{Path, PathBuf};
 
@@ -157,26 +157,25 @@ fn decode_mask(mask: &Mask, decoded: &DynamicImage, limits: &DecodeLimits) -> Re
     })
 }
 
-/// The mask of `img` (whose file decodes to `decoded`) cropped, resized and
-/// flipped as its pixels are ([`crate::image_io::resize_crop`]), as `H·W`
-/// weights in `[0, 1]` (row-major, the bucket's size).
+/// The mask of the image `path` of `(width, height)` (whose file decodes to
+/// `decoded`) cropped, resized and flipped as its pixels are
+/// ([`crate::image_io::resize_crop`]), as `H·W` weights in `[0, 1]`
+/// (row-major, the bucket's size).
 pub fn load_mask(
-    img: &ImageEntry,
+    (path, (width, height)): (&Path, (u32, u32)),
     mask: &Mask,
     decoded: &DynamicImage,
     (placement, flip): (&Placement, bool),
     limits: &DecodeLimits,
 ) -> Result<Vec<f32>> {
     let full = decode_mask(mask, decoded, limits)?;
-    if full.dimensions() != (img.width, img.height) {
+    if full.dimensions() != (width, height) {
         return Err(DataError::Image {
-            path: img.path.clone(),
+            path: path.to_path_buf(),
             reason: format!(
-                "its mask is {}×{}, the image {}×{}: masks must have the image's size",
+                "its mask is {}×{}, the image {width}×{height}: masks must have the image's size",
                 full.width(),
                 full.height(),
-                img.width,
-                img.height
             ),
         });
     }
@@ -194,22 +193,6 @@ mod tests {
         img.save(path).unwrap();
     }
 
-    fn entry(path: &Path, w: u32, h: u32) -> ImageEntry {
-        ImageEntry {
-            path: path.to_path_buf(),
-            rel: path.file_name().unwrap().to_string_lossy().into_owned(),
-            width: w,
-            height: h,
-            repeats: 1,
-            caption_path: None,
-            caption: String::new(),
-            content_hash: String::new(),
-            file_size: 0,
-            group: ".".into(),
-            mask: None,
-        }
-    }
-
     fn whole(w: u32, h: u32) -> Placement {
         crate::buckets::place((w, h), w, h, 0.5)
     }
@@ -221,7 +204,8 @@ mod tests {
         let m = GrayImage::from_fn(96, 32, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
         let mpath = dir.path().join("masks/a.png");
         write_png(&mpath, image::DynamicImage::ImageLuma8(m));
-        let img = entry(&dir.path().join("a.png"), 96, 32);
+        let a = dir.path().join("a.png");
+        let img = (a.as_path(), (96, 32));
         let mask = Mask::File {
             path: mpath,
             content_hash: String::new(),
@@ -229,9 +213,9 @@ mod tests {
         let limits = DecodeLimits::default();
         let at = |v: &[f32], x: usize| v[16 * 96 + x];
         let pixels = image::DynamicImage::ImageRgb8(image::RgbImage::new(96, 32));
-        let plain = load_mask(&img, &mask, &pixels, (&whole(96, 32), false), &limits).unwrap();
+        let plain = load_mask(img, &mask, &pixels, (&whole(96, 32), false), &limits).unwrap();
         assert_eq!((at(&plain, 5), at(&plain, 90)), (1.0, 0.0));
-        let flipped = load_mask(&img, &mask, &pixels, (&whole(96, 32), true), &limits).unwrap();
+        let flipped = load_mask(img, &mask, &pixels, (&whole(96, 32), true), &limits).unwrap();
         assert_eq!((at(&flipped, 5), at(&flipped, 90)), (0.0, 1.0));
         // a 32×32 crop of the right two thirds: all black
         let crop = Placement {
@@ -245,7 +229,7 @@ mod tests {
             scale: 1.0,
             upscaled: false,
         };
-        let cropped = load_mask(&img, &mask, &pixels, (&crop, false), &limits).unwrap();
+        let cropped = load_mask(img, &mask, &pixels, (&crop, false), &limits).unwrap();
         assert!(cropped.iter().all(|&v| v == 0.0), "{:?}", &cropped[..8]);
     }
 
@@ -260,12 +244,12 @@ mod tests {
         write_png(&p, decoded.clone());
         let limits = DecodeLimits::default();
         let at = (&whole(16, 16), false);
-        let m = load_mask(&entry(&p, 16, 16), &Mask::Alpha, &decoded, at, &limits).unwrap();
+        let m = load_mask((&p, (16, 16)), &Mask::Alpha, &decoded, at, &limits).unwrap();
         assert_eq!((m[8 * 16 + 2], m[8 * 16 + 13]), (1.0, 0.0));
         let q = dir.path().join("b.png");
         let opaque = image::DynamicImage::ImageRgb8(image::RgbImage::new(16, 16));
         write_png(&q, opaque.clone());
-        let ones = load_mask(&entry(&q, 16, 16), &Mask::Alpha, &opaque, at, &limits).unwrap();
+        let ones = load_mask((&q, (16, 16)), &Mask::Alpha, &opaque, at, &limits).unwrap();
         assert!(ones.iter().all(|&v| v == 1.0));
         let (mask, problem) = resolve_mask(&MaskSource::Alpha, "b.png", (16, 16), false, &limits);
         assert_eq!(mask, Some(Mask::Alpha));

@@ -14,6 +14,7 @@
 use crate::caption::{read_caption, CaptionText};
 use crate::error::{DataError, Result};
 use crate::image_io::{content_hash, decode_rgb, is_image_path, probe, DecodeLimits, ImageInfo};
+pub use crate::problem::{Problem, Severity};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -81,26 +82,6 @@ pub struct ImageEntry {
     pub group: String,
     /// Its loss mask ([`ScanOptions::mask`]).
     pub mask: Option<crate::masks::Mask>,
-}
-
-/// How bad a problem is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Severity {
-    /// Training works; the result may be worse.
-    Warning,
-    /// The file is unusable and will be skipped.
-    Error,
-}
-
-/// One problem, about one file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Severity.
-    pub severity: Severity,
-    /// Path relative to the dataset root.
-    pub file: String,
-    /// What is wrong and what to do.
-    pub message: String,
 }
 
 /// The result of a scan.

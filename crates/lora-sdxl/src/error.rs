@@ -52,6 +52,9 @@ pub enum SdxlError {
     /// A LoRA problem.
     #[error(transparent)]
     Lora(#[from] lora_core::LoraError),
+    /// A picture (grid, chart, PNG) that cannot be drawn, written or read.
+    #[error("{0}")]
+    Picture(String),
     /// libtorch failure.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

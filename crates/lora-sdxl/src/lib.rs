@@ -13,6 +13,9 @@
 //! * [`train`]: LoRA training from a job file ([`train()`], [`JobConfig`]);
 //! * [`tools`]: merging LoRAs into a checkpoint and extracting them from one.
 //!
+//! [`render`] draws what people look at: comparison grids, the loss chart,
+//! PNGs carrying their generation parameters.
+//!
 //! [`device`] says what a run computes on (versions, attention backends,
 //! CUDA memory figures); [`dist`] joins a data-parallel run (c10d).
 //!
@@ -23,6 +26,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod model;
+pub mod render;
 pub mod sample;
 pub mod synthetic;
 pub mod tools;
@@ -30,8 +34,9 @@ pub mod toy_world;
 pub mod train;
 
 pub use error::{Result, SdxlError};
-pub use model::clip::{Activation, ClipLayout, ClipOutput, ClipTextModel};
+pub use model::clip::{Activation, ClipOutput, ClipTextModel};
 pub use model::conditioning::{encode_prompt, TextConditioning};
+pub use model::config::ClipLayout;
 pub use model::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
 pub use model::sdxl::{detect, resolve_device, Detected, SdxlModel};
 pub use model::targets::{lora_targets, Target, TargetScope};

@@ -194,7 +194,7 @@ pub async fn status(State(ui): State<Arc<Ui>>, Path(name): Path<String>) -> ApiR
                     f.rsplit_once("_p")
                         .and_then(|(_, r)| r.trim_end_matches(".png").parse::<u32>().ok()),
                 );
-                let params = lora_data::render::png_text(out.join(&f))
+                let params = lora_sdxl::render::png_text(out.join(&f))
                     .ok()
                     .and_then(|t| {
                         t.into_iter()

@@ -41,7 +41,8 @@ pub use endpoint::{check_url, Endpoint, EndpointSettings, RequestError};
 
 use crate::caption::{join_tags, replace_first_line, same_tag, CaptionEdit};
 use crate::error::{DataError, Result};
-use crate::scan::{ScanOptions, Severity};
+use crate::problem::Severity;
+use crate::scan::ScanOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;

@@ -4,7 +4,7 @@
 //! `text_projection` applied as `x·P`). Both expose HF-style module paths for
 //! their LoRA slots (`text_model.encoder.layers.N.self_attn.q_proj`, …).
 
-use crate::model::config::ClipConfig;
+use crate::model::config::{ClipConfig, ClipLayout};
 use crate::model::grad_checkpoint::{Checkpointing, Recompute};
 use crate::model::nn::{LayerNorm, Linear, Slots};
 use crate::model::weights::VarBuilder;
@@ -18,15 +18,6 @@ pub enum Activation {
     QuickGelu,
     /// Exact GELU (OpenCLIP bigG).
     Gelu,
-}
-
-/// How the weights are named in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipLayout {
-    /// Hugging Face `CLIPTextModel` names (`text_model.…`).
-    HuggingFace,
-    /// OpenCLIP names (`transformer.resblocks.N.…`, fused `attn.in_proj_weight`).
-    OpenClip,
 }
 
 #[derive(Debug)]

@@ -66,10 +66,10 @@ pub fn weight_location(key: &ModuleKey) -> Option<WeightLocation> {
 /// `te2_layout` (Hugging Face names when it came from a diffusers folder).
 pub fn weight_location_in(
     key: &ModuleKey,
-    te2_layout: crate::model::clip::ClipLayout,
+    te2_layout: crate::model::config::ClipLayout,
 ) -> Option<WeightLocation> {
     match (key.component, te2_layout) {
-        (Component::Te2, crate::model::clip::ClipLayout::HuggingFace) => Some(WeightLocation {
+        (Component::Te2, crate::model::config::ClipLayout::HuggingFace) => Some(WeightLocation {
             key: format!("{TE2_HF_PREFIX}{}.weight", key.path),
             fused_part: None,
         }),

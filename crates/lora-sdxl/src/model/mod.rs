@@ -9,7 +9,8 @@
 //! |---|---|
 //! | where each tensor lives in a single-file checkpoint | [`keys`] |
 //! | memory-mapped checkpoints, path-scoped `VarBuilder` | [`weights`] |
-//! | configs and presets (`SdxlConfig::base()` / `::tiny()`) | [`config`] |
+//! | configs and presets (`SdxlConfig::base()` / `::tiny()`), a file's CLIP naming | [`config`] |
+//! | configs read off a checkpoint's keys and shapes (`UnetConfig::infer`, …) | [`infer`] |
 //! | Linear / Conv2d / norms with LoRA slots | [`nn`] |
 //! | ResBlock, SpatialTransformer, UNet, VAE, CLIP-L / bigG | [`resnet`], [`attention`], [`unet`], [`vae`], [`clip`] |
 //! | detection + loading the whole model | [`sdxl`] |
@@ -26,6 +27,7 @@ pub mod clip;
 pub mod conditioning;
 pub mod config;
 pub mod grad_checkpoint;
+pub mod infer;
 pub mod keys;
 pub mod lora;
 pub mod nn;

@@ -3,8 +3,8 @@
 //! files, and the four components with their LoRA slots.
 
 use crate::error::{Result, SdxlError};
-use crate::model::clip::{Activation, ClipLayout, ClipTextModel};
-use crate::model::config::{ClipConfig, SdxlConfig, UnetConfig, VaeConfig};
+use crate::model::clip::{Activation, ClipTextModel};
+use crate::model::config::{ClipConfig, ClipLayout, SdxlConfig, UnetConfig, VaeConfig};
 use crate::model::keys::{TE1_PREFIX, TE2_HF_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX};
 use crate::model::nn::Slots;
 use crate::model::unet::Unet;
@@ -18,9 +18,22 @@ use tch::{Device, Kind};
 /// The device named by `cpu`, `cuda`, `cuda:N` (`None`: CUDA when
 /// available, else CPU). CUDA requested but unavailable is an error.
 pub fn resolve_device(spec: Option<&str>) -> std::result::Result<Device, String> {
+    device_of(spec, tch::Cuda::device_count().max(0) as usize)
+}
+
+/// [`resolve_device`] on a machine with `gpus` CUDA devices (0: no CUDA).
+///
+/// ```
+/// use lora_sdxl::model::sdxl::device_of;
+/// use tch::Device;
+/// assert_eq!(device_of(None, 0), Ok(Device::Cpu));
+/// assert_eq!(device_of(Some("cuda:1"), 2), Ok(Device::Cuda(1)));
+/// assert!(device_of(Some("cuda"), 0).is_err());
+/// ```
+pub fn device_of(spec: Option<&str>, gpus: usize) -> std::result::Result<Device, String> {
     let device = match spec.map(str::trim) {
-        None | Some("") => return Ok(Device::cuda_if_available()),
-        Some("cpu") => Device::Cpu,
+        None | Some("") if gpus > 0 => Device::Cuda(0),
+        None | Some("") | Some("cpu") => Device::Cpu,
         Some("cuda") => Device::Cuda(0),
         Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => Device::Cuda(n),
@@ -32,14 +45,11 @@ pub fn resolve_device(spec: Option<&str>) -> std::result::Result<Device, String>
         },
     };
     if let Device::Cuda(n) = device {
-        if !tch::Cuda::is_available() {
+        if gpus == 0 {
             return Err("CUDA is not available in this libtorch/driver; use \"cpu\"".into());
         }
-        if n >= tch::Cuda::device_count() as usize {
-            return Err(format!(
-                "cuda:{n} does not exist ({} CUDA device(s))",
-                tch::Cuda::device_count()
-            ));
+        if n >= gpus {
+            return Err(format!("cuda:{n} does not exist ({gpus} CUDA device(s))"));
         }
     }
     Ok(device)

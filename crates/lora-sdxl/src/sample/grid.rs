@@ -7,9 +7,9 @@
 use crate::error::{Result, SdxlError};
 use crate::model::sdxl::SdxlModel;
 use crate::model::tokenizer::ClipTokenizer;
+use crate::render::{save_png, Grid};
 use crate::sample::txt2img::{txt2img, GenerateParams};
 use image::RgbImage;
-use lora_data::render::{save_png, Grid};
 use std::path::{Path, PathBuf};
 
 /// The text `software` chunk of images lorakit writes.

@@ -21,7 +21,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::model::clip::ClipLayout;
+use crate::model::config::ClipLayout;
 use crate::model::keys::weight_location_in;
 use crate::model::sdxl::{detect, Detected};
 use crate::model::targets::{lora_targets, Target, TargetScope};

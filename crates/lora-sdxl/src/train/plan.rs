@@ -18,8 +18,13 @@
 //! | memory preset | `train.vram` | [`VramPreset`] |
 //! | validation images, seed and cadence | `[validation]` (defaults from the job) | [`ValidationPlan`] |
 //!
-//! Device-dependent decisions (the GPU per rank, gradient checkpointing's
-//! `auto`) are still taken in `Run::prepare`, where the device is known.
+//! The decisions that depend on the machine are a second, small step,
+//! [`Plan::place`] → [`Placement`]: the device (`job.device`, and one GPU
+//! per local rank of a data-parallel run) and gradient checkpointing's
+//! `auto`. They are apart because a job is validated where no device is
+//! asked about (the UI's form, `lorakit train` before it starts its ranks),
+//! and they take the machine's facts as arguments, so they are tested
+//! without a GPU.
 
 use super::choice::choices;
 use super::job::vram::{self, VramPreset};
@@ -237,6 +242,76 @@ impl Plan {
     }
 }
 
+/// Where a run trains and what that decides. Built by [`Plan::place`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The device this process trains on.
+    pub device: tch::Device,
+    /// Gradient checkpointing (`train.gradient_checkpointing`, `auto`
+    /// decided for the device).
+    pub gradient_checkpointing: bool,
+    /// What the run computes on (device, dtype, attention, versions), for
+    /// the log's first line.
+    pub device_note: String,
+    /// Gradient checkpointing's setting and why, for the log.
+    pub checkpointing_note: String,
+}
+
+impl Plan {
+    /// Decides the device and what depends on it, on a machine described by
+    /// `info` (only its GPU count is used for decisions), as local rank
+    /// `local_rank` of a data-parallel run (`None`: a single process).
+    /// Ranks take one GPU each, sharing them round-robin when there are
+    /// more ranks than GPUs.
+    ///
+    /// ```
+    /// use lora_sdxl::device::DeviceInfo;
+    /// use lora_sdxl::train::plan::Plan;
+    /// let job = lora_sdxl::JobConfig::default();
+    /// let plan = Plan::resolve(&job, "job.toml".as_ref()).unwrap();
+    /// let two_gpus = DeviceInfo { gpus: 2, ..DeviceInfo::query() };
+    /// let placed = plan.place(&job, "job.toml".as_ref(), &two_gpus, Some(3)).unwrap();
+    /// assert_eq!(placed.device, tch::Device::Cuda(1));
+    /// assert!(placed.gradient_checkpointing, "auto is on for CUDA");
+    /// ```
+    pub fn place(
+        &self,
+        job: &JobConfig,
+        file: &Path,
+        info: &crate::device::DeviceInfo,
+        local_rank: Option<usize>,
+    ) -> Result<Placement, JobError> {
+        let named = crate::model::sdxl::device_of(job.job.device.as_deref(), info.gpus);
+        let device = match (named, local_rank) {
+            (Ok(tch::Device::Cuda(_)), Some(rank)) => tch::Device::Cuda(rank % info.gpus.max(1)),
+            (Ok(device), _) => device,
+            (Err(message), _) => {
+                return Err(JobError {
+                    file: file.to_path_buf(),
+                    field: "job.device".into(),
+                    message,
+                })
+            }
+        };
+        let (gradient_checkpointing, why) = job.train.gradient_checkpointing.resolve(
+            "train.gradient_checkpointing",
+            device.is_cuda(),
+            if device.is_cuda() {
+                "on for CUDA (far less VRAM)"
+            } else {
+                "off on CPU (memory is not the limit there, and recomputing made steps 1.15-1.26x slower)"
+            },
+        );
+        let on = if gradient_checkpointing { "on" } else { "off" };
+        Ok(Placement {
+            device,
+            gradient_checkpointing,
+            device_note: info.describe(device, self.train_dtype.kind()),
+            checkpointing_note: format!("gradient checkpointing {on} ({why})"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +393,48 @@ mod tests {
         assert_eq!(plan.network, NetworkKind::Lora);
         assert_eq!(plan.train_dtype.kind(), tch::Kind::BFloat16);
         assert_eq!(plan.save_dtype.kind(), tch::Kind::Half);
+    }
+
+    #[test]
+    fn the_device_and_checkpointing_follow_the_machine_and_the_rank() {
+        let job = JobConfig::default();
+        let plan = Plan::resolve(&job, "j.toml".as_ref()).unwrap();
+        let machine = |gpus| crate::device::DeviceInfo {
+            gpus,
+            ..crate::device::DeviceInfo::query()
+        };
+        let place = |job: &JobConfig, gpus, rank| {
+            let placed = plan.place(job, "j.toml".as_ref(), &machine(gpus), rank);
+            placed.map(|p| (p.device, p.gradient_checkpointing))
+        };
+        use tch::Device::{Cpu, Cuda};
+        // no job.device: CUDA when there is one; auto checkpointing follows
+        assert_eq!(place(&job, 0, None), Ok((Cpu, false)));
+        assert_eq!(place(&job, 1, None), Ok((Cuda(0), true)));
+        // ranks take a GPU each, round-robin; on CPU they share the CPU
+        assert_eq!(place(&job, 2, Some(0)), Ok((Cuda(0), true)));
+        assert_eq!(place(&job, 2, Some(1)), Ok((Cuda(1), true)));
+        assert_eq!(place(&job, 2, Some(2)), Ok((Cuda(0), true)));
+        assert_eq!(place(&job, 0, Some(1)), Ok((Cpu, false)));
+        // the user's choices win over auto
+        let mut cpu = job.clone();
+        cpu.job.device = Some("cpu".into());
+        cpu.train.gradient_checkpointing = crate::train::job::AutoBool::On;
+        assert_eq!(place(&cpu, 2, Some(1)), Ok((Cpu, true)));
+        // an impossible device is an error naming the field
+        let mut far = job.clone();
+        far.job.device = Some("cuda:3".into());
+        let e = place(&far, 2, None).unwrap_err();
+        assert_eq!(e.field, "job.device", "{e}");
+        assert!(
+            e.message
+                .contains("cuda:3 does not exist (2 CUDA device(s))"),
+            "{e}"
+        );
+        far.job.device = Some("cuda".into());
+        assert!(place(&far, 0, None)
+            .unwrap_err()
+            .message
+            .contains("not available"));
     }
 }

@@ -248,6 +248,78 @@ pub(crate) struct Validation {
     pub every: u64,
 }
 
+impl Validation {
+    /// The plan's fixed validation set: its first images of the first
+    /// training dataset (and of the first regularisation dataset).
+    fn of(data: &Data, plan: &super::plan::ValidationPlan) -> Self {
+        let n = plan.images;
+        Validation {
+            items: data.validation_set(n, data.first_dataset(false).unwrap_or(0)),
+            reg_items: (data.first_dataset(true))
+                .map(|d| data.validation_set(n, d))
+                .unwrap_or_default(),
+            seed: plan.seed,
+            every: plan.every,
+        }
+    }
+}
+
+/// Where a run starts: `state.safetensors` restored into `network` and
+/// `optim` with `resume` (when the file exists; without it, step 0 with a
+/// warning), else step 0. Returns the position and whether it resumed.
+fn resume_position(
+    job: &JobConfig,
+    run_dir: &Path,
+    hash: &str,
+    network: &Network,
+    optim: &mut Optimizers,
+    device: tch::Device,
+    resume: bool,
+) -> Result<(Position, bool)> {
+    let state = run_dir.join("state.safetensors");
+    if !resume {
+        return Ok((Position::default(), false));
+    }
+    if !state.exists() {
+        tracing::warn!(
+            "--resume: {} does not exist yet (the run stopped before its first save): starting from step 0",
+            state.display()
+        );
+        return Ok((Position::default(), false));
+    }
+    let pos = restore_state(
+        &state,
+        hash,
+        job.job.id.as_deref(),
+        network,
+        optim.opt.as_mut(),
+        optim.ema.as_mut(),
+        device,
+    )?;
+    if pos.step >= job.train.steps {
+        return Err(crate::SdxlError::train(format!(
+            "--resume: the run already reached step {} of train.steps = {}; raise train.steps to extend it",
+            pos.step, job.train.steps
+        )));
+    }
+    Ok((pos, true))
+}
+
+/// Warns for each dataset whose latents cannot be cached (a random crop).
+fn warn_uncached_crops(job: &JobConfig) {
+    let crops = job
+        .datasets
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.random_crop);
+    for (i, d) in crops {
+        tracing::warn!(
+            "datasets[{i}] ({}): random_crop draws a new crop every epoch, so its latents are encoded at every step instead of cached (as kohya does); set random_crop = false to cache them",
+            d.folder_path.display()
+        );
+    }
+}
+
 /// A prepared run: model loaded, LoRA attached, state restored.
 pub struct Run {
     pub(crate) env: Env,
@@ -311,9 +383,11 @@ impl Run {
     /// dtype on the job's device, attaches the LoRA, builds the optimizers
     /// and, with `opts.resume`, restores `state.safetensors`.
     ///
-    /// Long on purpose: the setup in the order its steps depend on each
-    /// other (data, device, model, run folder and lock, LoRA, optimizers,
-    /// saved state, data-parallel group), read as one sequence.
+    /// One sequence in the order its steps depend on each other: plan, data,
+    /// placement, model, run folder and lock, LoRA, optimizers, saved state,
+    /// data-parallel group, validation set, input caches. Longer than most
+    /// functions because it is that sequence, one call per step, and the
+    /// fields it fills.
     pub fn prepare(job: &JobConfig, job_path: &Path, opts: &TrainOptions) -> Result<Self> {
         let plan = job.validate(job_path)?;
         let started = Instant::now();
@@ -321,36 +395,15 @@ impl Run {
         let world = opts.dist.as_ref().map_or(1, |pg| pg.world());
         let main = opts.dist.as_ref().is_none_or(|pg| pg.is_main());
         let data = Data::scan(job, world)?;
-        let device =
-            crate::model::sdxl::resolve_device(job.job.device.as_deref()).map_err(|e| {
-                crate::SdxlError::train(format!("{}: job.device: {e}", job_path.display()))
-            })?;
+        let local_rank = opts.dist.as_ref().map(|pg| pg.local_rank());
         let info = crate::device::DeviceInfo::query();
-        // one GPU per local rank (ranks share GPUs when there are more)
-        let device = match (&opts.dist, device) {
-            (Some(pg), tch::Device::Cuda(_)) => {
-                tch::Device::Cuda(pg.local_rank() % info.gpus.max(1))
-            }
-            _ => device,
-        };
-        let kind = plan.train_dtype.kind();
-        let mut model = SdxlModel::load(&job.model.name_or_path, kind, device)?;
-        let mut notes = vec![info.describe(device, kind)];
+        let placed = plan.place(job, job_path, &info, local_rank)?;
+        let device = placed.device;
+        let mut model = SdxlModel::load(&job.model.name_or_path, plan.train_dtype.kind(), device)?;
+        model.set_gradient_checkpointing(placed.gradient_checkpointing);
+        let mut notes = vec![placed.device_note];
         let (prediction, ztsnr) = objective_of(job, &plan, &mut model.detected, &mut notes);
-        let (checkpointing, why) = job.train.gradient_checkpointing.resolve(
-            "train.gradient_checkpointing",
-            device.is_cuda(),
-            if device.is_cuda() {
-                "on for CUDA (far less VRAM)"
-            } else {
-                "off on CPU (memory is not the limit there, and recomputing made steps 1.15-1.26x slower)"
-            },
-        );
-        notes.push(format!(
-            "gradient checkpointing {} ({why})",
-            if checkpointing { "on" } else { "off" }
-        ));
-        model.set_gradient_checkpointing(checkpointing);
+        notes.push(placed.checkpointing_note);
         if let Some(p) = plan.vram {
             notes.push(p.note());
         }
@@ -368,34 +421,15 @@ impl Run {
         let network = Network::attach(job, &plan, &model, device)?;
         let mut optim = Optimizers::new(job, &plan, &network, &mut notes)?;
         let hash = shape_hash(job, &plan);
-        let state = run_dir.join("state.safetensors");
-        let resumed = opts.resume && state.exists();
-        if opts.resume && !resumed {
-            tracing::warn!(
-                "--resume: {} does not exist yet (the run stopped before its first save): starting from step 0",
-                state.display()
-            );
-        }
-        let mut pos = if resumed {
-            let pos = restore_state(
-                &state,
-                &hash,
-                job.job.id.as_deref(),
-                &network,
-                optim.opt.as_mut(),
-                optim.ema.as_mut(),
-                device,
-            )?;
-            if pos.step >= job.train.steps {
-                return Err(crate::SdxlError::train(format!(
-                    "--resume: the run already reached step {} of train.steps = {}; raise train.steps to extend it",
-                    pos.step, job.train.steps
-                )));
-            }
-            pos
-        } else {
-            Position::default()
-        };
+        let (mut pos, resumed) = resume_position(
+            job,
+            &run_dir,
+            &hash,
+            &network,
+            &mut optim,
+            device,
+            opts.resume,
+        )?;
         let global_batch = (job.train.batch_size * world) as u64;
         if let Some(note) = super::shard::resume_note(resumed.then_some(pos), global_batch) {
             tracing::warn!("{note}");
@@ -413,27 +447,9 @@ impl Run {
             }
             None => None,
         };
-        let (n, v) = (plan.validation.images, &plan.validation);
-        let validation = Validation {
-            items: data.validation_set(n, data.first_dataset(false).unwrap_or(0)),
-            reg_items: (data.first_dataset(true))
-                .map(|d| data.validation_set(n, d))
-                .unwrap_or_default(),
-            seed: v.seed,
-            every: v.every,
-        };
+        let validation = Validation::of(&data, &plan.validation);
         if job.train.cache_latents {
-            for (i, d) in job
-                .datasets
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.random_crop)
-            {
-                tracing::warn!(
-                    "datasets[{i}] ({}): random_crop draws a new crop every epoch, so its latents are encoded at every step instead of cached (as kohya does); set random_crop = false to cache them",
-                    d.folder_path.display()
-                );
-            }
+            warn_uncached_crops(job);
         }
         let inputs = Inputs::new(
             &job.model.name_or_path,

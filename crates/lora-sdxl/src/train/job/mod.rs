@@ -30,7 +30,7 @@ pub use auto::AutoBool;
 pub use keys::closest;
 
 /// A validation or parse problem, naming the file and the field.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {field}: {message}")]
 pub struct JobError {
     /// The job file.

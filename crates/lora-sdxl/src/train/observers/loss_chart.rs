@@ -33,7 +33,7 @@ impl Observer for LossChart {
 /// Draws `loss.png` from `loss.csv`: the training loss (mean per log line)
 /// and the fixed-seed validation loss by step.
 pub fn write_loss_chart(csv: &Path, png: &Path, title: &str) -> Result<()> {
-    use lora_data::render::{line_chart, save_png, Series};
+    use crate::render::{line_chart, save_png, Series};
     let text = std::fs::read_to_string(csv).map_err(|e| SdxlError::io(csv, e))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines().skip(1) {

@@ -82,7 +82,7 @@ fn training_samples(
             let p = sample.generate_params(sampler, prompt, trigger);
             let img = crate::sample::txt2img::txt2img(model, tok, &p, &mut |_| {})?.remove(0);
             let text = parameters_text(&p, &model_name, std::slice::from_ref(&lora), &[]);
-            lora_data::render::save_png(
+            crate::render::save_png(
                 dir.join(training_sample_name(step, r)),
                 &img,
                 &[("parameters", &text), ("software", &software())],

@@ -1,7 +1,7 @@
 //! Comparison grids (geometry, cells, labels) and PNG text chunks.
 
 use image::{Rgb, RgbImage};
-use lora_data::render::{png_text, save_png, Grid};
+use lora_sdxl::render::{png_text, save_png, Grid};
 
 fn solid(w: u32, h: u32, v: u8) -> RgbImage {
     RgbImage::from_pixel(w, h, Rgb([v, 255 - v, v / 2]))
