@@ -75,6 +75,64 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The checkpoint `plain` with NoobAI-style `v_pred` and `ztsnr` marker
+/// keys, beside it as `marked.safetensors`.
+fn marked_copy(plain: &Path) -> PathBuf {
+    let marked = plain.with_file_name("marked.safetensors");
+    let st = lora_core::io::read_tensors(plain).unwrap();
+    let mut tensors = st.tensors;
+    tensors.push(("v_pred".into(), tch::Tensor::from_slice(&[0f32])));
+    tensors.push(("ztsnr".into(), tch::Tensor::from_slice(&[0f32])));
+    std::fs::write(
+        &marked,
+        lora_core::io::serialize(&tensors, &st.metadata).unwrap(),
+    )
+    .unwrap();
+    marked
+}
+
+/// kohya's keys for the loss, zero-terminal SNR (as the run used it, here
+/// from the checkpoint's marker), clipping, warm-up and caption dropout are
+/// in the file and say what the run did (issue 28: they were missing).
+#[test]
+fn the_metadata_names_the_loss_the_schedule_and_the_clipping() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    let marked = marked_copy(&plain);
+    let metadata = |model: &Path, edit: &dyn Fn(&mut JobConfig)| {
+        let (mut job, path) = job_for(dir.path(), model, &data);
+        edit(&mut job);
+        let r = lora_sdxl::train::train(&job, &path, &common::quiet()).unwrap();
+        let file = r.last_lora.unwrap();
+        let md = lora_core::io::read_tensors(&file).unwrap().metadata;
+        std::fs::remove_dir_all(&r.run_dir).unwrap();
+        md
+    };
+    let huber = metadata(&marked, &|j| {
+        j.train.loss = "huber".into();
+        j.train.max_grad_norm = 0.5;
+        j.train.warmup_steps = 1;
+        j.datasets[0].caption_dropout_rate = 0.25;
+    });
+    let want = [
+        ("ss_loss_type", "huber"),
+        ("ss_zero_terminal_snr", "True"),
+        ("ss_huber_schedule", "snr"),
+        ("ss_huber_c", "0.1"),
+        ("ss_max_grad_norm", "0.5"),
+        ("ss_lr_warmup_steps", "1"),
+        ("ss_caption_dropout_rate", "0.25"),
+    ];
+    for (k, v) in want {
+        assert_eq!(huber.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    let l2 = metadata(&plain, &|_| {});
+    assert_eq!(l2["ss_loss_type"], "l2");
+    assert_eq!(l2["ss_zero_terminal_snr"], "False");
+    assert!(!l2.contains_key("ss_huber_c"));
+}
+
 /// A diffusers folder's `scheduler/scheduler_config.json` declares
 /// v-prediction and zero terminal SNR; without one, a folder is ε.
 #[test]
@@ -110,17 +168,7 @@ fn the_job_overrides_the_checkpoints_prediction_and_schedule() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (plain, data) = common::tiny_model_and_dataset(dir.path(), 2);
-    // the same weights with NoobAI-style v_pred and ztsnr marker keys
-    let marked = dir.path().join("marked.safetensors");
-    let st = lora_core::io::read_tensors(&plain).unwrap();
-    let mut tensors = st.tensors;
-    tensors.push(("v_pred".into(), tch::Tensor::from_slice(&[0f32])));
-    tensors.push(("ztsnr".into(), tch::Tensor::from_slice(&[0f32])));
-    std::fs::write(
-        &marked,
-        lora_core::io::serialize(&tensors, &st.metadata).unwrap(),
-    )
-    .unwrap();
+    let marked = marked_copy(&plain);
 
     let (mut job, path) = job_for(dir.path(), &marked, &data);
     let markers = start_of(&job, &path);

@@ -38,7 +38,7 @@ pub fn checkpoint_step_of(file_name: &str, name: &str) -> Option<u64> {
 pub(crate) fn training_metadata(
     (job, plan): (&JobConfig, &Plan),
     data: &Data,
-    prediction: Prediction,
+    (prediction, zero_terminal_snr): (Prediction, bool),
     step: u64,
     (epoch, epoch_started): (u64, bool),
     started_at: f64,
@@ -54,7 +54,7 @@ pub(crate) fn training_metadata(
         .unwrap_or(1024);
     let now = lora_core::metadata::now_unix();
     let network = &job.network;
-    TrainingMetadata {
+    let mut md = TrainingMetadata {
         output_name: name.clone(),
         network_dim: network.linear,
         network_alpha: network.linear_alpha,
@@ -185,7 +185,42 @@ pub(crate) fn training_metadata(
                 lora_core::metadata::py_float(job.train.prior_loss_weight),
             ),
         ]),
+    };
+    md.extra
+        .extend(objective_metadata(job, plan, zero_terminal_snr));
+    md
+}
+
+/// kohya's keys for the objective and the optimisation around it (issue
+/// 28: missing, so metadata viewers showed a Huber or zero-terminal-SNR run
+/// as a plain one): the loss and its Huber schedule, zero-terminal SNR as
+/// the run used it, gradient clipping, the warm-up, caption dropout.
+fn objective_metadata(
+    job: &JobConfig,
+    plan: &Plan,
+    zero_terminal_snr: bool,
+) -> Vec<(String, String)> {
+    use lora_core::metadata::{py_bool, py_float};
+    let train = &job.train;
+    // the first training dataset's (kohya has one global rate)
+    let caption_dropout = (job.datasets.iter())
+        .find(|d| !d.is_reg)
+        .map_or(0.0, |d| d.caption_dropout_rate);
+    let mut keys = vec![
+        ("ss_loss_type", plan.loss.name().to_string()),
+        ("ss_zero_terminal_snr", py_bool(zero_terminal_snr)),
+        ("ss_max_grad_norm", py_float(train.max_grad_norm)),
+        ("ss_lr_warmup_steps", train.warmup_steps.to_string()),
+        ("ss_caption_dropout_rate", py_float(caption_dropout)),
+    ];
+    if plan.loss == super::plan::Loss::Huber {
+        // lorakit's Huber is kohya's default: the "snr" schedule
+        // c = (1 − huber_c)/(1 + σ_t)² + huber_c, huber_c = 0.1, scale 1
+        keys.push(("ss_huber_schedule", "snr".to_string()));
+        keys.push(("ss_huber_c", py_float(0.1)));
+        keys.push(("ss_huber_scale", py_float(1.0)));
     }
+    keys.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// `ss_network_args` beyond conv and dropouts: LyCORIS' `algo` (and LoKr's

@@ -255,7 +255,10 @@ impl Run {
         let md = training_metadata(
             (&env.job, &env.plan),
             &env.data,
-            env.model.detected.prediction,
+            (
+                env.model.detected.prediction,
+                env.model.detected.zero_terminal_snr,
+            ),
             self.pos.step,
             (self.pos.epoch, self.pos.batch > 0),
             self.started_unix,

@@ -55,6 +55,13 @@ pub(crate) fn shape_hash(job: &JobConfig, plan: &Plan) -> String {
         let (factor, both) = plan.lokr;
         let kind = plan.network.name();
         s.push_str(&format!(" type={kind} factor={factor} both={both}"));
+        // DoRA adds a magnitude per module (issue 28: LoHa/LoKr/LoCon with
+        // and without it hashed alike, and a resume with DoRA switched
+        // panicked in the optimizer). A plain LoRA's DoRA is already told
+        // apart by the line above, so its states keep their hash.
+        if plan.dora && plan.network != NetworkKind::Lora {
+            s.push_str(" dora");
+        }
     }
     // block-wise ranks change the modules, block rates the groups
     for (k, v) in crate::train::blocks::BlockPlan::network_args(network, &job.train) {
@@ -198,7 +205,16 @@ pub(crate) fn restore_state(
     tch::no_grad(|| -> Result<()> {
         for l in &network.leaves {
             for (suffix, t) in &l.params {
-                t.shallow_clone().copy_(&get(l.state_name(suffix))?);
+                let name = l.state_name(suffix);
+                let saved = get(name.clone())?;
+                if saved.size() != t.size() {
+                    return Err(crate::SdxlError::train(format!(
+                        "--resume: `{name}` is {:?} in the state but {:?} in this network; the network settings changed: restore them or start a new run (another job.name)",
+                        saved.size(),
+                        t.size()
+                    )));
+                }
+                t.shallow_clone().copy_(&saved);
             }
         }
         Ok(())
@@ -311,5 +327,39 @@ mod owner_tests {
             .contains("without a job.id"));
         // a job file from before ids is not checked
         assert_eq!(foreign_state(&theirs, None).unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn the_shape_hash_tells_dora_apart_for_every_network_type() {
+        let hash = |kind: &str, dora: bool| {
+            let mut job = JobConfig::default();
+            job.network.r#type = kind.into();
+            job.network.dora = dora;
+            job.network.conv = 4;
+            let plan = Plan::resolve(&job, "j.toml".as_ref()).unwrap();
+            shape_hash(&job, &plan)
+        };
+        for kind in ["lora", "locon", "loha", "lokr"] {
+            assert_ne!(hash(kind, false), hash(kind, true), "{kind}");
+        }
+        // states written before this check resume as before: these three
+        // hash as they did before it (values from the code before it)
+        let before = [hash("lora", false), hash("lora", true), hash("loha", false)];
+        assert_eq!(
+            before,
+            ["51a19cd804f9def4", "371474ca5aa7bff7", "8a633b521c1b5b0d"]
+        );
+        let mut all: Vec<String> = ["lora", "locon", "loha", "lokr"]
+            .iter()
+            .flat_map(|k| [hash(k, false), hash(k, true)])
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 8, "every type × DoRA hashes apart");
     }
 }

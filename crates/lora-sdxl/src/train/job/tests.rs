@@ -148,6 +148,24 @@ fn values_are_validated_with_the_field_named() {
         let e = check(&*edit).unwrap_or_else(|| panic!("{field}: expected an error"));
         assert!(e.contains(field) && e.contains("job.toml"), "{field}: {e}");
     }
+    // issue 28: settings accepted without effect are refused, and accepted
+    // where they act
+    let alone = check(&|c| c.train.text_encoder_lr = Some(1e-5)).unwrap();
+    assert!(
+        alone.contains("train.text_encoder_lr") && alone.contains("train_text_encoder = false")
+    );
+    let acting = |c: &mut JobConfig| {
+        c.train.text_encoder_lr = Some(1e-5);
+        c.train.train_text_encoder = true;
+    };
+    assert_eq!(check(&acting), None);
+    let alone = check(&|c| c.train.block_lr_zero_threshold = 0.5).unwrap();
+    assert!(alone.contains("train.block_lr_zero_threshold"), "{alone}");
+    let acting = |c: &mut JobConfig| {
+        c.train.block_lr_zero_threshold = 0.5;
+        c.train.mid_lr_weight = Some(vec![1.0, 0.4, 1.0]);
+    };
+    assert_eq!(check(&acting), None);
 }
 
 #[test]

@@ -248,6 +248,21 @@ impl JobConfig {
             );
         }
         self.validate_timesteps(plan, file)?;
+        if train.text_encoder_lr.is_some() && !train.train_text_encoder {
+            return err(
+                "train.text_encoder_lr",
+                "has no effect while train_text_encoder = false: set train_text_encoder = true or remove text_encoder_lr".into(),
+            );
+        }
+        let block_weights = train.down_lr_weight.is_some()
+            || train.mid_lr_weight.is_some()
+            || train.up_lr_weight.is_some();
+        if train.block_lr_zero_threshold != 0.0 && !block_weights {
+            return err(
+                "train.block_lr_zero_threshold",
+                "has no effect without block learning-rate weights: set down_lr_weight / mid_lr_weight / up_lr_weight, or block_lr_zero_threshold = 0".into(),
+            );
+        }
         if train.ema_power.is_some() && train.ema_decay.is_none() {
             return err(
                 "train.ema_power",
