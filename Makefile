@@ -45,6 +45,7 @@ bench: setup
 fixtures: setup
 	.venv/bin/python -m pip install -q safetensors diffusers numpy
 	.venv/bin/python scripts/fixtures/lora_formats.py
+	.venv/bin/python scripts/fixtures/lr_cycles.py
 	.venv/bin/python -m pip install -q prodigyopt==1.1.2 lion-pytorch==0.2.5 transformers
 	.venv/bin/python scripts/fixtures/optimizers.py crates/lora-sdxl/tests/fixtures/optimizers.safetensors
 	.venv/bin/python -m pip install -q --no-deps bitsandbytes==0.50.2

@@ -163,10 +163,42 @@ fn lr_schedules_match_diffusers() {
     for &name in LrSchedule::NAMES {
         let s = LrSchedule::parse(name).unwrap();
         let (worst, at) = (floats(&r["lr"][name]).into_iter().enumerate())
-            .map(|(step, want)| ((s.lr(1e-4, step as u64, 100, 10) - want).abs(), step))
+            .map(|(step, want)| ((s.lr(1e-4, step as u64, 100, 10, 1) - want).abs(), step))
             .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
         LR.check(format!("{name}: largest |Δ| (step {at})"), worst);
     }
+}
+
+/// `cosine_with_restarts` with `lr_scheduler_num_cycles` 1-3 against
+/// diffusers' `get_cosine_with_hard_restarts_schedule_with_warmup`
+/// (`scripts/fixtures/lr_cycles.py`); issue 28: it ran one cycle whatever
+/// was asked, i.e. it was `cosine`.
+#[test]
+fn restarts_follow_the_number_of_cycles() {
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/lr_cycles.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let s = LrSchedule::CosineWithRestarts;
+    for cycles in 1..=3u32 {
+        let (worst, at) = (floats(&r[cycles.to_string()]).into_iter().enumerate())
+            .map(|(step, want)| {
+                (
+                    (s.lr(1e-4, step as u64, 100, 10, cycles) - want).abs(),
+                    step,
+                )
+            })
+            .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+        LR.check(format!("{cycles} cycle(s): largest |Δ| (step {at})"), worst);
+    }
+    // more than one cycle is not cosine: at the first restart the rate is
+    // back at the full rate where cosine is half-way down
+    let cosine = LrSchedule::Cosine.lr(1e-4, 55, 100, 10, 1);
+    assert!((s.lr(1e-4, 55, 100, 10, 2) - 1e-4).abs() < 1e-12 && cosine < 0.6e-4);
 }
 
 #[test]
@@ -368,8 +400,8 @@ fn constant_schedule_with_warmup_warms_up() {
     assert_eq!(s, LrSchedule::ConstantWithWarmup);
     assert!(note.unwrap().contains("warmup_steps = 10"));
     // the warm-up starts at 0: base · 0 / 10, exact in f64
-    assert_eq!(s.lr(1e-4, 0, 100, 10), 0.0);
-    assert_eq!(s.lr(1e-4, 50, 100, 10), 1e-4);
+    assert_eq!(s.lr(1e-4, 0, 100, 10, 1), 0.0);
+    assert_eq!(s.lr(1e-4, 50, 100, 10, 1), 1e-4);
     let (s, note) = LrSchedule::Constant.for_job(0);
     assert_eq!((s, note), (LrSchedule::Constant, None));
     assert!(LrSchedule::parse("nope").is_none());

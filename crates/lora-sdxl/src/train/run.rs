@@ -125,6 +125,8 @@ pub(crate) struct Optimizers {
     te_lr: f64,
     warmup: u64,
     total: u64,
+    /// Cosines of `cosine_with_restarts`.
+    cycles: u32,
     max_grad_norm: f64,
 }
 
@@ -162,6 +164,7 @@ impl Optimizers {
             te_lr: train.text_encoder_lr.unwrap_or(train.lr),
             warmup: train.warmup_steps,
             total: train.steps,
+            cycles: train.lr_scheduler_num_cycles,
             max_grad_norm: train.max_grad_norm,
         })
     }
@@ -172,8 +175,9 @@ impl Optimizers {
     pub fn step(&mut self, step: u64) -> (f64, Option<Tensor>) {
         let norm =
             (self.max_grad_norm > 0.0).then(|| clip_grad_norm(&self.params, self.max_grad_norm));
-        let lr = self.schedule.lr(self.lr, step, self.total, self.warmup);
-        let lr_te = self.schedule.lr(self.te_lr, step, self.total, self.warmup);
+        let (total, warmup, cycles) = (self.total, self.warmup, self.cycles);
+        let lr = self.schedule.lr(self.lr, step, total, warmup, cycles);
+        let lr_te = self.schedule.lr(self.te_lr, step, total, warmup, cycles);
         for (slot, &(te, f)) in self.lrs.iter_mut().zip(&self.factors) {
             *slot = if te { lr_te } else { lr } * f;
         }

@@ -133,7 +133,8 @@ super::choice::choices! {
         Cosine = "cosine",
         /// Warm-up, then linear decay to 0.
         Linear = "linear",
-        /// Warm-up, then cosine with hard restarts (one cycle).
+        /// Warm-up, then `train.lr_scheduler_num_cycles` cosines, each
+        /// restarting at the full rate (diffusers' hard restarts).
         CosineWithRestarts = "cosine_with_restarts",
     }
 }
@@ -154,8 +155,18 @@ impl LrSchedule {
             (self, None)
         }
     }
-    /// The learning rate at optimizer step `step` (0-based) of `total`.
-    pub fn lr(self, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
+    /// The learning rate at optimizer step `step` (0-based) of `total`,
+    /// after `warmup` steps; `cycles` is the number of cosines of
+    /// `cosine_with_restarts` (the other schedules have one).
+    ///
+    /// ```
+    /// use lora_sdxl::train::schedule::LrSchedule;
+    /// let s = LrSchedule::CosineWithRestarts;
+    /// // two cycles over 100 steps: the second restarts at the full rate
+    /// assert_eq!(s.lr(1.0, 50, 100, 0, 2), 1.0);
+    /// assert!(s.lr(1.0, 49, 100, 0, 2) < 0.01);
+    /// ```
+    pub fn lr(self, base: f64, step: u64, total: u64, warmup: u64, cycles: u32) -> f64 {
         let (s, w, n) = (step as f64, warmup as f64, total as f64);
         if self != Self::Constant && step < warmup {
             return base * s / w.max(1.0);
@@ -169,7 +180,8 @@ impl LrSchedule {
                 if progress >= 1.0 {
                     0.0
                 } else {
-                    0.5 * (1.0 + (std::f64::consts::PI * (progress % 1.0)).cos())
+                    let phase = (f64::from(cycles) * progress) % 1.0;
+                    0.5 * (1.0 + (std::f64::consts::PI * phase).cos())
                 }
             }
         }

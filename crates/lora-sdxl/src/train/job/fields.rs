@@ -222,6 +222,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "optimizer_args", Rule::Free, "the optimizer's own settings, as its package names them: adamw betas, eps; lion betas; prodigy betas, beta3, eps, decouple, use_bias_correction, safeguard_warmup, d0, d_coef, growth_rate, slice_p; adafactor eps, clip_threshold, decay_rate, beta1, scale_parameter, relative_step (default true: train.lr unused), warmup_init").example("{ d_coef = 1.0, use_bias_correction = true, safeguard_warmup = true }"),
     f("train", "lr_scheduler", Rule::OneOf(LrSchedule::NAMES), "learning-rate schedule"),
     f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),
+    f("train", "lr_scheduler_num_cycles", closed(1.0, 1000.0), "cosine_with_restarts: how many cosines, each restarting at the full rate (kohya's lr_scheduler_num_cycles)"),
     f("train", "weight_decay", RATE, "weight decay (decoupled, scaled by the step size) of every optimizer"),
     f("train", "max_grad_norm", closed(0.0, INF), "gradient-norm clipping; 0 = off"),
     f("train", "noise_offset", closed(0.0, 1.0), "noise offset").hint("0.0357 is a common value"),

@@ -217,6 +217,8 @@ pub struct TrainSection {
     pub lr_scheduler: String,
     /// Warm-up steps.
     pub warmup_steps: u64,
+    /// Cosines of `cosine_with_restarts` (kohya's `lr_scheduler_num_cycles`).
+    pub lr_scheduler_num_cycles: u32,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Gradient clipping (0 = off).
@@ -306,6 +308,7 @@ impl Default for TrainSection {
             optimizer_args: Default::default(),
             lr_scheduler: "constant".into(),
             warmup_steps: 0,
+            lr_scheduler_num_cycles: 1,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             noise_offset: 0.0,

@@ -159,6 +159,13 @@ fn values_are_validated_with_the_field_named() {
         c.train.train_text_encoder = true;
     };
     assert_eq!(check(&acting), None);
+    let alone = check(&|c| c.train.lr_scheduler_num_cycles = 3).unwrap();
+    assert!(alone.contains("train.lr_scheduler_num_cycles"), "{alone}");
+    let acting = |c: &mut JobConfig| {
+        c.train.lr_scheduler_num_cycles = 3;
+        c.train.lr_scheduler = "cosine_with_restarts".into();
+    };
+    assert_eq!(check(&acting), None);
     let alone = check(&|c| c.train.block_lr_zero_threshold = 0.5).unwrap();
     assert!(alone.contains("train.block_lr_zero_threshold"), "{alone}");
     let acting = |c: &mut JobConfig| {

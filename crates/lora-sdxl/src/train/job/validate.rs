@@ -248,6 +248,16 @@ impl JobConfig {
             );
         }
         self.validate_timesteps(plan, file)?;
+        let restarts = crate::train::schedule::LrSchedule::CosineWithRestarts;
+        if train.lr_scheduler_num_cycles != 1 && plan.schedule != restarts {
+            return err(
+                "train.lr_scheduler_num_cycles",
+                format!(
+                    "has no effect with lr_scheduler = \"{}\": use lr_scheduler = \"cosine_with_restarts\" or set it to 1",
+                    train.lr_scheduler
+                ),
+            );
+        }
         if train.text_encoder_lr.is_some() && !train.train_text_encoder {
             return err(
                 "train.text_encoder_lr",
