@@ -129,3 +129,78 @@ fn loha_and_lokr_train_save_as_lycoris_and_resume() {
         "network.conv",
     );
 }
+
+/// Issue 28: LoKr modules whose two Kronecker factors are both full train
+/// at scale 1 whatever the alpha (as in LyCORIS); the run now says which,
+/// the file records how many, and their saved alpha is the one they use.
+#[test]
+fn lokr_names_the_modules_that_ignore_the_alpha() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (model, data) = common::tiny_model_and_dataset(root, 2);
+    // factor 4 on the tiny model's 64-wide layers: w1 4×4, w2 16×16, and
+    // w2 is decomposed only below rank 8 (LyCORIS' rule)
+    let run = |name: &str, rank: i64| {
+        let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
+        c.network.r#type = "lokr".into();
+        c.network.factor = 4;
+        c.network.linear = rank;
+        c.network.linear_alpha = 1.0;
+        c.network.conv = 0;
+        c.train.steps = 1;
+        let mut notes = Vec::new();
+        let see = |e: &lora_sdxl::train::Event| {
+            if let lora_sdxl::train::Event::Started { notes: n, .. } = e {
+                notes = n.clone();
+            }
+        };
+        let r = lora_sdxl::train::train_with(
+            &c,
+            &path,
+            &common::quiet(),
+            vec![Box::new(lora_sdxl::train::ObserveFn(see))],
+        )
+        .unwrap();
+        let file = r.last_lora.unwrap();
+        (notes, lora_core::io::read_tensors(&file).unwrap())
+    };
+    let (notes, st) = run("full", 8);
+    let note = notes
+        .iter()
+        .find(|n| n.starts_with("LoKr:"))
+        .expect("a note");
+    assert!(
+        note.contains("scale 1") && note.contains("linear_alpha = 1.0"),
+        "{note}"
+    );
+    let full: Vec<&str> = (st.tensors.iter())
+        .filter_map(|(k, _)| k.strip_suffix(".lokr_w2"))
+        .filter(|m| st.tensors.iter().any(|(k, _)| *k == format!("{m}.lokr_w1")))
+        .collect();
+    assert!(!full.is_empty());
+    assert_eq!(
+        st.metadata["lorakit.lokr_scale_1_modules"],
+        full.len().to_string()
+    );
+    let alpha = |m: &str| {
+        let key = format!("{m}.alpha");
+        let t = &st.tensors.iter().find(|(k, _)| *k == key).unwrap().1;
+        t.double_value(&[])
+    };
+    for m in &full {
+        assert_eq!(
+            alpha(m),
+            8.0,
+            "{m}: the saved alpha is the scale it trained at (8 / 8)"
+        );
+    }
+    // decomposed modules keep the job's alpha
+    let decomposed = (st.tensors.iter()).find_map(|(k, _)| k.strip_suffix(".lokr_w2_a"));
+    if let Some(m) = decomposed {
+        assert_eq!(alpha(m), 1.0);
+    }
+    // below rank 8 every w2 is decomposed: nothing to say
+    let (notes, st) = run("decomposed", 4);
+    assert!(!notes.iter().any(|n| n.starts_with("LoKr:")), "{notes:?}");
+    assert!(!st.metadata.contains_key("lorakit.lokr_scale_1_modules"));
+}

@@ -38,16 +38,16 @@ fn prior_loss_weight_and_reg_validation() {
     let (model, data) = common::tiny_model_and_dataset(root, 4);
     let reg_dir = root.join("reg");
     lora_data::synthetic::write_character_dataset(&reg_dir, 3, 256, 256, "other", 9).unwrap();
-    let run = |name: &str, weight: f64| {
+    let run = |name: &str, edit: &dyn Fn(&mut lora_sdxl::JobConfig)| {
         let (mut c, path) = common::small_cpu_job(root, &model, &data, name);
         c.train.steps = 3;
-        c.train.prior_loss_weight = weight;
         c.datasets.push(DatasetSection {
             folder_path: reg_dir.clone(),
             resolution: vec![256],
             is_reg: true,
             ..Default::default()
         });
+        edit(&mut c);
         let mut seen = Seen::default();
         let r = train_with(
             &c,
@@ -59,8 +59,8 @@ fn prior_loss_weight_and_reg_validation() {
         let lora = common::sorted_tensors(r.last_lora.as_ref().unwrap());
         (r, lora, seen)
     };
-    let (r1, a, seen) = run("w1", 1.0);
-    let (_, b, _) = run("w02", 0.2);
+    let (r1, a, seen) = run("w1", &|_| {});
+    let (_, b, _) = run("w02", &|c| c.train.prior_loss_weight = 0.2);
     assert!(
         a.iter().zip(&b).any(|((_, x), (_, y))| !x.equal(y)),
         "prior_loss_weight had no effect"
@@ -94,6 +94,31 @@ fn prior_loss_weight_and_reg_validation() {
         .metadata;
     assert_eq!(meta["ss_num_reg_images"], "3");
     assert_eq!(meta["ss_num_train_images"], "4");
+    // issue 28: the reg folder's tags are counted as trained, without the
+    // trigger; the training folder's with it
+    let tags: serde_json::Value = serde_json::from_str(&meta["ss_tag_frequency"]).unwrap();
+    assert!(
+        tags["1_reg"].is_object() && tags["1_reg"].get("myaku").is_none(),
+        "{tags}"
+    );
+    assert_eq!(tags["1_data"]["myaku"], 4, "{tags}");
+
+    // issue 28: the reg set was measured with the trigger in its captions
+    // (training never gives it one), so val_reg_loss followed the trigger.
+    // With a trigger word the captions lack and without one: the same reg
+    // loss before training, bit for bit (same weights, images, noise,
+    // captions); the training images' loss differs (the trigger is
+    // inserted into their captions only).
+    let (with, _, _) = run("triggered", &|c| {
+        c.train.steps = 1;
+        c.job.trigger_word = Some("zzkw-san".into());
+    });
+    let (without, _, _) = run("untriggered", &|c| {
+        c.train.steps = 1;
+        c.job.trigger_word = None;
+    });
+    assert_eq!(with.reg_val_losses[0], without.reg_val_losses[0]);
+    assert_ne!(with.val_losses[0], without.val_losses[0]);
 
     // refused: only reg datasets; a prior weight without reg images
     let (mut c, path) = common::small_cpu_job(root, &model, &data, "bad");

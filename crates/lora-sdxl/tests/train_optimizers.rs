@@ -262,7 +262,7 @@ fn loraplus_gives_the_up_matrices_a_higher_rate() {
     let largest = |name: &str, ratio: Option<f64>, part: &str| {
         let (mut c, path) = job(root, name, "adamw", 1e-4, &[]);
         c.train.steps = 1;
-        c.train.weight_decay = 0.0;
+        c.train.weight_decay = Some(0.0);
         c.train.loraplus_lr_ratio = ratio;
         let r = train(&c, &path, &common::quiet()).unwrap();
         let lora = lora_core::load_lora(
@@ -292,7 +292,7 @@ fn loraplus_gives_the_up_matrices_a_higher_rate() {
     let two_steps = |name: &str, ratio: Option<f64>| {
         let (mut c, path) = job(root, name, "adamw", 1e-4, &[]);
         c.train.steps = 2;
-        c.train.weight_decay = 0.0;
+        c.train.weight_decay = Some(0.0);
         c.train.loraplus_lr_ratio = ratio;
         let r = train(&c, &path, &common::quiet()).unwrap();
         common::sorted_tensors(r.last_lora.as_ref().unwrap())

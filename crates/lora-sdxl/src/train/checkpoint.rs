@@ -107,7 +107,7 @@ pub(crate) fn training_metadata(
             ),
             (
                 "ss_optimizer".to_string(),
-                plan.optimizer.describe(job.train.weight_decay),
+                plan.optimizer.describe(plan.weight_decay),
             ),
             (
                 "ss_max_token_length".to_string(),
@@ -259,14 +259,15 @@ fn network_args(
 /// `ss_tag_frequency` as kohya writes it: per dataset folder (a kohya
 /// `N_name` repeat folder by its name, images at a dataset's root as
 /// `<num_repeats>_<folder>`), each tag counted once per image, from the
-/// captions as trained — with the trigger word inserted.
+/// captions as trained — with the trigger word inserted where training
+/// inserts it (not into regularisation captions).
 fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<String, u64>> {
     let mut stats: BTreeMap<String, TagStats> = BTreeMap::new();
-    let insert_trigger = CaptionProcessing {
-        trigger: job.job.trigger_word.clone(),
-        ..Default::default()
-    };
     for (img, &d) in data.images.iter().zip(&data.dataset_of) {
+        let insert_trigger = CaptionProcessing {
+            trigger: data.captions[d].trigger.clone(),
+            ..Default::default()
+        };
         let ds = &job.datasets[d];
         let key = if img.group == "." || img.group.is_empty() {
             let folder = ds
@@ -310,6 +311,11 @@ pub(crate) fn save_lora(
             "lorakit.ema_decay".into(),
             lora_core::metadata::py_float(e.decay),
         );
+    }
+    let full = network.full_kron_modules().len();
+    if full > 0 {
+        // ss_network_alpha is the job's; these modules use scale 1
+        meta.insert("lorakit.lokr_scale_1_modules".into(), full.to_string());
     }
     network
         .to_set(ema.map(Ema::weights))?

@@ -128,6 +128,39 @@ impl Network {
         Ok(Self { leaves })
     }
 
+    /// The LoKr modules whose two Kronecker factors are both full matrices
+    /// (`lokr_w1` and `lokr_w2`, neither decomposed): LyCORIS trains them
+    /// at scale 1 and saves alpha = rank, whatever alpha the job set.
+    pub fn full_kron_modules(&self) -> Vec<&ModuleKey> {
+        let full = |l: &Leaf| {
+            let has = |n: &str| l.params.iter().any(|(s, _)| *s == n);
+            has("lokr_w1") && has("lokr_w2")
+        };
+        self.leaves
+            .iter()
+            .filter(|l| full(l))
+            .map(|l| &l.key)
+            .collect()
+    }
+
+    /// What the job should know about its network, for the run's notes:
+    /// LoKr modules that ignore the alpha (issue 28: silently 16× stronger
+    /// than the rest with LyCORIS' `linear_alpha = 1`).
+    pub fn notes(&self, job: &JobConfig) -> Vec<String> {
+        let full = self.full_kron_modules();
+        let Some(first) = full.first() else {
+            return Vec::new();
+        };
+        vec![format!(
+            "LoKr: {} of {} modules (e.g. {}) have both Kronecker factors full, so they train at scale 1 and their files save alpha = rank, whatever network.linear_alpha = {} / conv_alpha = {} say (LyCORIS does the same and warns); a rank below half of the second factor's side decomposes it: lower network.linear / conv or change network.factor",
+            full.len(),
+            self.leaves.len(),
+            first.kohya_name(),
+            lora_core::metadata::py_float(job.network.linear_alpha),
+            lora_core::metadata::py_float(job.network.conv_alpha),
+        )]
+    }
+
     /// The parameters of the leaves `pick` selects, as one optimizer group
     /// (every tensor of each leaf) or, with `split` (LoRA+ gives the up
     /// matrices a higher rate), two: the down matrices, then the up ones.

@@ -8,7 +8,7 @@
 //! | choice | key | type |
 //! |---|---|---|
 //! | network type (+ DoRA, LoKr's shape) | `network.type`, `dora`, `factor`, `decompose_both` | [`NetworkKind`] |
-//! | optimizer and its arguments | `train.optimizer`, `optimizer_args` | [`OptimizerArgs`] |
+//! | optimizer, its arguments and weight decay (default: the optimizer's) | `train.optimizer`, `optimizer_args`, `weight_decay` | [`OptimizerArgs`] |
 //! | learning-rate schedule (warm-up applied) | `train.lr_scheduler`, `warmup_steps` | [`LrSchedule`] |
 //! | loss | `train.loss` | [`Loss`] |
 //! | timestep distribution | `train.timestep_sampling` | [`TimestepSampling`] |
@@ -134,6 +134,8 @@ pub struct Plan {
     pub dora: bool,
     /// The optimizer with its arguments.
     pub optimizer: OptimizerArgs,
+    /// `train.weight_decay`, else the optimizer's own default.
+    pub weight_decay: f64,
     /// The schedule that runs (`constant` with a warm-up runs as
     /// `constant_with_warmup`; `schedule_note` says so).
     pub schedule: LrSchedule,
@@ -187,7 +189,9 @@ impl Plan {
         let (n, t) = (&job.network, &job.train);
         let network = NetworkKind::parse(&n.r#type)
             .ok_or_else(|| named("network.type", &n.r#type, NetworkKind::NAMES))?;
-        let optimizer = OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, t.weight_decay)
+        let weight_decay =
+            (t.weight_decay).unwrap_or_else(|| super::optim::default_weight_decay(&t.optimizer));
+        let optimizer = OptimizerArgs::parse(&t.optimizer, &t.optimizer_args, weight_decay)
             .map_err(|(key, m)| match key.is_empty() {
                 true => err("train.optimizer", m),
                 false => err(&format!("train.optimizer_args.{key}"), m),
@@ -229,6 +233,7 @@ impl Plan {
             lokr: (n.factor, n.decompose_both),
             dora: n.dora,
             optimizer,
+            weight_decay,
             schedule,
             schedule_note,
             loss,
@@ -393,6 +398,43 @@ mod tests {
         assert_eq!(plan.network, NetworkKind::Lora);
         assert_eq!(plan.train_dtype.kind(), tch::Kind::BFloat16);
         assert_eq!(plan.save_dtype.kind(), tch::Kind::Half);
+    }
+
+    /// Issue 28: weight decay defaulted to 0.01 for every optimizer; the
+    /// packages lion-pytorch, prodigyopt, transformers' Adafactor and
+    /// bitsandbytes' Lion8bit default to 0, torch's AdamW to 0.01.
+    #[test]
+    fn weight_decay_defaults_to_the_optimizers_own() {
+        let decay = |optimizer: &str, set: Option<f64>| {
+            let mut job = JobConfig::default();
+            job.train.optimizer = optimizer.into();
+            job.train.weight_decay = set;
+            Plan::resolve(&job, "j.toml".as_ref()).unwrap()
+        };
+        for (name, want) in [
+            ("adamw", 0.01),
+            ("adamw8bit", 0.01),
+            ("lion", 0.0),
+            ("lion8bit", 0.0),
+            ("prodigy", 0.0),
+            ("adafactor", 0.0),
+        ] {
+            let plan = decay(name, None);
+            assert_eq!(plan.weight_decay, want, "{name}");
+            // what the optimizer is built with, and what the file says
+            let said = plan.optimizer.describe(plan.weight_decay);
+            let want_said = format!("weight_decay={}", lora_core::metadata::py_float(want));
+            assert!(said.contains(&want_said), "{name}: {said}");
+            assert_eq!(
+                decay(name, Some(0.05)).weight_decay,
+                0.05,
+                "{name}: the job's wins"
+            );
+        }
+        match decay("prodigy", None).optimizer {
+            OptimizerArgs::Prodigy(c) => assert_eq!(c.weight_decay, 0.0),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

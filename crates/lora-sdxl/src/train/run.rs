@@ -152,7 +152,7 @@ impl Optimizers {
         }
         let (groups, factors) = param_groups(job, network)?;
         Ok(Self {
-            opt: args.build(train.weight_decay, groups),
+            opt: args.build(plan.weight_decay, groups),
             ema: train
                 .ema_decay
                 .map(|d| Ema::new(&network.all_params(), d, train.ema_power)),
@@ -423,6 +423,7 @@ impl Run {
             None
         };
         let network = Network::attach(job, &plan, &model, device)?;
+        notes.extend(network.notes(job));
         let mut optim = Optimizers::new(job, &plan, &network, &mut notes)?;
         let hash = shape_hash(job, &plan);
         let (mut pos, resumed) = resume_position(

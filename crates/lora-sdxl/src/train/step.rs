@@ -101,8 +101,12 @@ impl Env {
         // summed on the device; one host read per validation
         let mut total = Tensor::zeros([], (Kind::Float, device));
         for (i, (planned, samples)) in items.iter().enumerate() {
+            // the caption as trained, without dropout or shuffling: the
+            // trigger only where training puts it (issue 28: the reg set was
+            // measured with it, so val_reg_loss rose as the trigger was
+            // learned and could not show the prior drifting)
             let caption = CaptionProcessing {
-                trigger: self.job.job.trigger_word.clone(),
+                trigger: self.data.captions[samples[0].dataset].trigger.clone(),
                 ..Default::default()
             }
             .base(&self.data.images[samples[0].image].caption);

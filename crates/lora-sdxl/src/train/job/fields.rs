@@ -223,7 +223,7 @@ pub const FIELDS: &[Field] = &[
     f("train", "lr_scheduler", Rule::OneOf(LrSchedule::NAMES), "learning-rate schedule"),
     f("train", "warmup_steps", Rule::Free, "warm-up steps (at most train.steps)"),
     f("train", "lr_scheduler_num_cycles", closed(1.0, 1000.0), "cosine_with_restarts: how many cosines, each restarting at the full rate (kohya's lr_scheduler_num_cycles)"),
-    f("train", "weight_decay", RATE, "weight decay (decoupled, scaled by the step size) of every optimizer"),
+    f("train", "weight_decay", RATE, "weight decay (decoupled, scaled by the step size); default: the optimizer's own, 0.01 for adamw / adamw8bit, 0 for lion, lion8bit, prodigy, adafactor").example("0.01"),
     f("train", "max_grad_norm", closed(0.0, INF), "gradient-norm clipping; 0 = off"),
     f("train", "noise_offset", closed(0.0, 1.0), "noise offset").hint("0.0357 is a common value"),
     f("train", "multires_noise_iterations", closed(0.0, 16.0), "kohya's multi-resolution (pyramid) noise levels; 0 = off, 6-10 typical; not with noise_offset"),

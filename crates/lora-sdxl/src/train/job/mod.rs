@@ -219,8 +219,9 @@ pub struct TrainSection {
     pub warmup_steps: u64,
     /// Cosines of `cosine_with_restarts` (kohya's `lr_scheduler_num_cycles`).
     pub lr_scheduler_num_cycles: u32,
-    /// AdamW weight decay.
-    pub weight_decay: f64,
+    /// Weight decay (`None`: the optimizer's own default, see
+    /// [`crate::train::optim::default_weight_decay`]).
+    pub weight_decay: Option<f64>,
     /// Gradient clipping (0 = off).
     pub max_grad_norm: f64,
     /// Noise offset.
@@ -309,7 +310,7 @@ impl Default for TrainSection {
             lr_scheduler: "constant".into(),
             warmup_steps: 0,
             lr_scheduler_num_cycles: 1,
-            weight_decay: 0.01,
+            weight_decay: None,
             max_grad_norm: 1.0,
             noise_offset: 0.0,
             multires_noise_iterations: 0,

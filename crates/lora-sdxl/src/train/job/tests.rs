@@ -159,6 +159,61 @@ fn values_are_validated_with_the_field_named() {
         c.train.train_text_encoder = true;
     };
     assert_eq!(check(&acting), None);
+    // adafactor's relative step ignores every rate but a block weight of 0
+    let relative = |c: &mut JobConfig| c.train.optimizer = "adafactor".into();
+    let fixed = |c: &mut JobConfig| {
+        c.train.optimizer = "adafactor".into();
+        let off = [("relative_step", false), ("scale_parameter", false)];
+        c.train.optimizer_args = off
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+    };
+    type Setting = (fn(&mut JobConfig), &'static str);
+    let rates: [Setting; 3] = [
+        (
+            |c| c.train.loraplus_lr_ratio = Some(16.0),
+            "train.loraplus_lr_ratio",
+        ),
+        (
+            |c| {
+                c.train.train_text_encoder = true;
+                c.train.text_encoder_lr = Some(1e-5);
+            },
+            "train.text_encoder_lr",
+        ),
+        (
+            |c| c.train.mid_lr_weight = Some(vec![1.0, 0.5, 1.0]),
+            "train.down_lr_weight",
+        ),
+    ];
+    for (set, field) in rates {
+        let e = check(&|c| {
+            relative(c);
+            set(c);
+        })
+        .unwrap_or_else(|| panic!("{field}: accepted with relative_step"));
+        assert!(
+            e.contains(field) && e.contains("relative_step = false"),
+            "{e}"
+        );
+        assert_eq!(
+            check(&|c| {
+                fixed(c);
+                set(c);
+            }),
+            None,
+            "{field} acts without relative_step"
+        );
+    }
+    assert_eq!(
+        check(&|c| {
+            relative(c);
+            c.train.mid_lr_weight = Some(vec![1.0, 0.0, 1.0]);
+        }),
+        None,
+        "a weight of 0 removes the block's LoRA: it acts"
+    );
     let alone = check(&|c| c.train.lr_scheduler_num_cycles = 3).unwrap();
     assert!(alone.contains("train.lr_scheduler_num_cycles"), "{alone}");
     let acting = |c: &mut JobConfig| {
@@ -185,6 +240,7 @@ fn the_field_table_lists_every_key_once() {
     c.model.prediction = Some("epsilon".into());
     c.model.zero_terminal_snr = Some(true);
     c.train.text_encoder_lr = Some(1e-4);
+    c.train.weight_decay = Some(0.01);
     c.train.min_snr_gamma = Some(5.0);
     c.train.loraplus_lr_ratio = Some(16.0);
     c.train.ema_decay = Some(0.999);

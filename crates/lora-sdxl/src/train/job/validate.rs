@@ -196,6 +196,31 @@ impl JobConfig {
                 format!("{} is far too high for {} (typical LoRA rates are 1e-5 to 1e-3; 1.0 is Prodigy's rate: train.optimizer = \"prodigy\")", train.lr, train.optimizer),
             );
         }
+        // Adafactor's relative step sets each parameter's step from its own
+        // scale, ignoring every rate (issue 28: group rates were accepted
+        // and had no effect; kohya drops them with a warning)
+        let relative = matches!(
+            &plan.optimizer,
+            crate::train::optim::OptimizerArgs::Adafactor(c) if c.relative_step
+        );
+        let relative_why =
+            "adafactor with relative_step = true (its default) computes every step size itself, so";
+        let relative_fix = "set optimizer_args = { relative_step = false, scale_parameter = false } to use the rates (kohya's SDXL recipe)";
+        if relative && train.loraplus_lr_ratio.is_some() {
+            return err(
+                "train.loraplus_lr_ratio",
+                format!("{relative_why} LoRA+'s higher rate for the up matrices has no effect: {relative_fix}, or remove loraplus_lr_ratio"),
+            );
+        }
+        if relative
+            && train.train_text_encoder
+            && train.text_encoder_lr.is_some_and(|r| r != train.lr)
+        {
+            return err(
+                "train.text_encoder_lr",
+                format!("{relative_why} the text encoders' own rate has no effect: {relative_fix}, or remove text_encoder_lr"),
+            );
+        }
         if prodigy && train.loraplus_lr_ratio.is_some() {
             return err(
                 "train.loraplus_lr_ratio",
@@ -214,6 +239,19 @@ impl JobConfig {
             return err(
                 "train.down_lr_weight",
                 "prodigy takes one rate for every parameter, so block learning-rate weights would change its estimate rather than the blocks' rates: remove down/mid/up_lr_weight or use another optimizer".into(),
+            );
+        }
+        // a weight of 0 still acts (that block gets no LoRA); others would not
+        let scaled = |w: &[f64]| w.iter().any(|&w| w != 0.0 && w != 1.0);
+        if relative
+            && blocks
+                .as_ref()
+                .and_then(|p| p.lr_weights)
+                .is_some_and(|w| scaled(&w))
+        {
+            return err(
+                "train.down_lr_weight",
+                format!("{relative_why} block learning-rate weights other than 0 (no LoRA in the block) and 1 have no effect: {relative_fix}, or keep only 0 and 1"),
             );
         }
         if blocks

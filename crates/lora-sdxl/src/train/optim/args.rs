@@ -37,6 +37,23 @@ pub enum OptimizerArgs {
 /// `(key, message)`: the `optimizer_args` key at fault and why.
 pub type ArgError = (String, String);
 
+/// The weight decay an optimizer uses when `train.weight_decay` is unset:
+/// its package's default (torch `AdamW` and bitsandbytes' `AdamW8bit`
+/// 0.01; lion-pytorch, bitsandbytes' `Lion8bit`, prodigyopt and
+/// transformers' `Adafactor` 0), as kohya passes none unless asked.
+///
+/// ```
+/// use lora_sdxl::train::optim::default_weight_decay;
+/// assert_eq!(default_weight_decay("adamw"), 0.01);
+/// assert_eq!(default_weight_decay("prodigy"), 0.0);
+/// ```
+pub fn default_weight_decay(optimizer: &str) -> f64 {
+    match optimizer {
+        "adamw" | "adamw8bit" => 0.01,
+        _ => 0.0,
+    }
+}
+
 /// The keys each optimizer takes (besides `train.weight_decay`, which all use).
 fn known(name: &str) -> &'static [&'static str] {
     match name {

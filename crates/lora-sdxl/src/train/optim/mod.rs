@@ -21,7 +21,7 @@ pub mod quant8;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::AdamW;
-pub use args::OptimizerArgs;
+pub use args::{default_weight_decay, OptimizerArgs};
 pub use lion::Lion;
 pub use prodigy::{Prodigy, ProdigyConfig};
 pub use quant8::{dynamic_map, QuantMap, Quantized, BLOCK_SIZE, MIN_8BIT_SIZE};
