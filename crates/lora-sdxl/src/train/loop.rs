@@ -175,8 +175,10 @@ impl Run {
                 // validation and saves read to the host by design: a
                 // sync-debug run (crate::device) watches the steps alone
                 let val = if main && (step.is_multiple_of(self.validation.every) || last) {
-                    let v =
-                        crate::device::unwatched(|| env.model.slots.in_eval(|| self.validate()));
+                    let v = crate::device::unwatched(|| {
+                        let validate = || env.model.slots.in_eval(|| self.validate());
+                        self.optim.with_saved_weights(validate)
+                    });
                     Some(v?)
                 } else {
                     None
@@ -191,17 +193,20 @@ impl Run {
                     d.pg.barrier()?;
                 }
                 let seconds = self.started.elapsed().as_secs_f64();
-                dispatch(
-                    observers,
-                    &view,
-                    Event::Step {
-                        step,
-                        loss,
-                        lr,
-                        seconds,
-                        train_seconds,
-                    },
-                )?;
+                let step_event = Event::Step {
+                    step,
+                    loss,
+                    lr,
+                    seconds,
+                    train_seconds,
+                };
+                // samples render on this event: with the saved (EMA) weights
+                if !job.sample.disable && super::observers::samples::due(job, step) {
+                    self.optim
+                        .with_saved_weights(|| dispatch(observers, &view, step_event))?;
+                } else {
+                    dispatch(observers, &view, step_event)?;
+                }
                 if let Some((v, reg)) = val {
                     report.record_validation(step, v, reg);
                     dispatch(
@@ -312,5 +317,71 @@ impl Run {
             device: format!("{:?}", env.model.unet_device()),
             notes: self.notes.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::job::JobConfig;
+    use crate::train::run::TrainOptions;
+
+    /// Issue 28: with EMA on, the validation loss was measured on the raw
+    /// weights while the file held the average. Now the loss logged at a
+    /// save is the saved file's: the file loaded into a fresh run (EMA off)
+    /// and validated there gives the same number, bit for bit (same
+    /// weights, images, noise and operations in one process).
+    #[test]
+    fn with_ema_the_logged_validation_loss_is_the_saved_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.safetensors");
+        let config = crate::SdxlConfig::tiny();
+        crate::synthetic::write_random_checkpoint(&model, &config, 1, tch::Kind::Float).unwrap();
+        let data = dir.path().join("data");
+        lora_data::synthetic::write_character_dataset(&data, 2, 256, 256, "trig", 1).unwrap();
+        let path = dir.path().join("job.toml");
+        let job = |name: &str, ema: Option<f64>| {
+            let text = JobConfig::template(model.to_str(), data.to_str(), Some("trig"), None);
+            let mut c = JobConfig::parse(&path, &text).unwrap();
+            c.job.name = name.into();
+            c.job.device = Some("cpu".into());
+            c.job.output_dir = dir.path().join("out");
+            (c.network.linear, c.network.linear_alpha, c.network.conv) = (4, 4.0, 0);
+            (
+                c.train.steps,
+                c.train.batch_size,
+                c.train.gradient_accumulation,
+            ) = (3, 1, 1);
+            (c.train.lr, c.train.dtype, c.save.dtype) = (1e-2, "fp32".into(), "fp32".into());
+            c.train.ema_decay = ema;
+            c.save.save_every = 3;
+            c.validation.images = Some(1);
+            c.datasets[0].resolution = vec![256];
+            c
+        };
+        let quiet = TrainOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let averaged = crate::train::train(&job("ema", Some(0.9)), &path, &quiet).unwrap();
+        let (step, logged) = *averaged.val_losses.last().unwrap();
+        assert_eq!(step, 3);
+        let file: std::collections::HashMap<String, Tensor> =
+            lora_core::io::read_tensors(averaged.last_lora.unwrap())
+                .unwrap()
+                .tensors
+                .into_iter()
+                .collect();
+        let run = Run::prepare(&job("afresh", None), &path, &quiet).unwrap();
+        tch::no_grad(|| {
+            for leaf in &run.network.leaves {
+                for (suffix, t) in &leaf.params {
+                    let key = format!("{}.{suffix}", leaf.key.kohya_name());
+                    t.shallow_clone().copy_(&file[&key]);
+                }
+            }
+        });
+        let (afresh, _) = run.env.model.slots.in_eval(|| run.validate()).unwrap();
+        assert_eq!(logged, afresh, "the logged loss is not the saved file's");
     }
 }

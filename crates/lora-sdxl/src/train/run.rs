@@ -169,6 +169,29 @@ impl Optimizers {
         })
     }
 
+    /// Runs `f` with the weights the saved files hold: with EMA on, the
+    /// average is copied into the trained tensors and the trained values
+    /// are put back afterwards, bit for bit (issue 28: the validation loss
+    /// and the samples described the raw weights while the files held the
+    /// average). Without EMA, `f` runs on the weights as they are.
+    pub(crate) fn with_saved_weights<T>(&self, f: impl FnOnce() -> T) -> T {
+        let Some(ema) = &self.ema else {
+            return f();
+        };
+        let put = |from: &[Tensor]| {
+            tch::no_grad(|| {
+                for (p, v) in self.params.iter().zip(from) {
+                    p.shallow_clone().copy_(v);
+                }
+            })
+        };
+        let trained: Vec<Tensor> = tch::no_grad(|| self.params.iter().map(Tensor::copy).collect());
+        put(ema.weights());
+        let out = f();
+        put(&trained);
+        out
+    }
+
     /// Clips the gradients, updates both parts at the scheduled rates of
     /// optimizer step `step` (0-based) and clears the gradients; returns
     /// the UNet's rate and the gradient norm before clipping (when clipping).

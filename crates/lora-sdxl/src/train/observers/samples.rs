@@ -12,20 +12,21 @@ use crate::train::events::{Event, Observer, RunView};
 use crate::train::job::JobConfig;
 use std::path::{Path, PathBuf};
 
+/// Whether a round of samples is due after optimizer step `step`: every
+/// `sample_every` steps and at the last one.
+pub(crate) fn due(job: &JobConfig, step: u64) -> bool {
+    step.is_multiple_of(job.sample.sample_every) || step == job.train.steps
+}
+
 /// Renders a round of samples when due and emits [`Event::Samples`].
 #[derive(Debug, Default)]
 pub struct Samples;
 
 impl Observer for Samples {
     fn on_event(&mut self, event: &Event, run: &RunView<'_>) -> Result<()> {
-        let sample = &run.job.sample;
         let step = match *event {
             Event::Started { resumed: false, .. } => 0,
-            Event::Step { step, .. }
-                if step.is_multiple_of(sample.sample_every) || step == run.job.train.steps =>
-            {
-                step
-            }
+            Event::Step { step, .. } if due(run.job, step) => step,
             _ => return Ok(()),
         };
         let dir = run.model.slots.in_eval(|| {
