@@ -10,7 +10,7 @@
 //!   ([`SdxlModel::attach_lora`]);
 //! * [`sample`]: text-to-image with ComfyUI-compatible seeds ([`txt2img`],
 //!   samplers in [`sample::samplers`]) and comparison grids;
-//! * [`train`]: LoRA training from a job file ([`train()`], [`JobConfig`]);
+//! * [`train`](mod@train): LoRA training from a job file ([`train()`], [`JobConfig`]);
 //! * [`tools`]: merging LoRAs into a checkpoint and extracting them from one.
 //!
 //! [`render`] draws what people look at: comparison grids, the loss chart,

@@ -12,6 +12,7 @@
 //! | the LoRA under training | `network.rs` |
 //! | block-wise ranks and learning rates | [`blocks`] |
 //! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
+//! | a run's update: optimizer groups, LR schedule, clipping, EMA (and the weights validation sees) | `updates.rs` |
 //! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
 //! | timestep distributions (uniform, sigmoid, logit-normal, shift) | [`timesteps`] |
@@ -41,6 +42,7 @@ mod shard;
 mod state;
 mod step;
 pub mod timesteps;
+mod updates;
 
 pub use data::DatasetSummary;
 pub use events::{Event, ObserveFn, Observer, Observers, RunView};

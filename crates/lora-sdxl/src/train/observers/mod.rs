@@ -1,4 +1,4 @@
-//! The standard observers of a run's [`Event`](super::Event)s. Each does one
+//! The standard observers of a run's [`Event`]s. Each does one
 //! thing, so a library user can replace or add any of them
 //! ([`super::train_with`]).
 //!
