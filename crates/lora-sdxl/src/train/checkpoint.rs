@@ -9,7 +9,7 @@ use super::network::Network;
 use super::plan::{NetworkKind, Plan};
 use crate::error::Result;
 use lora_core::{Prediction, TrainingMetadata};
-use lora_data::caption::{CaptionProcessing, TagStats};
+use lora_data::caption::TagStats;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -264,10 +264,6 @@ fn network_args(
 fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<String, u64>> {
     let mut stats: BTreeMap<String, TagStats> = BTreeMap::new();
     for (img, &d) in data.images.iter().zip(&data.dataset_of) {
-        let insert_trigger = CaptionProcessing {
-            trigger: data.captions[d].trigger.clone(),
-            ..Default::default()
-        };
         let ds = &job.datasets[d];
         let key = if img.group == "." || img.group.is_empty() {
             let folder = ds
@@ -279,7 +275,7 @@ fn tag_frequency(job: &JobConfig, data: &Data) -> BTreeMap<String, BTreeMap<Stri
         } else {
             img.group.clone()
         };
-        let caption = insert_trigger.base(&img.caption);
+        let caption = data.captions[d].base(&img.caption);
         stats.entry(key).or_default().add(&caption);
     }
     stats

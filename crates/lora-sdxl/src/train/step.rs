@@ -8,7 +8,6 @@ use super::plan::Loss;
 use super::schedule::{batch_loss, per_sample_loss};
 use super::shard::rows;
 use crate::error::Result;
-use lora_data::caption::CaptionProcessing;
 use lora_data::loader::{derived_rng, PlannedBatch};
 use rand::Rng;
 use tch::{Kind, Tensor};
@@ -105,11 +104,8 @@ impl Env {
             // trigger only where training puts it (issue 28: the reg set was
             // measured with it, so val_reg_loss rose as the trigger was
             // learned and could not show the prior drifting)
-            let caption = CaptionProcessing {
-                trigger: self.data.captions[samples[0].dataset].trigger.clone(),
-                ..Default::default()
-            }
-            .base(&self.data.images[samples[0].image].caption);
+            let caption = self.data.captions[samples[0].dataset]
+                .base(&self.data.images[samples[0].image].caption);
             tch::no_grad(|| -> Result<()> {
                 let (x0, mask) = self.latents(planned, true, seed ^ (i as u64 * 7919), (0, 1))?;
                 let (context, y) = self.conditioning(planned, samples, vec![caption])?;
