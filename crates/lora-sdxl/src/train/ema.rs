@@ -83,3 +83,38 @@ impl Ema {
         self.steps = steps;
     }
 }
+
+/// The trained tensors and their average, to evaluate what the saved LoRA
+/// files hold (they hold the average). Shallow clones: both follow the
+/// run's in-place updates, so one value serves the whole run.
+pub(crate) struct SavedWeights {
+    trained: Vec<Tensor>,
+    average: Vec<Tensor>,
+}
+
+impl SavedWeights {
+    /// `trained` as the EMA was created over (same order).
+    pub(crate) fn new(trained: &[Tensor], ema: &Ema) -> Self {
+        Self {
+            trained: trained.iter().map(Tensor::shallow_clone).collect(),
+            average: ema.weights().iter().map(Tensor::shallow_clone).collect(),
+        }
+    }
+
+    /// Runs `f` with the average copied into the trained tensors, then puts
+    /// the trained values back, bit for bit.
+    pub(crate) fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        let put = |from: &[Tensor]| {
+            tch::no_grad(|| {
+                for (p, v) in self.trained.iter().zip(from) {
+                    p.shallow_clone().copy_(v);
+                }
+            })
+        };
+        let kept: Vec<Tensor> = tch::no_grad(|| self.trained.iter().map(Tensor::copy).collect());
+        put(&self.average);
+        let out = f();
+        put(&kept);
+        out
+    }
+}

@@ -161,6 +161,8 @@ pub struct RunView<'a> {
     pub model: &'a SdxlModel,
     /// The tokenizer.
     pub tokenizer: &'a ClipTokenizer,
+    /// With EMA on: the trained tensors and their average.
+    saved: Option<crate::train::ema::SavedWeights>,
     emitted: RefCell<Vec<Event>>,
 }
 
@@ -172,6 +174,7 @@ impl<'a> RunView<'a> {
         run_dir: &'a Path,
         model: &'a SdxlModel,
         tokenizer: &'a ClipTokenizer,
+        saved: Option<crate::train::ema::SavedWeights>,
     ) -> Self {
         Self {
             job,
@@ -180,7 +183,20 @@ impl<'a> RunView<'a> {
             run_dir,
             model,
             tokenizer,
+            saved,
             emitted: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with the LoRA weights the saved files hold: with EMA on,
+    /// the average (the trained values are put back afterwards, bit for
+    /// bit); otherwise the weights as they are. The validation loss and the
+    /// in-training samples use it, so they describe the files (issue 28:
+    /// they described the raw weights while the files held the average).
+    pub fn with_saved_weights<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.saved {
+            Some(saved) => saved.with(f),
+            None => f(),
         }
     }
 

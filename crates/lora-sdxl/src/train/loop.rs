@@ -82,6 +82,7 @@ impl Run {
             &env.run_dir,
             &env.model,
             &env.tok,
+            self.optim.saved_weights(),
         );
         let mut report = TrainReport {
             step: self.pos.step,
@@ -176,8 +177,7 @@ impl Run {
                 // sync-debug run (crate::device) watches the steps alone
                 let val = if main && (step.is_multiple_of(self.validation.every) || last) {
                     let v = crate::device::unwatched(|| {
-                        let validate = || env.model.slots.in_eval(|| self.validate());
-                        self.optim.with_saved_weights(validate)
+                        view.with_saved_weights(|| env.model.slots.in_eval(|| self.validate()))
                     });
                     Some(v?)
                 } else {
@@ -193,20 +193,17 @@ impl Run {
                     d.pg.barrier()?;
                 }
                 let seconds = self.started.elapsed().as_secs_f64();
-                let step_event = Event::Step {
-                    step,
-                    loss,
-                    lr,
-                    seconds,
-                    train_seconds,
-                };
-                // samples render on this event: with the saved (EMA) weights
-                if !job.sample.disable && super::observers::samples::due(job, step) {
-                    self.optim
-                        .with_saved_weights(|| dispatch(observers, &view, step_event))?;
-                } else {
-                    dispatch(observers, &view, step_event)?;
-                }
+                dispatch(
+                    observers,
+                    &view,
+                    Event::Step {
+                        step,
+                        loss,
+                        lr,
+                        seconds,
+                        train_seconds,
+                    },
+                )?;
                 if let Some((v, reg)) = val {
                     report.record_validation(step, v, reg);
                     dispatch(

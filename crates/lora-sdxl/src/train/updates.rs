@@ -3,7 +3,7 @@
 //! matrices), the LR schedule, gradient clipping and the EMA.
 
 use super::blocks::BlockPlan;
-use super::ema::Ema;
+use super::ema::{Ema, SavedWeights};
 use super::job::JobConfig;
 use super::network::{Leaf, Network};
 use super::optim::{clear_grads, clip_grad_norm, Optimizer};
@@ -72,27 +72,10 @@ impl Optimizers {
         })
     }
 
-    /// Runs `f` with the weights the saved files hold: with EMA on, the
-    /// average is copied into the trained tensors and the trained values
-    /// are put back afterwards, bit for bit (issue 28: the validation loss
-    /// and the samples described the raw weights while the files held the
-    /// average). Without EMA, `f` runs on the weights as they are.
-    pub(crate) fn with_saved_weights<T>(&self, f: impl FnOnce() -> T) -> T {
-        let Some(ema) = &self.ema else {
-            return f();
-        };
-        let put = |from: &[Tensor]| {
-            tch::no_grad(|| {
-                for (p, v) in self.params.iter().zip(from) {
-                    p.shallow_clone().copy_(v);
-                }
-            })
-        };
-        let trained: Vec<Tensor> = tch::no_grad(|| self.params.iter().map(Tensor::copy).collect());
-        put(ema.weights());
-        let out = f();
-        put(&trained);
-        out
+    /// The trained tensors and their average when EMA is on (the files
+    /// hold the average), for [`super::RunView::with_saved_weights`].
+    pub(crate) fn saved_weights(&self) -> Option<SavedWeights> {
+        (self.ema.as_ref()).map(|ema| SavedWeights::new(&self.params, ema))
     }
 
     /// Clips the gradients, updates both parts at the scheduled rates of

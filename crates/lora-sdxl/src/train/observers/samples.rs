@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// Whether a round of samples is due after optimizer step `step`: every
 /// `sample_every` steps and at the last one.
-pub(crate) fn due(job: &JobConfig, step: u64) -> bool {
+fn due(job: &JobConfig, step: u64) -> bool {
     step.is_multiple_of(job.sample.sample_every) || step == job.train.steps
 }
 
@@ -29,15 +29,18 @@ impl Observer for Samples {
             Event::Step { step, .. } if due(run.job, step) => step,
             _ => return Ok(()),
         };
-        let dir = run.model.slots.in_eval(|| {
-            training_samples(
-                run.job,
-                run.plan.sampler,
-                run.model,
-                run.tokenizer,
-                run.run_dir,
-                step,
-            )
+        // with what the files hold (the EMA, when on)
+        let dir = run.with_saved_weights(|| {
+            run.model.slots.in_eval(|| {
+                training_samples(
+                    run.job,
+                    run.plan.sampler,
+                    run.model,
+                    run.tokenizer,
+                    run.run_dir,
+                    step,
+                )
+            })
         })?;
         run.emit(Event::Samples { step, dir });
         Ok(())
