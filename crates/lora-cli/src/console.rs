@@ -44,12 +44,24 @@ pub fn stop_on_ctrl_c(first: &'static str, second: &'static str) -> Arc<AtomicBo
 /// the run was starting is delivered now, to the handler, instead of
 /// killing the run before it could save anything.
 pub fn deliver_ctrl_c() {
-    // SAFETY: plain signal-mask calls on a local set.
-    unsafe {
+    let _ = mask_sigint(libc::SIG_UNBLOCK);
+}
+
+/// Blocks (`libc::SIG_BLOCK`) or unblocks (`libc::SIG_UNBLOCK`) SIGINT in
+/// the calling thread. Async-signal-safe, so a child may call it between
+/// fork and exec (the UI's queue blocks it there for its runs).
+pub fn mask_sigint(how: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: signal-set and signal-mask calls on a local set, all
+    // async-signal-safe.
+    let rc = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 

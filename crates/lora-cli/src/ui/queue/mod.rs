@@ -445,16 +445,11 @@ impl Queue {
         // (`console::stop_on_ctrl_c` unblocks it): a Stop pressed while it
         // starts then stops it after its first step instead of killing it
         // (stop 36: "Resume" then "Stop" at once left a failed job).
-        // SAFETY: sigemptyset/sigaddset/sigprocmask are async-signal-safe.
+        // SAFETY: the closure only changes the signal mask, which is
+        // async-signal-safe between fork and exec.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGINT);
-                match libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
+                crate::console::mask_sigint(libc::SIG_BLOCK)
             });
         }
         cmd.stdin(Stdio::null())
