@@ -312,3 +312,37 @@ fn a_vram_preset_fills_what_the_job_leaves_unset() {
         "{e}"
     );
 }
+
+/// `train.lr_scheduler_num_cycles` reaches the run's optimizer: with two
+/// cycles over 4 steps the rate restarts at the full rate, where one cycle
+/// keeps falling (the schedule's values are checked against diffusers in
+/// `training_math.rs`; this checks the wiring).
+#[test]
+fn restarts_reach_the_optimizer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = common::tiny_model_and_dataset(dir.path(), 2);
+    let rates = |cycles: u32| {
+        let (mut job, path) = job_for(dir.path(), &model, &data);
+        job.job.name = format!("cycles{cycles}");
+        job.train.steps = 4;
+        job.save.save_every = 4;
+        job.train.lr_scheduler = "cosine_with_restarts".into();
+        job.train.lr_scheduler_num_cycles = cycles;
+        let mut lrs = Vec::new();
+        let see = |e: &Event| {
+            if let Event::Step { lr, .. } = e {
+                lrs.push(*lr);
+            }
+        };
+        let observers: Observers = vec![Box::new(lora_sdxl::train::ObserveFn(see))];
+        train_with(&job, &path, &common::quiet(), observers).unwrap();
+        lrs
+    };
+    let (one, two) = (rates(1), rates(2));
+    let base = JobConfig::default().train.lr;
+    // the rate of step 3 (0-based 2): half-way, so one cycle is at half
+    // the rate and the second of two cycles starts again at the full rate
+    assert_eq!(two[2], base, "{two:?}");
+    assert!(one[2] < 0.6 * base, "{one:?}");
+}
