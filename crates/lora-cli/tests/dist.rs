@@ -11,18 +11,25 @@ use std::time::{Duration, Instant};
 mod common;
 
 /// A tiny fp32 job named `name` with `batch` images per rank and `steps`
-/// steps, a checkpoint every `save_every` (saved in fp32).
+/// steps, a checkpoint every `save_every` (saved in fp32), and `edits` of
+/// the template's text.
+fn job_with(
+    dir: &Path,
+    name: &str,
+    batch: usize,
+    (steps, save_every): (u64, u64),
+    edits: &[(&str, &str)],
+) -> PathBuf {
+    let mut all = vec![
+        ("lr = 0.00007", "lr = 0.001"),
+        ("dtype = \"fp16\"", "dtype = \"fp32\""),
+    ];
+    all.extend_from_slice(edits);
+    common::tiny_job(dir, name, 128, (steps, save_every, batch), &all)
+}
+
 fn job(dir: &Path, name: &str, batch: usize, steps: u64, save_every: u64) -> PathBuf {
-    common::tiny_job(
-        dir,
-        name,
-        128,
-        (steps, save_every, batch),
-        &[
-            ("lr = 0.00007", "lr = 0.001"),
-            ("dtype = \"fp16\"", "dtype = \"fp32\""),
-        ],
-    )
+    job_with(dir, name, batch, (steps, save_every), &[])
 }
 
 fn lorakit(args: &[&str]) -> Command {
@@ -77,27 +84,43 @@ fn compare(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
     (diff / top, up)
 }
 
-#[test]
-fn two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains() {
-    let dir = tempfile::tempdir().unwrap();
-    // the noise floor: one process with 1 thread and with 2 threads differs
-    // by the order of its float sums alone (measured: 2.7e-5 of the largest
-    // weight after 4 AdamW steps at lr 1e-3)
-    for (name, threads) in [("one_t1", "1"), ("one_t2", "2")] {
-        let one = job(dir.path(), name, 2, 4, 4);
+/// One process × batch 2 with 1 and 2 threads (`{tag}_t1`, `{tag}_t2`)
+/// and 2 ranks × batch 1 (`{tag}_two`), 4 steps with `edits`: the 2 ranks'
+/// LoRA's largest difference from the 1-thread one relative to its
+/// largest weight, the noise floor (1 vs 2 threads: the order of the
+/// float sums alone), and the largest `lora_up` value.
+fn ranks_against_one(dir: &Path, tag: &str, edits: &[(&str, &str)]) -> (f32, f32, f32, String) {
+    for threads in ["1", "2"] {
+        let name = format!("{tag}_t{threads}");
+        let one = job_with(dir, &name, 2, (4, 4), edits);
         ok(lorakit(&["train", one.to_str().unwrap()])
             .env("OMP_NUM_THREADS", threads)
             .output()
             .unwrap());
     }
-    let (floor, _) = compare(&lora(dir.path(), "one_t1"), &lora(dir.path(), "one_t2"));
-    let two = job(dir.path(), "two", 1, 4, 4);
+    let (floor, _) = compare(
+        &lora(dir, &format!("{tag}_t1")),
+        &lora(dir, &format!("{tag}_t2")),
+    );
+    let two = job_with(dir, &format!("{tag}_two"), 1, (4, 4), edits);
     let err = ok(lorakit(&["train", two.to_str().unwrap(), "--nproc", "2"])
         .output()
         .unwrap());
-    let (rel, up) = compare(&lora(dir.path(), "one_t1"), &lora(dir.path(), "two"));
+    let (rel, up) = compare(
+        &lora(dir, &format!("{tag}_t1")),
+        &lora(dir, &format!("{tag}_two")),
+    );
+    eprintln!("{tag}: relative difference: 2 ranks {rel:e}, 1 vs 2 threads {floor:e}");
+    (rel, floor, up, err)
+}
+
+#[test]
+fn two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    // the noise floor (1 vs 2 threads) measured: 2.7e-5 of the largest
+    // weight after 4 AdamW steps at lr 1e-3
+    let (rel, floor, up, err) = ranks_against_one(dir.path(), "plain", &[]);
     assert!(up > 1e-4, "the LoRA did not train: max |lora_up| = {up}");
-    eprintln!("relative difference: 2 ranks {rel:e}, 1 vs 2 threads {floor:e}");
     // the bound is 4 × the floor this run measures (1 vs 2 threads), never
     // under 1e-6: 2 ranks differ by 3.7e-5 against a floor of 2.7e-5 (the
     // same with OMP_NUM_THREADS=1; 2.9e-5 against 2.4e-5 with MKL, oneDNN
@@ -109,13 +132,36 @@ fn two_ranks_of_batch_1_train_what_one_process_of_batch_2_trains() {
     );
     // rank 0 alone wrote the run: one events log that finished once, and
     // the notes say how the batch was split
-    let events = std::fs::read_to_string(dir.path().join("output/two/events.jsonl")).unwrap();
+    let events = std::fs::read_to_string(dir.path().join("output/plain_two/events.jsonl")).unwrap();
     assert!(events.contains("data-parallel: rank 0 of 2"), "{events}");
     let finished = events
         .lines()
         .filter(|l| l.contains("\"finished\""))
         .count();
     assert_eq!(finished, 1, "{events}");
+}
+
+/// The same with LoRA dropouts (issue 28, item 10): neuron and rank
+/// dropout masks are drawn for the global batch and sliced per rank, and
+/// module dropout is a host draw every rank makes alike (the modules it
+/// leaves out lose the zeros the all-reduce gave them), so 2 ranks × 1
+/// still train what 1 × 2 trains. Before, every rank drew masks for its
+/// own rows from the same seed, so rank 1's rows reused rank 0's masks.
+#[test]
+fn two_ranks_equal_one_process_with_dropouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let edits = [
+        ("\ndropout = 0.0 ", "\ndropout = 0.25 "),
+        ("rank_dropout = 0.0 ", "rank_dropout = 0.5 "),
+        ("module_dropout = 0.0 ", "module_dropout = 0.25 "),
+    ];
+    let (rel, floor, up, err) = ranks_against_one(dir.path(), "drop", &edits);
+    assert!(up > 1e-4, "the LoRA did not train: max |lora_up| = {up}");
+    // the bound of the test above: 4 × the floor this run measures
+    assert!(
+        rel < 4.0 * floor + 1e-6,
+        "with dropouts, 2 ranks × batch 1 differ from 1 × batch 2 by {rel:e} (relative), above the float noise floor {floor:e}\n{err}"
+    );
 }
 
 /// The pid of rank `rank` among the launcher's children (by its RANK).

@@ -7,39 +7,12 @@
 //! `[out, r, 1, 1]`. `down` is initialised kaiming-uniform(a=√5), `up` with
 //! zeros, so a fresh adapter leaves the base output unchanged.
 
+pub use crate::dropout::Dropouts;
+use crate::dropout::{BatchRows, ModuleSwitch};
 use crate::error::{LoraError, Result};
 pub use crate::geometry::Geometry;
 use crate::lycoris::LycoAdapter;
 use tch::{Device, Kind, Tensor};
-
-/// Training-only regularisation with kohya's semantics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Dropouts {
-    /// Neuron dropout on the rank activations (`--network_dropout`), inverted.
-    pub dropout: f64,
-    /// Drops whole rank channels per sample; scale is divided by `1 − p`.
-    pub rank_dropout: f64,
-    /// Skips the whole adapter for a forward call with probability `p`.
-    pub module_dropout: f64,
-}
-
-impl Dropouts {
-    /// Validates that every rate is in `[0, 1)`.
-    pub fn validate(&self) -> Result<()> {
-        for (name, p) in [
-            ("dropout", self.dropout),
-            ("rank_dropout", self.rank_dropout),
-            ("module_dropout", self.module_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return Err(LoraError::Invalid(format!(
-                    "{name} must be in [0, 1), got {p}"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The trained tensors of an adapter.
 #[derive(Debug)]
@@ -62,6 +35,10 @@ pub struct LoraAdapter {
     multiplier: f64,
     geometry: Geometry,
     dropouts: Dropouts,
+    /// Module dropout's choice for the current training forward.
+    switch: ModuleSwitch,
+    /// This process's rows of the global batch (data-parallel training).
+    rows: Option<BatchRows>,
 }
 
 impl LoraAdapter {
@@ -110,6 +87,8 @@ impl LoraAdapter {
             dora: None,
             multiplier: 1.0,
             dropouts: Dropouts::default(),
+            switch: ModuleSwitch::default(),
+            rows: None,
         }
     }
 
@@ -195,6 +174,8 @@ impl LoraAdapter {
             multiplier: 1.0,
             geometry,
             dropouts: Dropouts::default(),
+            switch: ModuleSwitch::default(),
+            rows: None,
         }
     }
 
@@ -392,39 +373,38 @@ impl LoraAdapter {
     pub fn dropouts(&self) -> Dropouts {
         self.dropouts
     }
+    /// The handle of this adapter's module-dropout switch (see
+    /// [`ModuleSwitch`]): a trainer keeps it to draw the choice before each
+    /// forward.
+    pub fn module_switch(&self) -> ModuleSwitch {
+        self.switch.clone()
+    }
+    /// Shares a run's [`BatchRows`]: neuron and rank dropout then draw
+    /// their masks for the global batch and keep this process's rows.
+    pub fn set_batch_rows(&mut self, rows: BatchRows) {
+        self.rows = Some(rows);
+    }
+    /// The run's rows, when set.
+    pub(crate) fn batch_rows(&self) -> Option<&BatchRows> {
+        self.rows.as_ref()
+    }
+    /// Whether a forward leaves this adapter out: training, and dropped
+    /// by its [`ModuleSwitch`].
+    pub(crate) fn left_out(&self, train: bool) -> bool {
+        train && self.switch.is_dropped()
+    }
+
     /// The adapter branch alone: `up(drop(down(x))) · multiplier · scale`,
-    /// in the dtype of `x` (`None` is kept for adapters that add nothing).
-    ///
-    /// Module dropout (training only) draws one number per call from
-    /// torch's generator on `x`'s device, as kohya's `torch.rand(1)` does, so
-    /// every module draws its own, the draw follows `tch::manual_seed` (exact
-    /// resume) and gradient checkpointing's RNG replay recomputes the same
-    /// choice. The branch is multiplied by the 0/1 draw on the device instead
-    /// of skipped on the host, so no host sync is needed.
+    /// in the dtype of `x`; `None` when module dropout leaves the adapter
+    /// out of this training forward ([`ModuleSwitch`]: the layer keeps its
+    /// base output and the adapter's tensors get no gradient, as kohya's).
     pub fn delta(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+        if self.left_out(train) {
+            return None;
+        }
         match &self.weights {
             Weights::Pair { down, up } => Some(self.pair_delta(down, up, x, train)),
-            Weights::Lyco(l) => Some(self.lyco_delta(l, x, train)),
-        }
-    }
-
-    /// A LyCORIS branch: the layer's op with `multiplier · ΔW`, skipped
-    /// with `module_dropout`; LyCORIS' other dropouts are not offered.
-    fn lyco_delta(&self, l: &LycoAdapter, x: &Tensor, train: bool) -> Tensor {
-        self.module_keep(l.delta(x, self.multiplier), train)
-    }
-
-    /// `out`, or zero with probability `module_dropout` while training (one
-    /// draw on the device per call, as kohya's `torch.rand(1)`: no host sync).
-    pub(crate) fn module_keep(&self, out: Tensor, train: bool) -> Tensor {
-        let p = self.dropouts.module_dropout;
-        if train && p > 0.0 {
-            let keep = Tensor::rand([], (Kind::Float, out.device()))
-                .ge(p)
-                .to_kind(out.kind());
-            out * keep
-        } else {
-            out
+            Weights::Lyco(l) => Some(l.delta(x, self.multiplier)),
         }
     }
 

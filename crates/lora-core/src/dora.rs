@@ -50,11 +50,14 @@ impl LoraAdapter {
         let Some(magnitude) = &self.dora else {
             return self.delta(x, train);
         };
+        if self.left_out(train) {
+            return None;
+        }
         let w = base.to_kind(Kind::Float);
         let d =
             (decomposed(&w, &self.delta_weight().view_as(&w), magnitude) - &w) * self.multiplier();
         let out = layer_op(self.geometry(), x, &d.to_kind(x.kind()));
-        Some(self.module_keep(out, train))
+        Some(out)
     }
 
     /// Turns on DoRA for a layer whose weight is `base`: the magnitude

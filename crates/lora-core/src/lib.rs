@@ -31,6 +31,7 @@
 
 pub mod adapter;
 pub mod dora;
+pub mod dropout;
 pub mod error;
 pub mod formats;
 pub mod geometry;
@@ -43,7 +44,8 @@ pub mod naming;
 pub mod resize;
 pub mod set;
 
-pub use adapter::{Dropouts, Geometry, LoraAdapter};
+pub use adapter::{Geometry, LoraAdapter};
+pub use dropout::{BatchRows, Dropouts, ModuleSwitch};
 pub use error::{LoraError, Result};
 pub use formats::{load_lora, LoadedLora, LoraFormat, UnknownKeys};
 pub use inspect::LoraSummary;

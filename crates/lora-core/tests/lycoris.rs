@@ -233,36 +233,33 @@ fn dora_matches_lycoris() {
     }
 }
 
-/// Module dropout skips a LyCORIS module's branch while training (never in
-/// evaluation), as LyCORIS' `module_dropout` does.
+/// Module dropout leaves a LyCORIS module (and a DoRA one) out of a
+/// training forward when its switch is set, never out of an evaluation,
+/// as LyCORIS' `module_dropout` does.
 #[test]
-fn module_dropout_skips_lycoris_branches_in_training() {
+fn module_dropout_leaves_lycoris_branches_out_of_training() {
     use lora_core::{Dropouts, LoraAdapter};
     let opts = (Kind::Float, Device::Cpu);
     tch::manual_seed(2);
     let mut l = LycoAdapter::new_loha(8, 6, 2, None, Geometry::Linear, opts).unwrap();
     l.map_tensors(&mut |t| Tensor::randn(t.size().as_slice(), opts));
     let mut a = LoraAdapter::from_lyco(l);
-    a.set_dropouts(Dropouts {
+    let d = Dropouts {
         module_dropout: 0.5,
         ..Default::default()
-    })
-    .unwrap();
+    };
+    a.set_dropouts(d).unwrap();
     let x = Tensor::randn([4, 8], opts);
     let full = a.delta(&x, false).unwrap();
     assert!(full.abs().max().double_value(&[]) > 0.0);
-    let (mut kept, mut skipped) = (0, 0);
-    for _ in 0..200 {
-        let d = a.delta(&x, true).unwrap();
-        if d.abs().max().double_value(&[]) == 0.0 {
-            skipped += 1;
-        } else {
-            assert!(d.equal(&full), "a kept branch is the whole branch");
-            kept += 1;
-        }
-    }
-    assert!(
-        kept > 60 && skipped > 60,
-        "kept {kept}, skipped {skipped} of 200"
-    );
+    let switch = a.module_switch();
+    switch.set_dropped(d.drops_module(0.9));
+    assert!(a.delta(&x, true).unwrap().equal(&full));
+    switch.set_dropped(d.drops_module(0.1));
+    assert!(a.delta(&x, true).is_none());
+    assert!(a.delta(&x, false).unwrap().equal(&full));
+    let base = Tensor::randn([6, 8], opts);
+    a.enable_dora(&base).unwrap();
+    assert!(a.delta_with_base(&x, &base, true).is_none());
+    assert!(a.delta_with_base(&x, &base, false).is_some());
 }

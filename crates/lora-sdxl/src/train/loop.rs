@@ -129,6 +129,8 @@ impl Run {
                     env.prefetch(next);
                 }
                 let micro_id = self.pos.step * accum + micro;
+                self.network
+                    .before_micro_step(env.shard, samples.len(), micro_id);
                 // an empty slice (more ranks than items) adds no gradient
                 if let Some(loss) = env.micro_step(planned, samples, micro_id)? {
                     (&loss / accum as f64).backward();
@@ -142,6 +144,7 @@ impl Run {
                 if let Some(d) = &self.dist {
                     d.average_gradients()?;
                 }
+                self.network.freeze_left_out();
                 let (lr, grad_norm) = self.optim.step(self.pos.step);
                 meter.watch(grad_norm);
                 self.pos.step += 1;

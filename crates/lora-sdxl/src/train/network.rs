@@ -4,12 +4,18 @@
 
 use super::blocks::{block_index, BlockPlan};
 use super::job::JobConfig;
+use super::optim::clear_grads;
 use super::plan::{NetworkKind, Plan};
+use super::shard::Shard;
 use crate::error::Result;
 use crate::model::sdxl::SdxlModel;
 use crate::model::targets::{lora_targets, Target, TargetScope};
 use lora_core::lycoris::LycoAdapter;
-use lora_core::{Component, Dropouts, Geometry, LoraAdapter, LoraSet, ModuleKey};
+use lora_core::{
+    BatchRows, Component, Dropouts, Geometry, LoraAdapter, LoraSet, ModuleKey, ModuleSwitch,
+};
+use lora_data::loader::derived_rng;
+use rand::Rng;
 use tch::{Device, Kind, Tensor};
 
 /// One trained module's parameters.
@@ -19,6 +25,8 @@ pub(crate) struct Leaf {
     /// `lora_up.weight`, or `hada_w1_a`, `lokr_w1`, …), in file order.
     pub params: Vec<(&'static str, Tensor)>,
     pub alpha: f64,
+    /// Module dropout's switch of this module's adapter.
+    pub switch: ModuleSwitch,
     /// The layer (to rebuild a LyCORIS adapter from its tensors).
     in_features: i64,
     geometry: Geometry,
@@ -62,6 +70,15 @@ impl Leaf {
 /// The trained LoRA.
 pub(crate) struct Network {
     pub leaves: Vec<Leaf>,
+    /// This process's rows of each global batch, shared by every adapter
+    /// (their neuron and rank dropout masks are drawn for the global batch).
+    pub rows: BatchRows,
+    /// `network.module_dropout` and the seed of its draws.
+    module_dropout: Dropouts,
+    seed: u64,
+    /// Per leaf: whether module dropout kept it in a micro-step of the
+    /// optimizer step under way.
+    live: Vec<bool>,
 }
 
 impl Network {
@@ -84,6 +101,7 @@ impl Network {
         tch::manual_seed(job.job.seed as i64);
         let mut leaves = Vec::new();
         let mut set = LoraSet::new();
+        let rows = BatchRows::default();
         for t in lora_targets(&model.detected.config, scope) {
             let (rank, alpha) = match &plan {
                 Some(p) if t.key.component == Component::Unet => {
@@ -114,18 +132,66 @@ impl Network {
                 rank_dropout: network.rank_dropout,
                 module_dropout: network.module_dropout,
             })?;
+            a.set_batch_rows(rows.clone());
             let names = a.named_tensors().into_iter().map(|(name, _)| name);
             leaves.push(Leaf {
                 key: t.key.clone(),
                 params: names.zip(params).collect(),
                 alpha: a.alpha(),
+                switch: a.module_switch(),
                 in_features: t.in_features,
                 geometry: t.geometry,
             });
             set.insert(t.key, a);
         }
         model.attach_lora(set, 1.0)?;
-        Ok(Self { leaves })
+        Ok(Self {
+            live: vec![false; leaves.len()],
+            leaves,
+            rows,
+            module_dropout: Dropouts {
+                module_dropout: network.module_dropout,
+                ..Default::default()
+            },
+            seed: job.job.seed,
+        })
+    }
+
+    /// Before micro-step `micro_id`, whose global batch has `n` samples:
+    /// this process's rows of it (for the dropout masks), and module
+    /// dropout's choice per leaf — a host draw from the run's seed and the
+    /// micro-step, so every rank draws the same, a resume draws again what
+    /// the saved run drew, and no device value is read.
+    pub fn before_micro_step(&mut self, shard: Shard, n: usize, micro_id: u64) {
+        let (lo, hi) = shard.range(n);
+        self.rows.set(lo, hi - lo, n);
+        if self.module_dropout.module_dropout == 0.0 {
+            return;
+        }
+        let mut rng = derived_rng(self.seed, &[5, micro_id]);
+        for (leaf, live) in self.leaves.iter().zip(&mut self.live) {
+            let dropped = self.module_dropout.drops_module(rng.gen());
+            leaf.switch.set_dropped(dropped);
+            *live |= !dropped;
+        }
+    }
+
+    /// Before the optimizer step: the leaves module dropout left out of
+    /// every micro-step of it lose their gradients (a data-parallel
+    /// average gives them zeros), so the optimizer skips them as torch's
+    /// skip a parameter whose gradient is `None` (issue 28, item 1).
+    pub fn freeze_left_out(&mut self) {
+        if self.module_dropout.module_dropout == 0.0 {
+            return;
+        }
+        for (leaf, live) in self.leaves.iter().zip(&mut self.live) {
+            if !*live {
+                let params: Vec<Tensor> =
+                    leaf.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+                clear_grads(&params);
+            }
+            *live = false;
+        }
     }
 
     /// The LoKr modules whose two Kronecker factors are both full matrices

@@ -205,7 +205,7 @@ pub const FIELDS: &[Field] = &[
     f("network", "conv_alpha", POSITIVE, "alpha of 3x3 convs"),
     f("network", "dropout", RATE, "neuron dropout on the LoRA's hidden units (kohya network_dropout)"),
     f("network", "rank_dropout", RATE, "drops each rank of a module's update"),
-    f("network", "module_dropout", RATE, "skips a whole module's LoRA for a step"),
+    f("network", "module_dropout", RATE, "leaves a whole module out of a step: no output, no gradient, no update (kohya's)"),
     f("network", "block_dims", closed(0.0, 1024.0), "kohya's block_dims: 23 ranks for Linear/1x1 modules by UNet block (0 embeddings, 1-9 input_blocks, 10-12 middle_block, 13-21 output_blocks, 22 out); 0 = no LoRA there").example("[0, 4, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 16, 8, 8, 8, 4, 4, 4, 0]"),
     f("network", "block_alphas", closed(0.0, 1024.0), "their 23 alphas (default: linear_alpha)").example("[0, 4, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 16, 8, 8, 8, 4, 4, 4, 0]"),
     f("network", "conv_block_dims", closed(0.0, 1024.0), "23 ranks for 3x3 convs (LoCon) by block").example("[0, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 0]"),

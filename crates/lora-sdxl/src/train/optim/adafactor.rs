@@ -9,6 +9,7 @@
 //! The package compares the weights' RMS with ε₂ on the host; here that
 //! stays a tensor operation, so a step never waits for the GPU.
 
+use super::counts::StepCounts;
 use super::PerParam;
 use tch::{Kind, Tensor};
 
@@ -77,6 +78,8 @@ pub struct Adafactor {
     second: Vec<Second>,
     first: Vec<Option<Tensor>>,
     step: u64,
+    /// Each parameter's own updates (its relative step and β₂'s `t`).
+    counts: StepCounts,
 }
 
 fn rms(t: &Tensor) -> Tensor {
@@ -121,6 +124,7 @@ impl Adafactor {
             .collect();
         Self {
             cfg,
+            counts: StepCounts::new(params.len()),
             params,
             second,
             first,
@@ -130,29 +134,32 @@ impl Adafactor {
 }
 
 impl PerParam for Adafactor {
-    /// One update; `lr` is ignored with `relative_step`.
+    /// One update; `lr` is ignored with `relative_step`. A parameter
+    /// without a gradient is skipped and keeps its count (transformers'
+    /// `state["step"]`, see [`StepCounts`]).
     fn step(&mut self, lr: f64) {
         self.step += 1;
         let cfg = &self.cfg;
-        let t = self.step as f64;
-        let rel = if cfg.relative_step {
-            let min_step = if cfg.warmup_init { 1e-6 * t } else { 1e-2 };
-            min_step.min(1.0 / t.sqrt())
-        } else {
-            lr
-        };
-        let beta2t = 1.0 - t.powf(cfg.decay_rate);
         tch::no_grad(|| {
-            for ((p, second), first) in self
+            for (i, ((p, second), first)) in self
                 .params
                 .iter()
                 .zip(&mut self.second)
                 .zip(&mut self.first)
+                .enumerate()
             {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
+                let t = self.counts.advance(i) as f64;
+                let rel = if cfg.relative_step {
+                    let min_step = if cfg.warmup_init { 1e-6 * t } else { 1e-2 };
+                    min_step.min(1.0 / t.sqrt())
+                } else {
+                    lr
+                };
+                let beta2t = 1.0 - t.powf(cfg.decay_rate);
                 let g = g.to_kind(Kind::Float);
                 // The step size: a tensor when scaled by the weights' RMS, else
                 // the host number itself (no host-to-device copy per parameter).
@@ -216,6 +223,7 @@ impl PerParam for Adafactor {
                 out.push((format!("{prefix}.{i}.m"), cpu(m)));
             }
         }
+        out.extend(self.counts.state_tensor(prefix, self.step));
         out
     }
     fn load_state(
@@ -244,6 +252,6 @@ impl PerParam for Adafactor {
             }
         }
         self.step = steps;
-        Ok(())
+        self.counts.load(prefix, get, steps)
     }
 }

@@ -2,8 +2,10 @@
 //! and its 8-bit variant (bitsandbytes' `AdamW8bit`: blockwise dynamic
 //! quantisation of both moments).
 
+use super::counts::StepCounts;
 use super::quant8::{QuantMap, Quantized, MIN_8BIT_SIZE};
 use super::{check, ptr, PerParam};
+use std::collections::BTreeMap;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -53,6 +55,8 @@ pub struct AdamW {
     moments: Vec<Moments>,
     maps: Option<Maps>,
     step: u64,
+    /// Each parameter's own updates (its bias correction's `t`).
+    counts: StepCounts,
     /// β₁.
     pub beta1: f64,
     /// β₂.
@@ -106,6 +110,7 @@ impl AdamW {
             })
             .collect();
         Self {
+            counts: StepCounts::new(params.len()),
             params,
             moments,
             maps: eightbit.then(|| Maps::new(device)),
@@ -121,28 +126,34 @@ impl AdamW {
         self.step
     }
     /// One update at learning rate `lr`. Parameters without a gradient are
-    /// skipped. fp32 moments are updated by libtorch's fused AdamW kernel in
-    /// one call (`torch.optim.AdamW(fused=True)`); 8-bit ones per parameter.
+    /// skipped, and their own step counts stay (see [`StepCounts`]). fp32
+    /// moments are updated by libtorch's fused AdamW kernel
+    /// (`torch.optim.AdamW(fused=True)`), one call per distinct count
+    /// (one call unless module dropout skipped some); 8-bit ones per
+    /// parameter.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
         let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
-        let (mut fp, mut fm, mut fv) = (Vec::new(), Vec::new(), Vec::new());
+        type Ptrs = (Vec<*mut C_tensor>, Vec<*mut C_tensor>, Vec<*mut C_tensor>);
+        let mut fused: BTreeMap<u64, Ptrs> = BTreeMap::new();
         tch::no_grad(|| {
-            for (p, moments) in self.params.iter().zip(&mut self.moments) {
+            for (i, (p, moments)) in self.params.iter().zip(&mut self.moments).enumerate() {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
+                let t = self.counts.advance(i);
                 match moments {
                     Moments::F32 { m, v } => {
+                        let (fp, fm, fv) = fused.entry(t).or_default();
                         fp.push(ptr(p));
                         fm.push(ptr(m));
                         fv.push(ptr(v));
                     }
                     Moments::Q8 { m, v } => {
                         let maps = self.maps.as_ref().expect("8-bit maps");
+                        let bc1 = 1.0 - b1.powi(t as i32);
+                        let bc2 = 1.0 - b2.powi(t as i32);
                         let mut mf = maps.signed.dequantize(m);
                         let mut vf = maps.unsigned.dequantize(v);
                         // torch's single-tensor AdamW: in-place updates.
@@ -168,7 +179,7 @@ impl AdamW {
                 }
             }
         });
-        if !fp.is_empty() {
+        for (t, (mut fp, mut fm, mut fv)) in fused {
             // SAFETY: every pointer is a live tensor owned by `self` for the call.
             let err = unsafe {
                 lorakit_fused_adamw(
@@ -176,7 +187,7 @@ impl AdamW {
                     fm.as_mut_ptr(),
                     fv.as_mut_ptr(),
                     fp.len() as i64,
-                    self.step as f64,
+                    t as f64,
                     lr,
                     b1,
                     b2,
@@ -206,6 +217,7 @@ impl AdamW {
                 }
             }
         }
+        out.extend(self.counts.state_tensor(prefix, self.step));
         out
     }
     /// Restores a state written by [`Self::state_tensors`] (`get` looks a
@@ -224,7 +236,7 @@ impl AdamW {
         let maps = self.maps.take().unwrap_or_else(|| {
             Maps::new(self.params.first().map_or(tch::Device::Cpu, |p| p.device()))
         });
-        let result = (|| {
+        let result = (|| -> Result<(), String> {
             for (i, (mo, p)) in self.moments.iter_mut().zip(&self.params).enumerate() {
                 let saved_f32 = get(&format!("{prefix}.{i}.m")).is_some();
                 let (mf, vf) = if saved_f32 {
@@ -274,7 +286,8 @@ impl AdamW {
             self.maps = Some(maps);
         }
         self.step = steps;
-        result
+        result?;
+        self.counts.load(prefix, get, steps)
     }
 }
 

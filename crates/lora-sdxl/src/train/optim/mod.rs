@@ -15,6 +15,7 @@
 pub mod adafactor;
 pub mod adamw;
 mod args;
+mod counts;
 pub mod lion;
 pub mod prodigy;
 pub mod quant8;
