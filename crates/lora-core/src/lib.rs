@@ -32,6 +32,7 @@
 pub mod adapter;
 pub mod dora;
 pub mod error;
+mod factored;
 pub mod formats;
 pub mod geometry;
 pub mod inspect;
