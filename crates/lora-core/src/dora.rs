@@ -130,9 +130,13 @@ impl LoraAdapter {
         let norm = update.input_norm_of_sum(base);
         let kind = norm.kind();
         let d = magnitude.to_kind(kind).reshape([-1]) / (norm + EPS);
-        let d = match self.geometry() {
-            Geometry::Linear => d,
-            Geometry::Conv2d { .. } => d.reshape([1, -1, 1, 1]),
+        let s = self.multiplier();
+        // (d − 1)·s on the input's channels (the strength folded into the
+        // scales: no pass over the output)
+        let c = ((&d - 1.0) * s).to_kind(x.kind());
+        let c = match self.geometry() {
+            Geometry::Linear => c,
+            Geometry::Conv2d { .. } => c.reshape([1, -1, 1, 1]),
         };
         // the base weight as the layer holds it: no copy is kept for the backward
         let w = if base.kind() == x.kind() {
@@ -140,10 +144,9 @@ impl LoraAdapter {
         } else {
             base.to_kind(x.kind())
         };
-        let kept = layer_op(self.geometry(), &(x * (&d - 1.0).to_kind(x.kind())), &w);
-        let added = update.apply(&(x.to_kind(kind) * &d));
-        let out = (kept.to_kind(kind) + added) * self.multiplier();
-        Some(out.to_kind(x.kind()))
+        let kept = layer_op(self.geometry(), &(x * c), &w);
+        let added = update.apply_scaled(x, Some(&(d * s)));
+        Some(kept + added.to_kind(x.kind()))
     }
 
     /// Turns on DoRA for a layer whose weight is `base`: the magnitude

@@ -207,17 +207,42 @@ impl Update {
     /// The layer's op with `ΔW` on `x` (bias-free), never forming `ΔW`, in
     /// [`Self::kind`]. `x` must pass [`Self::fits_input`].
     pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
+        self.apply_scaled(x, None)
+    }
+
+    /// [`Self::apply`] on `c ⊙ x` for a per-input-channel `c` (`[in]`, in
+    /// [`Self::kind`]; DoRA's `d`). The scale and `c` go where they cost
+    /// least: into the thin factors of a low-rank update (`U`, and `V`'s
+    /// columns), into `w1` and onto the input for a Kronecker one; never a
+    /// pass over the output.
+    pub(crate) fn apply_scaled(&self, x: &Tensor, c: Option<&Tensor>) -> Tensor {
         let kind = self.kind();
         let x = if x.kind() == kind {
             x.shallow_clone()
         } else {
             x.to_kind(kind)
         };
-        let out = match &self.form {
-            Form::LowRank { u, v } => self.apply_low_rank(&x, u, v),
-            Form::Kron { w1, w2 } => self.apply_kron(&x, w1, w2),
-        };
-        out * self.scale
+        match &self.form {
+            Form::LowRank { u, v } => {
+                let v = match c {
+                    Some(c) => {
+                        let r = v.size()[0];
+                        let per_channel = v.reshape([r, self.in_features, -1]);
+                        (per_channel * c.reshape([1, -1, 1])).reshape([r, -1])
+                    }
+                    None => v.shallow_clone(),
+                };
+                self.apply_low_rank(&x, &(u * self.scale), &v)
+            }
+            Form::Kron { w1, w2 } => {
+                let x = match (c, self.geometry) {
+                    (None, _) => x,
+                    (Some(c), Geometry::Linear) => x * c,
+                    (Some(c), Geometry::Conv2d { .. }) => x * c.reshape([1, -1, 1, 1]),
+                };
+                self.apply_kron(&x, &(w1 * self.scale), w2)
+            }
+        }
     }
 
     /// `x → V → U`: the layer's op with `V`, then a Linear / 1×1 conv with `U`.
