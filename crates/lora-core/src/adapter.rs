@@ -416,15 +416,16 @@ impl LoraAdapter {
         }
     }
 
-    /// `ΔW = scale · up @ down` in fp32, shaped like the base weight
+    /// `ΔW = scale · up @ down` in fp32 (fp64 for fp64 weights), shaped like the base weight
     /// (`[out, in]` or `[out, in, kh, kw]`), without the multiplier.
     pub fn delta_weight(&self) -> Tensor {
         let (down, up) = match &self.weights {
             Weights::Pair { down, up } => (down, up),
             Weights::Lyco(l) => return l.delta_weight(),
         };
-        let up = up.flatten(1, -1).to_kind(Kind::Float);
-        let down = down.flatten(1, -1).to_kind(Kind::Float);
+        crate::factored::note_materialised();
+        let up = crate::factored::to_acc(&up.flatten(1, -1));
+        let down = crate::factored::to_acc(&down.flatten(1, -1));
         let w = up.matmul(&down) * self.scale();
         match self.geometry {
             Geometry::Linear => w,

@@ -33,6 +33,7 @@ pub mod adapter;
 pub mod dora;
 pub mod dropout;
 pub mod error;
+mod factored;
 pub mod formats;
 pub mod geometry;
 pub mod inspect;

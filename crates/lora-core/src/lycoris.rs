@@ -17,6 +17,7 @@
 //! matrix viewed as `[out, in, kh, kw]`.
 
 use crate::error::{LoraError, Result};
+use crate::factored::{note_materialised, to_acc, Side, Update};
 use crate::geometry::Geometry;
 use tch::{Device, Kind, Tensor};
 
@@ -73,8 +74,8 @@ pub enum KronFactor {
 impl KronFactor {
     fn matrix(&self) -> Tensor {
         match self {
-            Self::Full(w) => w.flatten(1, -1).to_kind(Kind::Float),
-            Self::Low(a, b) => a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float)),
+            Self::Full(w) => to_acc(&w.flatten(1, -1)),
+            Self::Low(a, b) => to_acc(a).matmul(&to_acc(b)),
         }
     }
     fn rank(&self) -> Option<i64> {
@@ -337,12 +338,13 @@ impl LycoAdapter {
         }
     }
 
-    /// The factor product `[out, in·kh·kw]` in fp32, without the scale.
+    /// The factor product `[out, in·kh·kw]` in fp32 (fp64 for fp64
+    /// factors), without the scale.
     fn matrix(&self) -> Tensor {
+        note_materialised();
         match &self.factors {
             Factors::LoHa([w1a, w1b, w2a, w2b]) => {
-                let f = |t: &Tensor| t.to_kind(Kind::Float);
-                f(w1a).matmul(&f(w1b)) * f(w2a).matmul(&f(w2b))
+                to_acc(w1a).matmul(&to_acc(w1b)) * to_acc(w2a).matmul(&to_acc(w2b))
             }
             Factors::LoKr { w1, w2 } => w1.matrix().kron(&w2.matrix()),
         }
@@ -361,10 +363,41 @@ impl LycoAdapter {
     }
 
     /// The adapter branch for input `x`: the base layer's op with
-    /// `multiplier · ΔW` (bias-free), in `x`'s dtype.
+    /// `multiplier · ΔW` (bias-free), in `x`'s dtype, computed in fp32 from
+    /// the factors without forming `ΔW` (`factored.rs`: LoHa through its
+    /// Khatri–Rao pair, LoKr through its Kronecker factors).
     pub fn delta(&self, x: &Tensor, multiplier: f64) -> Tensor {
+        match self.update().filter(|u| u.fits_input(x)) {
+            Some(u) => (u.apply(x) * multiplier).to_kind(x.kind()),
+            None => self.delta_materialised(x, multiplier),
+        }
+    }
+
+    /// [`Self::delta`] through the full `ΔW` (the forward before issue 29):
+    /// the fallback for shapes the factored forms do not take, and the
+    /// tests' reference.
+    pub(crate) fn delta_materialised(&self, x: &Tensor, multiplier: f64) -> Tensor {
         let w = (self.delta_weight() * multiplier).to_kind(x.kind());
         crate::geometry::layer_op(self.geometry, x, &w)
+    }
+
+    /// The update in factored form ([`crate::factored`]): LoHa as its
+    /// Khatri–Rao pair, LoKr as its Kronecker factors; `None` for factor
+    /// shapes those forms do not take.
+    pub(crate) fn update(&self) -> Option<Update> {
+        let (geometry, sizes) = (self.geometry, (self.in_features, self.out_features));
+        match &self.factors {
+            Factors::LoHa([a, b, c, d]) => {
+                Update::loha([a, b, c, d], self.scale, geometry, self.in_features)
+            }
+            Factors::LoKr { w1, w2 } => {
+                let w2 = match w2 {
+                    KronFactor::Full(w) => Side::Full(to_acc(&w.flatten(1, -1))),
+                    KronFactor::Low(a, b) => Side::Low(to_acc(a), to_acc(b)),
+                };
+                Update::kron(w1.matrix(), w2, self.scale, geometry, sizes)
+            }
+        }
     }
 
     /// The tensors as a LyCORIS file names them (without `alpha`), in its

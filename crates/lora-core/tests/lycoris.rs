@@ -73,9 +73,10 @@ fn geometry(c: &Case) -> Geometry {
 /// swapped give 1.2 (measured).
 const DELTA_WEIGHT: Tolerance =
     Tolerance::new(2.0 * f32::EPSILON as f64, 4.0, "2 fp32 ulps of a product");
-/// The branch's output (layer op with ΔW) against LyCORIS': 3.3e-7 measured
-/// (2 and 1 threads), 2.8e-7 (AVX2-limited); margin 30.
-const FORWARD: Tolerance = Tolerance::new(3.3e-7, 30.0, "fp32 layer op vs LyCORIS'");
+/// The branch's output against LyCORIS' (its layer op with ΔW): 4.6e-7
+/// measured for the factored forward (issue 29; `lokr_conv`, 2 and 1
+/// threads alike; 3.3e-7 when the branch formed ΔW); margin 20.
+const FORWARD: Tolerance = Tolerance::new(4.6e-7, 20.0, "fp32 branch vs LyCORIS'");
 /// DoRA's initial magnitude (‖W‖ per input channel) against LyCORIS': 1.6e-7
 /// measured (all three); margin 6: the norm over the output axis instead is
 /// off by 0.40 (measured).
