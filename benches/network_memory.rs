@@ -3,10 +3,12 @@
 //! issue 29: the real trainer (`lora_sdxl::train::train_with`) on a random
 //! full-size checkpoint in the single-file layout (written once into
 //! `target/bench-data`, ~6.9 GB), bf16 base, UNet only, rank 4 / conv 2,
-//! batch 1 at 256², cached latents, 2 steps, 2 threads. Each network runs
+//! batch 1 at 256², cached latents, 3 steps, 2 threads. Each network runs
 //! in a fresh child process, so each peak resident memory (`VmHWM`) is its
 //! own; the step time is the second step's (from one `Step` event to the
-//! next), and the resident memory before the first step is printed too.
+//! next: no validation or save in between), as wall time and as the
+//! process's CPU time (`/proc/self/stat`; steadier on a shared machine),
+//! and the resident memory before the first step is printed too.
 //!
 //! | argument | network |
 //! |---|---|
@@ -45,10 +47,12 @@ fn job(dir: &Path, model: &Path, which: &str) -> lorakit::sdxl::JobConfig {
     };
     job.network.r#type = kind.into();
     job.network.dora = dora;
-    job.network.factor = 8;
+    if kind == "lokr" {
+        job.network.factor = 8;
+    }
     (job.network.linear, job.network.linear_alpha) = (4, 4.0);
     (job.network.conv, job.network.conv_alpha) = (2, 2.0);
-    job.train.steps = 2;
+    job.train.steps = 3;
     job.train.dtype = "bf16".into();
     job.train.train_text_encoder = false;
     job.save.dtype = "bf16".into();
@@ -66,7 +70,7 @@ fn child(dir: &Path, model: &Path, which: &str) {
         let mut m = seen.borrow_mut();
         match e {
             Event::Started { .. } => m.0 = rss_mb(),
-            Event::Step { .. } => m.1.push(Instant::now()),
+            Event::Step { .. } => m.1.push((Instant::now(), cpu_seconds())),
             _ => {}
         }
     }))];
@@ -76,11 +80,24 @@ fn child(dir: &Path, model: &Path, which: &str) {
     };
     train_with(&job, &dir.join("job.toml"), &opts, observers).unwrap();
     let (before, steps) = &*marks.borrow();
-    let step_s = match steps.as_slice() {
-        [a, b, ..] => (*b - *a).as_secs_f64(),
-        _ => f64::NAN,
+    let (wall, cpu) = match steps.as_slice() {
+        [a, b, ..] => ((b.0 - a.0).as_secs_f64(), b.1 - a.1),
+        _ => (f64::NAN, f64::NAN),
     };
-    println!("{:.0} {before:.0} {step_s:.2}", peak_rss_mb());
+    println!("{:.0} {before:.0} {wall:.2} {cpu:.2}", peak_rss_mb());
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the command name, which is in parentheses
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line (11 and 12 here), in clock ticks of 1/100 s
+    (f.get(11).copied().unwrap_or(f64::NAN) + f.get(12).copied().unwrap_or(f64::NAN)) / 100.0
 }
 
 fn main() {
@@ -102,8 +119,10 @@ fn main() {
             !args.iter().any(|a| NETWORKS.contains(&a.as_str())) || args.iter().any(|a| a == n)
         })
         .collect();
-    println!("full-size SDXL, UNet only, bf16 base, rank 4 / conv 2, batch 1 at 256², 2 steps, 2 threads:");
-    println!("  network     peak RSS   before steps   step 2    vs LoRA");
+    println!("full-size SDXL, UNet only, bf16 base, rank 4 / conv 2, batch 1 at 256², 3 steps, 2 threads:");
+    println!(
+        "  network     peak RSS   before steps   step 2 wall / CPU     vs LoRA (memory, CPU time)"
+    );
     let mut baseline: Option<(f64, f64)> = None;
     for which in picked {
         let out = Command::new(std::env::current_exe().unwrap())
@@ -115,7 +134,7 @@ fn main() {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(f64::NAN))
             .collect();
-        if !out.status.success() || v.len() != 3 {
+        if !out.status.success() || v.len() != 4 {
             let why = out.status.to_string();
             println!(
                 "  {which:<10} failed ({why}): {}",
@@ -126,13 +145,13 @@ fn main() {
             );
             continue;
         }
-        let (peak, before, step) = (v[0] / 1024.0, v[1] / 1024.0, v[2]);
+        let (peak, before, wall, cpu) = (v[0] / 1024.0, v[1] / 1024.0, v[2], v[3]);
         if which == "lora" {
-            baseline = Some((peak, step));
+            baseline = Some((peak, cpu));
         }
-        let ratio = baseline.map_or(String::new(), |(p, s)| {
-            format!("{:.2}× memory, {:.2}× time", peak / p, step / s)
+        let ratio = baseline.map_or(String::new(), |(p, c)| {
+            format!("{:.2}×, {:.2}×", peak / p, cpu / c)
         });
-        println!("  {which:<10} {peak:6.1} GiB   {before:6.1} GiB   {step:6.1} s   {ratio}");
+        println!("  {which:<10} {peak:6.1} GiB   {before:6.1} GiB   {wall:6.1} s / {cpu:6.1} s   {ratio}");
     }
 }
