@@ -10,6 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 use lorakit::core::lycoris::LycoAdapter;
+use lorakit::core::geometry::layer_op;
 use lorakit::core::{dora, Geometry, LoraAdapter};
 use lorakit::tch::{Device, Kind, Tensor};
 use std::time::Instant;
@@ -100,27 +101,15 @@ fn adapter(which: &str, l: &Layer, base: &Tensor) -> LoraAdapter {
     a
 }
 
-fn op(g: Geometry, x: &Tensor, w: &Tensor) -> Tensor {
-    match g {
-        Geometry::Linear => x.linear::<&Tensor>(w, None),
-        Geometry::Conv2d {
-            stride,
-            padding,
-            dilation,
-            ..
-        } => x.conv2d::<&Tensor>(w, None, stride, padding, dilation, 1),
-    }
-}
-
 /// The branch through the full `ΔW` (and `W'` with DoRA), as before.
 fn materialised(a: &LoraAdapter, x: &Tensor, base: &Tensor) -> Tensor {
     let dw = a.delta_weight();
     match a.dora_scale() {
-        None => op(a.geometry(), x, &dw.view_as(base).to_kind(x.kind())),
+        None => layer_op(a.geometry(), x, &dw.view_as(base).to_kind(x.kind())),
         Some(m) => {
             let w = base.to_kind(Kind::Float);
             let d = dora::decomposed(&w, &dw.view_as(&w), m) - &w;
-            op(a.geometry(), x, &d.to_kind(x.kind()))
+            layer_op(a.geometry(), x, &d.to_kind(x.kind()))
         }
     }
 }

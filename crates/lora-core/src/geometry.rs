@@ -43,7 +43,15 @@ impl Geometry {
 
 /// The base layer's op with weight `w` and no bias: `x Wᵀ`, or the conv
 /// with the layer's stride, padding and dilation.
-pub(crate) fn layer_op(geometry: Geometry, x: &Tensor, w: &Tensor) -> Tensor {
+///
+/// ```
+/// use lora_core::geometry::{layer_op, Geometry};
+/// use tch::{Device, Kind, Tensor};
+/// let x = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+/// let w = Tensor::ones([4, 3], (Kind::Float, Device::Cpu));
+/// assert_eq!(layer_op(Geometry::Linear, &x, &w).size(), [2, 4]);
+/// ```
+pub fn layer_op(geometry: Geometry, x: &Tensor, w: &Tensor) -> Tensor {
     match geometry {
         Geometry::Linear => x.linear::<&Tensor>(w, None),
         Geometry::Conv2d {
