@@ -295,6 +295,17 @@ pub struct TrainSection {
     /// Caption tokens seen (kohya's `max_token_length`): 75 truncates to one
     /// CLIP chunk; 150 or 225 use 2 or 3 chunks for every caption.
     pub max_token_length: usize,
+    /// AI Toolkit's differential output preservation (see
+    /// [`crate::train::preservation`]).
+    pub diff_output_preservation: bool,
+    /// The word the trigger becomes in its captions (needed with it).
+    pub diff_output_preservation_class: Option<String>,
+    /// Its loss weight.
+    pub diff_output_preservation_multiplier: f64,
+    /// AI Toolkit's blank prompt preservation: the same with `""`.
+    pub blank_prompt_preservation: bool,
+    /// Its loss weight.
+    pub blank_prompt_preservation_multiplier: f64,
 }
 
 impl Default for TrainSection {
@@ -342,6 +353,11 @@ impl Default for TrainSection {
             cache_text_embeddings: false,
             vram: None,
             max_token_length: 75,
+            diff_output_preservation: false,
+            diff_output_preservation_class: None,
+            diff_output_preservation_multiplier: 1.0,
+            blank_prompt_preservation: false,
+            blank_prompt_preservation_multiplier: 1.0,
         }
     }
 }
