@@ -343,7 +343,7 @@ mod tests {
             tch::no_grad(|| {
                 for leaf in &run.network.leaves {
                     for (_, t) in &leaf.params {
-                        let _ = t.shallow_clone().copy_(&(t.randn_like() * 0.2));
+                        t.shallow_clone().copy_(&(t.randn_like() * 0.2));
                     }
                 }
             });

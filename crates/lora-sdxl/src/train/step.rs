@@ -165,11 +165,12 @@ impl Env {
         }
         // regularisation samples come last in a batch
         let reg = self.data.reg_count(&d.samples);
-        let mut loss = batch_loss(&per, reg, train.prior_loss_weight);
+        let loss = batch_loss(&per, reg, train.prior_loss_weight);
         let multiplier = self.plan.preservation.multiplier().unwrap_or(0.0);
-        if let Some(term) = &preservation {
-            loss = loss + term * multiplier;
-        }
+        let loss = match &preservation {
+            Some(term) => loss + term * multiplier,
+            None => loss,
+        };
         let scale = |t: Tensor| if d.factor == 1.0 { t } else { t * d.factor };
         Ok(Some(StepLoss {
             loss: scale(loss),
