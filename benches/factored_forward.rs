@@ -9,8 +9,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use lorakit::core::lycoris::LycoAdapter;
 use lorakit::core::geometry::layer_op;
+use lorakit::core::lycoris::LycoAdapter;
 use lorakit::core::{dora, Geometry, LoraAdapter};
 use lorakit::tch::{Device, Kind, Tensor};
 use std::time::Instant;

@@ -75,6 +75,35 @@ pub fn has_tag(tags: &[String], tag: &str) -> bool {
     tags.iter().any(|t| same_tag(t, tag))
 }
 
+/// `text` with every whole-word occurrence of `word` (ASCII letters compared
+/// without case) replaced by `with`: a word is not part of a longer run of
+/// letters, digits or `_` (the trigger `sks` in `sks, sks dog` but not in
+/// `sksx`). Output preservation's class captions are made with it.
+pub fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    if word.is_empty() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let end = i + word.len();
+        let hit = text.is_char_boundary(end)
+            && text[i..end].eq_ignore_ascii_case(word)
+            && !is_word(text[..i].chars().next_back())
+            && !is_word(text[end..].chars().next());
+        if hit {
+            out.push_str(with);
+            i = end;
+        } else {
+            let c = text[i..].chars().next().expect("i is a char boundary");
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
 /// A bulk caption edit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptionEdit {
@@ -257,6 +286,18 @@ impl CaptionProcessing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replace_word_replaces_whole_words_only() {
+        let r = |t: &str| replace_word(t, "sks", "dog");
+        assert_eq!(r("sks, red hair, sks dog"), "dog, red hair, dog dog");
+        assert_eq!(r("SKS at the beach"), "dog at the beach");
+        // inside a longer word: kept
+        assert_eq!(r("sksx, xsks, sks_1, 2sks"), "sksx, xsks, sks_1, 2sks");
+        assert_eq!(r("(sks)"), "(dog)");
+        assert_eq!(r("é sks é"), "é dog é");
+        assert_eq!(replace_word("a b", "", "x"), "a b");
+    }
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 

@@ -9,12 +9,14 @@ use std::rc::Rc;
 use tch::{Kind, Tensor};
 
 /// The adapters attached to one layer (several LoRAs may be applied at once,
-/// each at its own strength; training uses one), and the model-wide
-/// training switch that enables their dropouts.
+/// each at its own strength; training uses one), the model-wide training
+/// switch that enables their dropouts, and the model-wide switch that turns
+/// every adapter off without detaching it.
 #[derive(Debug, Clone)]
 pub struct Slot {
     adapters: Rc<RefCell<Vec<LoraAdapter>>>,
     training: Rc<Cell<bool>>,
+    off: Rc<Cell<bool>>,
 }
 
 impl Slot {
@@ -52,6 +54,7 @@ pub struct SlotInfo {
 pub struct Slots {
     map: Rc<RefCell<BTreeMap<ModuleKey, SlotInfo>>>,
     training: Rc<Cell<bool>>,
+    off: Rc<Cell<bool>>,
 }
 
 impl Slots {
@@ -61,6 +64,7 @@ impl Slots {
         let slot = Slot {
             adapters: Rc::new(RefCell::new(Vec::new())),
             training: self.training.clone(),
+            off: self.off.clone(),
         };
         let info = SlotInfo {
             slot: slot.clone(),
@@ -120,12 +124,35 @@ impl Slots {
         self.set_training(was);
         out
     }
+    /// Runs `f` with every attached adapter switched off — the base model's
+    /// output, at the cost of one flag read per adapted layer: nothing is
+    /// detached, copied or re-attached (output preservation's prior pass).
+    /// The switch comes back on afterwards, also when `f` panics, and a
+    /// gradient checkpoint recomputed later (in backward) sees it on again:
+    /// use it for passes without gradients.
+    pub fn without_network<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Restore<'a>(&'a Cell<bool>, bool);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.1);
+            }
+        }
+        let _restore = Restore(&self.off, self.off.replace(true));
+        f()
+    }
+    /// Whether the adapters are switched off (inside [`Self::without_network`]).
+    pub fn network_off(&self) -> bool {
+        self.off.get()
+    }
 }
 
 // Out-of-place adds keep autograd graphs simple when training through slots.
 #[allow(clippy::assign_op_pattern)]
 fn apply_slot(slot: &Option<Slot>, x: &Tensor, base: Tensor, weight: &Tensor) -> Tensor {
     let Some(slot) = slot else { return base };
+    if slot.off.get() {
+        return base;
+    }
     let adapters = slot.adapters.borrow();
     let train = slot.training.get();
     let mut out = base;
@@ -316,5 +343,24 @@ mod tests {
         s.set_training(false);
         s.in_eval(|| ());
         assert!(!s.training());
+    }
+
+    #[test]
+    fn without_network_switches_adapters_off_and_back_on() {
+        let s = Slots::default();
+        assert!(!s.network_off());
+        assert!(s.without_network(|| s.network_off()));
+        assert!(!s.network_off(), "the network must come back on");
+        // nested: the inner call restores the outer state
+        s.without_network(|| {
+            s.without_network(|| ());
+            assert!(s.network_off());
+        });
+        // and after a panic inside
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.without_network(|| panic!("boom"))
+        }));
+        assert!(r.is_err());
+        assert!(!s.network_off());
     }
 }

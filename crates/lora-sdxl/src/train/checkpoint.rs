@@ -188,6 +188,7 @@ pub(crate) fn training_metadata(
     };
     md.extra
         .extend(objective_metadata(job, plan, zero_terminal_snr));
+    md.extra.extend(plan.preservation.metadata());
     md
 }
 

@@ -77,8 +77,16 @@ pub enum Event {
         step: u64,
         /// Mean training loss since the previous reported loss; read from the
         /// device only every 10 steps, at saves and at the end (no host sync
-        /// on the other steps), `None` on those.
+        /// on the other steps), `None` on those. The whole objective: with
+        /// output preservation it includes `multiplier × preservation`.
         loss: Option<f64>,
+        /// Mean output-preservation term since the previous reported loss
+        /// (`mse` of the LoRA's and the base's predictions for the preserved
+        /// captions, before its multiplier; see
+        /// [`crate::train::preservation`]), read when `loss` is; `None`
+        /// without preservation and on the steps without a loss.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        preservation: Option<f64>,
         /// UNet learning rate used for this step.
         lr: f64,
         /// Wall-clock seconds since the run started (validation, saves and
@@ -272,6 +280,7 @@ mod tests {
             Event::Step {
                 step: 1,
                 loss: Some(0.25),
+                preservation: Some(0.125),
                 lr: 1e-4,
                 seconds: 1.5,
                 train_seconds: 1.0,
@@ -279,6 +288,7 @@ mod tests {
             Event::Step {
                 step: 2,
                 loss: None,
+                preservation: None,
                 lr: 1e-4,
                 seconds: 2.5,
                 train_seconds: 2.0,

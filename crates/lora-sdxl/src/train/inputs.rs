@@ -327,12 +327,18 @@ impl Env {
         Ok((z, mask))
     }
 
+    /// Text and size conditioning `(context, y)` of a batch with
+    /// `captions`: one per item, or a whole multiple of the items (output
+    /// preservation's concatenated batch: the items' size conditioning is
+    /// repeated in the same order).
     pub fn conditioning(
         &self,
         planned: &PlannedBatch,
         samples: &[Sample],
         captions: Vec<String>,
     ) -> Result<(Tensor, Tensor)> {
+        let reps = captions.len() / planned.items.len().max(1);
+        debug_assert_eq!(reps * planned.items.len(), captions.len());
         let device = self.model.unet_device();
         let train_te = self.job.train.train_text_encoder;
         let max_tokens = self.job.train.max_token_length;
@@ -363,7 +369,11 @@ impl Env {
                 self.inputs.time_ids.get(&c, device)
             })
             .collect();
-        let y = crate::model::unet::vector_conditioning(&cond.pooled, &Tensor::cat(&ids, 0));
+        let ids = match Tensor::cat(&ids, 0) {
+            ids if reps > 1 => ids.repeat([reps as i64, 1]),
+            ids => ids,
+        };
+        let y = crate::model::unet::vector_conditioning(&cond.pooled, &ids);
         Ok((cond.context, y))
     }
 

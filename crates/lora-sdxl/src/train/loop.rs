@@ -8,16 +8,18 @@ use super::events::{dispatch, Event, Observers, RunView};
 use super::run::{Run, TrainOptions, TrainReport};
 use super::shard::DistRun;
 use super::state::save_state;
+use super::step::StepLoss;
 use crate::error::Result;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// The training loss summed on the device between two reads, so that a
-/// step needs no host sync.
+/// The training loss (and the output-preservation term) summed on the
+/// device between two reads, so that a step needs no host sync.
 struct LossMeter {
     sum: Tensor,
+    preservation: Option<Tensor>,
     n: u64,
 }
 
@@ -25,11 +27,18 @@ impl LossMeter {
     fn new(device: tch::Device) -> Self {
         Self {
             sum: Tensor::zeros([], (Kind::Float, device)),
+            preservation: None,
             n: 0,
         }
     }
-    fn add(&mut self, loss: &Tensor) {
-        self.sum += loss.detach();
+    fn add(&mut self, step: &StepLoss) {
+        self.sum += step.loss.detach();
+        if let Some(p) = &step.preservation {
+            match &mut self.preservation {
+                Some(sum) => *sum += p,
+                None => self.preservation = Some(p.to_kind(Kind::Float)),
+            }
+        }
         self.n += 1;
     }
     /// Folds a gradient norm into the sum at weight 0: a NaN or Inf norm
@@ -40,17 +49,26 @@ impl LossMeter {
             self.sum += n.detach().to_kind(Kind::Float) * 0.0;
         }
     }
-    /// The mean since the last read (one host sync; in a data-parallel run
-    /// the mean over the ranks, which every rank reads at the same steps),
-    /// and a reset.
-    fn take(&mut self, dist: Option<&DistRun>) -> Result<f64> {
+    /// The means of the loss and of the preservation term since the last
+    /// read (one host sync; in a data-parallel run the means over the ranks,
+    /// which every rank reads at the same steps), and a reset.
+    fn take(&mut self, dist: Option<&DistRun>) -> Result<(f64, Option<f64>)> {
+        // one read for both
+        let both = match self.preservation.take() {
+            Some(p) => Tensor::stack(&[&self.sum, &p], 0),
+            None => self.sum.unsqueeze(0),
+        };
         if let Some(d) = dist {
-            d.mean(&self.sum)?;
+            d.mean(&both)?;
         }
-        let mean = self.sum.double_value(&[]) / self.n.max(1) as f64;
+        let sums: Vec<f64> = (both.to_kind(Kind::Double).to_device(tch::Device::Cpu))
+            .iter::<f64>()
+            .map_err(|e| crate::SdxlError::train(e.to_string()))?
+            .collect();
+        let n = self.n.max(1) as f64;
         self.sum = self.sum.zeros_like();
         self.n = 0;
-        Ok(mean)
+        Ok((sums[0] / n, sums.get(1).map(|p| p / n)))
     }
 }
 
@@ -133,7 +151,7 @@ impl Run {
                     .before_micro_step(env.shard, samples.len(), micro_id);
                 // an empty slice (more ranks than items) adds no gradient
                 if let Some(loss) = env.micro_step(planned, samples, micro_id)? {
-                    (&loss / accum as f64).backward();
+                    (&loss.loss / accum as f64).backward();
                     meter.add(&loss);
                 }
                 micro += 1;
@@ -167,11 +185,13 @@ impl Run {
                 }
                 let last = step >= train.steps;
                 let save = step.is_multiple_of(job.save.save_every) || last || stopping;
-                let loss = if step.is_multiple_of(10) || save {
-                    Some(meter.take(self.dist.as_ref())?)
+                let (loss, preservation) = if step.is_multiple_of(10) || save {
+                    let (l, p) = meter.take(self.dist.as_ref())?;
+                    (Some(l), p)
                 } else {
-                    None
+                    (None, None)
                 };
+                // a non-finite preservation term is in the loss too
                 if let Some(l) = loss.filter(|l| !l.is_finite()) {
                     // before any save: the last checkpoint and state stay good
                     return Err(diverged(step, l));
@@ -202,6 +222,7 @@ impl Run {
                     Event::Step {
                         step,
                         loss,
+                        preservation,
                         lr,
                         seconds,
                         train_seconds,

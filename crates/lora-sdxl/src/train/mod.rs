@@ -13,6 +13,7 @@
 //! | block-wise ranks and learning rates | [`blocks`] |
 //! | AdamW / 8-bit AdamW, Lion, Prodigy, Adafactor, gradient clipping | [`optim`] |
 //! | a run's update: optimizer groups, LR schedule, clipping, EMA (and the weights validation sees) | `updates.rs` |
+//! | output preservation (DOP, blank prompt): settings, preserved captions, metadata | [`preservation`] |
 //! | noise offset, multires noise, input perturbation | [`noise`] |
 //! | noise targets, min-SNR, losses, LR schedules | [`schedule`] |
 //! | timestep distributions (uniform, sigmoid, logit-normal, shift) | [`timesteps`] |
@@ -36,6 +37,7 @@ pub mod noise;
 pub mod observers;
 pub mod optim;
 pub mod plan;
+pub mod preservation;
 pub mod run;
 pub mod schedule;
 mod shard;

@@ -17,6 +17,7 @@
 //! | in-training sampler | `sample.sampler` | [`SamplerSpec`] |
 //! | memory preset | `train.vram` | [`VramPreset`] |
 //! | validation images, seed and cadence | `[validation]` (defaults from the job) | [`ValidationPlan`] |
+//! | output preservation | `train.diff_output_preservation*`, `blank_prompt_preservation*` | [`Preservation`] |
 //!
 //! The decisions that depend on the machine are a second, small step,
 //! [`Plan::place`] → [`Placement`]: the device (`job.device`, and one GPU
@@ -30,6 +31,7 @@ use super::choice::choices;
 use super::job::vram::{self, VramPreset};
 use super::job::{JobConfig, JobError};
 use super::optim::OptimizerArgs;
+pub use super::preservation::Preservation;
 use super::schedule::LrSchedule;
 use super::timesteps::TimestepSampling;
 use crate::sample::SamplerSpec;
@@ -158,6 +160,8 @@ pub struct Plan {
     /// The memory preset the job named (already applied to the job's
     /// values when it was loaded; kept for its note).
     pub vram: Option<&'static VramPreset>,
+    /// The output preservation added to the loss.
+    pub preservation: Preservation,
 }
 
 impl Plan {
@@ -227,7 +231,9 @@ impl Plan {
             seed: val.seed.unwrap_or(job.job.seed ^ 0x7661_6c69_6461_7465),
             every: val.every.unwrap_or(job.save.save_every),
         };
+        let preservation = Preservation::resolve(job, file)?;
         Ok(Plan {
+            preservation,
             validation,
             network,
             lokr: (n.factor, n.decompose_both),

@@ -12,6 +12,37 @@ use lora_data::loader::{derived_rng, PlannedBatch};
 use rand::Rng;
 use tch::{Kind, Tensor};
 
+/// One micro-step's draws for this rank's slice (see [`Env::draw`]).
+pub(crate) struct Drawn {
+    /// This rank's part of the batch.
+    pub planned: PlannedBatch,
+    /// Its samples.
+    pub samples: Vec<Sample>,
+    /// Their processed captions (trigger, dropouts, shuffle).
+    pub captions: Vec<String>,
+    /// `x₀` noised to `ts`.
+    pub noisy: Tensor,
+    /// The ε or v target.
+    pub target: Tensor,
+    /// Timesteps, `[B]` integers.
+    pub ts: Tensor,
+    /// Loss masks on the latent grid.
+    pub mask: Option<Tensor>,
+    /// The data-parallel loss factor of this slice (1 in one process).
+    pub factor: f64,
+}
+
+/// A micro-step's loss (with gradients) and its output-preservation term.
+pub(crate) struct StepLoss {
+    /// The loss to backpropagate: the diffusion loss plus
+    /// `multiplier × preservation`.
+    pub loss: Tensor,
+    /// `mse(LoRA(preserved captions), base(preserved captions))`, detached,
+    /// before the multiplier (and the data-parallel factor); `None` without
+    /// output preservation.
+    pub preservation: Option<Tensor>,
+}
+
 impl Env {
     /// `x₀` noised to timesteps `ts` with `input` noise and the training
     /// target: the noise (ε) or the velocity (v-prediction) of `noise`
@@ -26,17 +57,19 @@ impl Env {
         (noisy, target)
     }
 
-    /// Loss of this rank's slice of one global micro-batch (not yet divided
-    /// by the accumulation); `None` when the slice is empty (a short last
-    /// batch with more ranks than items). Every draw is made for the whole
-    /// batch and sliced (see `shard`), so the ranks together train what one
-    /// process would.
-    pub fn micro_step(
+    /// This rank's slice of one global micro-batch drawn for micro-step
+    /// `micro_id`: its captions (processed), noisy latents, timesteps and
+    /// target; `None` when the slice is empty (a short last batch with more
+    /// ranks than items). Every draw is made for the whole batch and sliced
+    /// (see `shard`), so the ranks together train what one process would;
+    /// the same `micro_id` draws the same again (a test's hand computation
+    /// reads them).
+    pub fn draw(
         &self,
         planned: &PlannedBatch,
         samples: &[Sample],
         micro_id: u64,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<Drawn>> {
         let train = &self.job.train;
         let seed = self.job.job.seed;
         let mut rng = derived_rng(seed, &[3, micro_id]);
@@ -73,24 +106,76 @@ impl Env {
         let input = rows(input_noise(train, &noise), rows_of);
         let noise = rows(noise, rows_of);
         let (noisy, target) = self.noised(&x0, &input, noise, &ts);
-        let (context, y) = self.conditioning(&planned, &samples, captions)?;
-        let pred = self
-            .model
-            .unet
-            .forward(&noisy, &ts.to_kind(Kind::Float), &context, &y);
-        let huber = (self.plan.loss == Loss::Huber).then_some((&self.tables, &ts));
-        let mut per = per_sample_loss(&pred, &target, huber, mask.as_ref());
+        Ok(Some(Drawn {
+            planned,
+            samples,
+            captions,
+            noisy,
+            target,
+            ts,
+            mask,
+            factor: self.shard.loss_factor(hi - lo, n),
+        }))
+    }
+
+    /// Loss of this rank's slice of one global micro-batch (not yet divided
+    /// by the accumulation) and its output-preservation term; `None` when
+    /// the slice is empty. With preservation (see `preservation.rs`) the
+    /// base model's prior runs first without gradients, then one forward
+    /// over the batch concatenated with its preserved captions.
+    pub fn micro_step(
+        &self,
+        planned: &PlannedBatch,
+        samples: &[Sample],
+        micro_id: u64,
+    ) -> Result<Option<StepLoss>> {
+        let train = &self.job.train;
+        let Some(d) = self.draw(planned, samples, micro_id)? else {
+            return Ok(None);
+        };
+        let b = d.samples.len() as i64;
+        let preserved = self.plan.preservation.captions(&d.captions);
+        let mut captions = d.captions.clone();
+        captions.extend(preserved.iter().flatten().cloned());
+        // one text encoding (or cache look-up) for both caption sets
+        let (context, y) = self.conditioning(&d.planned, &d.samples, captions)?;
+        let ts = d.ts.to_kind(Kind::Float);
+        let unet = &self.model.unet;
+        let (pred, preservation) = match self.plan.preservation.multiplier() {
+            None => (unet.forward(&d.noisy, &ts, &context, &y), None),
+            Some(_) => {
+                let (ctx_p, y_p) = (context.narrow(0, b, b), y.narrow(0, b, b));
+                let prior = tch::no_grad(|| {
+                    (self.model.slots).without_network(|| unet.forward(&d.noisy, &ts, &ctx_p, &y_p))
+                });
+                let twice = |t: &Tensor| Tensor::cat(&[t, t], 0);
+                let both = unet.forward(&twice(&d.noisy), &twice(&ts), &context, &y);
+                let preserve = both.narrow(0, b, b).to_kind(Kind::Float);
+                let term = preserve.mse_loss(&prior.to_kind(Kind::Float), tch::Reduction::Mean);
+                (both.narrow(0, 0, b), Some(term))
+            }
+        };
+        let huber = (self.plan.loss == Loss::Huber).then_some((&self.tables, &d.ts));
+        let mut per = per_sample_loss(&pred, &d.target, huber, d.mask.as_ref());
         if let Some(g) = train.min_snr_gamma {
-            per = &per * self.tables.min_snr_weights(&ts, g, self.v_pred);
+            per = &per * self.tables.min_snr_weights(&d.ts, g, self.v_pred);
         }
         if train.debiased_estimation_loss {
-            per = &per * self.tables.debiased_weights(&ts, self.v_pred);
+            per = &per * self.tables.debiased_weights(&d.ts, self.v_pred);
         }
         // regularisation samples come last in a batch
-        let reg = self.data.reg_count(&samples);
+        let reg = self.data.reg_count(&d.samples);
         let loss = batch_loss(&per, reg, train.prior_loss_weight);
-        let factor = self.shard.loss_factor(hi - lo, n);
-        Ok(Some(if factor == 1.0 { loss } else { loss * factor }))
+        let multiplier = self.plan.preservation.multiplier().unwrap_or(0.0);
+        let loss = match &preservation {
+            Some(term) => loss + term * multiplier,
+            None => loss,
+        };
+        let scale = |t: Tensor| if d.factor == 1.0 { t } else { t * d.factor };
+        Ok(Some(StepLoss {
+            loss: scale(loss),
+            preservation: preservation.map(|t| t.detach()),
+        }))
     }
 
     /// Mean loss over the fixed validation set with fixed noise and timesteps.

@@ -248,6 +248,7 @@ fn the_field_table_lists_every_key_once() {
     c.train.vram = Some("24gb".into());
     c.job.id = Some("5e1f0c2a9b7d4e63".into());
     c.train.sigmoid_scale = Some(5.0);
+    c.train.diff_output_preservation_class = Some("person".into());
     c.train.down_lr_weight = Some(super::BlockWeights::Preset("sine".into()));
     c.train.mid_lr_weight = Some(vec![1.0; 3]);
     c.train.up_lr_weight = Some(super::BlockWeights::List(vec![1.0; 9]));

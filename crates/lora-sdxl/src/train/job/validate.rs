@@ -396,10 +396,16 @@ impl JobConfig {
             }
             let preset = plan.vram;
             let largest = d.resolution.iter().copied().max().unwrap_or(0);
-            if let Some(e) = preset.and_then(|p| p.batch_error(self.train.batch_size, largest)) {
+            // output preservation forwards the batch twice, concatenated
+            let rows = self.train.batch_size * plan.preservation.rows_per_item();
+            if let Some(e) = preset.and_then(|p| p.batch_error(rows, largest)) {
+                let doubled = match rows == self.train.batch_size {
+                    true => "",
+                    false => "; output preservation runs 2 × batch_size rows per forward",
+                };
                 return err(
                     "train.batch_size",
-                    format!("{e} (datasets[{i}].resolution)"),
+                    format!("{e} (datasets[{i}].resolution{doubled})"),
                 );
             }
             if let Some(m) = &d.mask_path {

@@ -50,9 +50,12 @@ impl Console {
             b.set_message(format!("loss {loss:.4}"));
         }
         self.line(format!(
-            "step {}/{}: loss {loss:.5}, lr {lr:.2e}{}, {rate:.2} s/step",
+            "step {}/{}: loss {loss:.5}{}, lr {lr:.2e}{}, {rate:.2} s/step",
             r.step,
             self.total,
+            (r.preservation)
+                .map(|p| format!(", preservation {p:.5}"))
+                .unwrap_or_default(),
             r.val
                 .map(|v| format!(", validation loss {v:.5}"))
                 .unwrap_or_default()

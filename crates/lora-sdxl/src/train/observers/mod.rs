@@ -56,6 +56,8 @@ pub struct LogRecord {
     pub step: u64,
     /// Mean training loss since the previous record.
     pub loss: Option<f64>,
+    /// Mean output-preservation term over the same steps.
+    pub preservation: Option<f64>,
     /// Learning rate.
     pub lr: Option<f64>,
     /// Validation loss.
@@ -86,6 +88,7 @@ impl LogMerger {
             Event::Step {
                 step,
                 loss,
+                preservation,
                 lr,
                 seconds,
                 train_seconds,
@@ -96,6 +99,7 @@ impl LogMerger {
                     self.pending = Some(LogRecord {
                         step,
                         loss,
+                        preservation,
                         lr: Some(lr),
                         val: None,
                         val_reg: None,
@@ -121,6 +125,7 @@ impl LogMerger {
                     done.push(LogRecord {
                         step,
                         loss: None,
+                        preservation: None,
                         lr: None,
                         val: Some(loss),
                         val_reg: reg_loss,
