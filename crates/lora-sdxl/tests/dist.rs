@@ -104,11 +104,18 @@ fn rank_0_weights_reach_every_rank_and_reductions_agree() {
 fn a_rank_that_is_gone_fails_the_others_with_an_error() {
     let port = free_port();
     let start = Instant::now();
+    // rank 1 leaves only once both have joined: leaving while rank 0's side
+    // of the mesh is still connecting fails rank 0's join instead (seen on
+    // a loaded machine), which is not what this test is about
+    let joined = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let both = joined.clone();
     let gone = std::thread::spawn(move || {
         let pg = ProcessGroup::join(&env(1, 2, port, Duration::from_secs(5))).unwrap();
+        both.wait();
         drop(pg); // leaves the run without a word
     });
     let pg = ProcessGroup::join(&env(0, 2, port, Duration::from_secs(5))).unwrap();
+    joined.wait();
     gone.join().unwrap();
     let err = pg
         .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
